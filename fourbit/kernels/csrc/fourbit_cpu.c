@@ -1,0 +1,223 @@
+/*
+ * fourbit CPU kernels: blockwise 4-bit quantization, dequantization and a fused 4-bit matrix-vector product.
+ *
+ * Written by hand because no maintained library offers these three on the CPU with bitsandbytes' exact
+ * byte layout: PyTorch needs several full passes (and int64 index tensors) for each, and bitsandbytes' own
+ * CPU kernels are slower than memory bandwidth allows. Built on first use by fourbit/kernels/cpu.py with the
+ * system C compiler (-O3 -march=native -fopenmp -ffp-contract=off) and called through ctypes.
+ *
+ * Results are bit-identical to fourbit/kernels/reference.py (the tests check this), except the matrix-vector
+ * product, whose float32 sums run in another order than BLAS.
+ */
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+enum { FB_F32 = 0, FB_F16 = 1, FB_BF16 = 2 };
+
+static inline float bf16_to_f32(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torch's .to(bfloat16) */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float load_one(const void *x, int dtype, int64_t i) {
+    if (dtype == FB_F32) return ((const float *)x)[i];
+    if (dtype == FB_BF16) return bf16_to_f32(((const uint16_t *)x)[i]);
+    return (float)((const _Float16 *)x)[i];
+}
+
+static inline void store_one(void *out, int dtype, int64_t i, float v) {
+    if (dtype == FB_F32) ((float *)out)[i] = v;
+    else if (dtype == FB_BF16) ((uint16_t *)out)[i] = f32_to_bf16(v);
+    else ((_Float16 *)out)[i] = (_Float16)v;
+}
+
+static inline uint8_t code_index(float scaled, const float *bounds, const uint8_t *order) {
+    /* torch.bucketize(scaled, bounds): the number of midpoints strictly below the value */
+    int q = 0;
+    for (int j = 0; j < 15; ++j) q += bounds[j] < scaled;
+    return order[q];
+}
+
+/*
+ * Quantize n values to 4-bit codes in blocks. Whole blocks are scaled by the reciprocal of their absmax
+ * (clamped at 1e-38), the last partial block by division; values are clamped to [-1, 1] and mapped to the
+ * nearest code through the 15 sorted midpoints. Two codes per byte, the first in the high nibble.
+ * A block holding NaN or Inf gets absmax NaN, which the caller reports.
+ */
+void fb_quantize_4bit(const void *x, int dtype, int64_t n, int64_t blocksize, const float *bounds,
+                      const uint8_t *order, uint8_t *packed, float *absmax, int nthreads) {
+    const int64_t nblocks = (n + blocksize - 1) / blocksize;
+    const int64_t full_blocks = n / blocksize;
+    const uint8_t zero_code = code_index(0.0f, bounds, order);
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t b = 0; b < nblocks; ++b) {
+        const int64_t start = b * blocksize;
+        const int64_t end = start + blocksize < n ? start + blocksize : n;
+        float vals[4096];
+        float m = 0.0f;
+        int bad = 0;
+        for (int64_t i = start; i < end; ++i) {
+            float v = load_one(x, dtype, i);
+            vals[i - start] = v;
+            float a = fabsf(v);
+            bad |= !(a <= FLT_MAX);
+            m = a > m ? a : m;
+        }
+        const int whole = b < full_blocks;
+        const float clamped = m < 1e-38f ? 1e-38f : m;
+        absmax[b] = bad ? NAN : (whole ? m : clamped);
+        const float recip = 1.0f / clamped;
+        const int64_t len = end - start;
+        for (int64_t i = 0; i < len; i += 2) {
+            float s0 = whole ? vals[i] * recip : vals[i] / clamped;
+            s0 = s0 < -1.0f ? -1.0f : (s0 > 1.0f ? 1.0f : s0);
+            uint8_t q0 = code_index(s0, bounds, order);
+            uint8_t q1 = zero_code;
+            if (i + 1 < len) {
+                float s1 = whole ? vals[i + 1] * recip : vals[i + 1] / clamped;
+                s1 = s1 < -1.0f ? -1.0f : (s1 > 1.0f ? 1.0f : s1);
+                q1 = code_index(s1, bounds, order);
+            }
+            packed[(start + i) >> 1] = (uint8_t)((q0 << 4) | q1);
+        }
+    }
+}
+
+#ifdef __AVX2__
+/* 16 code values -> the 16 floats for the 16 nibbles of 8 packed bytes, in element order. */
+static inline void decode16(const uint8_t *p, __m256 tab_lo, __m256 tab_hi, __m256 *w0, __m256 *w1) {
+    const __m128i bytes = _mm_loadl_epi64((const __m128i *)p);
+    const __m128i mask = _mm_set1_epi8(0x0f);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+    const __m128i lo = _mm_and_si128(bytes, mask);
+    const __m128i idx8 = _mm_unpacklo_epi8(hi, lo);  /* e0 e1 ... e15 */
+    const __m256i seven = _mm256_set1_epi32(7);
+    __m256i i0 = _mm256_cvtepu8_epi32(idx8);
+    __m256i i1 = _mm256_cvtepu8_epi32(_mm_srli_si128(idx8, 8));
+    __m256 a0 = _mm256_permutevar8x32_ps(tab_lo, i0), b0 = _mm256_permutevar8x32_ps(tab_hi, i0);
+    __m256 a1 = _mm256_permutevar8x32_ps(tab_lo, i1), b1 = _mm256_permutevar8x32_ps(tab_hi, i1);
+    *w0 = _mm256_blendv_ps(a0, b0, _mm256_castsi256_ps(_mm256_cmpgt_epi32(i0, seven)));
+    *w1 = _mm256_blendv_ps(a1, b1, _mm256_castsi256_ps(_mm256_cmpgt_epi32(i1, seven)));
+}
+
+static inline void store8(void *out, int dtype, int64_t i, __m256 v) {
+    if (dtype == FB_F32) {
+        _mm256_storeu_ps((float *)out + i, v);
+    } else if (dtype == FB_F16) {
+        _mm_storeu_si128((__m128i *)((uint16_t *)out + i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    } else {
+        /* bf16 round-to-nearest-even on 8 lanes (inputs are finite products of finite values) */
+        __m256i u = _mm256_castps_si256(v);
+        __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+        u = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+        u = _mm256_srli_epi32(u, 16);
+        __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
+        _mm_storeu_si128((__m128i *)((uint16_t *)out + i), packed);
+    }
+}
+#endif
+
+/* out[i] = code[q_i] * absmax[block(i)] in float32, converted to the output dtype. */
+void fb_dequantize_4bit(const uint8_t *packed, const float *absmax, const float *code, int64_t n,
+                        int64_t blocksize, void *out, int dtype, int nthreads) {
+    const int64_t nblocks = (n + blocksize - 1) / blocksize;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t b = 0; b < nblocks; ++b) {
+        const int64_t start = b * blocksize;
+        const int64_t end = start + blocksize < n ? start + blocksize : n;
+        const float s = absmax[b];
+        float tab[16];
+        for (int j = 0; j < 16; ++j) tab[j] = code[j] * s;
+        int64_t i = start;
+#ifdef __AVX2__
+        const __m256 tab_lo = _mm256_loadu_ps(tab), tab_hi = _mm256_loadu_ps(tab + 8);
+        for (; i + 16 <= end; i += 16) {
+            __m256 w0, w1;
+            decode16(packed + (i >> 1), tab_lo, tab_hi, &w0, &w1);
+            store8(out, dtype, i, w0);
+            store8(out, dtype, i + 8, w1);
+        }
+#endif
+        for (; i < end; ++i) {
+            const uint8_t byte = packed[i >> 1];
+            const uint8_t q = (i & 1) ? (byte & 0x0f) : (byte >> 4);
+            store_one(out, dtype, i, tab[q]);
+        }
+    }
+}
+
+/*
+ * out[m, r] = sum_k x[m, k] * code[q[r, k]] * absmax[block(r, k)] for a weight W [rows, cols] stored 4-bit
+ * row-major, with cols % blocksize == 0 so that no block spans two rows. x is float32 [m_rows, cols];
+ * out is float32 [m_rows, rows]. The weight is read once for all m_rows (decoding, small batches).
+ */
+void fb_gemv_4bit(const float *x, const uint8_t *packed, const float *absmax, const float *code,
+                  int64_t m_rows, int64_t rows, int64_t cols, int64_t blocksize, float *out, int nthreads) {
+    const int64_t blocks_per_row = cols / blocksize;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+        const uint8_t *wrow = packed + (r * cols >> 1);
+        const float *arow = absmax + r * blocks_per_row;
+#ifdef __AVX2__
+        if (m_rows <= 8 && blocksize % 16 == 0) {
+            const __m256 tab_lo = _mm256_loadu_ps(code), tab_hi = _mm256_loadu_ps(code + 8);
+            __m256 total[8];
+            for (int m = 0; m < m_rows; ++m) total[m] = _mm256_setzero_ps();
+            for (int64_t blk = 0; blk < blocks_per_row; ++blk) {
+                __m256 acc[8];
+                for (int m = 0; m < m_rows; ++m) acc[m] = _mm256_setzero_ps();
+                const int64_t k0 = blk * blocksize;
+                for (int64_t k = k0; k < k0 + blocksize; k += 16) {
+                    __m256 w0, w1;
+                    decode16(wrow + (k >> 1), tab_lo, tab_hi, &w0, &w1);
+                    for (int m = 0; m < m_rows; ++m) {
+                        const float *xr = x + m * cols + k;
+                        acc[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), acc[m]);
+                        acc[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), acc[m]);
+                    }
+                }
+                const __m256 scale = _mm256_set1_ps(arow[blk]);
+                for (int m = 0; m < m_rows; ++m) total[m] = _mm256_fmadd_ps(acc[m], scale, total[m]);
+            }
+            for (int m = 0; m < m_rows; ++m) {
+                __m128 s = _mm_add_ps(_mm256_castps256_ps128(total[m]), _mm256_extractf128_ps(total[m], 1));
+                s = _mm_hadd_ps(s, s);
+                s = _mm_hadd_ps(s, s);
+                out[m * rows + r] = _mm_cvtss_f32(s);
+            }
+            continue;
+        }
+#endif
+        for (int64_t m = 0; m < m_rows; ++m) {
+            const float *xr = x + m * cols;
+            float total = 0.0f;
+            for (int64_t blk = 0; blk < blocks_per_row; ++blk) {
+                float acc = 0.0f;
+                for (int64_t k = blk * blocksize; k < (blk + 1) * blocksize; k += 2) {
+                    const uint8_t byte = wrow[k >> 1];
+                    acc += xr[k] * code[byte >> 4] + xr[k + 1] * code[byte & 0x0f];
+                }
+                total += acc * arow[blk];
+            }
+            out[m * rows + r] = total;
+        }
+    }
+}

@@ -1,0 +1,154 @@
+"""Reference kernels in plain PyTorch: the definition every fast path must reproduce bit for bit.
+
+The arithmetic follows bitsandbytes' CPU code step by step (reciprocal-multiply for whole blocks, division
+for a last partial block, absmax clamped at 1e-38 before taking the reciprocal, ties at a midpoint going to
+the lower code), because fourbit's files must be byte-compatible with bitsandbytes'.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+__all__ = [
+    "quantize_4bit_blocks",
+    "dequantize_4bit_blocks",
+    "quantize_8bit_blocks",
+    "dequantize_8bit_blocks",
+    "linear_4bit",
+]
+
+_TINY = 1e-38  # bitsandbytes clamps absmax to this before taking the reciprocal (all-zero blocks)
+
+
+def sorted_bounds(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Midpoints between neighbouring sorted code values, and the permutation that sorts the code.
+
+    Returns:
+        (bounds [15] float32, order [16] int64): value x maps to code index ``order[#(bounds < x)]``.
+    """
+    order = torch.argsort(code)
+    bounds = (code[order[:-1]] + code[order[1:]]) / 2
+    return bounds, order
+
+
+def quantize_4bit_blocks(
+    flat: torch.Tensor, code: torch.Tensor, blocksize: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise absmax 4-bit quantization of a flat tensor (QLoRA eq. 1 per block, nearest code value).
+
+    Args:
+        flat: [n] float tensor (any float dtype; computed in float32).
+        code: [16] float32 codebook.
+        blocksize: elements per block.
+
+    Returns:
+        packed: [(n + 1) // 2] uint8, element 2i in the high nibble, 2i+1 in the low nibble.
+        absmax: [ceil(n / blocksize)] float32.
+    """
+    a = flat.reshape(-1).float()
+    n = a.numel()
+    rem = n % blocksize
+    full = n - rem
+    blocks = a[:full].view(-1, blocksize)
+    absmax = blocks.abs().amax(dim=-1)
+    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=_TINY)).view(-1, 1), -1, 1).reshape(-1)
+    if rem:
+        last = a[full:].abs().max().clamp(min=_TINY)
+        absmax = torch.cat([absmax, last.view(1)])
+        scaled = torch.cat([scaled, torch.clamp(a[full:] / last, -1, 1)])
+    if scaled.numel() % 2:
+        scaled = torch.nn.functional.pad(scaled, (0, 1))
+    bounds, order = sorted_bounds(code.to(scaled.device))
+    q = order[torch.bucketize(scaled, bounds)].to(torch.uint8)
+    packed = (q[0::2] << 4) | q[1::2]
+    return packed, absmax
+
+
+def dequantize_4bit_blocks(
+    packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, n: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Inverse of :func:`quantize_4bit_blocks`: ``code[q] * absmax[block]`` in float32, then cast to ``dtype``.
+
+    Returns:
+        [n] tensor of ``dtype``.
+    """
+    p = packed.reshape(-1)
+    # One 256-entry table of (high, low) code pairs turns two nibble lookups into one gather per byte.
+    pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1).to(p.device)
+    values = pairs[p.long()].reshape(-1)[:n]
+    rem = n % blocksize
+    full = n - rem
+    out = torch.empty(n, dtype=torch.float32, device=p.device)
+    out[:full] = (values[:full].view(-1, blocksize) * absmax[: full // blocksize].view(-1, 1)).reshape(-1)
+    if rem:
+        out[full:] = values[full:] * absmax[-1]
+    return out.to(dtype)
+
+
+_LUT_BINS = 65536
+
+
+@lru_cache(maxsize=8)
+def _nearest_code_lut(code_bytes: bytes) -> torch.Tensor:
+    code = torch.frombuffer(bytearray(code_bytes), dtype=torch.float32)
+    midpoints = 0.5 * (code[:-1] + code[1:])
+    grid = -1.0 + (2.0 * torch.arange(_LUT_BINS, dtype=torch.float32)) / (_LUT_BINS - 1)
+    return torch.searchsorted(midpoints, grid).to(torch.uint8)
+
+
+def quantize_8bit_blocks(
+    flat: torch.Tensor, code: torch.Tensor, blocksize: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise 8-bit quantization with bitsandbytes' CPU rounding rule.
+
+    bitsandbytes' CPU kernel does not round to the nearest code value directly: it maps x / absmax onto a
+    grid of 65536 bins over [-1, 1] (bin = trunc(((v + 1) * 0.5) * 65535 + 0.5)) and looks the bin up in a
+    table holding the code index nearest to the bin's centre. Values near a midpoint between two code values
+    can therefore land on the farther one. An all-zero block gets absmax 0 and codes 0.
+
+    Args:
+        flat: [n] float tensor. code: [256] sorted float32 codebook. blocksize: elements per block.
+
+    Returns:
+        codes: [n] uint8; absmax: [ceil(n / blocksize)] float32.
+    """
+    a = flat.reshape(-1).float()
+    n = a.numel()
+    nblocks = -(-n // blocksize)
+    padded = torch.nn.functional.pad(a, (0, nblocks * blocksize - n)).view(nblocks, blocksize)
+    absmax = padded.abs().amax(dim=-1)
+    inverse = torch.where(absmax == 0, torch.zeros_like(absmax), 1.0 / absmax)
+    scaled = (padded * inverse.view(-1, 1)).clamp_(-1, 1)
+    bins = (((scaled + 1) * 0.5) * (_LUT_BINS - 1) + 0.5).long()
+    lut = _nearest_code_lut(code.detach().float().cpu().contiguous().numpy().tobytes())
+    codes = lut.to(a.device)[bins]
+    codes[absmax == 0] = 0
+    return codes.reshape(-1)[:n], absmax
+
+
+def dequantize_8bit_blocks(
+    codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """``code[q] * absmax[block]`` in float32, cast to ``dtype``. Returns [n]."""
+    q = codes.reshape(-1)
+    n = q.numel()
+    nblocks = -(-n // blocksize)
+    values = torch.nn.functional.pad(code[q.long()], (0, nblocks * blocksize - n)).view(nblocks, blocksize)
+    return (values * absmax.view(-1, 1)).reshape(-1)[:n].to(dtype)
+
+
+def linear_4bit(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    out_features: int,
+    in_features: int,
+) -> torch.Tensor:
+    """``x @ dequant(W).T`` with W [out_features, in_features] stored 4-bit. Computes in ``x.dtype``."""
+    n = out_features * in_features
+    weight = dequantize_4bit_blocks(packed, absmax, code, blocksize, n, x.dtype).view(out_features, in_features)
+    return torch.nn.functional.linear(x, weight)

@@ -1,0 +1,128 @@
+"""Linear4bit: forward/backward against F.linear on the dequantized weight, what autograd saves, formats."""
+
+import pytest
+import torch
+from torch import nn
+
+import fourbit
+from fourbit.nn import Linear4bit
+from fourbit.nn import linear4bit as l4
+
+
+def _layer(compute_dtype="fp32", bias=True, out_features=64, in_features=96):
+    return Linear4bit.from_linear(nn.Linear(in_features, out_features, bias=bias), compute_dtype=compute_dtype)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_equals_linear_on_the_dequantized_weight(bias):
+    layer = _layer(bias=bias)
+    x = torch.randn(4, 7, 96)  # 28 rows: the dequantize + matmul path, which must agree exactly
+    expected = torch.nn.functional.linear(x, layer.dequantize(torch.float32), layer.bias)
+    assert torch.equal(layer(x), expected)
+
+
+def test_small_batches_use_the_fused_kernel_and_agree():
+    # Up to 8 rows without grad use the fused 4-bit kernel: float32 sums in another order (rtol 1e-4).
+    layer = _layer()
+    x = torch.randn(3, 96)
+    expected = torch.nn.functional.linear(x, layer.dequantize(torch.float32), layer.bias)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("compute_dtype", ["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
+def test_output_keeps_the_input_dtype(compute_dtype, input_dtype):
+    layer = _layer(compute_dtype)
+    y = layer(torch.randn(20, 96, dtype=input_dtype))
+    assert y.dtype == input_dtype and y.shape == (20, 64)
+
+
+def test_backward_gives_input_gradient_only():
+    layer = _layer()
+    x = torch.randn(16, 96, requires_grad=True)
+    grad_out = torch.randn(16, 64)
+    layer(x).backward(grad_out)
+    assert torch.equal(x.grad, grad_out @ layer.dequantize(torch.float32))
+    assert layer.weight.grad is None and not layer.weight.requires_grad
+    assert layer.bias.grad is None
+
+
+def test_autograd_saves_nothing_larger_than_the_packed_weight():
+    layer = _layer(out_features=256, in_features=512)
+    packed_bytes = layer.weight.numel() * layer.weight.element_size()
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    x = torch.randn(32, 512, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    assert saved, "the packed weight is saved for backward"
+    assert max(saved) <= packed_bytes, f"saved {max(saved)} bytes; the packed weight is {packed_bytes}"
+    y.sum().backward()
+    assert x.grad is not None
+
+
+def test_evaluation_between_training_steps_changes_nothing():
+    # bitsandbytes on the CPU repacks weights after a no-grad forward and later loses the input gradient.
+    layer = _layer()
+    x = torch.randn(12, 96, requires_grad=True)
+    y1 = layer(x)
+    (g1,) = torch.autograd.grad(y1.sum(), x)
+    with torch.no_grad():
+        layer(torch.randn(2, 96))  # fused path
+        layer(torch.randn(20, 96))
+    y2 = layer(x)
+    (g2,) = torch.autograd.grad(y2.sum(), x)
+    assert torch.equal(y1, y2) and torch.equal(g1, g2)
+
+
+def test_state_dict_uses_bitsandbytes_keys_and_round_trips():
+    layer = _layer(compute_dtype="bf16")
+    sd = layer.state_dict()
+    assert set(sd) == {"weight", "bias", "weight.absmax", "weight.quant_map", "weight.nested_absmax",
+                       "weight.nested_quant_map", "weight.quant_state.bitsandbytes__nf4"}
+    fresh = Linear4bit(96, 64, compute_dtype="bf16")
+    fresh.load_state_dict(sd)
+    x = torch.randn(10, 96)
+    assert torch.equal(fresh(x), layer(x))
+
+
+def test_loads_into_and_from_bitsandbytes_modules():
+    bnb = pytest.importorskip("bitsandbytes")
+    layer = _layer()
+    sd = layer.state_dict()
+    theirs = bnb.nn.Linear4bit(96, 64, bias=True, compute_dtype=torch.float32, quant_type="nf4",
+                               compress_statistics=True)
+    stats = {k.removeprefix("weight."): v for k, v in sd.items() if k.startswith("weight.")}
+    theirs.weight = bnb.nn.Params4bit.from_prequantized(sd["weight"], stats, requires_grad=False, device="cpu")
+    theirs.bias = nn.Parameter(sd["bias"])
+    x = torch.randn(10, 96)
+    with torch.no_grad():
+        assert torch.equal(theirs(x), layer(x))
+    back = Linear4bit(96, 64, compute_dtype="fp32")
+    back.load_state_dict(theirs.state_dict())
+    assert torch.equal(back(x), layer(x))
+
+
+def test_wrong_input_width_and_bad_compute_dtype():
+    layer = _layer()
+    with pytest.raises(ValueError, match="last dimension 96"):
+        layer(torch.randn(2, 95))
+    with pytest.raises(ValueError, match="compute_dtype"):
+        l4.parse_dtype("int8")
+
+
+def test_from_linear_rejects_non_linear():
+    with pytest.raises(TypeError, match="nn.Linear"):
+        Linear4bit.from_linear(nn.Conv1d(2, 2, 1))
+
+
+def test_quantized_bytes_count_codes_and_constants():
+    layer = _layer(out_features=256, in_features=256)
+    n = 256 * 256
+    assert layer.quantized_bytes() == n // 2 + n // 64 + 4 * -(-n // 64 // 256) + 4
+    assert fourbit.quant.QuantState is type(layer.quant_state)
