@@ -70,6 +70,13 @@ def _build(target: Path) -> None:
             os.unlink(tmp)
 
 
+class _Scales(ctypes.Structure):
+    """Mirror of ``fb_scales`` in the C source: plain absmax, or the double-quantized form."""
+
+    _fields_ = [("absmax", ctypes.c_void_p), ("qabsmax", ctypes.c_void_p), ("code2", ctypes.c_void_p),
+                ("absmax2", ctypes.c_void_p), ("blocksize2", ctypes.c_int64), ("offset", ctypes.c_float)]
+
+
 @lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
     if os.environ.get("FOURBIT_KERNELS", "auto").lower() == "reference":
@@ -84,11 +91,40 @@ def _library() -> ctypes.CDLL | None:
         return None
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     lib.fb_quantize_4bit.argtypes = [ptr, i32, i64, i64, ptr, ptr, ptr, ptr, i32]
-    lib.fb_dequantize_4bit.argtypes = [ptr, ptr, ptr, i64, i64, ptr, i32, i32]
-    lib.fb_gemv_4bit.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, i32]
+    scales = ctypes.POINTER(_Scales)
+    lib.fb_dequantize_4bit.argtypes = [ptr, scales, ptr, i64, i64, ptr, i32, i32]
+    lib.fb_gemv_4bit.argtypes = [ptr, ptr, scales, ptr, i64, i64, i64, i64, ptr, i32]
     for fn in (lib.fb_quantize_4bit, lib.fb_dequantize_4bit, lib.fb_gemv_4bit):
         fn.restype = None
     return lib
+
+
+def _scales(absmax: torch.Tensor, state=None) -> tuple[_Scales, list[torch.Tensor]]:
+    """The C view of a block's scales, and the tensors that must stay alive during the call.
+
+    With a nested (double-quantized) ``state``, the kernel dequantizes the absmax itself, so no float32 copy
+    of the absmax is ever made. The view is cached on the state (decoding calls each layer once per token).
+    """
+    if state is not None:
+        key = (state.absmax.data_ptr(), state.code.data_ptr(),
+               state.state2.absmax.data_ptr() if state.nested else 0, float(state.offset) if state.nested else 0.0)
+        cached = getattr(state, "_kernel_scales", None)
+        if cached is not None and cached[0] == key:
+            return cached[1], cached[2]
+        scales, keep = _make_scales(state.absmax, state)
+        state._kernel_scales = (key, scales, keep)
+        return scales, keep
+    return _make_scales(absmax, None)
+
+
+def _make_scales(absmax: torch.Tensor, state=None) -> tuple[_Scales, list[torch.Tensor]]:
+    if state is not None and state.nested:
+        keep = [state.absmax.contiguous(), state.state2.code.float().contiguous(),
+                state.state2.absmax.float().contiguous()]
+        return _Scales(None, keep[0].data_ptr(), keep[1].data_ptr(), keep[2].data_ptr(), state.state2.blocksize,
+                       float(state.offset)), keep
+    keep = [absmax.float().contiguous()]
+    return _Scales(keep[0].data_ptr(), None, None, None, 1, 0.0), keep
 
 
 def available() -> bool:
@@ -96,8 +132,13 @@ def available() -> bool:
     return _library() is not None
 
 
-def _threads() -> int:
-    return max(1, torch.get_num_threads())
+#: Below this many weight elements a kernel runs on one thread: waking a thread pool costs more than the
+#: work, and on a machine where another process holds a core it can cost milliseconds.
+_PARALLEL_MIN_ELEMENTS = 1 << 18
+
+
+def _threads(elements: int) -> int:
+    return max(1, torch.get_num_threads()) if elements >= _PARALLEL_MIN_ELEMENTS else 1
 
 
 @lru_cache(maxsize=8)
@@ -117,24 +158,32 @@ def quantize_4bit_blocks(flat: torch.Tensor, code: torch.Tensor, blocksize: int)
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32)
     _library().fb_quantize_4bit(x.data_ptr(), _DTYPE_CODES[x.dtype], n, blocksize, bounds.data_ptr(),
-                                order.data_ptr(), packed.data_ptr(), absmax.data_ptr(), _threads())
+                                order.data_ptr(), packed.data_ptr(), absmax.data_ptr(), _threads(n))
     return packed, absmax
 
 
-def dequantize_4bit_blocks(packed, absmax, code, blocksize: int, n: int, dtype: torch.dtype):
-    """Same contract and bytes as :func:`fourbit.kernels.reference.dequantize_4bit_blocks`."""
+def dequantize_4bit_blocks(packed, absmax, code, blocksize: int, n: int, dtype: torch.dtype, state=None):
+    """Same contract and bytes as :func:`fourbit.kernels.reference.dequantize_4bit_blocks`.
+
+    ``state``: the QuantState, when nested; ``absmax`` is then ignored (may be None).
+    """
     if dtype not in _DTYPE_CODES:
+        if absmax is None:
+            from fourbit.quant.blockwise import dequantize_absmax
+
+            absmax = dequantize_absmax(state)
         return reference.dequantize_4bit_blocks(packed, absmax, code, blocksize, n, dtype)
     p = packed.reshape(-1).contiguous()
-    a = absmax.float().contiguous()
-    c = code.float().contiguous()
+    scales, keep = _scales(absmax, state)
+    c = code if code.dtype == torch.float32 and code.is_contiguous() else code.float().contiguous()
     out = torch.empty(n, dtype=dtype)
-    _library().fb_dequantize_4bit(p.data_ptr(), a.data_ptr(), c.data_ptr(), n, blocksize, out.data_ptr(),
-                                  _DTYPE_CODES[dtype], _threads())
+    _library().fb_dequantize_4bit(p.data_ptr(), ctypes.byref(scales), c.data_ptr(), n, blocksize, out.data_ptr(),
+                                  _DTYPE_CODES[dtype], _threads(n))
+    del keep
     return out
 
 
-def linear_4bit(x, packed, absmax, code, blocksize: int, out_features: int, in_features: int):
+def linear_4bit(x, packed, absmax, code, blocksize: int, out_features: int, in_features: int, state=None):
     """``x @ dequant(W).T``: the fused kernel for up to 8 input rows, else dequantize + BLAS matmul.
 
     The fused kernel accumulates in float32 whatever ``x.dtype`` is, so it agrees with the float32 reference
@@ -142,11 +191,19 @@ def linear_4bit(x, packed, absmax, code, blocksize: int, out_features: int, in_f
     """
     rows = x.numel() // in_features
     if rows > _GEMV_MAX_ROWS or in_features % blocksize or x.dtype not in _DTYPE_CODES:
-        weight = dequantize_4bit_blocks(packed, absmax, code, blocksize, out_features * in_features, x.dtype)
+        weight = dequantize_4bit_blocks(packed, absmax, code, blocksize, out_features * in_features, x.dtype,
+                                        state)
         return torch.nn.functional.linear(x, weight.view(out_features, in_features))
-    x32 = x.reshape(rows, in_features).float().contiguous()
+    x32 = x.reshape(rows, in_features)
+    if x32.dtype != torch.float32 or not x32.is_contiguous():
+        x32 = x32.float().contiguous()
     out = torch.empty(rows, out_features, dtype=torch.float32)
-    _library().fb_gemv_4bit(x32.data_ptr(), packed.reshape(-1).contiguous().data_ptr(),
-                            absmax.float().contiguous().data_ptr(), code.float().contiguous().data_ptr(),
-                            rows, out_features, in_features, blocksize, out.data_ptr(), _threads())
-    return out.to(x.dtype).reshape(*x.shape[:-1], out_features)
+    scales, keep = _scales(absmax, state)
+    c = code if code.dtype == torch.float32 and code.is_contiguous() else code.float().contiguous()
+    _library().fb_gemv_4bit(x32.data_ptr(), packed.reshape(-1).contiguous().data_ptr(), ctypes.byref(scales),
+                            c.data_ptr(), rows, out_features, in_features, blocksize, out.data_ptr(),
+                            _threads(out_features * in_features))
+    del keep
+    if x.dtype != torch.float32:
+        out = out.to(x.dtype)
+    return out.view(*x.shape[:-1], out_features)

@@ -18,7 +18,7 @@ from fourbit.kernels import reference
 __all__ = [
     "backend_for",
     "quantize_4bit_blocks",
-    "dequantize_4bit_blocks",
+    "dequantize_4bit",
     "quantize_8bit_blocks",
     "dequantize_8bit_blocks",
     "linear_4bit",
@@ -42,8 +42,15 @@ def quantize_4bit_blocks(flat: torch.Tensor, code: torch.Tensor, blocksize: int)
     return backend_for(flat).quantize_4bit_blocks(flat, code, blocksize)
 
 
-def dequantize_4bit_blocks(packed, absmax, code, blocksize: int, n: int, dtype: torch.dtype):
-    return backend_for(packed).dequantize_4bit_blocks(packed, absmax, code, blocksize, n, dtype)
+def dequantize_4bit(packed: torch.Tensor, state, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """Dequantize ``n`` values; the compiled kernel also undoes double quantization without a float32 copy."""
+    backend = backend_for(packed)
+    if backend is reference:
+        from fourbit.quant.blockwise import dequantize_absmax
+
+        return reference.dequantize_4bit_blocks(packed, dequantize_absmax(state), state.code.float(),
+                                                state.blocksize, n, dtype)
+    return backend.dequantize_4bit_blocks(packed, state.absmax, state.code, state.blocksize, n, dtype, state)
 
 
 def quantize_8bit_blocks(flat: torch.Tensor, code: torch.Tensor, blocksize: int):
@@ -54,5 +61,13 @@ def dequantize_8bit_blocks(codes, absmax, code, blocksize: int, dtype: torch.dty
     return reference.dequantize_8bit_blocks(codes, absmax, code, blocksize, dtype)
 
 
-def linear_4bit(x, packed, absmax, code, blocksize: int, out_features: int, in_features: int):
-    return backend_for(x).linear_4bit(x, packed, absmax, code, blocksize, out_features, in_features)
+def linear_4bit(x: torch.Tensor, packed: torch.Tensor, state, out_features: int, in_features: int) -> torch.Tensor:
+    """``x @ dequant(W).T`` for a 4-bit W [out_features, in_features] (fused kernel for small batches)."""
+    backend = backend_for(x)
+    if backend is reference:
+        from fourbit.quant.blockwise import dequantize_absmax
+
+        return reference.linear_4bit(x, packed, dequantize_absmax(state), state.code.float(), state.blocksize,
+                                     out_features, in_features)
+    return backend.linear_4bit(x, packed, state.absmax, state.code, state.blocksize, out_features, in_features,
+                               state)

@@ -17,7 +17,6 @@ from torch import nn
 
 from fourbit.kernels import dispatch
 from fourbit.quant import QuantState, dequantize_4bit, quantize_4bit
-from fourbit.quant.blockwise import dequantize_absmax
 
 __all__ = ["Linear4bit", "COMPUTE_DTYPES", "parse_dtype"]
 
@@ -49,10 +48,6 @@ class _MatMul4bit(torch.autograd.Function):
                 out_features: int, in_features: int) -> torch.Tensor:
         ctx.state = state
         ctx.save_for_backward(packed)
-        rows = x.numel() // max(in_features, 1)
-        if rows <= SMALL_BATCH_ROWS and not x.requires_grad:
-            absmax = dequantize_absmax(state)
-            return dispatch.linear_4bit(x, packed, absmax, state.code, state.blocksize, out_features, in_features)
         weight = dequantize_4bit(packed, state, dtype=x.dtype).view(out_features, in_features)
         return torch.nn.functional.linear(x, weight)
 
@@ -157,8 +152,12 @@ class Linear4bit(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Linear4bit expects inputs with last dimension {self.in_features}, got {tuple(x.shape)}")
         input_dtype = x.dtype
-        out = _MatMul4bit.apply(x.to(self.compute_dtype), self.weight, self.quant_state,
-                                self.out_features, self.in_features)
+        if x.numel() <= SMALL_BATCH_ROWS * self.in_features and not (torch.is_grad_enabled() and x.requires_grad):
+            # Decoding: the fused 4-bit kernel (float32 accumulation), no autograd bookkeeping.
+            out = dispatch.linear_4bit(x, self.weight, self.quant_state, self.out_features, self.in_features)
+        else:
+            out = _MatMul4bit.apply(x.to(self.compute_dtype), self.weight, self.quant_state,
+                                    self.out_features, self.in_features)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.to(input_dtype)

@@ -202,7 +202,5 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
     nblocks = -(-n // state.blocksize)
     if state.absmax.numel() != nblocks:
         raise ValueError(f"state has {state.absmax.numel()} absmax values, expected {nblocks}")
-    absmax = dequantize_absmax(state)
-    out = dispatch.dequantize_4bit_blocks(packed.reshape(-1), absmax, state.code.float(), state.blocksize, n,
-                                          _check_dtype(dtype, state.dtype or torch.float32))
+    out = dispatch.dequantize_4bit(packed.reshape(-1), state, n, _check_dtype(dtype, state.dtype or torch.float32))
     return out.view(state.shape)

@@ -45,3 +45,18 @@ def test_fused_gemv_matches_dequantize_then_matmul(rows, dtype):
     expected = reference.linear_4bit(x.float(), packed, absmax, code, 64, 96, 384)
     tol = {torch.float32: 1e-4, torch.bfloat16: 1e-2}[dtype]
     torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol * expected.abs().max().item())
+
+
+def test_nested_scales_are_dequantized_inside_the_kernel_identically():
+    import fourbit
+    from fourbit.kernels import dispatch
+    from fourbit.quant.blockwise import dequantize_absmax
+
+    w = torch.randn(77, 320)
+    packed, state = fourbit.quantize_4bit(w, "nf4", 64, double_quant=True)
+    expected = reference.dequantize_4bit_blocks(packed, dequantize_absmax(state), state.code, 64, w.numel(),
+                                                torch.float32)
+    assert torch.equal(dispatch.dequantize_4bit(packed, state, w.numel(), torch.float32), expected)
+    x = torch.randn(2, 320)
+    torch.testing.assert_close(dispatch.linear_4bit(x, packed, state, 77, 320),
+                               x @ expected.view(77, 320).T, rtol=1e-4, atol=1e-4)

@@ -22,6 +22,26 @@
 
 enum { FB_F32 = 0, FB_F16 = 1, FB_BF16 = 2 };
 
+/*
+ * Block scales: plain float32 absmax, or double-quantized (QLoRA section 3): 8-bit codes of absmax - offset
+ * with their own float32 absmax per blocksize2 codes. absmax = code2[q] * absmax2[b / blocksize2] + offset,
+ * in float32 and in that order, as the PyTorch reference computes it.
+ */
+typedef struct {
+    const float *absmax;    /* plain scales, or NULL when nested */
+    const uint8_t *qabsmax; /* nested codes */
+    const float *code2;     /* 256-entry code of the nested quantization */
+    const float *absmax2;   /* nested block scales */
+    int64_t blocksize2;
+    float offset;
+} fb_scales;
+
+static inline float block_scale(const fb_scales *s, int64_t b) {
+    if (s->absmax) return s->absmax[b];
+    const float v = s->code2[s->qabsmax[b]] * s->absmax2[b / s->blocksize2];
+    return v + s->offset;
+}
+
 static inline float bf16_to_f32(uint16_t v) {
     uint32_t u = (uint32_t)v << 16;
     float f;
@@ -49,13 +69,6 @@ static inline void store_one(void *out, int dtype, int64_t i, float v) {
     else ((_Float16 *)out)[i] = (_Float16)v;
 }
 
-static inline uint8_t code_index(float scaled, const float *bounds, const uint8_t *order) {
-    /* torch.bucketize(scaled, bounds): the number of midpoints strictly below the value */
-    int q = 0;
-    for (int j = 0; j < 15; ++j) q += bounds[j] < scaled;
-    return order[q];
-}
-
 /*
  * Quantize n values to 4-bit codes in blocks. Whole blocks are scaled by the reciprocal of their absmax
  * (clamped at 1e-38), the last partial block by division; values are clamped to [-1, 1] and mapped to the
@@ -66,38 +79,45 @@ void fb_quantize_4bit(const void *x, int dtype, int64_t n, int64_t blocksize, co
                       const uint8_t *order, uint8_t *packed, float *absmax, int nthreads) {
     const int64_t nblocks = (n + blocksize - 1) / blocksize;
     const int64_t full_blocks = n / blocksize;
-    const uint8_t zero_code = code_index(0.0f, bounds, order);
+    float b[15];
+    for (int j = 0; j < 15; ++j) b[j] = bounds[j];
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t b = 0; b < nblocks; ++b) {
-        const int64_t start = b * blocksize;
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+        const int64_t start = blk * blocksize;
         const int64_t end = start + blocksize < n ? start + blocksize : n;
-        float vals[4096];
+        const int64_t len = end - start;
+        float vals[4096 + 1];
+        uint8_t q[4096 + 1];
         float m = 0.0f;
         int bad = 0;
-        for (int64_t i = start; i < end; ++i) {
-            float v = load_one(x, dtype, i);
-            vals[i - start] = v;
-            float a = fabsf(v);
+        for (int64_t i = 0; i < len; ++i) {
+            const float v = load_one(x, dtype, start + i);
+            vals[i] = v;
+            const float a = fabsf(v);
             bad |= !(a <= FLT_MAX);
             m = a > m ? a : m;
         }
-        const int whole = b < full_blocks;
+        const int whole = blk < full_blocks;
         const float clamped = m < 1e-38f ? 1e-38f : m;
-        absmax[b] = bad ? NAN : (whole ? m : clamped);
-        const float recip = 1.0f / clamped;
-        const int64_t len = end - start;
-        for (int64_t i = 0; i < len; i += 2) {
-            float s0 = whole ? vals[i] * recip : vals[i] / clamped;
-            s0 = s0 < -1.0f ? -1.0f : (s0 > 1.0f ? 1.0f : s0);
-            uint8_t q0 = code_index(s0, bounds, order);
-            uint8_t q1 = zero_code;
-            if (i + 1 < len) {
-                float s1 = whole ? vals[i + 1] * recip : vals[i + 1] / clamped;
-                s1 = s1 < -1.0f ? -1.0f : (s1 > 1.0f ? 1.0f : s1);
-                q1 = code_index(s1, bounds, order);
-            }
-            packed[(start + i) >> 1] = (uint8_t)((q0 << 4) | q1);
+        absmax[blk] = bad ? NAN : (whole ? m : clamped);
+        if (whole) {
+            const float recip = 1.0f / clamped;
+            for (int64_t i = 0; i < len; ++i) vals[i] *= recip;
+        } else {
+            for (int64_t i = 0; i < len; ++i) vals[i] /= clamped;
         }
+        vals[len] = 0.0f;  /* the pad nibble of an odd-sized tensor encodes 0 */
+        const int64_t padded = len + (len & 1);
+        /* torch.bucketize(scaled, bounds): the number of midpoints strictly below the value (vectorizes) */
+        for (int64_t i = 0; i < padded; ++i) {
+            float s = vals[i];
+            s = s < -1.0f ? -1.0f : (s > 1.0f ? 1.0f : s);
+            int c = 0;
+            for (int j = 0; j < 15; ++j) c += b[j] < s;
+            q[i] = (uint8_t)c;
+        }
+        uint8_t *dst = packed + (start >> 1);
+        for (int64_t i = 0; i < padded; i += 2) dst[i >> 1] = (uint8_t)((order[q[i]] << 4) | order[q[i + 1]]);
     }
 }
 
@@ -118,11 +138,17 @@ static inline void decode16(const uint8_t *p, __m256 tab_lo, __m256 tab_hi, __m2
     *w1 = _mm256_blendv_ps(a1, b1, _mm256_castsi256_ps(_mm256_cmpgt_epi32(i1, seven)));
 }
 
-static inline void store8(void *out, int dtype, int64_t i, __m256 v) {
+/* Non-temporal stores for outputs far larger than the caches: they skip the read-for-ownership. */
+static inline void store8(void *out, int dtype, int64_t i, __m256 v, int stream) {
     if (dtype == FB_F32) {
-        _mm256_storeu_ps((float *)out + i, v);
+        float *dst = (float *)out + i;
+        if (stream && ((uintptr_t)dst & 31) == 0) _mm256_stream_ps(dst, v);
+        else _mm256_storeu_ps(dst, v);
     } else if (dtype == FB_F16) {
-        _mm_storeu_si128((__m128i *)((uint16_t *)out + i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+        __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
+        uint16_t *dst = (uint16_t *)out + i;
+        if (stream && ((uintptr_t)dst & 15) == 0) _mm_stream_si128((__m128i *)dst, h);
+        else _mm_storeu_si128((__m128i *)dst, h);
     } else {
         /* bf16 round-to-nearest-even on 8 lanes (inputs are finite products of finite values) */
         __m256i u = _mm256_castps_si256(v);
@@ -130,20 +156,24 @@ static inline void store8(void *out, int dtype, int64_t i, __m256 v) {
         u = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
         u = _mm256_srli_epi32(u, 16);
         __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
-        _mm_storeu_si128((__m128i *)((uint16_t *)out + i), packed);
+        uint16_t *dst = (uint16_t *)out + i;
+        if (stream && ((uintptr_t)dst & 15) == 0) _mm_stream_si128((__m128i *)dst, packed);
+        else _mm_storeu_si128((__m128i *)dst, packed);
     }
 }
 #endif
 
 /* out[i] = code[q_i] * absmax[block(i)] in float32, converted to the output dtype. */
-void fb_dequantize_4bit(const uint8_t *packed, const float *absmax, const float *code, int64_t n,
+void fb_dequantize_4bit(const uint8_t *packed, const fb_scales *scales, const float *code, int64_t n,
                         int64_t blocksize, void *out, int dtype, int nthreads) {
     const int64_t nblocks = (n + blocksize - 1) / blocksize;
+    const int stream = n * (dtype == FB_F32 ? 4 : 2) > (int64_t)32 << 20;  /* > 32 MiB of output */
+    (void)stream;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t b = 0; b < nblocks; ++b) {
         const int64_t start = b * blocksize;
         const int64_t end = start + blocksize < n ? start + blocksize : n;
-        const float s = absmax[b];
+        const float s = block_scale(scales, b);
         float tab[16];
         for (int j = 0; j < 16; ++j) tab[j] = code[j] * s;
         int64_t i = start;
@@ -152,8 +182,8 @@ void fb_dequantize_4bit(const uint8_t *packed, const float *absmax, const float 
         for (; i + 16 <= end; i += 16) {
             __m256 w0, w1;
             decode16(packed + (i >> 1), tab_lo, tab_hi, &w0, &w1);
-            store8(out, dtype, i, w0);
-            store8(out, dtype, i + 8, w1);
+            store8(out, dtype, i, w0, stream);
+            store8(out, dtype, i + 8, w1, stream);
         }
 #endif
         for (; i < end; ++i) {
@@ -162,6 +192,9 @@ void fb_dequantize_4bit(const uint8_t *packed, const float *absmax, const float 
             store_one(out, dtype, i, tab[q]);
         }
     }
+#ifdef __AVX2__
+    _mm_sfence();
+#endif
 }
 
 /*
@@ -169,13 +202,13 @@ void fb_dequantize_4bit(const uint8_t *packed, const float *absmax, const float 
  * row-major, with cols % blocksize == 0 so that no block spans two rows. x is float32 [m_rows, cols];
  * out is float32 [m_rows, rows]. The weight is read once for all m_rows (decoding, small batches).
  */
-void fb_gemv_4bit(const float *x, const uint8_t *packed, const float *absmax, const float *code,
+void fb_gemv_4bit(const float *x, const uint8_t *packed, const fb_scales *scales, const float *code,
                   int64_t m_rows, int64_t rows, int64_t cols, int64_t blocksize, float *out, int nthreads) {
     const int64_t blocks_per_row = cols / blocksize;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
         const uint8_t *wrow = packed + (r * cols >> 1);
-        const float *arow = absmax + r * blocks_per_row;
+        const int64_t first_block = r * blocks_per_row;
 #ifdef __AVX2__
         if (m_rows <= 8 && blocksize % 16 == 0) {
             const __m256 tab_lo = _mm256_loadu_ps(code), tab_hi = _mm256_loadu_ps(code + 8);
@@ -194,7 +227,7 @@ void fb_gemv_4bit(const float *x, const uint8_t *packed, const float *absmax, co
                         acc[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), acc[m]);
                     }
                 }
-                const __m256 scale = _mm256_set1_ps(arow[blk]);
+                const __m256 scale = _mm256_set1_ps(block_scale(scales, first_block + blk));
                 for (int m = 0; m < m_rows; ++m) total[m] = _mm256_fmadd_ps(acc[m], scale, total[m]);
             }
             for (int m = 0; m < m_rows; ++m) {
@@ -215,7 +248,7 @@ void fb_gemv_4bit(const float *x, const uint8_t *packed, const float *absmax, co
                     const uint8_t byte = wrow[k >> 1];
                     acc += xr[k] * code[byte >> 4] + xr[k + 1] * code[byte & 0x0f];
                 }
-                total += acc * arow[blk];
+                total += acc * block_scale(scales, first_block + blk);
             }
             out[m * rows + r] = total;
         }
