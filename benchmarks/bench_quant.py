@@ -49,7 +49,10 @@ def _bnb():
 
 
 def _torchao():
-    from torchao.dtypes.nf4tensor import to_nf4
+    try:
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+    except ImportError:  # torchao < 0.15
+        from torchao.dtypes.nf4tensor import to_nf4
 
     def quant(w):
         return to_nf4(w, block_size=64, scaler_block_size=256), None
@@ -84,9 +87,9 @@ def main() -> None:
             n = w.numel()
             for name, (quant, dequant) in peers.items():
                 repeats = 1 if name == "fourbit-reference" else args.repeats
-                q = measure(lambda: quant(w), repeats=repeats)
+                q = measure(lambda quant=quant, w=w: quant(w), repeats=repeats)
                 packed, state = quant(w)
-                d = measure(lambda: dequant(packed, state, dtype), repeats=repeats)
+                d = measure(lambda f=dequant, p=packed, s=state, t=dtype: f(p, s, t), repeats=repeats)
                 results.append({"shape": f"{shape[0]}x{shape[1]}", "dtype": dname, "impl": name,
                                 "quant_mparams_s": n / q["wall"] / 1e6, "dequant_mparams_s": n / d["wall"] / 1e6,
                                 "quant_cpu_s": q["cpu"], "dequant_cpu_s": d["cpu"]})

@@ -180,16 +180,18 @@ def quantize_model(
     config = config or QuantConfig()
     compute_dtype = parse_dtype(config.compute_dtype)
     before = _tensor_bytes(model)
-    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    skipped = [name for name, _ in targets if not config.selects(name)]
-    targets = [(name, m) for name, m in targets if config.selects(name)]
+    # Names only: holding the modules would keep every float weight alive until the end.
+    linear_names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    skipped = [name for name in linear_names if not config.selects(name)]
+    targets = [name for name in linear_names if config.selects(name)]
     errors: list[float] = []
     iterator = targets
     if progress:
         from tqdm.auto import tqdm
 
         iterator = tqdm(targets, desc=f"quantizing to {config.quant_type}", unit="layer")
-    for name, linear in iterator:
+    for name in iterator:
+        linear = model.get_submodule(name)
         try:
             q = Linear4bit.from_linear(linear, quant_type=config.quant_type, blocksize=config.blocksize,
                                        double_quant=config.double_quant, compute_dtype=compute_dtype)
@@ -198,10 +200,11 @@ def quantize_model(
         if measure_error:
             w = linear.weight.detach().float()
             errors.append(float((q.dequantize(torch.float32) - w).norm() / w.norm().clamp(min=1e-30)))
+            del w
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, q)
-        del linear
+        del linear, q
     fp = model_footprint(model)
     if measure_error:
         fp.mean_relative_error = sum(errors) / len(errors) if errors else 0.0

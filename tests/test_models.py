@@ -193,3 +193,29 @@ def test_bundled_model_quantizes_to_4_127_bits_and_generates():
     assert fp.model_bytes_after < 0.35 * fp.model_bytes_before
     text = generate(model, tokenizer, "What is the capital of France?", max_new_tokens=12)
     assert "Paris" in text
+
+
+def test_quantization_releases_each_full_precision_weight(tiny_llama):
+    # Layer by layer: once a layer is swapped, nothing keeps its float weight alive, so peak memory is the
+    # unquantized model plus one layer, and the final model holds no float copy of a quantized weight.
+    import gc
+    import weakref
+
+    refs = {n: weakref.ref(m.weight) for n, m in tiny_llama.named_modules()
+            if isinstance(m, nn.Linear) and n != "lm_head"}
+    alive_when_swapping = []
+    original = Linear4bit.from_linear.__func__
+
+    def spy(cls, linear, **kwargs):
+        gc.collect()
+        alive_when_swapping.append(sum(r() is not None for r in refs.values()))
+        return original(cls, linear, **kwargs)
+
+    Linear4bit.from_linear = classmethod(spy)
+    try:
+        quantize_model(tiny_llama)
+    finally:
+        Linear4bit.from_linear = classmethod(original)
+    gc.collect()
+    assert alive_when_swapping == list(range(len(refs), 0, -1))
+    assert all(r() is None for r in refs.values())

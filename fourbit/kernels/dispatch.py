@@ -1,9 +1,10 @@
 """One dispatch point for the heavy tensor kernels.
 
-Each function here picks an implementation for its inputs: the compiled CPU kernels (``fourbit.kernels.cpu``,
-built on first use with the system C compiler) for CPU tensors, else the PyTorch reference
-(``fourbit.kernels.reference``), which defines the results. Set ``FOURBIT_KERNELS=reference`` to force the
-reference path everywhere (the compiled kernels are tested to give identical bytes).
+Each function here picks an implementation for its inputs: the Triton kernels (``fourbit.kernels.triton_kernels``)
+for CUDA tensors when Triton is importable, the compiled CPU kernels (``fourbit.kernels.cpu``, built on first
+use with the system C compiler) for CPU tensors, else the PyTorch reference (``fourbit.kernels.reference``),
+which defines the results. Set ``FOURBIT_KERNELS=reference`` to force the reference path everywhere (the fast
+kernels are tested to give identical bytes).
 Nothing is probed or compiled at import time.
 """
 
@@ -30,8 +31,16 @@ def _forced() -> str:
 
 
 def backend_for(t: torch.Tensor):
-    """The kernel module to use for tensor ``t``: ``fourbit.kernels.cpu`` or ``fourbit.kernels.reference``."""
-    if _forced() == "reference" or t.device.type != "cpu":
+    """The kernel module for tensor ``t``: triton_kernels (CUDA), cpu (compiled), or reference."""
+    if _forced() == "reference":
+        return reference
+    if t.device.type == "cuda":
+        try:
+            from fourbit.kernels import triton_kernels
+        except ImportError:
+            return reference
+        return triton_kernels if triton_kernels.available() else reference
+    if t.device.type != "cpu":
         return reference
     from fourbit.kernels import cpu
 
