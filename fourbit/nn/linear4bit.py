@@ -25,7 +25,7 @@ COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.f
 
 #: Inputs with at most this many rows use the fused 4-bit matrix-vector kernel (decoding); larger ones
 #: dequantize the weight once and call the BLAS matmul, which is faster when the weight is reused many times.
-SMALL_BATCH_ROWS = 8
+SMALL_BATCH_ROWS = 16
 
 
 def parse_dtype(dtype: str | torch.dtype, name: str = "compute_dtype") -> torch.dtype:
