@@ -44,7 +44,7 @@ def run_demo(out_dir: Path, *, quick: bool = False) -> dict:
     model, tokenizer = load_model(quant=None)
     text = reference_text(12_000)
     ppl_before = perplexity(model, tokenizer, text, window=512, max_windows=2)
-    fp = quantize_model(model, QuantConfig(compute_dtype="bf16"), progress=True, measure_error=True)
+    fp = quantize_model(model, QuantConfig(), progress=True, measure_error=True)
     ppl_after = perplexity(model, tokenizer, text, window=512, max_windows=2)
     console.print(_footprint_table(fp, "footprint"))
     console.print(f"perplexity on Python's docs: {ppl_before:.2f} unquantized -> {ppl_after:.2f} NF4")

@@ -15,8 +15,9 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant-type", choices=("nf4", "fp4", "int4"), default="nf4", help="4-bit data type (default nf4)")
     p.add_argument("--blocksize", type=int, default=64, help="absmax block size, power of two in 32..4096 (default 64)")
     p.add_argument("--no-double-quant", action="store_true", help="keep absmax constants in float32 (4.5 bits/param)")
-    p.add_argument("--compute-dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
-                   help="matmul dtype of the 4-bit layers (default bf16)")
+    p.add_argument("--compute-dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                   help="matmul dtype of the 4-bit layers (default auto: bf16 on GPUs and CPUs with native bf16, "
+                        "else fp32)")
 
 
 def _quant_config(args: argparse.Namespace):

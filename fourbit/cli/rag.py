@@ -1,0 +1,270 @@
+"""``fourbit rag``: index documents, ask questions, compare retrievers, evaluate retrieval.
+
+One function per subcommand, each a thin layer over :mod:`fourbit.rag`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_parser"]
+
+_COMPARE_DEFAULT = "baseline,chunks,metadata"
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def _ints(value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in _csv(value))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from err
+
+
+def _store_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", type=Path, help="folder of the embedded Chroma database")
+    p.add_argument("--index", default="fourbit", help="index (collection) name (default: fourbit)")
+    p.add_argument("--chroma-host", help="use a Chroma server instead of --db")
+    p.add_argument("--chroma-port", type=int, default=8000)
+    p.add_argument("--embedding-model", help="sentence-transformers folder or cached name "
+                   "(default: bundled all-MiniLM-L6-v2, or the one the index records)")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+
+
+def _llm_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="answering model: folder, 4-bit checkpoint or GGUF (default: bundled SmolLM2)")
+    p.add_argument("--adapter", type=Path, help="LoRA adapter folder from `fourbit finetune`")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+
+
+def _embedder(args: argparse.Namespace, recorded: str | None = None) -> Any:
+    from fourbit.rag.embeddings import DEFAULT_EMBEDDING_MODEL, Embedder
+
+    if args.embedding_model:
+        return Embedder(args.embedding_model)
+    if recorded not in (None, DEFAULT_EMBEDDING_MODEL):
+        raise ValueError(f"the index was built with --embedding-model {recorded!r}; pass it again")
+    return Embedder(None)
+
+
+def _open(args: argparse.Namespace, create: bool = False) -> tuple[Any, Any]:
+    """(store, embedder) for an existing index, or for indexing when ``create``."""
+    from fourbit.rag.store import open_store
+
+    if create:
+        embedder = _embedder(args)
+        store = open_store(args.db, index=args.index, host=args.chroma_host, port=args.chroma_port,
+                           create=True, embedding=embedder.describe())
+        return store, embedder
+    store = open_store(args.db, index=args.index, host=args.chroma_host, port=args.chroma_port)
+    embedder = _embedder(args, store.info.get("embedding_model"))
+    store.check_embedder(embedder.name, embedder.dim)
+    return store, embedder
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console()
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    """Index PDF, text and Markdown files (or folders) into a Chroma database, incrementally."""
+    from fourbit.rag.chunking import ChunkConfig
+    from fourbit.rag.index import IndexConfig, build_index
+
+    config = IndexConfig(
+        chunk=ChunkConfig(parent_tokens=args.parent_tokens, parent_overlap=args.parent_overlap,
+                          child_tokens=args.child_tokens, child_overlap=args.child_overlap),
+        metadata=args.metadata, n_questions=args.n_questions,
+    )
+    store, embedder = _open(args, create=True)
+    extractor = None
+    if config.metadata:
+        from fourbit.rag.llm import load_llm
+        from fourbit.rag.metadata import MetadataCache, MetadataExtractor
+
+        cache_dir = args.db if args.db and not args.chroma_host else Path.home() / ".cache" / "fourbit" / "rag"
+        extractor = MetadataExtractor(load_llm(args.model, adapter=args.adapter),
+                                      MetadataCache(Path(cache_dir) / "metadata_cache.json"),
+                                      batch_size=args.batch_size)
+    report = build_index(args.paths, store, embedder, config, extractor=extractor, progress=not args.json)
+    result = {**report.as_dict(), "index": store.name, "location": store.location, "records": store.count(),
+              "config": {"parent_tokens": config.chunk.parent_tokens, "child_tokens": config.chunk.child_tokens,
+                         "metadata": config.metadata, "embedding_model": embedder.name}}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        con = _console()
+        con.print(f"[bold]{store.name}[/] at {store.location}: {len(report.indexed)} indexed, "
+                  f"{len(report.unchanged)} unchanged, {len(report.removed)} removed; "
+                  f"{report.embedded} records embedded, {report.deleted} deleted, {store.count()} in the index")
+        for path, reason in report.skipped:
+            con.print(f"[yellow]skipped[/] {path}: {reason}")
+        for path, reason in report.errors:
+            con.print(f"[red]error[/] {path}: {reason}")
+    return 1 if report.errors else 0
+
+
+def _print_sources(con: Any, parents: list[Any], verbose: bool) -> None:
+    from rich.table import Table
+
+    from fourbit.rag.answer import source_rows
+
+    table = Table(title="sources")
+    for col in ("id", "score", "file", "page", "text"):
+        table.add_column(col, overflow="fold")
+    for row in source_rows(parents):
+        table.add_row(row["id"], f"{row['score']:.3f}", row["source"], row["page"], row["text"][:200])
+    con.print(table)
+    if verbose:
+        for p in parents:
+            for ref in p.via:
+                con.print(f"  {ref.kind:>14} {ref.id} ({ref.score:.3f}) -> {p.id}: {ref.text[:80]!r}")
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    """Answer a question from the index with the 4-bit model (streamed), then list the sources."""
+    from fourbit.rag.answer import answer_question
+    from fourbit.rag.retrieval import Retriever
+
+    store, embedder = _open(args)
+    retriever = Retriever(store, embedder, args.retriever, args.top_k)
+    if args.no_answer:
+        parents = retriever.retrieve(args.question)
+        if args.json:
+            from fourbit.rag.answer import source_rows
+
+            print(json.dumps({"question": args.question, "sources": source_rows(parents)}, indent=2))
+        else:
+            _print_sources(_console(), parents, args.verbose)
+        return 0
+    from fourbit.rag.llm import load_llm
+
+    llm = load_llm(args.model, adapter=args.adapter)
+    stream = None if args.json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+    answer = answer_question(args.question, retriever, llm, max_new_tokens=args.max_new_tokens, on_text=stream)
+    if args.json:
+        print(json.dumps(answer.as_dict(), indent=2))
+        return 0
+    print()
+    if args.show_sources or args.verbose:
+        _print_sources(_console(), answer.sources, args.verbose)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Answer one question with several retrievers and show the answers side by side."""
+    from rich.table import Table
+
+    from fourbit.rag.answer import answer_question
+    from fourbit.rag.llm import load_llm
+    from fourbit.rag.retrieval import Retriever
+
+    store, embedder = _open(args)
+    llm = load_llm(args.model, adapter=args.adapter)
+    results: dict[str, Any] = {}
+    for mode in args.retrievers:
+        try:
+            results[mode] = answer_question(args.question, Retriever(store, embedder, mode, args.top_k), llm,
+                                            max_new_tokens=args.max_new_tokens).as_dict()
+        except ValueError as err:  # e.g. no metadata in the index: say so in that column
+            results[mode] = {"answer": f"({err})", "sources": []}
+    if args.json:
+        print(json.dumps({"question": args.question, "results": results}, indent=2))
+        return 0
+    table = Table(title=args.question, show_lines=True)
+    table.add_column("")
+    for mode in results:
+        table.add_column(mode, overflow="fold", ratio=1)
+    table.add_row("answer", *[r["answer"] for r in results.values()])
+    table.add_row("sources", *[", ".join(f"{s['id']} (p.{s['page']})" for s in r["sources"])
+                               for r in results.values()])
+    _console().print(table)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Hit rate and MRR at k of each retriever on a JSONL file of {"question", "evidence"}."""
+    from rich.table import Table
+
+    from fourbit.rag.evaluate import evaluate_retriever, load_questions
+    from fourbit.rag.retrieval import Retriever
+
+    questions = load_questions(args.questions)
+    store, embedder = _open(args)
+    results: dict[str, Any] = {}
+    for mode in args.retrievers:
+        retriever = Retriever(store, embedder, mode, args.top_k)
+        try:
+            results[mode] = evaluate_retriever(retriever.retrieve, questions, args.top_k)
+        except ValueError as err:
+            results[mode] = {"error": str(err), "k": args.top_k}
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    table = Table(title=f"retrieval on {len(questions)} questions, k={args.top_k}")
+    for col in ("retriever", f"hit@{args.top_k}", f"MRR@{args.top_k}", "parents/query", "chars/query"):
+        table.add_column(col)
+    for mode, r in results.items():
+        if "error" in r:
+            table.add_row(mode, "-", "-", "-", r["error"][:60])
+        else:
+            table.add_row(mode, f"{r['hit_rate']:.3f}", f"{r['mrr']:.3f}", f"{r['parents_per_query']:.2f}",
+                          f"{r['chars_per_query']:.0f}")
+    _console().print(table)
+    return 0
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``fourbit rag {index,query,compare,eval}``."""
+    from fourbit.rag.retrieval import RETRIEVERS
+
+    rag = subparsers.add_parser("rag", help="question answering over documents with the 4-bit model")
+    sub = rag.add_subparsers(dest="rag_command", required=True)
+
+    p = sub.add_parser("index", help=cmd_index.__doc__, description=cmd_index.__doc__)
+    p.add_argument("paths", nargs="+", type=Path, help="files or folders (.pdf, .txt, .md)")
+    _store_args(p)
+    p.add_argument("--parent-tokens", type=int, default=1024)
+    p.add_argument("--parent-overlap", type=int, default=32, help="tokens shared by neighbouring parents")
+    p.add_argument("--child-tokens", type=_ints, default=(128, 256, 512), help="e.g. 128,256,512")
+    p.add_argument("--child-overlap", type=int, default=20, help="tokens shared by neighbouring children")
+    p.add_argument("--metadata", type=_csv, default=(), help="generate per parent: questions,summary")
+    p.add_argument("--n-questions", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per metadata generation batch")
+    p.add_argument("--model", help="metadata LLM (default: bundled SmolLM2, 4-bit)")
+    p.add_argument("--adapter", type=Path)
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("query", help=cmd_query.__doc__, description=cmd_query.__doc__)
+    p.add_argument("question")
+    _store_args(p)
+    _llm_args(p)
+    p.add_argument("--retriever", choices=list(RETRIEVERS), default="all")
+    p.add_argument("--top-k", type=int, default=2, help="distinct parents given to the LLM")
+    p.add_argument("--show-sources", action="store_true")
+    p.add_argument("--verbose", "-v", action="store_true", help="trace which reference led to which parent")
+    p.add_argument("--no-answer", action="store_true", help="retrieve only, do not load the LLM")
+    p.set_defaults(func=cmd_query)
+
+    p = sub.add_parser("compare", help=cmd_compare.__doc__, description=cmd_compare.__doc__)
+    p.add_argument("question")
+    _store_args(p)
+    _llm_args(p)
+    p.add_argument("--retrievers", type=_csv, default=_csv(_COMPARE_DEFAULT))
+    p.add_argument("--top-k", type=int, default=2)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("eval", help=cmd_eval.__doc__, description=cmd_eval.__doc__)
+    p.add_argument("--questions", type=Path, required=True, help='JSONL: {"question": ..., "evidence": ...}')
+    _store_args(p)
+    p.add_argument("--retrievers", type=_csv, default=tuple(RETRIEVERS))
+    p.add_argument("--top-k", type=int, default=2)
+    p.set_defaults(func=cmd_eval)

@@ -1,0 +1,49 @@
+"""End-to-end with the bundled 4-bit SmolLM2 (slow: loads the model)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.mark.slow
+def test_demo_answers_about_paged_optimizers(tmp_path):
+    import torch
+
+    from fourbit.models import load_model
+    from fourbit.rag.demo import DEMO_QUESTION, run_rag_demo
+
+    torch.set_num_threads(2)
+    model, tokenizer = load_model()
+    result = run_rag_demo(model, tokenizer, tmp_path, max_new_tokens=48)
+    assert result["question"] == DEMO_QUESTION
+    assert result["answer"].strip()
+    # The retrieval half is deterministic: the top source is the guide's paged-optimizer section.
+    assert "Paged optimizers" in result["sources"][0]["text"] or "paged" in result["sources"][0]["text"].lower()
+    assert result["embedded"] > 0
+    # Re-running the demo in the same folder re-embeds nothing.
+    again = run_rag_demo(model, tokenizer, tmp_path, max_new_tokens=8)
+    assert again["embedded"] == 0 and again["sources"][0]["id"] == result["sources"][0]["id"]
+
+
+@pytest.mark.slow
+def test_metadata_from_the_real_model_is_parsed(tmp_path):
+    import torch
+
+    from fourbit.rag.chunking import ChunkConfig, split_parents
+    from fourbit.rag.demo import guide_path
+    from fourbit.rag.embeddings import Embedder
+    from fourbit.rag.index import IndexConfig
+    from fourbit.rag.llm import load_llm
+    from fourbit.rag.loaders import load_document
+    from fourbit.rag.metadata import MetadataExtractor
+
+    torch.set_num_threads(2)
+    embedder = Embedder()
+    parents = split_parents(load_document(guide_path()), ChunkConfig(parent_tokens=256, child_tokens=(128,)),
+                            embedder.tokenizer)[:2]
+    extractor = MetadataExtractor(load_llm(), batch_size=2)
+    out = extractor.extract(parents, IndexConfig(metadata=("questions", "summary")), progress=False)
+    assert extractor.generated == 4
+    for value in out.values():
+        assert all(q.endswith("?") for q in value["questions"])
+        assert isinstance(value["summary"], str)
