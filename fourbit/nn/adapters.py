@@ -1,0 +1,275 @@
+"""LoRA adapters on disk in peft's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Tensor keys are peft's: ``base_model.model.<module path>.lora_A.weight`` / ``.lora_B.weight`` and, for
+``modules_to_save`` (e.g. a classification ``score`` head), ``base_model.model.<module path>.weight``. So
+``peft.PeftModel.from_pretrained(base, dir)`` loads an adapter saved here and :func:`load_adapter` loads one
+saved by peft. Files are written atomically; weights are read only through safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .lora import LoRASpec, _is_saved_module, find_target_modules, inject_lora, lora_modules, lora_spec
+
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "adapter_state_dict",
+    "load_adapter",
+    "load_adapter_weights",
+    "read_adapter_config",
+    "save_adapter",
+]
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def adapter_state_dict(model: nn.Module, modules_to_save: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under peft's key names (detached, contiguous copies).
+
+    Args:
+        model: a model with LoRA layers from :func:`fourbit.nn.lora.inject_lora`.
+        modules_to_save: fully trained modules to include; default the ones recorded at injection.
+    """
+    spec = lora_spec(model)
+    saved = tuple(modules_to_save if modules_to_save is not None else (spec.modules_to_save if spec else ()))
+    out: dict[str, torch.Tensor] = {}
+    for name, m in lora_modules(model).items():
+        out[f"{_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().contiguous().clone()
+        out[f"{_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().contiguous().clone()
+    if saved:
+        for pname, p in model.named_parameters():
+            if _is_saved_module(pname.rpartition(".")[0], saved) and ".lora_" not in pname:
+                out[_PREFIX + pname] = p.detach().contiguous().clone()
+    return out
+
+
+def _target_names_for_config(model: nn.Module, wrapped: list[str]) -> list[str]:
+    """Short names (``q_proj``) when they select exactly the wrapped modules, else the full paths."""
+    short = sorted({n.rsplit(".", 1)[-1] for n in wrapped})
+    try:
+        if sorted(find_target_modules(_Unwrapped(model), short)) == sorted(wrapped):
+            return short
+    except ValueError:
+        pass
+    return sorted(wrapped)
+
+
+class _Unwrapped:
+    """View of a LoRA model whose ``named_modules`` shows each LoRALinear as its base (for name matching)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._model = model
+
+    def named_modules(self):
+        wrapped = set(lora_modules(self._model))
+        for name, m in self._model.named_modules():
+            if name in wrapped:
+                yield name, m.base
+            elif not any(name.startswith(w + ".") for w in wrapped):
+                yield name, m
+
+    def get_output_embeddings(self):
+        return self._model.get_output_embeddings() if hasattr(self._model, "get_output_embeddings") else None
+
+
+def _task_type(model: nn.Module) -> str:
+    name = type(model).__name__
+    return "SEQ_CLS" if name.endswith("ForSequenceClassification") else "CAUSAL_LM"
+
+
+def save_adapter(
+    model: nn.Module,
+    folder: str | os.PathLike,
+    *,
+    base_model_name_or_path: str | None = None,
+    modules_to_save: Sequence[str] | None = None,
+) -> Path:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (peft format) into ``folder``.
+
+    Args:
+        model: a model with LoRA layers (from :func:`inject_lora` or :func:`load_adapter`).
+        folder: output folder (created).
+        base_model_name_or_path: recorded in the config for peft's ``AutoPeftModel``.
+        modules_to_save: override the fully trained modules recorded at injection.
+
+    Returns:
+        The folder.
+
+    Raises:
+        ValueError: if the model has no LoRA layers.
+    """
+    from safetensors.torch import save
+
+    layers = lora_modules(model)
+    if not layers:
+        raise ValueError("model has no LoRA layers to save; call inject_lora() first")
+    spec = lora_spec(model)
+    first = next(iter(layers.values()))
+    saved = list(modules_to_save if modules_to_save is not None else (spec.modules_to_save if spec else ()))
+    config = {
+        "peft_type": "LORA",
+        "task_type": _task_type(model),
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": first.r,
+        "lora_alpha": first.alpha,
+        "lora_dropout": spec.dropout if spec else 0.0,
+        "use_rslora": first.use_rslora,
+        "target_modules": _target_names_for_config(model, list(layers)),
+        "modules_to_save": saved or None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "use_dora": False,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = adapter_state_dict(model, saved)
+    _atomic_write_bytes(folder / ADAPTER_WEIGHTS, save(tensors, metadata={"format": "pt"}))
+    _atomic_write_bytes(folder / ADAPTER_CONFIG, (json.dumps(config, indent=2) + "\n").encode())
+    return folder
+
+
+def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """Read and check an adapter config (peft's or ours).
+
+    Raises:
+        ValueError: missing files, not a LoRA adapter.
+        NotImplementedError: peft options fourbit does not implement (DoRA, bias, rank/alpha patterns...).
+    """
+    folder = Path(folder)
+    path = folder / ADAPTER_CONFIG
+    if not path.is_file():
+        raise ValueError(f"{folder}: not an adapter folder (no {ADAPTER_CONFIG})")
+    if not (folder / ADAPTER_WEIGHTS).is_file():
+        raise ValueError(f"{folder}: no {ADAPTER_WEIGHTS} (fourbit reads adapter weights only from safetensors)")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{path}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    unsupported = {
+        "use_dora": lambda v: bool(v), "bias": lambda v: v not in (None, "none"),
+        "fan_in_fan_out": lambda v: bool(v), "rank_pattern": lambda v: bool(v),
+        "alpha_pattern": lambda v: bool(v), "layers_to_transform": lambda v: v is not None,
+        "lora_bias": lambda v: bool(v),
+    }
+    for key, bad in unsupported.items():
+        if key in cfg and bad(cfg[key]):
+            raise NotImplementedError(f"{path}: adapter option {key}={cfg[key]!r} is not supported by fourbit")
+    for key in ("r", "lora_alpha", "target_modules"):
+        if cfg.get(key) is None:
+            raise ValueError(f"{path}: missing {key!r}")
+    return cfg
+
+
+def _strip_key(key: str) -> str:
+    """peft key -> module-path key (also accepts keys still holding peft's adapter name, ``.default``)."""
+    return re.sub(r"\.(lora_[AB])\.default\.weight$", r".\1.weight", key.removeprefix(_PREFIX))
+
+
+def load_adapter_weights(model: nn.Module, folder: str | os.PathLike) -> None:
+    """Copy the adapter tensors from ``folder`` into a model that already has matching LoRA layers.
+
+    Raises:
+        ValueError: naming the keys that are missing, unexpected or of the wrong shape.
+    """
+    from safetensors.torch import load_file
+
+    tensors = {_strip_key(k): v for k, v in load_file(str(Path(folder) / ADAPTER_WEIGHTS)).items()}
+    expected: dict[str, torch.Tensor] = {}
+    for name, m in lora_modules(model).items():
+        expected[f"{name}.lora_A.weight"] = m.lora_A.weight
+        expected[f"{name}.lora_B.weight"] = m.lora_B.weight
+    params = dict(model.named_parameters())
+    extra = {k: params[k] for k in tensors if k not in expected and k in params and ".lora_" not in k}
+    expected.update(extra)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{folder}: adapter does not fit the model: missing {missing[:4]}"
+                         f"{' ...' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}"
+                         f"{' ...' if len(unexpected) > 4 else ''} (target modules differ?)")
+    bad = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(p.shape)}"
+           for k, p in expected.items() if tensors[k].shape != p.shape]
+    if bad:
+        raise ValueError(f"{folder}: adapter shapes do not fit the model: {'; '.join(bad[:4])}")
+    with torch.no_grad():
+        for k, p in expected.items():
+            p.copy_(tensors[k].to(p.dtype))
+
+
+def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
+    """Inject LoRA as the adapter in ``folder`` describes and load its weights (peft or fourbit format).
+
+    The check runs before the model is touched: on any error the model is left unchanged.
+
+    Args:
+        model: an unmodified (possibly 4-bit) transformers model.
+        folder: adapter folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
+
+    Returns:
+        ``model`` with LoRA layers holding the adapter (in eval mode, no dropout).
+
+    Raises:
+        ValueError: adapter missing/malformed, or its target modules or shapes do not fit the model.
+        NotImplementedError: peft options fourbit does not implement.
+    """
+    from safetensors import safe_open
+
+    cfg = read_adapter_config(folder)
+    targets = cfg["target_modules"]
+    targets = targets if isinstance(targets, str) else tuple(targets)
+    present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()} | {n for n, _ in model.named_modules()}
+    saved = tuple(m for m in (cfg.get("modules_to_save") or ()) if m in present)
+    spec = LoRASpec(r=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout") or 0.0),
+                    target_modules=targets, use_rslora=bool(cfg.get("use_rslora", False)), modules_to_save=saved)
+    try:
+        names = find_target_modules(model, spec.target_modules, spec.modules_to_save)
+    except ValueError as e:
+        raise ValueError(f"{folder}: adapter target modules do not fit the model: {e}") from None
+    # Dry run on shapes before modifying the model.
+    with safe_open(str(Path(folder) / ADAPTER_WEIGHTS), framework="pt") as f:
+        shapes = {_strip_key(k): tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    problems = []
+    for n in names:
+        base = model.get_submodule(n)
+        want = {f"{n}.lora_A.weight": (spec.r, base.in_features), f"{n}.lora_B.weight": (base.out_features, spec.r)}
+        for k, shape in want.items():
+            if k not in shapes:
+                problems.append(f"missing {k}")
+            elif shapes[k] != shape:
+                problems.append(f"{k}: file {shapes[k]} vs model {shape}")
+    if problems:
+        raise ValueError(f"{folder}: adapter does not fit the model: {'; '.join(problems[:4])}"
+                         f"{' ...' if len(problems) > 4 else ''}")
+    inject_lora(model, spec)
+    load_adapter_weights(model, folder)
+    return model.eval()

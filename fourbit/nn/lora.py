@@ -1,0 +1,392 @@
+"""LoRA (Hu et al. 2021) over a plain or a 4-bit base: the one layer type behind LoRA and QLoRA.
+
+QLoRA (Dettmers et al. 2023, Eq. 5) is LoRA whose frozen base weight is NF4:
+
+    Y = X · doubleDequant(c1, c2, W_nf4) + s · X · L1 · L2,      s = alpha / r
+
+Here ``base`` computes the first term (``nn.Linear`` or ``fourbit.nn.Linear4bit``) and the adapter pair
+``lora_A`` (L1, ``r × in``) and ``lora_B`` (L2, ``out × r``) the second. Adapters are injected by swapping
+modules of an unmodified transformers model (:func:`inject_lora`); the module names and initialisation follow
+peft so that adapters move between the two (see :mod:`fourbit.nn.adapters`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = [
+    "LoRALinear",
+    "LoRASpec",
+    "find_target_modules",
+    "inject_lora",
+    "is_linear_4bit",
+    "lora_modules",
+    "lora_spec",
+    "mark_only_lora_trainable",
+    "merge_and_unload",
+    "trainable_parameters",
+    "trainable_parameters_report",
+]
+
+ALL_LINEAR = "all-linear"
+
+
+def is_linear_4bit(module: nn.Module) -> bool:
+    """True for a frozen 4-bit linear layer (``fourbit.nn.Linear4bit`` or anything shaped like it).
+
+    Duck-typed on ``quant_state`` + ``dequantize`` + ``in_features`` so that this module does not import the
+    quantization code at import time.
+    """
+    return all(hasattr(module, a) for a in ("quant_state", "dequantize", "in_features", "out_features"))
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_linear_4bit(module)
+
+
+@dataclass(frozen=True)
+class LoRASpec:
+    """What to inject. Defaults are the QLoRA paper's (r=64, alpha=16, dropout 0.1 for models up to 13B).
+
+    Args:
+        r: adapter rank (> 0).
+        alpha: scaling numerator; the update is scaled by ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
+        dropout: dropout probability on the adapter input, in [0, 1).
+        target_modules: ``"all-linear"`` (every linear but the output head, as the paper does), a regex
+            matched against the full module name (peft semantics), or a sequence of names each matching
+            a module whose dotted path equals it or ends with ``"." + name``.
+        use_rslora: scale by ``alpha / sqrt(r)`` (Kalajdzievski 2023) instead of ``alpha / r``.
+        modules_to_save: extra modules (e.g. a classification ``score`` head) that are trained in full and
+            saved with the adapter; never wrapped by LoRA.
+    """
+
+    r: int = 64
+    alpha: float = 16.0
+    dropout: float = 0.1
+    target_modules: str | tuple[str, ...] = ALL_LINEAR
+    use_rslora: bool = False
+    modules_to_save: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"lora r must be a positive integer, got {self.r!r}")
+        if not self.alpha > 0:
+            raise ValueError(f"lora alpha must be > 0, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.target_modules, str):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+            if not self.target_modules:
+                raise ValueError("target_modules is empty: give module names or 'all-linear'")
+        object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save))
+
+
+class LoRALinear(nn.Module):
+    """``y = base(x) + scaling · lora_B(lora_A(dropout(x)))`` with a frozen ``base``.
+
+    ``lora_A`` is initialised like peft (Kaiming-uniform with ``a = sqrt(5)``, i.e. ``nn.Linear``'s default)
+    and ``lora_B`` with zeros, so a fresh adapter leaves the model's output unchanged.
+
+    Args:
+        base: the frozen layer, ``nn.Linear`` or ``Linear4bit``.
+        r: rank; ``lora_A`` is ``[r, in_features]`` and ``lora_B`` is ``[out_features, r]``.
+        alpha: scaling numerator.
+        dropout: dropout probability applied to the adapter's input only.
+        use_rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
+        dtype: dtype of the adapter weights (float32 by default: the adapters are tiny and fp32 keeps
+            the optimizer update exact; the forward casts the input to it).
+
+    Shapes:
+        x: ``[..., in_features]`` -> ``[..., out_features]`` in the base output's dtype.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        *,
+        use_rslora: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        if not _is_linear(base):
+            raise TypeError(f"LoRALinear base must be nn.Linear or Linear4bit, got {type(base).__name__}")
+        if r <= 0:
+            raise ValueError(f"lora r must be > 0, got {r}")
+        self.base = base
+        self.in_features = int(base.in_features)
+        self.out_features = int(base.out_features)
+        self.r = int(r)
+        self.alpha = float(alpha)
+        self.use_rslora = bool(use_rslora)
+        self.scaling = self.alpha / (math.sqrt(self.r) if use_rslora else self.r)
+        device = next((p.device for p in base.parameters()), torch.device("cpu"))
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(self.in_features, self.r, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(self.r, self.out_features, bias=False, device=device, dtype=dtype)
+        self.reset_lora_parameters()
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        self.merged = False
+        self._unmerged_base: nn.Module | None = None
+
+    def reset_lora_parameters(self) -> None:
+        """peft's init: A ~ Kaiming-uniform(a=sqrt(5)), B = 0 (so the initial update B·A is zero)."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    @property
+    def is_4bit(self) -> bool:
+        """True when the (unmerged) base is a 4-bit layer."""
+        return is_linear_4bit(self._unmerged_base if self._unmerged_base is not None else self.base)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The low-rank update ``scaling · B @ A`` in float32, shape ``[out_features, in_features]``."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            if self._unmerged_base is not None:  # 16-bit layer merged from a 4-bit base
+                return self.base(x.to(self.base.weight.dtype)).to(x.dtype)
+            return self.base(x)
+        y = self.base(x)
+        a = self.lora_A.weight
+        # Under autocast the adapter matmuls run in the autocast dtype; otherwise cast x to the adapter dtype.
+        h = self.lora_dropout(x if torch.is_autocast_enabled(x.device.type) else x.to(a.dtype))
+        update = self.lora_B(self.lora_A(h)) * self.scaling
+        return y + update.to(y.dtype)
+
+    @torch.no_grad()
+    def merge(self, *, safe: bool = True, dtype: torch.dtype = torch.bfloat16) -> None:
+        """Fold the update into the base weight so that ``forward`` is one matmul.
+
+        For an ``nn.Linear`` base the weight is updated in place (``unmerge`` subtracts it again, exact up
+        to float rounding). For a 4-bit base the update cannot go into the 4 bits without re-quantizing
+        (which rounds the small update away and loses quality), so the base is dequantized to ``dtype``
+        and replaced by a 16-bit ``nn.Linear`` holding ``W + scaling·B·A``; the 4-bit layer is kept and
+        ``unmerge`` restores it exactly.
+
+        Args:
+            safe: check the merged weight for NaN/Inf before committing it (like peft's ``safe_merge``).
+            dtype: dtype of the merged layer for a 4-bit base.
+
+        Raises:
+            ValueError: if ``safe`` and the merged weight is not finite.
+        """
+        if self.merged:
+            return
+        delta = self.delta_weight()
+        if is_linear_4bit(self.base):
+            w = self.base.dequantize(torch.float32) + delta
+            if safe and not torch.isfinite(w).all():
+                raise ValueError("merging the adapter gave NaN/Inf weights; the adapter is broken")
+            merged = nn.Linear(self.in_features, self.out_features, bias=self.base.bias is not None,
+                               device=w.device, dtype=dtype)
+            merged.weight.copy_(w.to(dtype))
+            if self.base.bias is not None:
+                merged.bias.copy_(self.base.bias.to(dtype))
+            merged.requires_grad_(False)
+            self._unmerged_base, self.base = self.base, merged
+        else:
+            w = self.base.weight.data
+            new = w.float() + delta
+            if safe and not torch.isfinite(new).all():
+                raise ValueError("merging the adapter gave NaN/Inf weights; the adapter is broken")
+            w.copy_(new.to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge`: restore the 4-bit base, or subtract the update from a plain weight."""
+        if not self.merged:
+            return
+        if self._unmerged_base is not None:
+            self.base, self._unmerged_base = self._unmerged_base, None
+        else:
+            w = self.base.weight.data
+            w.copy_((w.float() - self.delta_weight()).to(w.dtype))
+        self.merged = False
+
+    def merged_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """A standalone ``nn.Linear`` computing base + update (the base is dequantized if 4-bit).
+
+        Args:
+            dtype: dtype of the result; default the base weight's dtype, bfloat16 for a 4-bit base.
+        """
+        base = self._unmerged_base if self._unmerged_base is not None else self.base
+        with torch.no_grad():
+            if is_linear_4bit(base):
+                w = base.dequantize(torch.float32)
+                dtype = dtype or torch.bfloat16
+            else:
+                w = base.weight.float()
+                dtype = dtype or base.weight.dtype
+            if not (self.merged and self._unmerged_base is None):
+                w = w + self.delta_weight()
+            out = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None,
+                            device=w.device, dtype=dtype)
+            out.weight.copy_(w.to(dtype))
+            if base.bias is not None:
+                out.bias.copy_(base.bias.to(dtype))
+        return out
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, merged={self.merged}"
+
+
+def _matches(name: str, targets: str | Sequence[str]) -> bool:
+    """peft's matching rule: a regex fullmatch for a string, else equal-or-suffix (``.name``) for a list."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _is_saved_module(name: str, modules_to_save: Sequence[str]) -> bool:
+    return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in modules_to_save)
+
+
+def find_target_modules(
+    model: nn.Module, target_modules: str | Sequence[str], modules_to_save: Sequence[str] = ()
+) -> list[str]:
+    """Names of the linear modules that ``target_modules`` selects.
+
+    ``"all-linear"`` means every ``nn.Linear``/``Linear4bit`` except the output embedding (``lm_head``),
+    as in the QLoRA paper, and except ``modules_to_save``.
+
+    Raises:
+        ValueError: if nothing matches, or a named target matches a module that is not linear.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    inside_lora = tuple(n + "." for n, m in model.named_modules() if isinstance(m, LoRALinear))
+    names: list[str] = []
+    for name, module in model.named_modules():
+        if not name or isinstance(module, LoRALinear) or _is_saved_module(name, modules_to_save):
+            continue
+        if inside_lora and name.startswith(inside_lora):
+            continue
+        if target_modules == ALL_LINEAR:
+            if _is_linear(module) and module is not head and name.split(".")[-1] != "lm_head":
+                names.append(name)
+        elif _matches(name, target_modules):
+            if not _is_linear(module):
+                raise ValueError(
+                    f"target module {name!r} is a {type(module).__name__}; LoRA wraps only nn.Linear/Linear4bit"
+                )
+            names.append(name)
+    if not names:
+        raise ValueError(f"target_modules={target_modules!r} matched no linear module of {type(model).__name__}")
+    return names
+
+
+def inject_lora(model: nn.Module, spec: LoRASpec) -> list[str]:
+    """Swap the selected linear layers of ``model`` for :class:`LoRALinear` in place and freeze the rest.
+
+    Args:
+        model: any torch model (e.g. an unmodified ``transformers`` model, quantized or not).
+        spec: what to inject.
+
+    Returns:
+        The dotted names of the wrapped modules.
+
+    Raises:
+        ValueError: if the model already has LoRA layers or nothing matches ``spec.target_modules``.
+    """
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ValueError("model already has LoRA layers; merge_and_unload() it first")
+    names = find_target_modules(model, spec.target_modules, spec.modules_to_save)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        base = getattr(parent, child)
+        setattr(parent, child, LoRALinear(base, spec.r, spec.alpha, spec.dropout, use_rslora=spec.use_rslora))
+    for m in spec.modules_to_save:
+        found = [n for n, _ in model.named_modules() if n == m or n.endswith("." + m)]
+        if not found:
+            raise ValueError(f"modules_to_save entry {m!r} matched no module of {type(model).__name__}")
+        for n in found:
+            model.get_submodule(n).requires_grad_(True)
+    model.fourbit_lora_spec = spec
+    return names
+
+
+def lora_spec(model: nn.Module) -> LoRASpec | None:
+    """The :class:`LoRASpec` that :func:`inject_lora` applied to ``model`` (None if none)."""
+    return getattr(model, "fourbit_lora_spec", None)
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    """The model's LoRA layers by dotted name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def mark_only_lora_trainable(model: nn.Module, modules_to_save: Iterable[str] = ()) -> None:
+    """Freeze everything but the LoRA A/B weights and the named ``modules_to_save``."""
+    saved = tuple(modules_to_save)
+    for name, p in model.named_parameters():
+        p.requires_grad_(".lora_A." in name or ".lora_B." in name or _is_saved_module(name, saved))
+
+
+def _logical_numel(module: nn.Module, name: str, p: torch.Tensor) -> int:
+    if name == "weight" and is_linear_4bit(module):
+        return int(module.in_features) * int(module.out_features)
+    return p.numel()
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; a 4-bit weight counts as ``in × out``, not its packed bytes."""
+    trainable = total = 0
+    seen: set[int] = set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) in seen:  # tied weights (embeddings = lm_head) count once, as in peft
+                continue
+            seen.add(id(p))
+            n = _logical_numel(module, name, p)
+            total += n
+            if p.requires_grad:
+                trainable += n
+    return trainable, total
+
+
+def trainable_parameters_report(model: nn.Module) -> str:
+    """peft's one-line report: ``trainable params: X || all params: Y || trainable%: Z``."""
+    trainable, total = trainable_parameters(model)
+    pct = 100.0 * trainable / total if total else 0.0
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}"
+
+
+def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every :class:`LoRALinear` with a plain ``nn.Linear`` holding ``W + scaling·B·A``.
+
+    A 4-bit base is dequantized first, so the result is a 16/32-bit layer: merging back into 4 bits would
+    re-quantize and round most of the small update away (QLoRA's adapters are meant to stay separate, or to
+    be merged into a 16-bit copy of the model).
+
+    Args:
+        model: a model with LoRA layers (modified in place and returned).
+        dtype: dtype of the merged layers; default the dtype of the model's input embeddings (so the merged
+            layers take the activations the rest of the model produces), else the base's dtype. Pass
+            ``torch.bfloat16`` (and cast the model) for a 16-bit checkpoint.
+
+    Returns:
+        ``model`` without LoRA layers.
+    """
+    if dtype is None and hasattr(model, "get_input_embeddings") and model.get_input_embeddings() is not None:
+        dtype = model.get_input_embeddings().weight.dtype
+    for name, m in list(lora_modules(model).items()):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, m.merged_linear(dtype))
+    if hasattr(model, "fourbit_lora_spec"):
+        del model.fourbit_lora_spec
+    return model

@@ -1,0 +1,70 @@
+"""Loading the model to fine-tune: 4-bit (QLoRA) or not, causal LM or sequence classifier."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+
+__all__ = ["load_for_training", "quant_config"]
+
+
+def quant_config(config: TrainConfig, skip: Sequence[str] = ("lm_head",)):
+    """The ``fourbit.models.QuantConfig`` for ``config`` (None for ``--quant none``)."""
+    from fourbit.models import QuantConfig
+
+    if config.quant == "none":
+        return None
+    return QuantConfig(quant_type=config.quant, double_quant=config.double_quant,
+                       compute_dtype=config.compute_dtype, skip_modules=tuple(skip))
+
+
+def _classifier_from_causal(causal: nn.Module, num_labels: int) -> nn.Module:
+    """A ``...ForSequenceClassification`` sharing the causal LM's decoder (new, seeded ``score`` head)."""
+    from transformers import AutoModelForSequenceClassification
+
+    cfg = causal.config
+    cfg.num_labels = num_labels
+    clf = AutoModelForSequenceClassification.from_config(cfg, dtype=causal.get_input_embeddings().weight.dtype)
+    setattr(clf, clf.base_model_prefix, causal.get_decoder())
+    return clf.eval()
+
+
+def load_for_training(config: TrainConfig, *, label_names: Sequence[str] = ()) -> tuple[nn.Module, Any]:
+    """Load ``config.model`` (None: the bundled SmolLM2) and its tokenizer, quantized per ``config.quant``.
+
+    For ``--task classify`` the causal LM's decoder is reused under a sequence-classification head with
+    ``len(label_names)`` classes (the head is seeded with ``config.seed`` and stays in full precision).
+
+    Raises:
+        ValueError: a model without a tokenizer, or classification with fewer than two labels.
+    """
+    from fourbit.models import load_model, quantize_model
+
+    from .trainer import seed_everything
+
+    seed_everything(config.seed)
+    if config.task == "classify":
+        if len(label_names) < 2:
+            raise ValueError(f"--task classify needs at least two distinct labels in column "
+                             f"{config.label_column!r}; found {list(label_names)}")
+        causal, tokenizer = load_model(config.model, quant=None, torch_dtype=torch.float32)
+        model = _classifier_from_causal(causal, len(label_names))
+        model.config.id2label = dict(enumerate(label_names))
+        model.config.label2id = {n: i for i, n in enumerate(label_names)}
+        q = quant_config(config, skip=("lm_head", "score"))
+        if q is not None:
+            quantize_model(model, q)
+    else:
+        model, tokenizer = load_model(config.model, quant=quant_config(config), torch_dtype=torch.float32)
+    if tokenizer is None:
+        raise ValueError(f"model {config.model!r} comes without a tokenizer; add one to the folder")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer

@@ -1,0 +1,46 @@
+"""Preparing a (4-bit) model for adapter training (QLoRA, Section 3 and Appendix B).
+
+The base stays frozen; norms and other small parameters (1-D: norm weights, biases) are kept in float32
+for stable statistics; input embeddings require grad so that activation checkpointing has a graph to
+recompute into; checkpointing is the non-reentrant variant (it works with frozen inputs and keyword args).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["prepare_model_for_training"]
+
+
+def prepare_model_for_training(
+    model: nn.Module, *, gradient_checkpointing: bool = False, input_grads: bool | None = None
+) -> nn.Module:
+    """Freeze every parameter, upcast 1-D floating parameters to float32, enable input grads and (optionally)
+    non-reentrant gradient checkpointing. Modifies ``model`` in place and returns it.
+
+    Call before :func:`fourbit.nn.lora.inject_lora` (which makes the adapters trainable again).
+
+    Args:
+        model: a transformers model, with ``nn.Linear`` or ``Linear4bit`` layers.
+        gradient_checkpointing: recompute decoder-layer activations in backward (less memory, ~30% slower).
+        input_grads: make the input embeddings' output require grad (peft's ``enable_input_require_grads``),
+            which checkpointed segments need to have a graph. Default: on with gradient checkpointing, off
+            without it, because it forces backward through every layer even when only the upper layers
+            carry adapters.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+        if p.is_floating_point() and p.ndim <= 1 and p.dtype != torch.float32:
+            p.data = p.data.float()
+    if input_grads is None:
+        input_grads = gradient_checkpointing
+    if input_grads and hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    if gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise NotImplementedError(f"{type(model).__name__} does not support gradient checkpointing")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "config"):
+            model.config.use_cache = False
+    return model

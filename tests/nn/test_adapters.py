@@ -1,0 +1,103 @@
+"""Adapters in peft's format: peft loads ours with the same logits, we load peft's; bad adapters fail clearly."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fourbit.nn.adapters import load_adapter, save_adapter
+from fourbit.nn.lora import LoRASpec, inject_lora, lora_modules
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+
+def _tiny(seed: int = 0, cls=None, **kw):
+    torch.manual_seed(seed)
+    args = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=256, max_position_embeddings=128, pad_token_id=0)
+    cfg = transformers.LlamaConfig(**{**args, **kw})
+    return (cls or transformers.LlamaForCausalLM)(cfg).eval()
+
+
+def _train_like(model, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ("q_proj", "v_proj")])
+def test_peft_loads_fourbit_adapter(tmp_path: Path, targets) -> None:
+    base = _tiny()
+    ours = copy.deepcopy(base)
+    inject_lora(ours, LoRASpec(r=8, alpha=16, dropout=0.0, target_modules=targets))
+    _train_like(ours)
+    save_adapter(ours, tmp_path / "a")
+    theirs = peft.PeftModel.from_pretrained(base, str(tmp_path / "a")).eval()
+    ids = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        # same fp32 math: reduction-order noise only
+        torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, rtol=1e-5, atol=1e-5)
+    peft_layers = [n for n, m in theirs.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+    assert len(peft_layers) == len(lora_modules(ours))
+
+
+def test_fourbit_loads_peft_adapter(tmp_path: Path) -> None:
+    base = _tiny()
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj",
+                             "down_proj"], lora_dropout=0.0, use_rslora=True))
+    _train_like(pm)
+    pm.save_pretrained(str(tmp_path / "p"))
+    ours = load_adapter(copy.deepcopy(base), tmp_path / "p")
+    assert sorted(lora_modules(ours)) == sorted(
+        f"model.layers.{i}.{p}" for i in range(2) for p in ("self_attn.q_proj", "mlp.down_proj"))
+    ids = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, pm.eval()(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_classifier_head_saved_as_modules_to_save(tmp_path: Path) -> None:
+    cls = transformers.LlamaForSequenceClassification
+    base = _tiny(cls=cls, num_labels=3)
+    ours = copy.deepcopy(base)
+    inject_lora(ours, LoRASpec(r=4, alpha=8, dropout=0.0, modules_to_save=("score",)))
+    assert "score" not in {n.rsplit(".", 1)[-1] for n in lora_modules(ours)}
+    assert ours.score.weight.requires_grad
+    _train_like(ours)
+    save_adapter(ours, tmp_path / "c")
+    cfg = json.loads((tmp_path / "c" / "adapter_config.json").read_text())
+    assert cfg["task_type"] == "SEQ_CLS" and cfg["modules_to_save"] == ["score"]
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "c")).eval()
+    back = load_adapter(copy.deepcopy(base), tmp_path / "c")
+    ids = torch.randint(1, 256, (2, 7))
+    with torch.no_grad():
+        ref = ours(ids).logits
+        torch.testing.assert_close(theirs(ids).logits, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(back(ids).logits, ref, rtol=0, atol=0)
+
+
+def test_mismatched_adapters_fail_and_leave_model_untouched(tmp_path: Path) -> None:
+    ours = _tiny()
+    inject_lora(ours, LoRASpec(r=4, alpha=8, target_modules=("q_proj",)))
+    save_adapter(ours, tmp_path / "a")
+    wide = _tiny(hidden_size=128)  # q_proj is 128x128 here: shapes do not fit
+    with pytest.raises(ValueError, match="shapes|does not fit"):
+        load_adapter(wide, tmp_path / "a")
+    assert not lora_modules(wide)
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    cfg["target_modules"] = ["w_nope"]
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="target modules"):
+        load_adapter(_tiny(), tmp_path / "a")
+    with pytest.raises(ValueError, match="not an adapter folder"):
+        load_adapter(_tiny(), tmp_path)
+    cfg["target_modules"], cfg["use_dora"] = ["q_proj"], True
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(NotImplementedError, match="use_dora"):
+        load_adapter(_tiny(), tmp_path / "a")

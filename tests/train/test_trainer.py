@@ -1,0 +1,115 @@
+"""The training loop on a tiny llama: exact resume, eval has no side effects, accumulation, output folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from _tiny_models import make_llama, make_tokenizer
+from safetensors.torch import load_file
+
+from fourbit.train.config import TrainConfig
+from fourbit.train.metrics import read_metrics
+from fourbit.train.trainer import train
+
+
+def _data(tmp_path: Path, n: int = 24) -> str:
+    rows = [{"instruction": f"Add {i} and {i + 3}.", "output": str(2 * i + 3)} for i in range(n)]
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _cfg(tmp_path: Path, out: str, **kw) -> TrainConfig:
+    base = dict(data=_data(tmp_path), out=str(tmp_path / out), max_steps=4, batch_size=2,
+                gradient_accumulation_steps=2, lora_r=4, lora_alpha=8, lora_dropout=0.1, compute_dtype="fp32",
+                eval_steps=0, save_steps=2, progress=False, learning_rate=1e-3, eval_fraction=0.2,
+                lr_scheduler="cosine", warmup_steps=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _run(cfg: TrainConfig, **kw):
+    return train(cfg, make_llama(), make_tokenizer(), log=lambda *_: None, **kw)
+
+
+def _curve(out: str) -> list[tuple]:
+    return [(r["step"], r["loss"], r["grad_norm"], r["lr"]) for r in read_metrics(Path(out) / "metrics.jsonl")
+            if "loss" in r]
+
+
+def test_resume_reproduces_uninterrupted_run_exactly(tmp_path: Path) -> None:
+    full = _cfg(tmp_path, "full")
+    _run(full)
+    part = _cfg(tmp_path, "part")
+    _run(part, stop_after=2)  # interrupted right after the step-2 checkpoint
+    assert not (Path(part.out) / "adapter_model.safetensors").exists()
+    res = _run(part.replace(resume=True))
+    assert res.resumed_from == 2
+    # exact: same float ops in the same order on CPU, RNG/optimizer/data position restored bit for bit
+    assert _curve(full.out) == _curve(part.out)
+    a = load_file(str(Path(full.out) / "adapter_model.safetensors"))
+    b = load_file(str(Path(part.out) / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_eval_between_steps_changes_nothing(tmp_path: Path) -> None:
+    with_eval = _cfg(tmp_path, "with", eval_steps=1, save_steps=0)
+    without = _cfg(tmp_path, "without", eval_steps=0, save_steps=0, eval_fraction=0.2)
+    r1 = _run(with_eval)
+    _run(without)
+    assert _curve(with_eval.out) == _curve(without.out)
+    evals = [r for r in read_metrics(Path(with_eval.out) / "metrics.jsonl") if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [1, 2, 3, 4]
+    assert r1.eval["eval_ppl"] == pytest.approx(torch.tensor(r1.eval["eval_loss"]).exp().item(), rel=1e-6)
+
+
+def test_gradient_accumulation_equals_big_batch(tmp_path: Path) -> None:
+    acc = _cfg(tmp_path, "acc", batch_size=2, gradient_accumulation_steps=2, lora_dropout=0.0, save_steps=0)
+    big = _cfg(tmp_path, "big", batch_size=4, gradient_accumulation_steps=1, lora_dropout=0.0, save_steps=0)
+    _run(acc)
+    _run(big)
+    ca, cb = _curve(acc.out), _curve(big.out)
+    # same examples per step; only padding width differs (masked), so fp32 reduction-order noise
+    for (s1, l1, g1, _), (s2, l2, g2, _) in zip(ca, cb, strict=True):
+        assert s1 == s2
+        assert l1 == pytest.approx(l2, rel=1e-5)
+        assert g1 == pytest.approx(g2, rel=1e-4)
+
+
+def test_outputs_and_refusals(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, "run", max_steps=2, eval_steps=1)
+    res = _run(cfg)
+    out = Path(cfg.out)
+    for name in ("adapter_config.json", "adapter_model.safetensors", "train_config.yaml", "metrics.jsonl",
+                 "loss_curve.png"):
+        assert (out / name).is_file(), name
+    assert res.steps == 2 and res.train_loss is not None and res.n_eval > 0
+    before = (out / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="--overwrite"):
+        _run(cfg)
+    assert (out / "adapter_model.safetensors").read_bytes() == before  # nothing saved is lost
+    _run(cfg.replace(overwrite=True))
+    with pytest.raises(ValueError, match="no checkpoint"):
+        _run(_cfg(tmp_path, "fresh", resume=True))
+
+
+def test_gradient_checkpointing_same_loss(tmp_path: Path) -> None:
+    plain = _cfg(tmp_path, "plain", lora_dropout=0.0, save_steps=0, max_steps=2)
+    ckpt = _cfg(tmp_path, "ckpt", lora_dropout=0.0, save_steps=0, max_steps=2, gradient_checkpointing=True)
+    _run(plain)
+    _run(ckpt)
+    for a, b in zip(_curve(plain.out), _curve(ckpt.out), strict=True):
+        # recomputation repeats the same fp32 ops: identical up to reduction-order noise
+        assert a[1] == pytest.approx(b[1], rel=1e-6) and a[2] == pytest.approx(b[2], rel=1e-5)
+
+
+def test_bf16_autocast_and_packing_run(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, "bf16", compute_dtype="bf16", packing=True, max_length=256, save_steps=0, max_steps=2,
+               eval_steps=1)
+    res = _run(cfg)
+    curve = _curve(cfg.out)
+    assert len(curve) == 2 and all(torch.isfinite(torch.tensor(c[1])) for c in curve)
+    assert res.eval["eval_loss"] > 0
