@@ -1,6 +1,7 @@
-"""Tiny models and a byte-level tokenizer for tests/train (built in the test; nothing is downloaded).
+"""Tiny models and a byte-level tokenizer, built in the tests (nothing is downloaded).
 
-A module of its own (not conftest) so that test files can import it next to the top-level conftest."""
+A module of its own (not conftest) so that test files can ``from _tiny_models import ...``; tests/conftest.py
+puts this folder on sys.path and builds its fixtures from the same functions."""
 
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ def make_tokenizer(chat_template: bool = True):
 
 
 def make_llama(seed: int = 0, vocab_size: int = 259, **kw):
+    """A 2-layer llama with hidden size 64 (weights 64x96 and friends), random weights, in train mode."""
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(
         hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
