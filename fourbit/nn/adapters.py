@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from fourbit._io import atomic_write_bytes
 
 from .lora import LoRASpec, _is_saved_module, find_target_modules, inject_lora, lora_modules, lora_spec
 
@@ -34,17 +35,6 @@ __all__ = [
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def adapter_state_dict(model: nn.Module, modules_to_save: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
@@ -151,8 +141,8 @@ def save_adapter(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = adapter_state_dict(model, saved)
-    _atomic_write_bytes(folder / ADAPTER_WEIGHTS, save(tensors, metadata={"format": "pt"}))
-    _atomic_write_bytes(folder / ADAPTER_CONFIG, (json.dumps(config, indent=2) + "\n").encode())
+    atomic_write_bytes(folder / ADAPTER_WEIGHTS, save(tensors, metadata={"format": "pt"}))
+    atomic_write_bytes(folder / ADAPTER_CONFIG, (json.dumps(config, indent=2) + "\n").encode())
     return folder
 
 

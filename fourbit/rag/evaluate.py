@@ -8,12 +8,12 @@ top-k distinct parents (0 without one); hit rate and MRR are their means over th
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fourbit._io import read_jsonl
 from fourbit.rag.loaders import clean_text, normalize_whitespace
 
 __all__ = ["EvalQuestion", "contains_evidence", "evaluate_retriever", "load_questions", "reciprocal_rank"]
@@ -35,15 +35,9 @@ def load_questions(path: str | Path) -> list[EvalQuestion]:
     """
     path = Path(path)
     questions = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: not JSON ({err})") from err
-        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) and row[k].strip()
-                                                for k in ("question", "evidence")):
+    lines = [n for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    for number, row in zip(lines, read_jsonl(path), strict=True):
+        if not all(isinstance(row.get(k), str) and row[k].strip() for k in ("question", "evidence")):
             raise ValueError(f"{path}:{number}: needs non-empty string fields 'question' and 'evidence'")
         questions.append(EvalQuestion(row["question"], row["evidence"]))
     if not questions:

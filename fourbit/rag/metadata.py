@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from fourbit._io import atomic_write_text
 from fourbit.rag.prompts import PROMPT_VERSION, questions_prompt, summary_prompt
 
 __all__ = ["MetadataCache", "MetadataExtractor", "parse_questions", "parse_summary"]
@@ -84,11 +83,7 @@ class MetadataCache:
     def save(self) -> None:
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".metadata_cache.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(self.entries, handle, ensure_ascii=False)
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, json.dumps(self.entries, ensure_ascii=False))
 
 
 class MetadataExtractor:

@@ -11,13 +11,14 @@ import argparse
 import dataclasses
 import json
 import os
-import tempfile
 import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+
+from fourbit._io import atomic_write_text
 
 __all__ = [
     "OPTIMIZERS",
@@ -279,8 +280,4 @@ def save_config(config: TrainConfig, folder: str | os.PathLike, name: str = "tra
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(json.loads(json.dumps(config.to_dict())), sort_keys=False)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, folder / name)
-    return folder / name
+    return atomic_write_text(folder / name, text)

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fourbit._io import read_jsonl
+
 __all__ = [
     "ALPACA_PROMPT",
     "ALPACA_PROMPT_NO_INPUT",
@@ -46,22 +48,6 @@ ALPACA_PROMPT_NO_INPUT = (
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
-
-
-def _read_json_lines(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
 
 
 def load_records(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -92,14 +78,14 @@ def load_records(path: str | os.PathLike) -> list[dict[str, Any]]:
             ds = ds["train"]
         rows = ds.to_list()
     elif suffix == ".jsonl":
-        rows = _read_json_lines(p)
+        rows = read_jsonl(p)
     elif suffix == ".json":
         try:
             doc = json.loads(p.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             # Maybe JSON Lines with a .json name; report the line either way.
             if e.lineno > 1:
-                return _nonempty(_read_json_lines(p), p)
+                return _nonempty(read_jsonl(p), p)
             raise ValueError(f"{p}:{e.lineno}: malformed JSON ({e.msg})") from None
         if isinstance(doc, dict):
             doc = next((doc[k] for k in ("data", "train") if isinstance(doc.get(k), list)), None)

@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from fourbit._io import atomic_write_text
+
 __all__ = ["MetricsLog", "plot_loss_curve", "read_metrics"]
 
 
@@ -28,10 +30,7 @@ class MetricsLog:
 
     def truncate_after(self, step: int) -> None:
         keep = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in keep)
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a", encoding="utf-8") as f:
