@@ -67,8 +67,11 @@ def run_demo(out_dir: Path, *, quick: bool = False) -> dict:
                                             max_steps=8 if quick else None)
 
     _section(console, "4. Questions over a document with the 4-bit model")
+    from fourbit.nn.lora import unload_lora
     from fourbit.rag.demo import run_rag_demo
 
+    # The date adapter (saved under finetune/) knows one task; questions go to the base 4-bit model.
+    unload_lora(model)
     model.eval()
     with torch.inference_mode():
         summary["rag"] = run_rag_demo(model, tokenizer, out_dir / "rag")

@@ -32,6 +32,7 @@ __all__ = [
     "merge_and_unload",
     "trainable_parameters",
     "trainable_parameters_report",
+    "unload_lora",
 ]
 
 ALL_LINEAR = "all-linear"
@@ -387,6 +388,23 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, m.merged_linear(dtype))
+    if hasattr(model, "fourbit_lora_spec"):
+        del model.fourbit_lora_spec
+    return model
+
+
+def unload_lora(model: nn.Module) -> nn.Module:
+    """Remove every :class:`LoRALinear`, putting its untouched base layer (4-bit or not) back in place.
+
+    The opposite of :func:`inject_lora` (peft's ``unload``): the adapters are dropped, not merged, so the
+    model computes exactly what it computed before injection. Save the adapter first to keep it.
+    """
+    for name, m in list(lora_modules(model).items()):
+        if m.merged:
+            m.unmerge()
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, m.base)
     if hasattr(model, "fourbit_lora_spec"):
         del model.fourbit_lora_spec
     return model

@@ -220,3 +220,22 @@ def test_qlora_merge_bf16_layer_accepts_fp32_activations() -> None:
     assert out.dtype == torch.float32
     # bf16 weights and activations: 8 mantissa bits -> ~1% relative
     torch.testing.assert_close(out, ref, rtol=0.03, atol=0.03)
+
+
+def test_unload_lora_restores_the_exact_base_model(tiny_llama):
+    import torch
+
+    from fourbit.models import QuantConfig, quantize_model
+    from fourbit.nn.lora import LoRASpec, inject_lora, lora_modules, unload_lora
+
+    quantize_model(tiny_llama, QuantConfig(compute_dtype="fp32"))
+    ids = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        before = tiny_llama(ids).logits
+        inject_lora(tiny_llama, LoRASpec(r=4, alpha=8, target_modules="all-linear"))
+        for m in lora_modules(tiny_llama).values():
+            torch.nn.init.normal_(m.lora_B.weight)  # a trained-looking adapter changes the output
+        assert not torch.equal(tiny_llama(ids).logits, before)
+        unload_lora(tiny_llama)
+        assert not lora_modules(tiny_llama)
+        assert torch.equal(tiny_llama(ids).logits, before)
