@@ -50,15 +50,20 @@ def main() -> None:
     rows = {}
     load_before = load_average()
     rows["unquantized fp32"] = _tokens_per_second(base, tokenizer, args.tokens, args.repeats)
+    print(f"unquantized fp32: {rows['unquantized fp32']}", flush=True)
     for compute in ("bf16", "fp32"):
         model = copy.deepcopy(base)
         quantize_model(model, QuantConfig(compute_dtype=compute))
         rows[f"fourbit nf4 ({compute} compute)"] = _tokens_per_second(model, tokenizer, args.tokens, args.repeats)
+        print(f"fourbit {compute}: {rows[f'fourbit nf4 ({compute} compute)']}", flush=True)
         del model
     try:
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
         with tempfile.TemporaryDirectory() as tmp:
+            # A model read from GGUF carries a "gguf quantizer" that refuses to save; its weights are plain.
+            base.hf_quantizer = None
+            base.config.__dict__.pop("quantization_config", None)
             base.save_pretrained(tmp)
             for compute, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
                 cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

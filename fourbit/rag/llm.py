@@ -47,6 +47,7 @@ class HFChatLLM:
         name: recorded with generated metadata (cache key); default the model's name_or_path.
         system: system message prepended to string prompts.
         batch_size: prompts decoded together by :meth:`generate`.
+        no_repeat_ngram_size: forbid repeating any n-gram of this size (0: off); stops small models' loops.
     """
 
     def __init__(
@@ -57,8 +58,12 @@ class HFChatLLM:
         name: str | None = None,
         system: str | None = None,
         batch_size: int = 8,
+        no_repeat_ngram_size: int = 4,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
+        # Greedy decoding with a small model falls into loops ("They are a part of ..." again and again);
+        # forbidding a repeated 4-gram stops them without the drift that a repetition penalty caused.
+        self.no_repeat_ngram_size = no_repeat_ngram_size
         self.name = name or str(getattr(model.config, "name_or_path", "") or type(model).__name__)
         self.system = system
         self.batch_size = batch_size
@@ -108,6 +113,7 @@ class HFChatLLM:
                     ids = self.model.generate(
                         **enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                         pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self._stop_ids(),
+                        no_repeat_ngram_size=self.no_repeat_ngram_size,
                     )
                 new = ids[:, enc["input_ids"].shape[1] :]
                 for row, seq in zip(rows, new, strict=True):
@@ -124,7 +130,8 @@ class HFChatLLM:
         enc = self._encode([self.render(prompt)])
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         kwargs = dict(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, streamer=streamer,
-                      pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self._stop_ids())
+                      pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self._stop_ids(),
+                      no_repeat_ngram_size=self.no_repeat_ngram_size)
 
         def run() -> None:
             with torch.inference_mode():
