@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "read_jsonl"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "read_jsonl", "replace_dir"]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -55,3 +56,18 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
                 raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
             rows.append(row)
     return rows
+
+
+def replace_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Move the finished folder ``tmp`` to ``out``; an existing ``out`` is set aside first and deleted only
+    once the new folder is in place, so there is never a moment without a complete ``out``."""
+    tmp, out = Path(tmp), Path(out)
+    backup = None
+    if out.exists():
+        backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        backup.rmdir()
+        os.replace(out, backup)
+    os.replace(tmp, out)
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+    return out

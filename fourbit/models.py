@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fourbit._io import replace_dir
 from fourbit.nn.linear4bit import Linear4bit, parse_dtype
 from fourbit.quant import QUANT_TYPES, check_blocksize
 
@@ -437,17 +438,6 @@ def _unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished folder ``tmp`` to ``out`` (replacing an old one only once the new one is complete)."""
-    backup = None
-    if out.exists():
-        backup = out.with_name(out.name + ".old-" + next(tempfile._get_candidate_names()))
-        os.replace(out, backup)
-    os.replace(tmp, out)
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
-
-
 def save_quantized(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, *, overwrite: bool = False) -> Path:
     """Save a 4-bit model as a bitsandbytes-format checkpoint folder, atomically.
 
@@ -484,7 +474,7 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None,
         (tmp / FOURBIT_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fourbit._io import replace_dir
+
 __all__ = ["add_parser", "cmd_finetune", "cmd_merge", "plain_for_saving"]
 
 
@@ -154,9 +156,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fourbit._io import replace_dir
+
 __all__ = [
     "flatten_state",
     "latest_checkpoint",
@@ -140,13 +142,7 @@ def save_checkpoint(
         save_file({**{f"opt.{k}": v for k, v in opt_tensors.items()}, **rng_tensors},
                   str(tmp / "optimizer.safetensors"), metadata={"format": "pt"})
         _write_json(tmp / "trainer_state.json", {**state, "optimizer": opt_skeleton, "rng": rng_meta})
-        old = None
-        if folder.exists():
-            old = folder.parent / f".old-{folder.name}-{os.getpid()}"
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        if old is not None:
-            shutil.rmtree(old)
+        replace_dir(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
