@@ -20,9 +20,9 @@ from _tiny_models import make_llama as _make_llama  # noqa: E402
 from _tiny_models import make_tokenizer as make_tiny_tokenizer  # noqa: E402
 
 
-def make_tiny_llama(seed: int = 0, tie_word_embeddings: bool = False):
+def make_tiny_llama(seed: int = 0, tie_word_embeddings: bool = False, intermediate_size: int = 96):
     """The tiny llama in eval mode."""
-    return _make_llama(seed, tie_word_embeddings=tie_word_embeddings).eval()
+    return _make_llama(seed, tie_word_embeddings=tie_word_embeddings, intermediate_size=intermediate_size).eval()
 
 
 @pytest.fixture(autouse=True)
@@ -33,7 +33,8 @@ def _deterministic():
 
 @pytest.fixture
 def make_llama():
-    """Factory fixture: ``make_llama(seed=0, tie_word_embeddings=False)`` builds a fresh tiny llama."""
+    """Factory fixture: ``make_llama(seed=0, tie_word_embeddings=False, intermediate_size=96)`` builds a fresh
+    tiny llama."""
     return make_tiny_llama
 
 
