@@ -9,17 +9,26 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
+import re
 import sys
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "user_message"]
 
 _COMMAND_MODULES = ("fourbit.cli.quant", "fourbit.cli.train", "fourbit.cli.rag")
 
+# Library names whose flag is not simply ``--`` + the name with dashes (the CLI's spelling of the same field).
+_FLAG_ALIASES = {"out_dir": "--out", "output_dir": "--out", "db_path": "--db", "persist_dir": "--db"}
+
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every subcommand registered by its module's ``add_parser``."""
+    """The argument parser with every subcommand registered by its module's ``add_parser``.
+
+    Every command module imports only the standard library and fourbit's light modules at import time, so a
+    failure to import one is a bug and is raised, not hidden.
+    """
     from fourbit import __version__
 
     parser = argparse.ArgumentParser(prog="fourbit", description=__doc__,
@@ -28,17 +37,48 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ImportError as err:  # an optional part whose dependencies are missing
-            logging.getLogger(__name__).debug("skipping %s: %s", name, err)
-            continue
-        module.add_parser(subparsers)
+        importlib.import_module(name).add_parser(subparsers)
     return parser
 
 
+def _flags(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """``dest -> flag`` for every option of ``parser`` and its subcommands (positionals by metavar)."""
+    flags: dict[str, str] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                for dest, flag in _flags(sub).items():
+                    flags.setdefault(dest, flag)
+        elif action.option_strings:
+            flags.setdefault(action.dest, max(action.option_strings, key=len))
+        elif action.dest not in (argparse.SUPPRESS, None):
+            flags.setdefault(action.dest, str(action.metavar or action.dest.upper()))
+    return flags
+
+
+def user_message(err: BaseException, flags: dict[str, str]) -> str:
+    """The one-line message for a caller's mistake, with the library's `names` turned into flags."""
+    if isinstance(err, OSError) and not isinstance(err, FileNotFoundError | FileExistsError):
+        what = {errno.ENOSPC: "no space left on device: free some space and run again",
+                errno.EROFS: "read-only file system: choose a writable folder",
+                errno.EACCES: "permission denied: choose a folder you can write to",
+                errno.ENOTDIR: "a path in it is a file, not a folder"}.get(err.errno, err.strerror or str(err))
+        text = f"{err.filename}: {what}" if err.filename else what
+    elif isinstance(err, FileNotFoundError) and err.filename:
+        text = f"{err.filename}: no such file or folder"
+    else:
+        text = str(err)
+
+    def flag(match: re.Match) -> str:
+        name = match.group(1)
+        return _FLAG_ALIASES.get(name) or flags.get(name) or name
+
+    return re.sub(r"`([A-Za-z_][A-Za-z0-9_.]*)`", flag, " ".join(text.split()))
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``fourbit`` console script. Returns the process exit code."""
+    """Entry point of the ``fourbit`` console script. Returns the process exit code: 0, 1 for an error the
+    user can fix (one line on stderr), 2 for bad usage, 130 for Ctrl-C."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
@@ -47,13 +87,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotImplementedError) as err:
+    except (ValueError, NotImplementedError, OSError) as err:
+        # ValueError (FieldError, InputFileError), NotImplementedError and OSError are the caller's to fix:
+        # bad values, files or folders. Anything else is a bug and keeps its traceback.
         if args.verbose:
             raise
-        print(f"fourbit {args.command}: error: {err}", file=sys.stderr)
+        print(f"fourbit {args.command}: error: {user_message(err, _flags(parser))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"fourbit {args.command}: interrupted", file=sys.stderr)
         return 130
 
 
