@@ -5,10 +5,8 @@ puts this folder on sys.path and builds its fixtures from the same functions."""
 
 from __future__ import annotations
 
-import pytest
 import torch
-
-transformers = pytest.importorskip("transformers")
+import transformers
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
