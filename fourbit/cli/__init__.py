@@ -50,7 +50,8 @@ def _flags(parser: argparse.ArgumentParser) -> dict[str, str]:
                 for dest, flag in _flags(sub).items():
                     flags.setdefault(dest, flag)
         elif action.option_strings:
-            flags.setdefault(action.dest, max(action.option_strings, key=len))
+            long = [o for o in action.option_strings if o.startswith("--") and not o.startswith("--no-")]
+            flags.setdefault(action.dest, long[0] if long else max(action.option_strings, key=len))
         elif action.dest not in (argparse.SUPPRESS, None):
             flags.setdefault(action.dest, str(action.metavar or action.dest.upper()))
     return flags
