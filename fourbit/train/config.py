@@ -249,6 +249,8 @@ def _from_yaml(name: str, value: Any) -> Any:
     """A YAML value for field ``name`` in the field's type: numbers may be written as strings (YAML 1.1 reads
     ``2e-4`` as a string) and ``target_modules`` as a list of names."""
     base = _base_type(_field_types()[name])
+    if base is int and isinstance(value, float) and value.is_integer():
+        return int(value)  # warmup_steps: 1.0e+1
     if base in (int, float) and isinstance(value, str):
         try:
             number = float(value)

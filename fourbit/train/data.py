@@ -85,7 +85,12 @@ def _unknown_format(cols: set[str]) -> str:
             "or 'messages' (or set `format` and `text_column`)")
 
 
-_RESPONSE = {"text": "its text", "instruction": "its 'output'", "chat": "an assistant message with content"}
+
+
+def _no_response(fmt: str, text_column: str) -> str:
+    """Why a record of format ``fmt`` has no response to learn from."""
+    return {"text": f"'{text_column}' is empty", "instruction": "'output' is empty",
+            "chat": "no assistant message has content"}[fmt]
 
 
 @dataclass
@@ -231,10 +236,10 @@ def check_records(
         if not has_response:
             result.skipped.append(i)
     if len(result.skipped) == len(records):
-        what = _RESPONSE[fmt].replace("its ", "")
+        what = _no_response(fmt, text_column)
         raise InputFileError(_file_of(records, source),
-                             f"no record has a response to learn from: {what} is empty in all {len(records)} "
-                             f"records ({_list_positions(records, result.skipped)}); fill in the responses")
+                             f"no record has a response to learn from ({what} on "
+                             f"{_list_positions(records, result.skipped)}); fill in the responses")
     return result
 
 
@@ -355,7 +360,7 @@ def encode_records(
     out = EncodedDataset([], format=fmt, label_names=names, n_skipped=len(check.skipped))
     if check.skipped:
         _log.warning(f"{_file_of(records, source)}: skipping {len(check.skipped)} of {len(records)} records with "
-                     f"no response to learn from ({_RESPONSE[fmt]} is empty): "
+                     f"no response to learn from ({_no_response(fmt, text_column)}): "
                      f"{_list_positions(records, check.skipped)}")
     skipped = set(check.skipped)
     for i, row in enumerate(records):
