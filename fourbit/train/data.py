@@ -10,9 +10,9 @@ to fix whatever records the evaluation split took out. Formats:
 * ``chat``: ``{"messages": [{"role", "content"}, ...]}`` rendered with the tokenizer's chat template; loss
   on assistant turns only unless ``train_on_inputs``.
 
-:func:`check_records` checks records without a tokenizer (columns present, values of the right type, a
-response to learn from), so a bad file is refused before a model is loaded; :func:`encode_records` runs it
-first. Records without a response (an empty ``output``, text or assistant turn) are skipped with a warning
+:func:`check_records` checks records without a tokenizer (columns present, values of the right type: a
+string, or a number written as text, never a list or an object; a response to learn from), so a bad file can
+be refused before a model is loaded; :func:`encode_records` runs it first. Records without a response (an empty ``output``, text or assistant turn) are skipped with a warning
 naming their lines; data in which no record has one is refused.
 
 Batching (packing, length grouping, the per-epoch order) lives in :mod:`fourbit.train.batching`.
@@ -403,7 +403,8 @@ def split_records(
     records: Sequence[dict[str, Any]], eval_fraction: float, seed: int
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Deterministic train/eval split: a seeded shuffle, then the last ``eval_fraction`` (at least one record
-    when the fraction is > 0 and there are at least two records) is held out."""
+    when the fraction is > 0 and there are at least two records) is held out. Both parts keep file order and
+    hold the same record objects, so each still names its file and line."""
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     n_eval = int(round(eval_fraction * len(records)))

@@ -47,8 +47,10 @@ class Source:
 
     @property
     def short(self) -> str:
-        """``line 35`` / ``row 12``: the position without the file."""
-        return f"line {self.line}" if self.line is not None else f"row {self.row}"
+        """``line 35`` / ``row 12``: the position without the file (the file when there is no position)."""
+        if self.line is not None:
+            return f"line {self.line}"
+        return f"row {self.row}" if self.row is not None else self.path
 
 
 class Record(dict):
@@ -66,9 +68,9 @@ def record_error(record: Mapping[str, Any], index: int, source: str, message: st
     carries a :class:`Source`, else a ``ValueError`` naming ``source`` and its 1-based position."""
     where = getattr(record, "source", None)
     if isinstance(where, Source):
-        if where.line is not None:
-            return InputFileError(where.path, message, line=where.line)
-        return InputFileError(where.path, f"row {where.row}: {message}")
+        if where.row is not None:
+            return InputFileError(where.path, f"row {where.row}: {message}")
+        return InputFileError(where.path, message, line=where.line)
     return ValueError(f"{source}: record {index + 1}: {message}")
 
 
@@ -136,7 +138,8 @@ def _read_json(path: Path) -> list[Record]:
     except json.JSONDecodeError as err:
         if err.msg == "Extra data":  # a first complete value followed by more: JSON Lines named .json
             return _read_jsonl(path)
-        raise InputFileError(path, f"not valid JSON ({err.msg}, column {err.colno}); it may be truncated",
+        where = f"{err.msg} column" if err.msg.endswith(" at") else f"{err.msg}, column"
+        raise InputFileError(path, f"not valid JSON ({where} {err.colno}); it may be truncated",
                              line=err.lineno) from None
     key = None
     if isinstance(doc, dict):
