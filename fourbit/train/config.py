@@ -67,6 +67,11 @@ class TrainConfig:
         quant: base weights ``nf4`` (QLoRA), ``fp4``, ``int4`` or ``none`` (plain LoRA); ``double_quant`` for DQ.
         compute_dtype: ``auto`` (bf16 autocast on GPUs and CPUs with native bf16, else fp32), ``bf16`` or
             ``fp32``. On AVX2-only CPUs torch emulates bf16 matmuls and they run several times slower than fp32.
+
+    Raises:
+        FieldError: naming the field, for a value of the wrong type, a number that is not finite or out of its
+            range (``learning_rate > 0``, ``lora_dropout`` in [0, 1), ``max_grad_norm > 0`` or None for no
+            clipping, ...), a name that is not one of the choices, or two fields that exclude each other.
     """
 
     model: str | None = None
@@ -125,6 +130,9 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise FieldError("overwrite", "`resume` continues the run in the output folder and `overwrite` "
                                           "replaces it; pick one")
+        if not self.target_module_list:
+            raise FieldError("target_modules", f"names no module; got {self.target_modules!r} (give "
+                                               "comma-separated names such as q_proj,v_proj, a regex or all-linear)")
 
     @property
     def target_module_list(self) -> str | tuple[str, ...]:

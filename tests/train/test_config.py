@@ -112,6 +112,8 @@ def test_other_fields_reject_wrong_types_and_choices() -> None:
         TrainConfig(resume=True, overwrite=True)
     with pytest.raises(FieldError, match="`task` classify"):
         TrainConfig(packing=True, task="classify")
+    with pytest.raises(FieldError, match="`target_modules`: names no module"):
+        TrainConfig(target_modules=" , ")
     assert TrainConfig(data=Path("d.jsonl"), lora_alpha=32).data == "d.jsonl"  # a path, a whole alpha
     assert isinstance(TrainConfig(lora_alpha=32).lora_alpha, float)
 
