@@ -115,7 +115,7 @@ class BatchPlan:
         shuffle: bool = True,
     ) -> None:
         if not examples:
-            raise ValueError("no examples to batch")
+            raise ValueError("no examples to batch: every example was skipped or dropped")
         self.batch_size = batch_size
         self.seed = seed
         self.packing = packing

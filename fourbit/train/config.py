@@ -3,22 +3,35 @@
 Defaults follow the QLoRA paper (Dettmers et al. 2023, Appendix B): LoRA r=64, alpha=16, dropout 0.1 on all
 linear layers, AdamW (paged, 8-bit in the paper) at lr 2e-4 with a constant schedule, max grad norm 0.3 and
 an effective batch of 16. Warmup is 3% of the steps.
+
+Every value is checked where it enters: :class:`TrainConfig` rejects a wrong type, a non-finite number or one
+out of its range with a :class:`~fourbit._errors.FieldError` naming the field (the CLI turns the name into its
+flag), and :func:`load_yaml_overrides` names the YAML file, the line and the key, suggesting the closest
+known key for a typo.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import functools
 import json
+import math
+import numbers
 import os
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from fourbit._errors import FieldError, InputFileError
 from fourbit._io import atomic_write_text
+from fourbit.quant import QUANT_TYPES
+
+from .data import FORMATS
 
 __all__ = [
     "OPTIMIZERS",
@@ -32,9 +45,8 @@ __all__ = [
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 SCHEDULES = ("constant", "cosine", "linear")
-_FORMATS = ("auto", "text", "instruction", "chat")
 _TASKS = ("causal", "classify")
-_QUANTS = ("nf4", "fp4", "none")
+_QUANTS = (*QUANT_TYPES, "none")
 _DTYPES = ("auto", "bf16", "fp32")
 
 
@@ -52,9 +64,14 @@ class TrainConfig:
             attention does not cross examples). ``group_by_length`` instead batches examples of similar length.
     Model:
         model: model folder or GGUF file; ``None`` is the bundled SmolLM2-135M-Instruct.
-        quant: base weights ``nf4`` (QLoRA), ``fp4`` or ``none`` (plain LoRA); ``double_quant`` for DQ.
+        quant: base weights ``nf4`` (QLoRA), ``fp4``, ``int4`` or ``none`` (plain LoRA); ``double_quant`` for DQ.
         compute_dtype: ``auto`` (bf16 autocast on GPUs and CPUs with native bf16, else fp32), ``bf16`` or
             ``fp32``. On AVX2-only CPUs torch emulates bf16 matmuls and they run several times slower than fp32.
+
+    Raises:
+        FieldError: naming the field, for a value of the wrong type, a number that is not finite or out of its
+            range (``learning_rate > 0``, ``lora_dropout`` in [0, 1), ``max_grad_norm > 0`` or None for no
+            clipping, ...), a name that is not one of the choices, or two fields that exclude each other.
     """
 
     model: str | None = None
@@ -90,7 +107,7 @@ class TrainConfig:
     max_steps: int = 1000
     batch_size: int = 4
     gradient_accumulation_steps: int = 4
-    max_grad_norm: float = 0.3
+    max_grad_norm: float | None = 0.3
     gradient_checkpointing: bool = False
     loss_chunk_size: int = 1024
     eval_steps: int = 50
@@ -103,40 +120,19 @@ class TrainConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        choices = {"task": _TASKS, "format": _FORMATS, "quant": _QUANTS, "compute_dtype": _DTYPES,
-                   "optim": OPTIMIZERS, "lr_scheduler": SCHEDULES}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"--{_flag(name)} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
-        positive = ("max_length", "lora_r", "max_steps", "batch_size", "gradient_accumulation_steps",
-                    "eval_batch_size", "logging_steps")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{_flag(name)} must be > 0; got {getattr(self, name)!r}")
-        for name in ("warmup_steps", "save_steps", "eval_steps", "loss_chunk_size", "weight_decay"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{_flag(name)} must be >= 0; got {getattr(self, name)!r}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"--learning-rate must be > 0; got {self.learning_rate!r}")
-        if not self.lora_alpha > 0:
-            raise ValueError(f"--lora-alpha must be > 0; got {self.lora_alpha!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"--lora-dropout must be in [0, 1); got {self.lora_dropout!r}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"--warmup-ratio must be in [0, 1); got {self.warmup_ratio!r}")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ValueError(f"--eval-fraction must be in [0, 1); got {self.eval_fraction!r}")
-        if not self.max_grad_norm >= 0:
-            raise ValueError(f"--max-grad-norm must be >= 0 (0 disables clipping); got {self.max_grad_norm!r}")
-        for name in ("adam_beta1", "adam_beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"--{_flag(name)} must be in [0, 1); got {getattr(self, name)!r}")
+        for f in fields(self):
+            setattr(self, f.name, _check_field(f.name, getattr(self, f.name)))
         if self.packing and self.group_by_length:
-            raise ValueError("--packing and --group-by-length are exclusive; pick one")
+            raise FieldError("group_by_length", "`packing` and `group_by_length` are exclusive; pick one")
         if self.packing and self.task == "classify":
-            raise ValueError("--packing is for causal LM data; it cannot be used with --task classify")
+            raise FieldError("packing", "packing is for causal LM data; it cannot be used with `task` "
+                                        "classify")
         if self.resume and self.overwrite:
-            raise ValueError("--resume and --overwrite are exclusive")
+            raise FieldError("overwrite", "`resume` continues the run in the output folder and `overwrite` "
+                                          "replaces it; pick one")
+        if not self.target_module_list:
+            raise FieldError("target_modules", f"names no module; got {self.target_modules!r} (give "
+                                               "comma-separated names such as q_proj,v_proj, a regex or all-linear)")
 
     @property
     def target_module_list(self) -> str | tuple[str, ...]:
@@ -162,8 +158,30 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _flag(name: str) -> str:
-    return name.replace("_", "-")
+# Every numeric field's range, as (test, description). Floats must also be finite.
+def _at_least(n: int) -> tuple[Callable[[float], bool], str]:
+    return (lambda v: v >= n), f">= {n}"
+
+
+_POSITIVE = ((lambda v: v > 0), "> 0")
+_FRACTION = ((lambda v: 0 <= v < 1), "in [0, 1)")
+_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "max_length": _at_least(1), "lora_r": _at_least(1), "max_steps": _at_least(1), "batch_size": _at_least(1),
+    "gradient_accumulation_steps": _at_least(1), "eval_batch_size": _at_least(1), "logging_steps": _at_least(1),
+    "warmup_steps": _at_least(0), "save_steps": _at_least(0), "eval_steps": _at_least(0),
+    "loss_chunk_size": _at_least(0), "seed": ((lambda v: 0 <= v < 2**32), "in [0, 2**32)"),
+    "eval_fraction": _FRACTION, "lora_dropout": _FRACTION, "warmup_ratio": _FRACTION, "adam_beta1": _FRACTION,
+    "adam_beta2": _FRACTION, "lora_alpha": _POSITIVE, "learning_rate": _POSITIVE, "adam_epsilon": _POSITIVE,
+    "max_grad_norm": _POSITIVE, "weight_decay": ((lambda v: v >= 0), ">= 0"),
+}
+_HINTS = {
+    "save_steps": " (0: no checkpoints)", "eval_steps": " (0: evaluate at the end only)",
+    "loss_chunk_size": " (0: the model's full logits)", "max_grad_norm": " (null/None: no clipping)",
+}
+_CHOICES = {"task": _TASKS, "format": FORMATS, "quant": _QUANTS, "compute_dtype": _DTYPES,
+            "optim": OPTIMIZERS, "lr_scheduler": SCHEDULES}
+_NON_EMPTY = ("text_column", "label_column", "target_modules")
+_PATHS = ("model", "data", "out", "eval_data")
 
 
 def _base_type(tp: Any) -> type:
@@ -174,71 +192,154 @@ def _base_type(tp: Any) -> type:
     return tp
 
 
+@functools.cache
 def _field_types() -> dict[str, Any]:
     hints = typing.get_type_hints(TrainConfig)
     return {f.name: hints[f.name] for f in fields(TrainConfig)}
 
 
-def _coerce(name: str, value: Any, tp: Any, source: str) -> Any:
+def _expected(name: str) -> str:
+    """What a field takes, in words: ``a number > 0``, ``true or false``, ``one of a, b``."""
+    tp = _field_types()[name]
     base = _base_type(tp)
+    if name in _CHOICES:
+        text = f"one of {', '.join(_CHOICES[name])}"
+    elif base is bool:
+        text = "true or false"
+    elif base is int:
+        text = f"a whole number {_RANGES[name][1]}" if name in _RANGES else "a whole number"
+    elif base is float:
+        text = f"a finite number {_RANGES[name][1]}" if name in _RANGES else "a finite number"
+    else:
+        text = "a path" if name in _PATHS else "a non-empty string" if name in _NON_EMPTY else "a string"
+    return text + _HINTS.get(name, "") + (" or null" if base is not tp and name not in _HINTS else "")
+
+
+def _check_field(name: str, value: Any) -> Any:
+    """``value`` checked for field ``name`` and normalized (an integral number for a float field becomes a
+    float, a path becomes a string).
+
+    Raises:
+        FieldError: a value of the wrong type, not finite, out of range or not one of the choices.
+    """
+    tp = _field_types()[name]
+    base = _base_type(tp)
+
+    def bad() -> FieldError:
+        return FieldError(name, f"must be {_expected(name)}; got {value!r}")
+
     if value is None:
-        if base is not tp:
-            return None
-        raise ValueError(f"{source}: {name!r} must not be null")
+        if base is tp:
+            raise bad()
+        return None
     if base is bool:
-        if isinstance(value, bool):
-            return value
-        raise ValueError(f"{source}: {name!r} must be true or false, got {value!r}")
+        if not isinstance(value, bool):
+            raise bad()
+        return value
     if base in (int, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ValueError(f"{source}: {name!r} must be a number, got {value!r}")
+        whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        if not (whole or (base is float and isinstance(value, numbers.Real) and not isinstance(value, bool))):
+            raise bad()
+        value = int(value) if base is int else float(value)
+        if not math.isfinite(value) or (name in _RANGES and not _RANGES[name][0](value)):
+            raise bad()
+        return value
+    if name in _PATHS and isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or (name in _NON_EMPTY and not value.strip()):
+        raise bad()
+    if name in _CHOICES and value not in _CHOICES[name]:
+        raise bad()
+    return value
+
+
+def _from_yaml(name: str, value: Any) -> Any:
+    """A YAML value for field ``name`` in the field's type: numbers may be written as strings (YAML 1.1 reads
+    ``2e-4`` as a string) and ``target_modules`` as a list of names."""
+    base = _base_type(_field_types()[name])
+    if base is int and isinstance(value, float) and value.is_integer():
+        return int(value)  # warmup_steps: 1.0e+1
+    if base in (int, float) and isinstance(value, str):
         try:
-            out = base(value)
+            number = float(value)
         except ValueError:
-            raise ValueError(f"{source}: {name!r} must be a number, got {value!r}") from None
-        if base is int and float(value) != out:
-            raise ValueError(f"{source}: {name!r} must be an integer, got {value!r}")
-        return out
-    if base is str:
-        if isinstance(value, (list, tuple)):  # e.g. target_modules: [q_proj, v_proj]
-            return ",".join(str(v) for v in value)
-        return str(value)
+            return value  # rejected by _check_field with the expected type
+        return int(number) if base is int and number.is_integer() else number
+    if name == "target_modules" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return ",".join(value)  # target_modules: [q_proj, v_proj]
     return value
 
 
 def load_yaml_overrides(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a YAML config file into validated field overrides.
+    """Read a YAML config file of ``field: value`` lines into checked field overrides.
+
+    Keys are :class:`TrainConfig` field names (``lora-r`` is read as ``lora_r``); each value is checked as
+    :class:`TrainConfig` checks it. Checks between fields (``packing`` with ``group_by_length``) are left to
+    :class:`TrainConfig`, since flags may still change them.
 
     Raises:
-        ValueError: naming the file and the key for an unknown key, a bad value, or a non-mapping document.
+        InputFileError: naming the file, the line and the key: a missing or unreadable file, invalid YAML, a
+            document that is not a mapping, an unknown key (with the closest known key), a key given twice, or
+            a value of the wrong type or out of range (with the expected type).
     """
     import yaml
 
     path = Path(path)
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
     except FileNotFoundError:
-        raise ValueError(f"config file {str(path)!r} does not exist") from None
-    except yaml.YAMLError as e:
-        raise ValueError(f"config file {str(path)!r} is not valid YAML: {e}") from None
-    if doc is None:
-        return {}
-    if not isinstance(doc, Mapping):
-        raise ValueError(f"config file {str(path)!r} must hold a mapping of option: value, got {type(doc).__name__}")
-    types_ = _field_types()
+        raise InputFileError(path, "no such file") from None
+    except IsADirectoryError:
+        raise InputFileError(path, "is a folder; give a YAML config file") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InputFileError(path, "not UTF-8 text; save the file as UTF-8",
+                             line=data.count(b"\n", 0, err.start) + 1) from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return {}
+        if not isinstance(node, yaml.MappingNode):
+            kind = "a list" if isinstance(node, yaml.SequenceNode) else f"the value {node.value!r}"
+            raise InputFileError(path, f"a config file holds 'field: value' lines, one per option; found {kind}",
+                                 line=node.start_mark.line + 1)
+        entries = [(loader.construct_object(k, deep=True), loader.construct_object(v, deep=True),
+                    k.start_mark.line + 1) for k, v in node.value]
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise InputFileError(path, f"not valid YAML ({problem})",
+                             line=mark.line + 1 if mark is not None else None) from None
+    finally:
+        loader.dispose()
+    known = list(_field_types())
     out: dict[str, Any] = {}
-    for key, value in doc.items():
+    lines: dict[str, int] = {}
+    for key, value, line in entries:
         name = str(key).replace("-", "_")
-        if name not in types_:
-            raise ValueError(f"config file {str(path)!r}: unknown key {key!r}")
-        out[name] = _coerce(name, value, types_[name], f"config file {str(path)!r}")
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = (f"; did you mean '{close[0]}'?" if close else
+                    "; the keys are TrainConfig's fields (fourbit finetune --help lists them as flags)")
+            raise InputFileError(path, f"unknown key {key!r}{hint}", line=line)
+        if name in lines:
+            raise InputFileError(path, f"'{name}' is set twice (lines {lines[name]} and {line}); keep one",
+                                 line=line)
+        lines[name] = line
+        try:
+            out[name] = _check_field(name, _from_yaml(name, value))
+        except FieldError as err:
+            raise InputFileError(path, f"'{key}' {err.message}", line=line) from None
     return out
 
 
 def add_config_flags(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()) -> None:
     """Add one ``--flag`` per :class:`TrainConfig` field (default suppressed, so only given flags override).
 
-    Booleans get ``--flag/--no-flag``. Help text shows the dataclass default.
+    Booleans get ``--flag/--no-flag``; an optional number takes ``none`` (``--max-grad-norm none``). Help text
+    shows the dataclass default.
     """
     defaults = TrainConfig()
     for name, tp in _field_types().items():
@@ -250,9 +351,19 @@ def add_config_flags(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] =
         if base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs["type"] = base
+            kwargs["type"] = _or_none(base) if base is not tp and base is not str else base
             kwargs["metavar"] = name.upper()
-        parser.add_argument(f"--{_flag(name)}", **kwargs)
+        parser.add_argument("--" + name.replace("_", "-"), **kwargs)
+
+
+def _or_none(base: type) -> Callable[[str], Any]:
+    """An argparse type for an optional number: ``none`` (or ``null``) is None."""
+
+    def parse(text: str) -> Any:
+        return None if text.strip().lower() in ("none", "null") else base(text)
+
+    parse.__name__ = base.__name__  # argparse names the type in its error: "invalid float value"
+    return parse
 
 
 def config_from_args(args: argparse.Namespace, *, config_file: str | None = None, **fixed: Any) -> TrainConfig:

@@ -1,7 +1,8 @@
-"""Training data: load records, render them in one of three formats, tokenize, truncate, split.
+"""Training data: records in one of three formats, checked, tokenized, truncated and split.
 
-Files are read through ``datasets`` (JSONL/JSON are parsed here first so that a malformed line is reported
-with its file and line number). Formats:
+Files are read by :func:`fourbit.train.records.load_records` (re-exported here): every record remembers its
+file and line (or row), through :func:`split_records` and :func:`encode_records`, so an error names the line
+to fix whatever records the evaluation split took out. Formats:
 
 * ``text``: ``{"text": ...}``; loss on every token.
 * ``instruction``: ``{"instruction", "input" (optional), "output"}`` rendered with the Alpaca prompt; loss on
@@ -9,33 +10,46 @@ with its file and line number). Formats:
 * ``chat``: ``{"messages": [{"role", "content"}, ...]}`` rendered with the tokenizer's chat template; loss
   on assistant turns only unless ``train_on_inputs``.
 
+:func:`check_records` checks records without a tokenizer (columns present, values of the right type: a
+string, or a number written as text, never a list or an object; a response to learn from), so a bad file can
+be refused before a model is loaded; :func:`encode_records` runs it first. Records without a response (an empty ``output``, text or assistant turn) are skipped with a warning
+naming their lines; data in which no record has one is refused.
+
 Batching (packing, length grouping, the per-epoch order) lives in :mod:`fourbit.train.batching`.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from fourbit._io import read_jsonl
+from fourbit._errors import FieldError, InputFileError
+
+from .records import Record, Source, load_records, record_error
 
 __all__ = [
     "ALPACA_PROMPT",
     "ALPACA_PROMPT_NO_INPUT",
+    "FORMATS",
     "Encoded",
     "EncodedDataset",
     "IGNORE_INDEX",
+    "Record",
+    "RecordCheck",
+    "Source",
+    "check_records",
     "detect_format",
     "encode_records",
     "load_records",
     "split_records",
 ]
 
+_log = logging.getLogger(__name__)
+
+FORMATS = ("auto", "text", "instruction", "chat")
 IGNORE_INDEX = -100
 
 ALPACA_PROMPT = (
@@ -48,65 +62,6 @@ ALPACA_PROMPT_NO_INPUT = (
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
-
-
-def load_records(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Read a dataset file or a saved HF dataset folder into a list of records.
-
-    Args:
-        path: ``.jsonl``, ``.json`` (a list of objects, or an object with a ``data``/``train`` list),
-            ``.csv``, ``.parquet``, or a folder written by ``Dataset.save_to_disk`` (a ``DatasetDict`` uses
-            its ``train`` split).
-
-    Returns:
-        The records (dicts of column -> value).
-
-    Raises:
-        ValueError: unknown extension, missing file, malformed JSON (naming file and line), empty dataset.
-    """
-    p = Path(path)
-    if not p.exists():
-        raise ValueError(f"data path {str(p)!r} does not exist")
-    suffix = p.suffix.lower()
-    if p.is_dir():
-        import datasets
-
-        ds = datasets.load_from_disk(str(p))
-        if isinstance(ds, datasets.DatasetDict):
-            if "train" not in ds:
-                raise ValueError(f"{p}: saved DatasetDict has no 'train' split (has {list(ds)})")
-            ds = ds["train"]
-        rows = ds.to_list()
-    elif suffix == ".jsonl":
-        rows = read_jsonl(p)
-    elif suffix == ".json":
-        try:
-            doc = json.loads(p.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            # Maybe JSON Lines with a .json name; report the line either way.
-            if e.lineno > 1:
-                return _nonempty(read_jsonl(p), p)
-            raise ValueError(f"{p}:{e.lineno}: malformed JSON ({e.msg})") from None
-        if isinstance(doc, dict):
-            doc = next((doc[k] for k in ("data", "train") if isinstance(doc.get(k), list)), None)
-        if not isinstance(doc, list) or not all(isinstance(r, dict) for r in doc):
-            raise ValueError(f"{p}: expected a JSON list of objects (or an object with a 'data' list)")
-        rows = doc
-    elif suffix in (".csv", ".parquet"):
-        import datasets
-
-        reader = datasets.Dataset.from_csv if suffix == ".csv" else datasets.Dataset.from_parquet
-        rows = reader(str(p), keep_in_memory=True).to_list()
-    else:
-        raise ValueError(f"{p}: unsupported data file type {suffix!r} (use .jsonl, .json, .csv, .parquet "
-                         "or a saved dataset folder)")
-    return _nonempty(rows, p)
-
-
-def _nonempty(rows: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
-    if not rows:
-        raise ValueError(f"{path}: the dataset is empty")
-    return rows
 
 
 def detect_format(columns: Sequence[str], source: str = "data") -> str:
@@ -122,11 +77,170 @@ def detect_format(columns: Sequence[str], source: str = "data") -> str:
         return "instruction"
     if "text" in cols:
         return "text"
-    raise ValueError(f"{source}: cannot tell the format from columns {sorted(cols)}; expected 'text', "
-                     "'instruction'+'output' or 'messages' (or pass --format and --text-column)")
+    raise ValueError(f"{source}: {_unknown_format(cols)}")
 
 
-_REQUIRED = {"text": None, "instruction": ("instruction", "output"), "chat": ("messages",)}
+def _unknown_format(cols: set[str]) -> str:
+    return (f"cannot tell the format from the columns {sorted(cols)}; expected 'text', 'instruction'+'output' "
+            "or 'messages' (or set `format` and `text_column`)")
+
+
+
+
+def _no_response(fmt: str, text_column: str) -> str:
+    """Why a record of format ``fmt`` has no response to learn from."""
+    return {"text": f"'{text_column}' is empty", "instruction": "'output' is empty",
+            "chat": "no assistant message has content"}[fmt]
+
+
+@dataclass
+class RecordCheck:
+    """What :func:`check_records` found: the resolved ``format`` and the positions (indices into the records)
+    of those ``skipped`` for having no response to learn from."""
+
+    format: str
+    skipped: list[int] = field(default_factory=list)
+
+
+def _where(record: Mapping[str, Any], index: int) -> str:
+    source = getattr(record, "source", None)
+    return source.short if isinstance(source, Source) else f"record {index + 1}"
+
+
+def _file_of(records: Sequence[Mapping[str, Any]], source: str) -> str:
+    """The one file the records come from, else ``source``."""
+    paths = {r.source.path for r in records if isinstance(getattr(r, "source", None), Source)}
+    return paths.pop() if len(paths) == 1 else source
+
+
+def _list_positions(records: Sequence[Mapping[str, Any]], indices: Sequence[int], limit: int = 8) -> str:
+    """``lines 3, 7, 9`` (or ``rows ...``, ``records ...``), at most ``limit`` of them."""
+    places = [_where(records[i], i) for i in indices]  # "line 3", "row 2", "record 4"
+    kinds = {p.split()[0] for p in places}
+    if len(places) > 1 and len(kinds) == 1:
+        text = f"{kinds.pop()}s " + ", ".join(p.split()[1] for p in places[:limit])
+    else:
+        text = ", ".join(places[:limit])
+    return text + (f" and {len(places) - limit} more" if len(places) > limit else "")
+
+
+def _type_name(value: Any) -> str:
+    names = {dict: "an object", list: "a list", tuple: "a list", bool: "true/false", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _is_text(value: Any) -> bool:
+    """A value rendered into a prompt as ``str(value)``: a string or a number (not a list, object or bool)."""
+    return isinstance(value, str) or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _check_text(record: Mapping[str, Any], column: str, fail: Any) -> str:
+    """``str`` of the record's ``column``; ``fail(message)`` builds the error for a missing or wrong value."""
+    if column not in record:
+        raise fail(f"missing column '{column}' (the record has {sorted(record)})")
+    value = record[column]
+    if value is None:
+        raise fail(f"'{column}' is null; give it a string")
+    if not _is_text(value):
+        raise fail(f"'{column}' must be a string, found {_type_name(value)}")
+    return str(value)
+
+
+def _check_messages(messages: Any, fail: Any) -> bool:
+    """Check a chat record's ``messages``; True when an assistant message has content."""
+    if not isinstance(messages, list) or not messages:
+        raise fail(f"'messages' must be a non-empty list of {{'role', 'content'}} objects, found "
+                   f"{_type_name(messages) if messages != [] else 'an empty list'}")
+    has_response = False
+    for n, message in enumerate(messages, 1):
+        if not isinstance(message, dict):
+            raise fail(f"'messages' item {n} must be an object with 'role' and 'content', found "
+                       f"{_type_name(message)}")
+        for key in ("role", "content"):
+            if not isinstance(message.get(key), str):
+                found = "nothing" if key not in message else _type_name(message[key])
+                raise fail(f"'messages' item {n}: '{key}' must be a string, found {found}")
+        if message["role"] == "assistant" and message["content"].strip():
+            has_response = True
+    return has_response
+
+
+def check_records(
+    records: Sequence[Mapping[str, Any]],
+    *,
+    format: str = "auto",
+    text_column: str = "text",
+    label_column: str | None = None,
+    source: str = "data",
+) -> RecordCheck:
+    """Check records for training without tokenizing them: every record has the columns of its format, with
+    values of the right type, and at least one record has a response to learn from.
+
+    Args:
+        records: rows from :func:`load_records` (errors name their file and line) or plain dicts (errors name
+            ``source`` and the record's 1-based position).
+        format: ``auto``/``text``/``instruction``/``chat``.
+        text_column: the text column for ``text`` format and classification.
+        label_column: classification: the label column (the format is then ``text``).
+        source: the name of the data in errors about plain dicts.
+
+    Returns:
+        A :class:`RecordCheck`: the format, and the records to skip because their response is empty.
+
+    Raises:
+        InputFileError: naming the file and line (or row) of a record with a missing column, a null, or a
+            value of the wrong type (a list or an object where a string belongs); or naming the file when the
+            data is empty or no record has a response to learn from. ``ValueError`` for plain dicts.
+        FieldError: an unknown ``format``.
+    """
+    if format not in FORMATS:
+        raise FieldError("format", f"must be one of {', '.join(FORMATS)}; got {format!r}")
+    if not records:
+        raise ValueError(f"{source}: the dataset is empty")
+    first = records[0]
+    if label_column:
+        fmt = "text"
+    elif format == "auto":
+        cols = set(first)
+        try:
+            fmt = detect_format(cols)
+        except ValueError:
+            raise record_error(first, 0, source, _unknown_format(cols)) from None
+    else:
+        fmt = format
+    result = RecordCheck(fmt)
+    for i, record in enumerate(records):
+        def fail(message: str, record: Mapping[str, Any] = record, i: int = i) -> ValueError:
+            return record_error(record, i, source, message)
+
+        if not isinstance(record, Mapping):
+            raise fail(f"expected an object (column: value), found {_type_name(record)}")
+        if label_column:
+            _check_text(record, text_column, fail)
+            value = record.get(label_column)
+            label = str(value) if isinstance(value, bool) else _check_text(record, label_column, fail)
+            if not label.strip():
+                raise fail(f"'{label_column}' is empty; every record needs a label")
+            continue
+        if fmt == "text":
+            has_response = bool(_check_text(record, text_column, fail).strip())
+        elif fmt == "instruction":
+            _check_text(record, "instruction", fail)
+            if record.get("input") is not None and not _is_text(record["input"]):
+                raise fail(f"'input' must be a string, found {_type_name(record['input'])}")
+            has_response = bool(_check_text(record, "output", fail).strip())
+        else:
+            if "messages" not in record or record["messages"] is None:
+                raise fail(f"missing column 'messages' (the record has {sorted(record)})")
+            has_response = _check_messages(record["messages"], fail)
+        if not has_response:
+            result.skipped.append(i)
+    if len(result.skipped) == len(records):
+        what = _no_response(fmt, text_column)
+        raise InputFileError(_file_of(records, source),
+                             f"no record has a response to learn from ({what} on "
+                             f"{_list_positions(records, result.skipped)}); fill in the responses")
+    return result
 
 
 @dataclass
@@ -142,13 +256,15 @@ class Encoded:
 
 @dataclass
 class EncodedDataset:
-    """Tokenized examples plus the truncation statistics."""
+    """Tokenized examples plus the statistics: examples truncated, dropped (no response token left after
+    truncation) and skipped (no response at all; :func:`check_records`)."""
 
     examples: list[Encoded]
     n_truncated: int = 0
     n_dropped: int = 0
     format: str = "text"
     label_names: list[str] = field(default_factory=list)
+    n_skipped: int = 0
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -172,10 +288,9 @@ def _encode_prompt_response(tokenizer: Any, prompt: str, response: str, train_on
     return Encoded(ids, labels)
 
 
-def _encode_chat(tokenizer: Any, messages: list[dict[str, Any]], train_on_inputs: bool, where: str) -> Encoded:
-    """Render with the chat template; label the assistant turns' spans found by rendering prefixes."""
-    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
-        raise ValueError(f"{where}: 'messages' must be a list of {{'role', 'content'}} objects")
+def _encode_chat(tokenizer: Any, messages: list[dict[str, Any]], train_on_inputs: bool) -> Encoded:
+    """Render with the chat template; label the assistant turns' spans found by rendering prefixes.
+    ``messages`` passed :func:`check_records`."""
     render = tokenizer.apply_chat_template
     full = render(messages, tokenize=False)
     spans = []
@@ -197,7 +312,7 @@ def _encode_chat(tokenizer: Any, messages: list[dict[str, Any]], train_on_inputs
 
 
 def encode_records(
-    records: Sequence[dict[str, Any]],
+    records: Sequence[Mapping[str, Any]],
     tokenizer: Any,
     *,
     format: str = "auto",
@@ -208,10 +323,11 @@ def encode_records(
     label_names: Sequence[str] | None = None,
     source: str = "data",
 ) -> EncodedDataset:
-    """Tokenize records for causal-LM training (or classification when ``label_column`` is given).
+    """Check (:func:`check_records`) and tokenize records for causal-LM training (or classification when
+    ``label_column`` is given).
 
     Args:
-        records: rows from :func:`load_records`.
+        records: rows from :func:`load_records` (or plain dicts).
         tokenizer: a HF tokenizer (fast for ``chat``: offsets locate the assistant spans).
         format: ``auto``/``text``/``instruction``/``chat``.
         max_length: examples longer than this are cut to it (counted in ``n_truncated``); an example left
@@ -220,35 +336,40 @@ def encode_records(
         text_column: the text column for ``text`` format and classification.
         label_column: classification: the label column; ``labels`` becomes ``[class_index]``.
         label_names: classification: fixed class order (default: sorted distinct labels).
-        source: name used in error messages (the file).
+        source: the name of the data in errors about plain dicts (records from files name their own).
+
+    Returns:
+        An :class:`EncodedDataset`. Records without a response are skipped (``n_skipped``) with a warning
+        naming their lines.
 
     Raises:
-        ValueError: missing column, chat data with a tokenizer without a chat template, or no example left.
+        InputFileError: see :func:`check_records`; a label not in ``label_names`` (naming file and line).
+        ValueError: chat data with a tokenizer without a chat template.
+        FieldError: ``max_length``, when truncation leaves no example with a response token.
     """
-    if not records:
-        raise ValueError(f"{source}: the dataset is empty")
-    columns = list(records[0].keys())
-    fmt = "text" if label_column else (detect_format(columns, source) if format == "auto" else format)
-    need = (text_column,) if fmt == "text" else _REQUIRED[fmt]
-    if label_column:
-        need = (*need, label_column)
+    check = check_records(records, format=format, text_column=text_column, label_column=label_column,
+                          source=source)
+    fmt = check.format
     if fmt == "chat" and not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"{source}: chat data needs a tokenizer with a chat template; this tokenizer has none "
-                         "(use instruction format or set tokenizer.chat_template)")
+        raise ValueError(f"{_file_of(records, source)}: chat data needs a tokenizer with a chat template; this "
+                         "tokenizer has none (use the instruction format or set tokenizer.chat_template)")
     names: list[str] = []
     if label_column:
-        names = list(label_names) if label_names else sorted({str(r.get(label_column)) for r in records})
+        names = list(label_names) if label_names else sorted({str(r[label_column]) for r in records})
         index = {n: i for i, n in enumerate(names)}
-    out = EncodedDataset([], format=fmt, label_names=names)
+    out = EncodedDataset([], format=fmt, label_names=names, n_skipped=len(check.skipped))
+    if check.skipped:
+        _log.warning(f"{_file_of(records, source)}: skipping {len(check.skipped)} of {len(records)} records with "
+                     f"no response to learn from ({_no_response(fmt, text_column)}): "
+                     f"{_list_positions(records, check.skipped)}")
+    skipped = set(check.skipped)
     for i, row in enumerate(records):
-        where = f"{source}: record {i + 1}"
-        for c in need:
-            if c not in row or row[c] is None:
-                raise ValueError(f"{where}: missing column {c!r} (has {sorted(row)})")
+        if i in skipped:
+            continue
         if label_column:
             label = str(row[label_column])
             if label not in index:
-                raise ValueError(f"{where}: label {label!r} is not one of {names}")
+                raise record_error(row, i, source, f"label {label!r} is not one of the training labels {names}")
             ids = _token_ids(tokenizer, str(row[text_column]), True)
             if len(ids) > max_length:
                 ids, out.n_truncated = ids[:max_length], out.n_truncated + 1
@@ -257,12 +378,12 @@ def encode_records(
         if fmt == "text":
             ex = _encode_prompt_response(tokenizer, "", str(row[text_column]), True)
         elif fmt == "instruction":
-            inp = row.get("input") or ""
+            inp = "" if row.get("input") is None else str(row["input"])
             tmpl = ALPACA_PROMPT if inp else ALPACA_PROMPT_NO_INPUT
-            prompt = tmpl.format(instruction=row["instruction"], input=inp)
+            prompt = tmpl.format(instruction=str(row["instruction"]), input=inp)
             ex = _encode_prompt_response(tokenizer, prompt, str(row["output"]), train_on_inputs)
         else:
-            ex = _encode_chat(tokenizer, row["messages"], train_on_inputs, where)
+            ex = _encode_chat(tokenizer, row["messages"], train_on_inputs)
         if len(ex) > max_length:
             out.n_truncated += 1
             ex = Encoded(ex.input_ids[:max_length], ex.labels[:max_length])
@@ -272,8 +393,9 @@ def encode_records(
             continue
         out.examples.append(ex)
     if not out.examples:
-        raise ValueError(f"{source}: no example has a response token left after truncation to "
-                         f"max_length={max_length} ({out.n_dropped} dropped); raise --max-length")
+        raise FieldError("max_length", f"no example of {_file_of(records, source)} has a response token left "
+                                       f"after truncation to {max_length} tokens ({out.n_dropped} dropped); "
+                                       "raise `max_length`")
     return out
 
 
@@ -281,7 +403,8 @@ def split_records(
     records: Sequence[dict[str, Any]], eval_fraction: float, seed: int
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Deterministic train/eval split: a seeded shuffle, then the last ``eval_fraction`` (at least one record
-    when the fraction is > 0 and there are at least two records) is held out."""
+    when the fraction is > 0 and there are at least two records) is held out. Both parts keep file order and
+    hold the same record objects, so each still names its file and line."""
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     n_eval = int(round(eval_fraction * len(records)))

@@ -67,7 +67,7 @@ def decoder_hidden_states(model: nn.Module, batch: Batch) -> torch.Tensor:
     for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
         if cfg is not None and getattr(cfg, attr, None) not in (None, 1.0):
             raise NotImplementedError(f"chunked loss does not support models with config.{attr}; "
-                                      "set --loss-chunk-size 0")
+                                      "set `loss_chunk_size` to 0")
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
     out = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                   position_ids=batch.position_ids, use_cache=False)

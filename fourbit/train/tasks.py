@@ -12,6 +12,8 @@ import datetime as dt
 import random
 from dataclasses import dataclass
 
+from fourbit._errors import FieldError
+
 __all__ = ["DATE_INSTRUCTION", "TaskExample", "date_examples", "exact_match", "to_chat_records"]
 
 DATE_INSTRUCTION = "Write this date in ISO format (YYYY-MM-DD), nothing else: "
@@ -57,10 +59,10 @@ def date_examples(n: int, seed: int = 0, *, exclude: set[str] | frozenset[str] =
     (use it to keep a held-out split disjoint from the training split).
 
     Raises:
-        ValueError: if ``n`` is not positive.
+        FieldError: if ``n`` is not positive.
     """
     if n <= 0:
-        raise ValueError(f"n must be positive, got {n}")
+        raise FieldError("n", f"must be positive; got {n}")
     rng = random.Random(seed)
     start, span = dt.date(1900, 1, 1).toordinal(), (dt.date(2099, 12, 31) - dt.date(1900, 1, 1)).days
     seen = set(exclude)
