@@ -8,7 +8,9 @@ import math
 import numpy as np
 import pytest
 import torch
+import transformers
 
+from fourbit._errors import FieldError
 from fourbit.optim import AdamW, state_bytes
 from fourbit.optim.functional import adamw_step_8bit
 from fourbit.optim.quant8 import state_codebook
@@ -218,7 +220,6 @@ def test_8bit_tracks_torch_on_tiny_llama_finetune() -> None:
     # slightly but not its direction. Measured: the 8-bit loss curve stays within 1.2 % (relative) of
     # torch.optim.AdamW's at every step. Bar: 5 % at every 5th step, so a real bug (wrong bias correction,
     # swapped or stale states) fails while quantization noise passes with a 4x margin.
-    transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(
         hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=256, max_position_embeddings=64,
@@ -343,31 +344,47 @@ def test_loaded_state_is_a_copy() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "exc", "match"),
+    ("kwargs", "field", "match"),
     [
-        (dict(lr=0.0), ValueError, "lr"),
-        (dict(lr=-1e-3), ValueError, "lr"),
-        (dict(eps=0.0), ValueError, "eps"),
-        (dict(betas=(1.0, 0.999)), ValueError, r"betas\[0\]"),
-        (dict(betas=(0.9, -0.1)), ValueError, r"betas\[1\]"),
-        (dict(betas=(0.9,)), ValueError, "betas"),
-        (dict(weight_decay=-0.1), ValueError, "weight_decay"),
-        (dict(bits=16), ValueError, "bits"),
-        (dict(bits=True), ValueError, "bits"),
-        (dict(block_size=0), ValueError, "block_size"),
-        (dict(lr="1e-3"), TypeError, "lr"),
-        (dict(device_budget_bytes=10), ValueError, "paged=True"),
+        (dict(lr=0.0), "lr", "> 0"),
+        (dict(lr=-1e-3), "lr", "> 0"),
+        (dict(lr=float("inf")), "lr", "finite"),
+        (dict(lr=float("nan")), "lr", "finite"),
+        (dict(eps=0.0), "eps", "> 0"),
+        (dict(eps=float("inf")), "eps", "finite"),
+        (dict(betas=(1.0, 0.999)), "betas", r"betas\[0\]"),
+        (dict(betas=(0.9, -0.1)), "betas", r"betas\[1\]"),
+        (dict(betas=(0.9, float("nan"))), "betas", r"betas\[1\]"),
+        (dict(betas=(0.9,)), "betas", "pair"),
+        (dict(weight_decay=-0.1), "weight_decay", ">= 0"),
+        (dict(weight_decay=float("inf")), "weight_decay", "finite"),
+        (dict(bits=16), "bits", "8 or 32"),
+        (dict(bits=True), "bits", "8 or 32"),
+        (dict(block_size=0), "block_size", ">= 1"),
+        (dict(min_8bit_size=-1), "min_8bit_size", ">= 0"),
+        (dict(device_budget_bytes=10), "device_budget_bytes", "paged=True"),
     ],
 )
-def test_bad_arguments(kwargs, exc, match) -> None:
-    with pytest.raises(exc, match=match):
+def test_bad_arguments_name_the_field(kwargs, field: str, match: str) -> None:
+    # Library errors name the library's argument (FieldError.field and `name` in the message), never a flag.
+    with pytest.raises(FieldError, match=match) as info:
+        AdamW(_params(), **kwargs)
+    assert info.value.field == field
+    assert str(info.value).startswith(f"`{field}`: ")
+
+
+@pytest.mark.parametrize(("kwargs", "name"), [(dict(lr="1e-3"), "lr"), (dict(betas=(0.9, "x")), r"betas\[1\]")])
+def test_non_numbers_are_type_errors(kwargs, name: str) -> None:
+    with pytest.raises(TypeError, match=f"`{name}` must be a real number"):
         AdamW(_params(), **kwargs)
 
 
 def test_bad_param_group_and_dtype() -> None:
     ps = _params()
-    with pytest.raises(ValueError, match="param group 1.*lr"):
+    with pytest.raises(FieldError, match="`lr`.*param group 1"):
         AdamW([{"params": ps[:1]}, {"params": ps[1:], "lr": -1.0}])
+    with pytest.raises(FieldError, match="`lr`.*param group 0"):
+        AdamW([{"params": ps, "lr": float("inf")}])
     with pytest.raises(TypeError, match="floating point"):
         AdamW([torch.zeros(3, dtype=torch.long)])
 
@@ -473,3 +490,11 @@ def test_bfloat16_parameters_keep_their_dtype(bits: int) -> None:
         assert a.dtype == torch.bfloat16
         torch.testing.assert_close(a.float(), b, rtol=1.6e-2, atol=2e-2)
     assert o16.state[ps16[1]]["exp_avg_sq"].dtype == (torch.uint8 if bits == 8 else torch.float32)
+
+
+def test_unknown_backend_names_the_argument() -> None:
+    p, g = torch.zeros(256), torch.zeros(256)
+    s = [torch.zeros(256, dtype=torch.uint8), torch.zeros(1), torch.zeros(256, dtype=torch.uint8), torch.zeros(1)]
+    with pytest.raises(FieldError, match="`backend`"):
+        adamw_step_8bit(p, g, *s, state_codebook(True), state_codebook(False), step=1, lr=1e-3, beta1=0.9,
+                        beta2=0.999, eps=1e-8, weight_decay=0.0, backend="cuda")
