@@ -33,6 +33,7 @@ from fourbit.optim.functional import (
     DEFAULT_CHUNK_ELEMENTS,
     adamw_step_8bit_packed,
     adamw_step_32bit,
+    uses_fused_kernel,
 )
 from fourbit.optim.paging import StatePager
 from fourbit.optim.quant8 import num_blocks, state_codebook
@@ -125,14 +126,18 @@ def _update_8bit(
             p.copy_(target)
 
 
-class _SmallTensorBatch:
+class _Batch:
     """Resident 8-bit parameters that share a group, a step number, dtypes and a device, collected to be
-    updated together by :func:`adamw_step_8bit_packed` (identical results, far fewer torch calls for the many
-    small LoRA matrices). A batch is flushed when its key changes or it reaches ``DEFAULT_CHUNK_ELEMENTS``."""
+    updated together by :func:`adamw_step_8bit_packed` (identical results, far fewer calls for the many small
+    LoRA matrices). With the fused kernel (float32 CPU tensors, numba installed) one call takes them all where
+    they are; the torch path concatenates them, so it takes only small ones and at most
+    ``DEFAULT_CHUNK_ELEMENTS`` elements at a time. A batch is flushed when its key changes, when it is full,
+    and at the end of the step."""
 
     def __init__(self, block_size: int) -> None:
         self.block_size = block_size
         self.key: tuple | None = None
+        self.fused = False
         self.hparams: dict[str, float] = {}
         self.params: list[torch.Tensor] = []
         self.states: list[tuple[torch.Tensor, ...]] = []
@@ -142,10 +147,11 @@ class _SmallTensorBatch:
         if key != self.key:
             self.flush()
             self.key, self.hparams = key, hparams
+            self.fused = uses_fused_kernel(param, param.grad)
         self.params.append(param)
         self.states.append(states)
         self.numel += param.numel()
-        if self.numel >= DEFAULT_CHUNK_ELEMENTS:
+        if not self.fused and self.numel >= DEFAULT_CHUNK_ELEMENTS:
             self.flush()
 
     def flush(self) -> None:
@@ -285,18 +291,21 @@ class AdamW(torch.optim.Optimizer):
         return updates
 
     def _batchable(self, p: torch.Tensor) -> bool:
-        """Whether an 8-bit update may be deferred into a :class:`_SmallTensorBatch`: small, and its states
-        resident. A paged parameter's working copy is written back as soon as the pager moves on, so its
-        update must run at once."""
-        return p.numel() < DEFAULT_CHUNK_ELEMENTS and (not self.paged or self.pager.is_resident(p))
+        """Whether an 8-bit update may be deferred into a :class:`_Batch`: its states are resident (a paged
+        parameter's working copy is written back as soon as the pager moves on, so its update must run at
+        once), and it is small or the fused kernel takes it where it is."""
+        if self.paged and not self.pager.is_resident(p):
+            return False
+        return p.numel() < DEFAULT_CHUNK_ELEMENTS or uses_fused_kernel(p, p.grad)
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001 - torch's signature
         """Perform one optimization step over all parameters that have a gradient.
 
         Each parameter's states come from the pager (resident, or a working copy of paged ones), then one
-        of three updates runs: 32-bit (:func:`adamw_step_32bit`), 8-bit one by one (large or paged
-        tensors), or 8-bit batched with other small resident tensors (:class:`_SmallTensorBatch`).
+        of three updates runs: 32-bit (:func:`adamw_step_32bit`), 8-bit one by one (paged tensors, and large
+        ones the torch path would have to concatenate), or 8-bit batched with other resident tensors
+        (:class:`_Batch`).
 
         Args:
             closure: optional callable that re-evaluates the model and returns the loss.
@@ -313,7 +322,7 @@ class AdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         updates = self._collect_updates()
-        batch = _SmallTensorBatch(self.block_size)
+        batch = _Batch(self.block_size)
         # Iterate over the pager's generator itself (not zip(updates, ...), which would stop before asking it
         # for the end), so the last paged working copy is written back before step() returns.
         for i, tensors in enumerate(self.pager.stream([(u.param, _moments(u.state)) for u in updates])):

@@ -31,7 +31,13 @@ from fourbit._errors import FieldError
 from fourbit.optim._numba_8bit import adamw_8bit_numba, numba_available
 from fourbit.optim.quant8 import StateCodebook, nearest_code
 
-__all__ = ["adamw_step_32bit", "adamw_step_8bit", "adamw_step_8bit_packed", "DEFAULT_CHUNK_ELEMENTS"]
+__all__ = [
+    "DEFAULT_CHUNK_ELEMENTS",
+    "adamw_step_32bit",
+    "adamw_step_8bit",
+    "adamw_step_8bit_packed",
+    "uses_fused_kernel",
+]
 
 #: Elements per chunk of the 8-bit update (a multiple of every power-of-two block size up to 2^18).
 DEFAULT_CHUNK_ELEMENTS = 1 << 18
@@ -278,14 +284,14 @@ def _step_partial_block(
 # ---- the two backends --------------------------------------------------------------------------------------
 
 
+def uses_fused_kernel(param: torch.Tensor, grad: torch.Tensor) -> bool:
+    """Whether ``backend="auto"`` runs the fused numba kernel for this parameter (once it is contiguous):
+    numba is installed and works, and parameter and gradient are float32 CPU tensors."""
+    return param.is_cpu and param.dtype == torch.float32 and grad.dtype == torch.float32 and numba_available()
+
+
 def _numba_ok(param: torch.Tensor, grad: torch.Tensor) -> bool:
-    return (
-        param.device.type == "cpu"
-        and param.dtype == torch.float32
-        and grad.dtype == torch.float32
-        and param.is_contiguous()
-        and numba_available()
-    )
+    return param.is_contiguous() and uses_fused_kernel(param, grad)
 
 
 def _step_numba(
@@ -301,11 +307,8 @@ def _step_numba(
     block_size: int,
 ) -> None:
     """All four steps in one fused pass per block (:mod:`fourbit.optim._numba_8bit`)."""
-    adamw_8bit_numba(
-        param, grad, state1, absmax1, state2, absmax2, cb1, cb2, beta1=c.beta1, beta2=c.beta2,
-        correction2=c.correction2, eps=c.eps, decay=c.decay, step_size=c.step_size, decayed=c.decayed,
-        block_size=block_size,
-    )
+    adamw_8bit_numba([param], [grad], [(state1, absmax1, state2, absmax2)], cb1, cb2, block_size=block_size,
+                     **c._asdict())
 
 
 def _step_torch(
@@ -483,9 +486,10 @@ def adamw_step_8bit_packed(
 ) -> None:
     """:func:`adamw_step_8bit` for several small tensors at once, with identical results.
 
-    The tensors are packed (each padded to whole blocks, then concatenated), updated as one tensor by the
-    torch backend, and unpacked. This replaces ~60 small torch calls per tensor by a handful per pack, which
-    dominates the step time for the many small matrices of LoRA adapters.
+    With the numba backend all tensors go to one kernel call, where they are (the per-call cost, not the
+    arithmetic, dominates the step time for the many small matrices of LoRA adapters). With the torch backend
+    they are packed (each padded to whole blocks, then concatenated), updated as one tensor and unpacked,
+    which replaces ~60 small torch calls per tensor by a handful per pack.
 
     Args:
         params: tensors of one dtype and device, each contiguous.
@@ -495,11 +499,18 @@ def adamw_step_8bit_packed(
     """
     hparams = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                    block_size=block_size, chunk_elements=chunk_elements)
-    if len(params) == 1 or (backend != "torch" and all(_numba_ok(p, g) for p, g in zip(params, grads, strict=True))):
-        # The fused kernel has little per-call overhead: no need to concatenate.
-        for p, g, st in zip(params, grads, states, strict=True):
-            adamw_step_8bit(p, g, *st, cb1, cb2, backend=backend, **hparams)
+    if len(params) == 1:
+        adamw_step_8bit(params[0], grads[0], *states[0], cb1, cb2, backend=backend, **hparams)
         return
+    if backend not in _BACKENDS:
+        raise FieldError("backend", f"must be one of {', '.join(map(repr, _BACKENDS))}, got {backend!r}")
+    if backend != "torch" and all(_numba_ok(p, g) for p, g in zip(params, grads, strict=True)):
+        # The fused kernel takes the tensors where they are: one call, nothing concatenated.
+        c = _step_constants(step, lr, beta1, beta2, eps, weight_decay)
+        adamw_8bit_numba(params, grads, states, cb1, cb2, block_size=block_size, **c._asdict())
+        return
+    if backend == "numba":
+        raise NotImplementedError("backend='numba' needs numba and float32 CPU tensors")
     packed = _pack(params, grads, states, cb1, cb2, block_size)
     adamw_step_8bit(*packed, cb1, cb2, backend="torch", **hparams)
     _unpack(packed, params, states, block_size)

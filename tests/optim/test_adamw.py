@@ -445,8 +445,12 @@ def test_loading_state_from_another_configuration_fails() -> None:
         AdamW(ps).load_state_dict({"state": {}})
 
 
-def test_packed_small_tensors_equal_one_by_one() -> None:
-    # The torch path concatenates small tensors (padded to whole blocks); results must not change.
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_packed_small_tensors_equal_one_by_one(backend: str) -> None:
+    # Batched updates must be byte-identical to the unbatched torch path: the torch backend concatenates the
+    # small tensors (padded to whole blocks), the numba backend updates them all in one kernel call.
+    if backend == "numba":
+        pytest.importorskip("numba")
     from fourbit.optim.functional import adamw_step_8bit_packed
 
     def fresh():
@@ -459,14 +463,16 @@ def test_packed_small_tensors_equal_one_by_one() -> None:
         ]
         return ps, sts
 
-    kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, backend="torch")
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
     a, sa = fresh()
     b, sb = fresh()
     for t in range(1, 4):
         grads = _grads(a, t)
-        adamw_step_8bit_packed(a, grads, sa, state_codebook(True), state_codebook(False), step=t, **kw)
+        adamw_step_8bit_packed(
+            a, grads, sa, state_codebook(True), state_codebook(False), step=t, backend=backend, **kw
+        )
         for p, g, st in zip(b, grads, sb, strict=True):
-            adamw_step_8bit(p, g, *st, state_codebook(True), state_codebook(False), step=t, **kw)
+            adamw_step_8bit(p, g, *st, state_codebook(True), state_codebook(False), step=t, backend="torch", **kw)
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y)
     for x, y in zip(sa, sb, strict=True):
@@ -498,3 +504,44 @@ def test_unknown_backend_names_the_argument() -> None:
     with pytest.raises(FieldError, match="`backend`"):
         adamw_step_8bit(p, g, *s, state_codebook(True), state_codebook(False), step=1, lr=1e-3, beta1=0.9,
                         beta2=0.999, eps=1e-8, weight_decay=0.0, backend="cuda")
+
+
+def test_numba_parallel_run_equals_serial() -> None:
+    # Over 2^20 elements with two threads the kernel runs its tasks in parallel; blocks are independent, so
+    # the bytes must equal a one-thread (serial) run.
+    pytest.importorskip("numba")
+    from fourbit.optim.functional import adamw_step_8bit_packed
+
+    results = []
+    for threads in (1, 2):
+        g = torch.Generator().manual_seed(5)
+        ps = [torch.randn(n, generator=g) for n in (600_000, 500_001, 4096)]
+        sts = [
+            (torch.zeros(p.numel(), dtype=torch.uint8), torch.zeros(math.ceil(p.numel() / 256)),
+             torch.zeros(p.numel(), dtype=torch.uint8), torch.zeros(math.ceil(p.numel() / 256)))
+            for p in ps
+        ]
+        torch.set_num_threads(threads)  # the autouse fixture restores it
+        for t in range(1, 3):
+            adamw_step_8bit_packed(
+                ps, _grads(ps, t), sts, state_codebook(True), state_codebook(False), step=t, lr=1e-2, beta1=0.9,
+                beta2=0.999, eps=1e-8, weight_decay=0.01, backend="numba",
+            )
+        results.append((ps, sts))
+    (pa, sa), (pb, sb) = results
+    assert all(torch.equal(x, y) for x, y in zip(pa, pb, strict=True))
+    for x, y in zip(sa, sb, strict=True):
+        assert all(torch.equal(u, w) for u, w in zip(x, y, strict=True))
+
+
+def test_numba_kernel_refuses_a_wrong_layout() -> None:
+    # The kernel writes through raw addresses: a state of the wrong size must be refused, not written past.
+    pytest.importorskip("numba")
+    from fourbit.optim._numba_8bit import adamw_8bit_numba, numba_available
+
+    assert numba_available()
+    p, g = torch.zeros(512), torch.zeros(512)
+    short = (torch.zeros(256, dtype=torch.uint8), torch.zeros(2), torch.zeros(512, dtype=torch.uint8), torch.zeros(2))
+    with pytest.raises(ValueError, match="numba 8-bit kernel"):
+        adamw_8bit_numba([p], [g], [short], state_codebook(True), state_codebook(False), beta1=0.9, beta2=0.999,
+                         correction2=1.0, eps=1e-8, decay=1.0, step_size=-1e-3, decayed=False, block_size=256)
