@@ -7,7 +7,8 @@ entry of the dynamic 8-bit map (signed for the first Adam moment, unsigned for t
 from :mod:`fourbit.quant.codebooks`, bit-identical to bitsandbytes' ``create_dynamic_map``).
 
 Nearest-code search is the hot loop of the 8-bit optimizer, so it avoids ``torch.bucketize`` (a binary search
-per element, ~50 ns/element on this CPU) and uses a lookup table on the float32 bit pattern instead:
+per element, with eight dependent, unpredictable branches) and uses a lookup table on the float32 bit pattern
+instead:
 
 1. ``bucket = (bits(x) >> 16) + 32768`` keeps the sign, the 8 exponent bits and the top 7 mantissa bits, so a bucket
    spans at most 2^-7 (0.8 %) of its value, finer than the smallest relative gap between neighbouring
@@ -16,8 +17,9 @@ per element, ~50 ns/element on this CPU) and uses a lookup table on the float32 
 2. ``lut[bucket]`` is the nearest code for the bucket's smallest value and ``thr[bucket]`` the midpoint
    just above that code; the answer is ``lut[bucket] + (x > thr[bucket])``.
 
-This gives exactly the index ``torch.bucketize(x, midpoints)`` gives (ties go to the lower code), in about
-1/10 of the time. The tables (64 Ki entries each) are built once per codebook and cached.
+This gives exactly the index ``torch.bucketize(x, midpoints)`` gives (ties go to the lower code), with two
+table reads and one comparison per element. The tables (64 Ki entries each) are built once per codebook and
+cached.
 
 The optimizer's update (:mod:`fourbit.optim.functional`) normalises each block by its absmax and calls
 :func:`nearest_code`; dequantization is ``code[codes] * absmax``. Both work on whole tensors (no Python loop
