@@ -1,13 +1,13 @@
 """Fused CPU kernel for the blockwise 8-bit AdamW step, compiled with numba when it is installed (optional).
 
 :func:`adamw_8bit_numba` updates a list of tensors (one, or the many small matrices of LoRA adapters) in
-one kernel call: it passes the tensors' data addresses and a list of tasks (runs of up to 64 blocks) to the
-compiled code of :mod:`fourbit.optim._numba_8bit_kernel`, so the per-call cost of numba's argument checks is
-paid once per batch rather than once per tensor. That kernel does per block, in registers and two small
+one kernel call: it checks their layout, then passes their data addresses and sizes to the compiled code of
+:mod:`fourbit.optim._numba_8bit_kernel`, so numba's per-call cost is paid once per batch rather than once
+per tensor, and nothing is copied or concatenated. That kernel does per block, in registers and two small
 buffers, what the torch-op path of :mod:`fourbit.optim.functional` does in ~35 whole-chunk operations, with
 bit-identical results (tested).
 
-Blocks are independent, so when a call covers at least 2^20 elements the tasks run in parallel on
+Blocks are independent, so when a call covers at least 2^20 elements, runs of up to 64 blocks run in parallel on
 ``torch.get_num_threads()`` threads (numba's work-queue layer); smaller calls run on the calling thread,
 because starting the threads costs more than they save there. Compiled on first use (seconds, cached on disk
 by numba afterwards). Without numba, or for tensors that are not float32 on the CPU, the torch-op path is

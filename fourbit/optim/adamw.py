@@ -160,6 +160,16 @@ class _Batch:
         self.params, self.states, self.numel = [], [], 0
 
 
+def _merged_group(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+    """A param group with the saved hyperparameters and this optimizer's parameters (and names)."""
+    merged = {k: v for k, v in saved.items() if k not in ("params", "param_names")}
+    merged["betas"] = tuple(merged.get("betas", current["betas"]))
+    merged["params"] = current["params"]
+    if "param_names" in current:
+        merged["param_names"] = current["param_names"]
+    return {**current, **merged}
+
+
 class AdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay) with 32-bit or blockwise 8-bit states, optionally paged.
 
@@ -368,23 +378,49 @@ class AdamW(torch.optim.Optimizer):
         """
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
             raise TypeError("load_state_dict expects a dict with 'state' and 'param_groups'")
-        cfg = state_dict.get("fourbit")
-        if cfg is not None:
-            if cfg.get("bits") != self.bits:
-                raise ValueError(
-                    f"state dict was saved by AdamW(bits={cfg.get('bits')}); this optimizer has bits={self.bits}"
-                )
-            if cfg.get("block_size") != self.block_size:
-                raise ValueError(
-                    f"state dict uses block_size={cfg.get('block_size')}; this optimizer has "
-                    f"block_size={self.block_size}"
-                )
+        self._check_saved_format(state_dict.get("fourbit"))
         saved_groups = state_dict["param_groups"]
+        by_saved_id = self._match_saved_params(saved_groups)
+        saved_by_param: dict[int, dict[str, Any]] = {}
+        for sid, st in state_dict["state"].items():
+            if sid not in by_saved_id:
+                raise ValueError(f"state dict has state for parameter id {sid!r}, which no param group lists")
+            gi, pi, p = by_saved_id[sid]
+            self._validate_saved(st, gi, pi, p)
+            saved_by_param[id(p)] = st
+        # Everything checked: now replace the state (placement in parameter order, like a fresh run).
+        self.pager.reset()
+        self._signature.clear()
+        new_state: defaultdict[torch.Tensor, dict[str, Any]] = defaultdict(dict)
+        for g in self.param_groups:
+            for p in g["params"]:
+                if id(p) in saved_by_param:
+                    new_state[p] = self._copy_saved_state(p, saved_by_param[id(p)])
+        new_groups = [_merged_group(sg, g) for sg, g in zip(saved_groups, self.param_groups, strict=True)]
+        self.__setstate__({"state": new_state, "param_groups": new_groups})
+
+    def _check_saved_format(self, cfg: dict[str, Any] | None) -> None:
+        """The ``"fourbit"`` header of a state dict (absent in torch's) must match this optimizer's format."""
+        if cfg is None:
+            return
+        if cfg.get("bits") != self.bits:
+            raise ValueError(
+                f"state dict was saved by AdamW(bits={cfg.get('bits')}); this optimizer has bits={self.bits}"
+            )
+        if cfg.get("block_size") != self.block_size:
+            raise ValueError(
+                f"state dict uses block_size={cfg.get('block_size')}; this optimizer has "
+                f"block_size={self.block_size}"
+            )
+
+    def _match_saved_params(self, saved_groups: list[dict[str, Any]]) -> dict[Any, tuple[int, int, torch.Tensor]]:
+        """Map each saved parameter id to (group index, index in group, this optimizer's parameter), after
+        checking that group and parameter counts agree and the saved hyperparameters are valid."""
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
                 f"state dict has {len(saved_groups)} param groups, this optimizer {len(self.param_groups)}"
             )
-        id_map: dict[Any, tuple[int, int, torch.Tensor]] = {}
+        by_saved_id: dict[Any, tuple[int, int, torch.Tensor]] = {}
         for gi, (sg, g) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
             if len(sg["params"]) != len(g["params"]):
                 raise ValueError(
@@ -394,49 +430,27 @@ class AdamW(torch.optim.Optimizer):
             hp = {**self.defaults, **{k: v for k, v in sg.items() if k != "params"}}
             _check_hparams(hp["lr"], hp["betas"], hp["eps"], hp["weight_decay"], f" in state dict param group {gi}")
             for pi, (sid, p) in enumerate(zip(sg["params"], g["params"], strict=True)):
-                id_map[sid] = (gi, pi, p)
-        saved_by_param: dict[int, dict[str, Any]] = {}
-        for sid, st in state_dict["state"].items():
-            if sid not in id_map:
-                raise ValueError(f"state dict has state for parameter id {sid!r}, which no param group lists")
-            gi, pi, p = id_map[sid]
-            self._validate_saved(st, gi, pi, p)
-            saved_by_param[id(p)] = st
-        # Everything checked: now replace the state (placement in parameter order, like a fresh run).
-        self.pager.reset()
-        self._signature.clear()
-        new_state: defaultdict[torch.Tensor, dict[str, Any]] = defaultdict(dict)
-        for g in self.param_groups:
-            for p in g["params"]:
-                st = saved_by_param.get(id(p))
-                if st is None:
-                    continue
-                dev = self.pager.place(p, self._state_nbytes(p))
-                out: dict[str, Any] = {}
-                step = st["step"]
-                out["step"] = (
-                    step.detach().to(device="cpu", dtype=torch.float32).clone()
-                    if isinstance(step, torch.Tensor)
-                    else torch.tensor(float(step))
-                )
-                for k, v in st.items():
-                    if k == "step":
-                        continue
-                    dtype = torch.uint8 if k in ("exp_avg", "exp_avg_sq") and self._uses_8bit(p) else torch.float32
-                    t = self.pager.empty(p, dtype, dev, v.shape)
-                    t.copy_(v)
-                    out[k] = t
-                new_state[p] = out
-                self._signature[id(p)] = (p.dtype, p.device)
-        new_groups = []
-        for sg, g in zip(saved_groups, self.param_groups, strict=True):
-            ng = {k: v for k, v in sg.items() if k not in ("params", "param_names")}
-            ng["betas"] = tuple(ng.get("betas", g["betas"]))
-            ng["params"] = g["params"]
-            if "param_names" in g:
-                ng["param_names"] = g["param_names"]
-            new_groups.append({**g, **ng})
-        self.__setstate__({"state": new_state, "param_groups": new_groups})
+                by_saved_id[sid] = (gi, pi, p)
+        return by_saved_id
+
+    def _copy_saved_state(self, p: torch.Tensor, saved: dict[str, Any]) -> dict[str, Any]:
+        """A copy of one parameter's checked saved state, placed by the pager, in the dtypes a step expects."""
+        dev = self.pager.place(p, self._state_nbytes(p))
+        step = saved["step"]
+        out: dict[str, Any] = {
+            "step": step.detach().to(device="cpu", dtype=torch.float32).clone()
+            if isinstance(step, torch.Tensor)
+            else torch.tensor(float(step))
+        }
+        for k, v in saved.items():
+            if k == "step":
+                continue
+            dtype = torch.uint8 if k in ("exp_avg", "exp_avg_sq") and self._uses_8bit(p) else torch.float32
+            t = self.pager.empty(p, dtype, dev, v.shape)
+            t.copy_(v)
+            out[k] = t
+        self._signature[id(p)] = (p.dtype, p.device)
+        return out
 
     def _validate_saved(self, st: Any, gi: int, pi: int, p: torch.Tensor) -> None:
         name = self._name(gi, pi, p)
