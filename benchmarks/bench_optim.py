@@ -14,6 +14,10 @@ Run: ``python benchmarks/bench_optim.py`` (``--quick`` for a smoke run, ``--json
 3. A paged run: a small random llama trained with ``AdamW(bits=8, paged=True, device_budget_bytes=B)``
    where B is a third of its state bytes (the unpaged state would not fit), against the unpaged run:
    the loss curves must be equal, bit for bit.
+
+The report starts with the machine: CPU model, its SIMD flags, threads, torch and numba versions (the
+8-bit step uses the numba kernel when numba is installed). Measured numbers are not kept here: they go to
+benchmarks/RESULTS.md with the command and machine that produced them.
 """
 
 from __future__ import annotations
@@ -69,6 +73,41 @@ def _bnb_available() -> bool:
         return True
     except Exception:  # noqa: BLE001 - any failure means "not runnable here"
         return False
+
+
+# SIMD features that decide the speed of the vectorized loops (the full flag list goes to --json).
+_SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16",
+               "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve")
+
+
+def cpu_info() -> dict:
+    """The CPU model, its flags and core count, from /proc/cpuinfo (Linux; "unknown" elsewhere)."""
+    model, flags = "unknown", []
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model == "unknown":
+                    model = value.strip()
+                elif key in ("flags", "Features") and not flags:
+                    flags = value.split()
+    except OSError:
+        pass
+    return {
+        "model": model,
+        "simd_flags": [f for f in _SIMD_FLAGS if f in flags],
+        "flags": flags,
+        "logical_cpus": os.cpu_count(),
+    }
+
+
+def _numba_version() -> str | None:
+    try:
+        import numba
+    except ImportError:
+        return None
+    return numba.__version__
 
 
 # ---- 1. state bytes ---------------------------------------------------------------------------------------
@@ -226,9 +265,11 @@ def _print_tables(report: dict) -> None:
 
     con = Console()
     env = report["env"]
+    cpu = env["cpu"]
+    con.print(f"CPU: {cpu['model']} ({cpu['logical_cpus']} logical CPUs); SIMD flags: {' '.join(cpu['simd_flags'])}")
     con.print(
-        f"torch {env['torch']}, threads {env['threads']}, load average before {env['loadavg']}, "
-        f"repeats {env['repeats']} (medians)"
+        f"torch {env['torch']}, numba {env['numba'] or 'not installed'}, threads {env['threads']}, "
+        f"load average before {env['loadavg']}, repeats {env['repeats']} (medians)"
     )
     sb = report["state_bytes"]
     t = Table(title=f"Optimizer state bytes per trainable parameter: {sb['source']} "
@@ -287,7 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     bnb_ok = _bnb_available()
     report = {
         "env": {
+            "cpu": cpu_info(),
             "torch": torch.__version__,
+            "numba": _numba_version(),
             "threads": torch.get_num_threads(),
             "loadavg": [round(x, 2) for x in os.getloadavg()],
             "repeats": args.repeats,

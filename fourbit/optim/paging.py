@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fourbit._errors import FieldError
+
 __all__ = ["StatePager", "PagingStats"]
 
 
@@ -62,17 +64,20 @@ class StatePager:
             device (greedy in parameter order); None means 0 (page everything).
 
     Raises:
-        ValueError: for a negative budget, or a budget with ``paged=False``.
+        FieldError: (a ValueError) for a negative budget, or a budget with ``paged=False``.
+        TypeError: for a budget that is not an int.
     """
 
     def __init__(self, paged: bool, device_budget_bytes: int | None = None) -> None:
         if device_budget_bytes is not None:
             if not paged:
-                raise ValueError("device_budget_bytes needs paged=True (without paging every state is resident)")
+                raise FieldError(
+                    "device_budget_bytes", "needs `paged=True` (without paging every state is resident)"
+                )
             if isinstance(device_budget_bytes, bool) or not isinstance(device_budget_bytes, int):
-                raise TypeError(f"device_budget_bytes must be an int or None, got {device_budget_bytes!r}")
+                raise TypeError(f"`device_budget_bytes` must be an int or None, got {device_budget_bytes!r}")
             if device_budget_bytes < 0:
-                raise ValueError(f"device_budget_bytes must be >= 0, got {device_budget_bytes}")
+                raise FieldError("device_budget_bytes", f"must be >= 0, got {device_budget_bytes}")
         self.paged = bool(paged)
         self.budget = 0 if device_budget_bytes is None else device_budget_bytes
         self.stats = PagingStats()

@@ -7,7 +7,8 @@ entry of the dynamic 8-bit map (signed for the first Adam moment, unsigned for t
 from :mod:`fourbit.quant.codebooks`, bit-identical to bitsandbytes' ``create_dynamic_map``).
 
 Nearest-code search is the hot loop of the 8-bit optimizer, so it avoids ``torch.bucketize`` (a binary search
-per element, ~50 ns/element on this CPU) and uses a lookup table on the float32 bit pattern instead:
+per element, with eight dependent, unpredictable branches) and uses a lookup table on the float32 bit pattern
+instead:
 
 1. ``bucket = (bits(x) >> 16) + 32768`` keeps the sign, the 8 exponent bits and the top 7 mantissa bits, so a bucket
    spans at most 2^-7 (0.8 %) of its value, finer than the smallest relative gap between neighbouring
@@ -16,11 +17,13 @@ per element, ~50 ns/element on this CPU) and uses a lookup table on the float32 
 2. ``lut[bucket]`` is the nearest code for the bucket's smallest value and ``thr[bucket]`` the midpoint
    just above that code; the answer is ``lut[bucket] + (x > thr[bucket])``.
 
-This gives exactly the index ``torch.bucketize(x, midpoints)`` gives (ties go to the lower code), in about
-1/10 of the time. The tables (64 Ki entries each) are built once per codebook and cached.
+This gives exactly the index ``torch.bucketize(x, midpoints)`` gives (ties go to the lower code), with two
+table reads and one comparison per element. The tables (64 Ki entries each) are built once per codebook and
+cached.
 
-All functions work on whole tensors (no Python loop over blocks); callers may process a large tensor in
-chunks of whole blocks to keep temporaries in cache.
+The optimizer's update (:mod:`fourbit.optim.functional`) normalises each block by its absmax and calls
+:func:`nearest_code`; dequantization is ``code[codes] * absmax``. Both work on whole tensors (no Python loop
+over blocks), so callers can process a large tensor in chunks of whole blocks to keep temporaries in cache.
 """
 
 from __future__ import annotations
@@ -37,8 +40,6 @@ __all__ = [
     "state_codebook",
     "num_blocks",
     "nearest_code",
-    "quantize_blockwise_8bit",
-    "dequantize_blockwise_8bit",
 ]
 
 _SHIFT = 16  # bits(x) >> 16: sign, 8 exponent bits, 7 mantissa bits
@@ -176,81 +177,3 @@ def nearest_code(
         return lo.to(torch.uint8).view(normed.shape)
     out.view(-1).copy_(lo)
     return out
-
-
-def quantize_blockwise_8bit(
-    x: torch.Tensor,
-    cb: StateCodebook,
-    block_size: int = 256,
-    *,
-    out: torch.Tensor | None = None,
-    absmax_out: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize ``x`` blockwise: ``codes[i] = nearest(x[i] / absmax[block(i)])``.
-
-    Args:
-        x: tensor of any shape and float dtype; flattened in row-major order, the last block may be partial.
-        cb: codebook (signed map for values of either sign, unsigned map for non-negative values).
-        block_size: elements per block.
-        out: optional uint8 [numel] (or x's shape) tensor to write the codes into.
-        absmax_out: optional float32 [num_blocks] tensor to write the block maxima into.
-
-    Returns:
-        ``(codes, absmax)``: uint8 with ``x``'s shape (or ``out``), float32 ``[ceil(numel / block_size)]``.
-        A block of zeros gets absmax 0 and the code of 0.
-    """
-    n = x.numel()
-    nb = num_blocks(n, block_size)
-    flat = x.reshape(-1).float()
-    full = n // block_size * block_size
-    if full == n:
-        blocks = flat.view(nb, block_size)
-    else:
-        blocks = torch.zeros(nb * block_size, dtype=torch.float32, device=x.device)
-        blocks[:n] = flat
-        blocks = blocks.view(nb, block_size)
-    absmax = blocks.abs().amax(dim=1)
-    # A zero block keeps absmax 0 (dequantizes to 0); divide by 1 there to avoid 0/0.
-    scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    normed = (blocks / scale.unsqueeze(1)).clamp_(-1.0, 1.0)
-    codes = nearest_code(normed, cb).view(-1)[:n]
-    if out is not None:
-        out.view(-1).copy_(codes)
-        codes = out
-    else:
-        codes = codes.view(x.shape)
-    if absmax_out is not None:
-        absmax_out.copy_(absmax)
-        absmax = absmax_out
-    return codes, absmax
-
-
-def dequantize_blockwise_8bit(
-    codes: torch.Tensor,
-    absmax: torch.Tensor,
-    cb: StateCodebook,
-    block_size: int = 256,
-) -> torch.Tensor:
-    """Inverse of :func:`quantize_blockwise_8bit`: ``x[i] = code[codes[i]] * absmax[block(i)]``.
-
-    Args:
-        codes: uint8 tensor of any shape.
-        absmax: float32 [ceil(numel / block_size)].
-        cb: the codebook used to quantize.
-        block_size: elements per block.
-
-    Returns:
-        float32 tensor of ``codes``' shape.
-    """
-    n = codes.numel()
-    nb = num_blocks(n, block_size)
-    if absmax.numel() != nb:
-        raise ValueError(f"absmax has {absmax.numel()} values, {n} codes in blocks of {block_size} need {nb}")
-    vals = cb.code.index_select(0, codes.reshape(-1).to(torch.int64))
-    full = n // block_size * block_size
-    if full == n:
-        return vals.view(nb, block_size).mul_(absmax.unsqueeze(1)).view(codes.shape)
-    out = torch.empty(n, dtype=torch.float32, device=codes.device)
-    out[:full].view(-1, block_size).copy_(vals[:full].view(-1, block_size) * absmax[: nb - 1].unsqueeze(1))
-    out[full:] = vals[full:] * absmax[nb - 1]
-    return out.view(codes.shape)

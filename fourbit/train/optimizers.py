@@ -1,20 +1,21 @@
-"""The optimizer seam: a config name -> ``fourbit.optim.AdamW(bits=..., paged=...)``."""
+"""The optimizer seam: a config's ``optim`` name -> ``fourbit.optim.AdamW(bits=..., paged=...)``.
+
+The names and what they mean live in one place, :data:`fourbit.optim.OPTIMIZER_OPTIONS`; fourbit's own AdamW
+serves every one of them.
+"""
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterable
 
 import torch
 
-__all__ = ["OPTIMIZER_OPTIONS", "build_optimizer"]
+from fourbit._errors import FieldError
+from fourbit.optim import OPTIMIZER_OPTIONS, AdamW
 
-# name -> (bits, paged)
-OPTIMIZER_OPTIONS: dict[str, tuple[int, bool]] = {
-    "adamw": (32, False),
-    "adamw_8bit": (8, False),
-    "paged_adamw_8bit": (8, True),
-    "paged_adamw_32bit": (32, True),
-}
+__all__ = ["build_optimizer"]
 
 
 def build_optimizer(
@@ -25,27 +26,27 @@ def build_optimizer(
     weight_decay: float = 0.0,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
-) -> torch.optim.Optimizer:
-    """Build the named AdamW variant (the paper uses paged 8-bit AdamW; see ``fourbit.optim``).
+) -> AdamW:
+    """Build the named AdamW variant (the QLoRA paper uses ``paged_adamw_8bit``).
 
-    Falls back to ``torch.optim.AdamW`` for plain ``adamw`` only if ``fourbit.optim`` is unavailable.
+    Args:
+        name: one of :data:`fourbit.optim.OPTIMIZER_NAMES` (the config's ``optim``).
+        params: the model's parameters; those that do not require a gradient are left out.
+        lr: the learning rate (the config's ``learning_rate``), finite and > 0.
+        weight_decay, betas, eps: as in :class:`fourbit.optim.AdamW`.
+
+    Returns:
+        The optimizer.
 
     Raises:
-        ValueError: unknown name, or ``lr <= 0``.
-        NotImplementedError: an 8-bit/paged variant without ``fourbit.optim``.
+        FieldError: for an unknown ``optim`` name or a non-finite or non-positive ``learning_rate``.
+        ValueError: when no parameter requires a gradient.
     """
     if name not in OPTIMIZER_OPTIONS:
-        raise ValueError(f"--optim must be one of {', '.join(OPTIMIZER_OPTIONS)}; got {name!r}")
-    if not lr > 0:
-        raise ValueError(f"--learning-rate must be > 0; got {lr!r}")
+        raise FieldError("optim", f"must be one of {', '.join(OPTIMIZER_OPTIONS)}; got {name!r}")
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not (math.isfinite(lr) and lr > 0):
+        raise FieldError("learning_rate", f"must be a finite number > 0; got {lr!r}")
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters: inject LoRA (or mark modules_to_save) first")
-    bits, paged = OPTIMIZER_OPTIONS[name]
-    try:
-        from fourbit.optim import AdamW
-    except ImportError:
-        if name != "adamw":
-            raise NotImplementedError(f"--optim {name} needs fourbit.optim, which is not importable") from None
-        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-    return AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, bits=bits, paged=paged)
+    return AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **OPTIMIZER_OPTIONS[name])

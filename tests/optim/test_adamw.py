@@ -8,7 +8,9 @@ import math
 import numpy as np
 import pytest
 import torch
+import transformers
 
+from fourbit._errors import FieldError
 from fourbit.optim import AdamW, state_bytes
 from fourbit.optim.functional import adamw_step_8bit
 from fourbit.optim.quant8 import state_codebook
@@ -218,7 +220,6 @@ def test_8bit_tracks_torch_on_tiny_llama_finetune() -> None:
     # slightly but not its direction. Measured: the 8-bit loss curve stays within 1.2 % (relative) of
     # torch.optim.AdamW's at every step. Bar: 5 % at every 5th step, so a real bug (wrong bias correction,
     # swapped or stale states) fails while quantization noise passes with a 4x margin.
-    transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(
         hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=256, max_position_embeddings=64,
@@ -343,31 +344,47 @@ def test_loaded_state_is_a_copy() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "exc", "match"),
+    ("kwargs", "field", "match"),
     [
-        (dict(lr=0.0), ValueError, "lr"),
-        (dict(lr=-1e-3), ValueError, "lr"),
-        (dict(eps=0.0), ValueError, "eps"),
-        (dict(betas=(1.0, 0.999)), ValueError, r"betas\[0\]"),
-        (dict(betas=(0.9, -0.1)), ValueError, r"betas\[1\]"),
-        (dict(betas=(0.9,)), ValueError, "betas"),
-        (dict(weight_decay=-0.1), ValueError, "weight_decay"),
-        (dict(bits=16), ValueError, "bits"),
-        (dict(bits=True), ValueError, "bits"),
-        (dict(block_size=0), ValueError, "block_size"),
-        (dict(lr="1e-3"), TypeError, "lr"),
-        (dict(device_budget_bytes=10), ValueError, "paged=True"),
+        (dict(lr=0.0), "lr", "> 0"),
+        (dict(lr=-1e-3), "lr", "> 0"),
+        (dict(lr=float("inf")), "lr", "finite"),
+        (dict(lr=float("nan")), "lr", "finite"),
+        (dict(eps=0.0), "eps", "> 0"),
+        (dict(eps=float("inf")), "eps", "finite"),
+        (dict(betas=(1.0, 0.999)), "betas", r"betas\[0\]"),
+        (dict(betas=(0.9, -0.1)), "betas", r"betas\[1\]"),
+        (dict(betas=(0.9, float("nan"))), "betas", r"betas\[1\]"),
+        (dict(betas=(0.9,)), "betas", "pair"),
+        (dict(weight_decay=-0.1), "weight_decay", ">= 0"),
+        (dict(weight_decay=float("inf")), "weight_decay", "finite"),
+        (dict(bits=16), "bits", "8 or 32"),
+        (dict(bits=True), "bits", "8 or 32"),
+        (dict(block_size=0), "block_size", ">= 1"),
+        (dict(min_8bit_size=-1), "min_8bit_size", ">= 0"),
+        (dict(device_budget_bytes=10), "device_budget_bytes", "paged=True"),
     ],
 )
-def test_bad_arguments(kwargs, exc, match) -> None:
-    with pytest.raises(exc, match=match):
+def test_bad_arguments_name_the_field(kwargs, field: str, match: str) -> None:
+    # Library errors name the library's argument (FieldError.field and `name` in the message), never a flag.
+    with pytest.raises(FieldError, match=match) as info:
+        AdamW(_params(), **kwargs)
+    assert info.value.field == field
+    assert str(info.value).startswith(f"`{field}`: ")
+
+
+@pytest.mark.parametrize(("kwargs", "name"), [(dict(lr="1e-3"), "lr"), (dict(betas=(0.9, "x")), r"betas\[1\]")])
+def test_non_numbers_are_type_errors(kwargs, name: str) -> None:
+    with pytest.raises(TypeError, match=f"`{name}` must be a real number"):
         AdamW(_params(), **kwargs)
 
 
 def test_bad_param_group_and_dtype() -> None:
     ps = _params()
-    with pytest.raises(ValueError, match="param group 1.*lr"):
+    with pytest.raises(FieldError, match="`lr`.*param group 1"):
         AdamW([{"params": ps[:1]}, {"params": ps[1:], "lr": -1.0}])
+    with pytest.raises(FieldError, match="`lr`.*param group 0"):
+        AdamW([{"params": ps, "lr": float("inf")}])
     with pytest.raises(TypeError, match="floating point"):
         AdamW([torch.zeros(3, dtype=torch.long)])
 
@@ -428,8 +445,12 @@ def test_loading_state_from_another_configuration_fails() -> None:
         AdamW(ps).load_state_dict({"state": {}})
 
 
-def test_packed_small_tensors_equal_one_by_one() -> None:
-    # The torch path concatenates small tensors (padded to whole blocks); results must not change.
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_packed_small_tensors_equal_one_by_one(backend: str) -> None:
+    # Batched updates must be byte-identical to the unbatched torch path: the torch backend concatenates the
+    # small tensors (padded to whole blocks), the numba backend updates them all in one kernel call.
+    if backend == "numba":
+        pytest.importorskip("numba")
     from fourbit.optim.functional import adamw_step_8bit_packed
 
     def fresh():
@@ -442,14 +463,16 @@ def test_packed_small_tensors_equal_one_by_one() -> None:
         ]
         return ps, sts
 
-    kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, backend="torch")
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
     a, sa = fresh()
     b, sb = fresh()
     for t in range(1, 4):
         grads = _grads(a, t)
-        adamw_step_8bit_packed(a, grads, sa, state_codebook(True), state_codebook(False), step=t, **kw)
+        adamw_step_8bit_packed(
+            a, grads, sa, state_codebook(True), state_codebook(False), step=t, backend=backend, **kw
+        )
         for p, g, st in zip(b, grads, sb, strict=True):
-            adamw_step_8bit(p, g, *st, state_codebook(True), state_codebook(False), step=t, **kw)
+            adamw_step_8bit(p, g, *st, state_codebook(True), state_codebook(False), step=t, backend="torch", **kw)
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y)
     for x, y in zip(sa, sb, strict=True):
@@ -473,3 +496,52 @@ def test_bfloat16_parameters_keep_their_dtype(bits: int) -> None:
         assert a.dtype == torch.bfloat16
         torch.testing.assert_close(a.float(), b, rtol=1.6e-2, atol=2e-2)
     assert o16.state[ps16[1]]["exp_avg_sq"].dtype == (torch.uint8 if bits == 8 else torch.float32)
+
+
+def test_unknown_backend_names_the_argument() -> None:
+    p, g = torch.zeros(256), torch.zeros(256)
+    s = [torch.zeros(256, dtype=torch.uint8), torch.zeros(1), torch.zeros(256, dtype=torch.uint8), torch.zeros(1)]
+    with pytest.raises(FieldError, match="`backend`"):
+        adamw_step_8bit(p, g, *s, state_codebook(True), state_codebook(False), step=1, lr=1e-3, beta1=0.9,
+                        beta2=0.999, eps=1e-8, weight_decay=0.0, backend="cuda")
+
+
+def test_numba_parallel_run_equals_serial() -> None:
+    # Over 2^20 elements with two threads the kernel runs its tasks in parallel; blocks are independent, so
+    # the bytes must equal a one-thread (serial) run.
+    pytest.importorskip("numba")
+    from fourbit.optim.functional import adamw_step_8bit_packed
+
+    results = []
+    for threads in (1, 2):
+        g = torch.Generator().manual_seed(5)
+        ps = [torch.randn(n, generator=g) for n in (600_000, 500_001, 4096)]
+        sts = [
+            (torch.zeros(p.numel(), dtype=torch.uint8), torch.zeros(math.ceil(p.numel() / 256)),
+             torch.zeros(p.numel(), dtype=torch.uint8), torch.zeros(math.ceil(p.numel() / 256)))
+            for p in ps
+        ]
+        torch.set_num_threads(threads)  # the autouse fixture restores it
+        for t in range(1, 3):
+            adamw_step_8bit_packed(
+                ps, _grads(ps, t), sts, state_codebook(True), state_codebook(False), step=t, lr=1e-2, beta1=0.9,
+                beta2=0.999, eps=1e-8, weight_decay=0.01, backend="numba",
+            )
+        results.append((ps, sts))
+    (pa, sa), (pb, sb) = results
+    assert all(torch.equal(x, y) for x, y in zip(pa, pb, strict=True))
+    for x, y in zip(sa, sb, strict=True):
+        assert all(torch.equal(u, w) for u, w in zip(x, y, strict=True))
+
+
+def test_numba_kernel_refuses_a_wrong_layout() -> None:
+    # The kernel writes through raw addresses: a state of the wrong size must be refused, not written past.
+    pytest.importorskip("numba")
+    from fourbit.optim._numba_8bit import adamw_8bit_numba, numba_available
+
+    assert numba_available()
+    p, g = torch.zeros(512), torch.zeros(512)
+    short = (torch.zeros(256, dtype=torch.uint8), torch.zeros(2), torch.zeros(512, dtype=torch.uint8), torch.zeros(2))
+    with pytest.raises(ValueError, match="numba 8-bit kernel"):
+        adamw_8bit_numba([p], [g], [short], state_codebook(True), state_codebook(False), beta1=0.9, beta2=0.999,
+                         correction2=1.0, eps=1e-8, decay=1.0, step_size=-1e-3, decayed=False, block_size=256)

@@ -1,4 +1,5 @@
-"""The trainer's optimizer names run fourbit.optim.AdamW end to end on a tiny llama with LoRA r=64."""
+"""The trainer's optimizer names run fourbit.optim.AdamW end to end on a tiny llama with LoRA r=64; the
+optimizer seam (``build_optimizer``) maps every name to fourbit's AdamW and names the config's fields."""
 
 from __future__ import annotations
 
@@ -7,17 +8,19 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-transformers = pytest.importorskip("transformers")
-trainer = pytest.importorskip("fourbit.train.trainer")
-config_mod = pytest.importorskip("fourbit.train.config")
-metrics_mod = pytest.importorskip("fourbit.train.metrics")
+from fourbit._errors import FieldError
+from fourbit.optim import OPTIMIZER_NAMES, OPTIMIZER_OPTIONS, AdamW
+from fourbit.train import config as config_mod
+from fourbit.train import metrics as metrics_mod
+from fourbit.train import trainer
+from fourbit.train.optimizers import build_optimizer
 
 
 def _tokenizer():
     """Byte-level BPE without merges (vocab 256 bytes + 1 special), built in the test: nothing downloaded."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
     vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     vocab["<|endoftext|>"] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -91,3 +94,30 @@ def test_trainer_resume_with_8bit_states_is_exact(tmp_path: Path) -> None:
     res = _run(part.replace(resume=True))
     assert res.resumed_from == 2
     assert _curve(full.out) == _curve(part.out)
+
+
+def test_every_optimizer_name_is_a_config_choice() -> None:
+    # One list of names: the trainer's config accepts exactly the optimizers fourbit.optim defines.
+    assert tuple(config_mod.OPTIMIZERS) == OPTIMIZER_NAMES
+
+
+def test_build_optimizer_serves_every_name_with_fourbit_adamw() -> None:
+    for name, options in OPTIMIZER_OPTIONS.items():
+        p = torch.nn.Parameter(torch.zeros(8))
+        opt = build_optimizer(name, [p, torch.nn.Parameter(torch.zeros(2), requires_grad=False)], lr=1e-3)
+        assert isinstance(opt, AdamW)
+        assert (opt.bits, opt.paged) == (options["bits"], options["paged"])
+        assert opt.param_groups[0]["params"] == [p]
+
+
+@pytest.mark.parametrize(
+    ("name", "lr", "field"),
+    [("sgd", 1e-3, "optim"), ("adamw", 0.0, "learning_rate"), ("adamw", -1.0, "learning_rate"),
+     ("adamw", float("inf"), "learning_rate"), ("adamw_8bit", float("nan"), "learning_rate")],
+)
+def test_build_optimizer_names_the_config_field(name: str, lr: float, field: str) -> None:
+    # The trainer's field names (`optim`, `learning_rate`), which the CLI maps to --optim / --learning-rate.
+    with pytest.raises(FieldError) as info:
+        build_optimizer(name, [torch.nn.Parameter(torch.zeros(2))], lr=lr)
+    assert info.value.field == field
+    assert "--" not in str(info.value)
