@@ -29,6 +29,7 @@ from typing import Any
 
 from fourbit._errors import FieldError, InputFileError
 from fourbit._io import atomic_write_text
+from fourbit.optim import OPTIMIZER_NAMES
 from fourbit.quant import QUANT_TYPES
 
 from .data import FORMATS
@@ -43,7 +44,7 @@ __all__ = [
     "save_config",
 ]
 
-OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+OPTIMIZERS = OPTIMIZER_NAMES
 SCHEDULES = ("constant", "cosine", "linear")
 _TASKS = ("causal", "classify")
 _QUANTS = (*QUANT_TYPES, "none")
