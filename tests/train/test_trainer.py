@@ -10,6 +10,7 @@ import torch
 from _tiny_models import make_llama, make_tokenizer
 from safetensors.torch import load_file
 
+from fourbit._errors import FieldError
 from fourbit.train.config import TrainConfig
 from fourbit.train.metrics import read_metrics
 from fourbit.train.trainer import train
@@ -88,11 +89,12 @@ def test_outputs_and_refusals(tmp_path: Path) -> None:
         assert (out / name).is_file(), name
     assert res.steps == 2 and res.train_loss is not None and res.n_eval > 0
     before = (out / "adapter_model.safetensors").read_bytes()
-    with pytest.raises(ValueError, match="--overwrite"):
+    with pytest.raises(FieldError, match="`overwrite`") as refused:
         _run(cfg)
+    assert refused.value.field == "out"
     assert (out / "adapter_model.safetensors").read_bytes() == before  # nothing saved is lost
     _run(cfg.replace(overwrite=True))
-    with pytest.raises(ValueError, match="no checkpoint"):
+    with pytest.raises(FieldError, match="no checkpoint"):
         _run(_cfg(tmp_path, "fresh", resume=True))
 
 
