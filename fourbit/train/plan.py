@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fourbit._errors import FieldError
-from fourbit._io import atomic_dir, check_output_dir
+from fourbit._io import atomic_dir, check_output_dir, remove_stale_temps
 
 from .checkpoint import Checkpoint, find_resumable
 from .config import TrainConfig, load_yaml_overrides
@@ -143,6 +143,7 @@ class RunFolder:
             self.path = self._stack.enter_context(atomic_dir(self.out))
         else:
             self.out.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(self.out.parent)  # a killed new run's folder beside `out`
         return self
 
     def commit(self) -> None:

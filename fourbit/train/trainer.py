@@ -360,13 +360,13 @@ def train(
     from fourbit.nn.adapters import save_adapter
 
     log = log or print
-    plan = plan or plan_run(config, log=log)
+    plan = plan or plan_run(config, log=log)  # 1. where to write, what to resume (refusals come here)
     train_ds, eval_ds = data if data is not None else prepare_data(config, tokenizer)
     if train_ds.n_truncated or train_ds.n_dropped:
         log(f"truncated {train_ds.n_truncated} examples to max_length={config.max_length}; "
             f"dropped {train_ds.n_dropped} left without response tokens")
-    seed_everything(config.seed)
-    add_lora(model, config)
+    seed_everything(config.seed)  # 2. everything random follows from the seed
+    add_lora(model, config)  # 3. LoRA (the targets are checked before the model changes)
     log(trainable_parameters_report(model))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(config.optim, params, lr=config.learning_rate, weight_decay=config.weight_decay,
@@ -374,6 +374,8 @@ def train(
     pad_id = _pad_id(model, tokenizer, config)
     device = next(model.parameters()).device
 
+    # 4. Only now is anything written: a new run into a temporary folder that becomes `out` at its first
+    # checkpoint; a resumed run into `out`, once its checkpoint has been loaded into the model.
     with RunFolder(plan.out, fresh=plan.resume is None) as run, _Interrupts() as interrupts:
         state = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0}
         metrics = MetricsLog(run.path / "metrics.jsonl")
@@ -396,7 +398,7 @@ def train(
         t_start, tokens_run = time.perf_counter(), 0
         bar = tqdm(total=config.max_steps, initial=state["step"], disable=not config.progress, desc="finetune",
                    unit="step", dynamic_ncols=True)
-        try:
+        try:  # 5. the optimizer steps, with metrics, evaluation, checkpoints and the stop on Ctrl-C
             while state["step"] < config.max_steps:
                 step = _optimizer_step(model, optimizer, params, stream, state, config, pad_id, device,
                                        last_checkpoint)
@@ -429,6 +431,7 @@ def train(
                                    t_start, plan)
         finally:
             bar.close()
+        # 6. the finished run: adapter and loss curve beside the checkpoints
         save_adapter(model, run.path, base_model_name_or_path=config.model)
         plot_loss_curve(run.path / "metrics.jsonl", run.path / "loss_curve.png")
         run.commit()

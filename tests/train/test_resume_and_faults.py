@@ -232,3 +232,14 @@ def test_sigint_stops_at_a_step_with_a_checkpoint_then_resume(workspace, uninter
     assert json.loads(done.stdout.strip().splitlines()[-1])["resumed_from"] == 2
     _assert_same_adapter(uninterrupted, out)
     assert _curve(uninterrupted) == _curve(out)
+
+
+def test_leftovers_of_a_killed_new_run_are_removed_by_the_next_run(tmp_path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"{TEMP_PREFIX}{dead.pid}-0badc0de-run"
+    (stale / "checkpoints").mkdir(parents=True)
+    (stale / "metrics.jsonl").write_text('{"step": 1, "loss"')
+    _run(_cfg(tmp_path, "run", max_steps=1))
+    assert not stale.exists()
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
