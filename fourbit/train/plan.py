@@ -114,11 +114,11 @@ def _compare_with_checkpoint(config: TrainConfig, checkpoint: Checkpoint, out: P
         return {}
     saved = {**TrainConfig().to_dict(), **load_yaml_overrides(source)}
     new = config.to_dict()
-    for name in RESUME_FIXED_FIELDS:
-        if not _same(name, saved[name], new[name]):
-            raise FieldError(name, f"{checkpoint.folder} was trained with {saved[name]!r}, this run asks for "
+    for name in (n for n in RESUME_FIXED_FIELDS if n in new):
+        if not _same(name, saved.get(name), new[name]):
+            raise FieldError(name, f"{checkpoint.folder} was trained with {saved.get(name)!r}, this run asks for "
                                    f"{new[name]!r}; a resumed run keeps what shapes the model and the data order: "
-                                   f"pass {saved[name]!r}, or start a new run without `resume`")
+                                   f"pass {saved.get(name)!r}, or start a new run without `resume`")
     skip = set(RESUME_FIXED_FIELDS) | {"resume", "overwrite", "progress"}
     return {k: (saved[k], new[k]) for k in new if k not in skip and saved.get(k) != new[k]}
 

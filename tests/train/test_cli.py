@@ -11,6 +11,7 @@ import torch
 import yaml
 from _cli import assert_clean_error, run_cli
 from _tiny_models import make_llama, make_tokenizer
+from safetensors.torch import load_file
 
 from fourbit.cli.train import add_parser
 from fourbit.train.config import TrainConfig, config_from_args, load_yaml_overrides
@@ -98,6 +99,12 @@ def test_finetune_then_merge_qlora(tmp_path: Path, model_dir: Path, capsys) -> N
         # merged fp32 weight = dequantized NF4 + sBA: the same model up to fp32 rounding
         torch.testing.assert_close(plain(ids).logits, qlora(ids).logits, rtol=1e-4, atol=1e-4)
     assert (merged / "tokenizer.json").is_file() or (merged / "tokenizer_config.json").is_file()
+    # the last checkpoint is the same adapter and records the same base: the same merged weights
+    from_ckpt = tmp_path / "merged-ckpt"
+    assert _run(["merge", "--adapter", str(out / "checkpoints" / "step-000002"), "--out", str(from_ckpt),
+                 "--dtype", "fp32"]) == 0
+    a, b = load_file(str(merged / "model.safetensors")), load_file(str(from_ckpt / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow

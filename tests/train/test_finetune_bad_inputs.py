@@ -73,6 +73,15 @@ def test_existing_run_without_overwrite_is_refused(setup) -> None:
     assert _snapshot(setup["run"]) == before
 
 
+def test_out_holding_the_data_is_refused_even_with_overwrite(setup) -> None:
+    data = setup["run"] / "data.jsonl"
+    shutil.copy(setup["data"], data)
+    before = _snapshot(setup["run"])
+    result = run_cli("finetune", setup["model"], "--data", data, "--out", setup["run"], *_FAST, "--overwrite")
+    assert_clean_error(result, "--out", str(data))
+    assert _snapshot(setup["run"]) == before
+
+
 def test_out_that_is_a_file(setup) -> None:
     target = setup["tmp"] / "notes.txt"
     target.write_text("keep me\n")
