@@ -16,7 +16,7 @@ __all__ = ["load_for_training", "quant_config"]
 
 
 def quant_config(config: TrainConfig, skip: Sequence[str] = ("lm_head",)):
-    """The ``fourbit.models.QuantConfig`` for ``config`` (None for ``--quant none``)."""
+    """The ``fourbit.models.QuantConfig`` for ``config`` (None for ``quant="none"``)."""
     from fourbit.models import QuantConfig
 
     if config.quant == "none":
@@ -39,7 +39,7 @@ def _classifier_from_causal(causal: nn.Module, num_labels: int) -> nn.Module:
 def load_for_training(config: TrainConfig, *, label_names: Sequence[str] = ()) -> tuple[nn.Module, Any]:
     """Load ``config.model`` (None: the bundled SmolLM2) and its tokenizer, quantized per ``config.quant``.
 
-    For ``--task classify`` the causal LM's decoder is reused under a sequence-classification head with
+    For ``task="classify"`` the causal LM's decoder is reused under a sequence-classification head with
     ``len(label_names)`` classes (the head is seeded with ``config.seed`` and stays in full precision).
 
     Raises:
