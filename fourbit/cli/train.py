@@ -109,7 +109,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     """
     from fourbit.train.merge import merge_adapter, merge_base
 
-    model = args.model_pos or args.model
+    model = args.model_pos
     out = merge_adapter(args.adapter_dir, args.out, model=model, quant=args.quant, dtype=args.dtype,
                         overwrite=args.overwrite, force=args.force)
     base = merge_base(args.adapter_dir, model=model, quant=args.quant, force=args.force)
@@ -136,7 +136,6 @@ def add_parser(subparsers: Any) -> None:
                               description=cmd_merge.__doc__)
     m.add_argument("model_pos", nargs="?", metavar="MODEL", default=None,
                    help="base model (default: the one recorded with the adapter, else bundled SmolLM2)")
-    m.add_argument("--model", default=None, help="the base model, as MODEL")
     m.add_argument("--adapter", dest="adapter_dir", required=True, metavar="DIR",
                    help="the finetune run folder (its --out), a checkpoint of it, or a peft adapter folder")
     m.add_argument("--out", required=True, metavar="DIR")
