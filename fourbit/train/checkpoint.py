@@ -6,9 +6,13 @@ Layout of ``<out>/checkpoints/step-000010/``::
     optimizer.safetensors                            every tensor of optimizer.state_dict(), flattened
     trainer_state.json                               step, data position, scheduler step, the optimizer's
                                                      non-tensor state (param groups, scalars), RNG states
+    train_config.yaml                                the run's configuration (what a resume is checked against)
 
-The folder is built under a temporary name and renamed into place, so a crash never leaves a half-written
-checkpoint. Nothing is pickled: tensors go through safetensors, everything else through JSON.
+The folder is built in a temporary folder beside it and swapped in whole (:func:`fourbit._io.atomic_dir`), so
+a crash never leaves a half-written checkpoint. Before a checkpoint is used it is read whole and checked
+(:func:`read_checkpoint`); :func:`find_resumable` falls back from a damaged newest checkpoint to the newest
+intact one and says which it skipped and why. Nothing is pickled: tensors go through safetensors,
+everything else through JSON.
 """
 
 from __future__ import annotations
@@ -16,24 +20,35 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from fourbit._io import replace_dir
+from fourbit._errors import InputFileError
+from fourbit._io import atomic_dir, atomic_write_text, load_safetensors, read_json, save_safetensors
 
 __all__ = [
+    "Checkpoint",
+    "apply_checkpoint",
+    "find_resumable",
     "flatten_state",
     "latest_checkpoint",
     "load_checkpoint",
+    "read_checkpoint",
     "rng_state",
     "save_checkpoint",
     "set_rng_state",
     "unflatten_state",
 ]
+
+_STEP_DIR = re.compile(r"step-(\d+)")
+_STATE, _OPTIMIZER, _CONFIG = "trainer_state.json", "optimizer.safetensors", "train_config.yaml"
 
 _TENSOR, _TUPLE, _DICT = "__tensor__", "__tuple__", "__dict__"
 
@@ -104,8 +119,19 @@ def set_rng_state(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Non
     random.setstate((version, tuple(state), gauss))
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
+def pause_point(where: str, step: int, stop: Callable[[], bool] | None = None) -> None:
+    """A hook for fault-injection tests of a real process: when ``FOURBIT_TEST_PAUSE`` is ``"<where>:<step>"``,
+    touch the file named by ``FOURBIT_TEST_MARKER`` and wait (up to ``FOURBIT_TEST_PAUSE_S`` seconds, default
+    60, or until ``stop()`` is true) so that a test can send a signal at exactly this point. A no-op otherwise.
+    """
+    if os.environ.get("FOURBIT_TEST_PAUSE") != f"{where}:{step}":
+        return
+    marker = os.environ.get("FOURBIT_TEST_MARKER")
+    if marker:
+        Path(marker).write_text(f"{os.getpid()}\n", encoding="utf-8")
+    deadline = time.monotonic() + float(os.environ.get("FOURBIT_TEST_PAUSE_S", "60"))
+    while time.monotonic() < deadline and not (stop and stop()):
+        time.sleep(0.02)
 
 
 def save_checkpoint(
@@ -115,6 +141,7 @@ def save_checkpoint(
     state: dict[str, Any],
     *,
     base_model_name_or_path: str | None = None,
+    config: Any = None,
 ) -> Path:
     """Write a complete checkpoint into ``folder`` atomically (replacing an older one of the same name).
 
@@ -124,63 +151,129 @@ def save_checkpoint(
         optimizer: its ``state_dict()`` is stored exactly.
         state: JSON-serializable trainer state (step, data position, scheduler step...).
         base_model_name_or_path: recorded in the adapter config.
-    """
-    from safetensors.torch import save_file
+        config: the run's :class:`~fourbit.train.config.TrainConfig`, saved as ``train_config.yaml``.
 
+    Raises:
+        OSError: the disk is full or the folder unwritable (naming the file); nothing is left half-written.
+    """
     from fourbit.nn.adapters import save_adapter
 
+    from .config import save_config
+
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    with atomic_dir(folder) as tmp:
         save_adapter(model, tmp, base_model_name_or_path=base_model_name_or_path)
         opt_skeleton, opt_tensors = flatten_state(optimizer.state_dict())
         rng_meta, rng_tensors = rng_state()
-        save_file({**{f"opt.{k}": v for k, v in opt_tensors.items()}, **rng_tensors},
-                  str(tmp / "optimizer.safetensors"), metadata={"format": "pt"})
-        _write_json(tmp / "trainer_state.json", {**state, "optimizer": opt_skeleton, "rng": rng_meta})
-        replace_dir(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        save_safetensors({**{f"opt.{k}": v for k, v in opt_tensors.items()}, **rng_tensors}, tmp / _OPTIMIZER)
+        if config is not None:
+            save_config(config, tmp, _CONFIG)
+        pause_point("checkpoint", int(state.get("step", 0)))
+        atomic_write_text(tmp / _STATE, json.dumps({**state, "optimizer": opt_skeleton, "rng": rng_meta},
+                                                   indent=1) + "\n")
     return folder
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read whole from disk and checked (see :func:`read_checkpoint`)."""
+
+    folder: Path
+    state: dict[str, Any]
+    tensors: dict[str, torch.Tensor] = field(repr=False)
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+    @property
+    def config_file(self) -> Path | None:
+        """The checkpoint's ``train_config.yaml`` (None for checkpoints written before it was saved there)."""
+        path = self.folder / _CONFIG
+        return path if path.is_file() else None
+
+
+def read_checkpoint(folder: str | os.PathLike) -> Checkpoint:
+    """Read and check every file of a checkpoint without touching any model.
+
+    Raises:
+        InputFileError: naming the missing, truncated or damaged file.
+    """
+    folder = Path(folder)
+    state = read_json(folder / _STATE)
+    if not isinstance(state, dict) or not {"step", "epoch", "batch", "optimizer", "rng"} <= set(state):
+        raise InputFileError(folder / _STATE, "not a fourbit trainer state (missing step, data position, "
+                                              "optimizer or RNG state)")
+    tensors = load_safetensors(folder / _OPTIMIZER)
+    if "rng.torch" not in tensors:
+        raise InputFileError(folder / _OPTIMIZER, "holds no RNG state; the checkpoint is incomplete")
+    read_json(folder / "adapter_config.json")
+    load_safetensors(folder / "adapter_model.safetensors")
+    return Checkpoint(folder, state, tensors)
+
+
+def apply_checkpoint(checkpoint: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Load the checkpoint's adapter weights and optimizer state into ``model``/``optimizer`` and restore
+    the RNG states.
+
+    Returns:
+        The trainer state saved with the checkpoint (step, data position, tokens, scheduler record).
+
+    Raises:
+        ValueError: the adapter or optimizer state does not fit the model (naming the checkpoint).
+    """
+    from fourbit.nn.adapters import load_adapter_weights
+
+    state = dict(checkpoint.state)
+    tensors = checkpoint.tensors
+    load_adapter_weights(model, checkpoint.folder)
+    opt = {k.removeprefix("opt."): v for k, v in tensors.items() if k.startswith("opt.")}
+    try:
+        optimizer.load_state_dict(unflatten_state(state.pop("optimizer"), opt))
+    except (ValueError, KeyError) as err:
+        raise InputFileError(checkpoint.folder / _OPTIMIZER, f"the optimizer state does not fit this run ({err})"
+                             ) from None
+    set_rng_state(state.pop("rng"), {k: v for k, v in tensors.items() if k.startswith("rng.")})
+    return state
 
 
 def load_checkpoint(
     folder: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer
 ) -> dict[str, Any]:
-    """Load adapter weights and optimizer state into ``model``/``optimizer`` and restore the RNG states.
-
-    Returns:
-        The trainer state saved with the checkpoint.
+    """:func:`read_checkpoint` then :func:`apply_checkpoint`.
 
     Raises:
-        ValueError: a missing or incomplete checkpoint folder.
+        InputFileError: a missing, incomplete or damaged checkpoint file (named).
+        ValueError: a checkpoint that does not fit the model.
     """
-    from safetensors.torch import load_file
+    return apply_checkpoint(read_checkpoint(folder), model, optimizer)
 
-    from fourbit.nn.adapters import load_adapter_weights
 
-    folder = Path(folder)
-    for name in ("trainer_state.json", "optimizer.safetensors", "adapter_model.safetensors"):
-        if not (folder / name).is_file():
-            raise ValueError(f"{folder}: incomplete checkpoint (no {name})")
-    state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
-    tensors = load_file(str(folder / "optimizer.safetensors"))
-    load_adapter_weights(model, folder)
-    opt = {k.removeprefix("opt."): v for k, v in tensors.items() if k.startswith("opt.")}
-    optimizer.load_state_dict(unflatten_state(state.pop("optimizer"), opt))
-    set_rng_state(state.pop("rng"), {k: v for k, v in tensors.items() if k.startswith("rng.")})
-    return state
+def _step_folders(out: str | os.PathLike) -> list[Path]:
+    """``<out>/checkpoints/step-N`` folders, newest first (temporary folders are not among them)."""
+    root = Path(out) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]), reverse=True)
 
 
 def latest_checkpoint(out: str | os.PathLike) -> Path | None:
-    """The newest complete ``checkpoints/step-*`` folder under ``out`` (None if there is none)."""
-    root = Path(out) / "checkpoints"
-    if not root.is_dir():
-        return None
-    done = [p for p in root.glob("step-*") if (p / "trainer_state.json").is_file()]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+    """The newest ``checkpoints/step-*`` folder under ``out`` holding a trainer state (None if there is none);
+    see :func:`find_resumable` for one that is checked whole."""
+    return next((p for p in _step_folders(out) if (p / _STATE).is_file()), None)
+
+
+def find_resumable(out: str | os.PathLike) -> tuple[Checkpoint | None, list[tuple[Path, str]]]:
+    """The newest intact checkpoint under ``out``, read whole, and the newer ones skipped as damaged.
+
+    Returns:
+        ``(checkpoint or None, [(skipped folder, why), ...])``.
+    """
+    skipped: list[tuple[Path, str]] = []
+    for folder in _step_folders(out):
+        try:
+            return read_checkpoint(folder), skipped
+        except InputFileError as err:
+            skipped.append((folder, str(err)))
+    return None, skipped

@@ -8,13 +8,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from fourbit._errors import FieldError
+
 from .config import TrainConfig
 
 __all__ = ["load_for_training", "quant_config"]
 
 
 def quant_config(config: TrainConfig, skip: Sequence[str] = ("lm_head",)):
-    """The ``fourbit.models.QuantConfig`` for ``config`` (None for ``--quant none``)."""
+    """The ``fourbit.models.QuantConfig`` for ``config`` (None for ``quant="none"``)."""
     from fourbit.models import QuantConfig
 
     if config.quant == "none":
@@ -37,11 +39,12 @@ def _classifier_from_causal(causal: nn.Module, num_labels: int) -> nn.Module:
 def load_for_training(config: TrainConfig, *, label_names: Sequence[str] = ()) -> tuple[nn.Module, Any]:
     """Load ``config.model`` (None: the bundled SmolLM2) and its tokenizer, quantized per ``config.quant``.
 
-    For ``--task classify`` the causal LM's decoder is reused under a sequence-classification head with
+    For ``task="classify"`` the causal LM's decoder is reused under a sequence-classification head with
     ``len(label_names)`` classes (the head is seeded with ``config.seed`` and stays in full precision).
 
     Raises:
-        ValueError: a model without a tokenizer, or classification with fewer than two labels.
+        FieldError: a model without a tokenizer (``model``), or classification with fewer than two labels
+            (``label_column``).
     """
     from fourbit.models import load_model, quantize_model
 
@@ -50,8 +53,8 @@ def load_for_training(config: TrainConfig, *, label_names: Sequence[str] = ()) -
     seed_everything(config.seed)
     if config.task == "classify":
         if len(label_names) < 2:
-            raise ValueError(f"--task classify needs at least two distinct labels in column "
-                             f"{config.label_column!r}; found {list(label_names)}")
+            raise FieldError("label_column", f"`task` classify needs at least two distinct labels in column "
+                                             f"{config.label_column!r}; found {list(label_names)}")
         causal, tokenizer = load_model(config.model, quant=None, torch_dtype=torch.float32)
         model = _classifier_from_causal(causal, len(label_names))
         model.config.id2label = dict(enumerate(label_names))
@@ -62,7 +65,7 @@ def load_for_training(config: TrainConfig, *, label_names: Sequence[str] = ()) -
     else:
         model, tokenizer = load_model(config.model, quant=quant_config(config), torch_dtype=torch.float32)
     if tokenizer is None:
-        raise ValueError(f"model {config.model!r} comes without a tokenizer; add one to the folder")
+        raise FieldError("model", f"{config.model} comes without a tokenizer; add one to the folder")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None:

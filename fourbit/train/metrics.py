@@ -1,24 +1,39 @@
-"""Metrics as JSON Lines, and the loss-curve PNG drawn from them at the end of a run."""
+"""Metrics as JSON Lines, and the loss-curve PNG drawn from them at the end of a run.
+
+``metrics.jsonl`` is a log appended to line by line: a run killed mid-write leaves a torn last line, which
+readers skip (the records before it are intact). Non-finite numbers are written as ``null`` so every line
+stays standard JSON.
+"""
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from fourbit._io import atomic_write_text
+from fourbit._io import atomic_write_bytes, atomic_write_text, read_jsonl
 
 __all__ = ["MetricsLog", "plot_loss_curve", "read_metrics"]
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """All records of a metrics file (empty list if it does not exist)."""
+    """All records of a metrics file (empty list if it does not exist; a torn last line is skipped).
+
+    Raises:
+        InputFileError: a damaged line before the last one (naming the file and line).
+    """
     p = Path(path)
     if not p.is_file():
         return []
-    return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return read_jsonl(p, skip_torn_last_line=True)
+
+
+def _json_line(record: dict[str, Any]) -> str:
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+    return json.dumps(clean, allow_nan=False) + "\n"
 
 
 class MetricsLog:
@@ -30,11 +45,11 @@ class MetricsLog:
 
     def truncate_after(self, step: int) -> None:
         keep = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
+        atomic_write_text(self.path, "".join(_json_line(r) for r in keep))
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(_json_line(record))
 
 
 def plot_loss_curve(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -> Path | None:
@@ -49,8 +64,8 @@ def plot_loss_curve(metrics_path: str | os.PathLike, png_path: str | os.PathLike
     import matplotlib.pyplot as plt
 
     records = read_metrics(metrics_path)
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+    evals = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
     if not train:
         return None
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
@@ -62,10 +77,7 @@ def plot_loss_curve(metrics_path: str | os.PathLike, png_path: str | os.PathLike
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    png_path = Path(png_path)
-    fd, tmp = tempfile.mkstemp(dir=png_path.parent, prefix=f".{png_path.name}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
     plt.close(fig)
-    os.replace(tmp, png_path)
-    return png_path
+    return atomic_write_bytes(png_path, buffer.getvalue())

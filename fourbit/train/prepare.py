@@ -39,7 +39,8 @@ def prepare_model_for_training(
         model.enable_input_require_grads()
     if gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
-            raise NotImplementedError(f"{type(model).__name__} does not support gradient checkpointing")
+            raise NotImplementedError(f"{type(model).__name__} does not support gradient checkpointing; run "
+                                      "without `gradient_checkpointing`")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "config"):
             model.config.use_cache = False

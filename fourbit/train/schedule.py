@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 
+from fourbit._errors import FieldError
+
 __all__ = ["lr_factor"]
 
 
@@ -17,7 +19,7 @@ def lr_factor(step: int, *, schedule: str, warmup: int, total: int) -> float:
     stays at 1, ``linear`` decays to 0 at ``total`` and ``cosine`` follows half a cosine to 0 at ``total``.
 
     Raises:
-        ValueError: unknown schedule.
+        FieldError: unknown schedule (field ``lr_scheduler``).
     """
     if step < warmup:
         return (step + 1) / warmup
@@ -28,4 +30,4 @@ def lr_factor(step: int, *, schedule: str, warmup: int, total: int) -> float:
         return 1.0 - progress
     if schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"--lr-scheduler must be constant, cosine or linear; got {schedule!r}")
+    raise FieldError("lr_scheduler", f"must be constant, cosine or linear; got {schedule!r}")

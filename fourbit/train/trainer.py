@@ -5,7 +5,10 @@ all micro-batches of the step divided by their total label-token count (so accum
 batch), clipped at ``max_grad_norm``, then AdamW. Everything random is a function of ``seed`` (LoRA init,
 dropout via the torch RNG, data order via :class:`BatchPlan`), and a checkpoint stores the RNG, optimizer,
 scheduler step and data position, so an interrupted-and-resumed run reproduces the uninterrupted one
-exactly on CPU (tested with exact float equality of the loss curve).
+exactly on CPU (tested with exact float equality of the loss curve and the adapter).
+
+A run reads top to bottom in :func:`train`: plan the output (:mod:`fourbit.train.plan`), data, seed, LoRA,
+optimizer, run folder, resume, the steps (:func:`_optimizer_step`), evaluation and checkpoints, the adapter.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -24,8 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fourbit._errors import FieldError
+from fourbit._io import atomic_write_text
 from fourbit.nn.lora import (
     LoRASpec,
+    find_target_modules,
     inject_lora,
     lora_modules,
     lora_spec,
@@ -34,19 +41,26 @@ from fourbit.nn.lora import (
 )
 
 from .batching import Batch, BatchPlan, collate
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import apply_checkpoint, pause_point, save_checkpoint
 from .config import TrainConfig, save_config
 from .data import EncodedDataset, encode_records, load_records, split_records
 from .loss import causal_lm_loss
 from .metrics import MetricsLog, plot_loss_curve
 from .optimizers import build_optimizer
+from .plan import RunFolder, RunPlan, plan_run
 from .prepare import prepare_model_for_training
 from .schedule import lr_factor
 
-__all__ = ["TrainResult", "add_lora", "evaluate", "prepare_data", "seed_everything", "train"]
-
-_OUTPUTS = ("adapter_config.json", "adapter_model.safetensors", "train_config.yaml", "metrics.jsonl",
-            "loss_curve.png", "labels.json", "checkpoints")
+__all__ = [
+    "TrainResult",
+    "TrainingInterrupted",
+    "add_lora",
+    "evaluate",
+    "plan_run",
+    "prepare_data",
+    "seed_everything",
+    "train",
+]
 
 
 @dataclass
@@ -75,10 +89,11 @@ def prepare_data(config: TrainConfig, tokenizer: Any) -> tuple[EncodedDataset, E
     """Load, split and tokenize ``config.data`` (and ``config.eval_data``).
 
     Raises:
+        FieldError: no ``data``.
         ValueError: see :func:`load_records` and :func:`encode_records`.
     """
     if not config.data:
-        raise ValueError("--data is required")
+        raise FieldError("data", "is required: the training file or saved dataset folder")
     records = load_records(config.data)
     if config.eval_data:
         train_rows, eval_rows = records, load_records(config.eval_data)
@@ -97,9 +112,19 @@ def prepare_data(config: TrainConfig, tokenizer: Any) -> tuple[EncodedDataset, E
 
 def add_lora(model: nn.Module, config: TrainConfig) -> nn.Module:
     """Prepare ``model`` for training and inject LoRA as ``config`` says (classification also trains
-    the ``score`` head, saved as peft's ``modules_to_save``)."""
-    prepare_model_for_training(model, gradient_checkpointing=config.gradient_checkpointing)
+    the ``score`` head, saved as peft's ``modules_to_save``).
+
+    Raises:
+        FieldError: ``target_modules`` selects no linear layer of the model (checked before it is changed).
+    """
     saved = ("score",) if config.task == "classify" else ()
+    if not lora_modules(model):
+        try:
+            find_target_modules(model, config.target_module_list, saved)
+        except ValueError as err:
+            raise FieldError("target_modules", f"{err}; name linear layers of the model (e.g. q_proj,v_proj) "
+                                               "or use all-linear") from None
+    prepare_model_for_training(model, gradient_checkpointing=config.gradient_checkpointing)
     if lora_modules(model):  # adapters already there (e.g. loaded): train them as they are
         spec = lora_spec(model)
         mark_only_lora_trainable(model, spec.modules_to_save if spec else saved)
@@ -170,24 +195,125 @@ def evaluate(model: nn.Module, data: EncodedDataset, config: TrainConfig, pad_id
     return out
 
 
-def _check_out(out: Path, config: TrainConfig) -> Path | None:
-    """Refuse to clobber another run; return the checkpoint to resume from (if resuming)."""
-    if config.resume:
-        ckpt = latest_checkpoint(out)
-        if ckpt is None:
-            raise ValueError(f"--resume: {out} holds no checkpoint to resume from")
-        return ckpt
-    if out.exists() and any(out.iterdir()):
-        if not config.overwrite:
-            raise ValueError(f"output folder {out} already holds files (another run?); pass --overwrite to "
-                             "replace it or --resume to continue it")
-        for name in _OUTPUTS:
-            p = out / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-    return None
+class TrainingInterrupted(KeyboardInterrupt):
+    """The run stopped at a step boundary on Ctrl-C (SIGINT) after writing a checkpoint.
+
+    Attributes:
+        step: the last finished optimizer step.
+        checkpoint: the checkpoint folder written for it; ``resume`` continues from there.
+    """
+
+    def __init__(self, step: int, checkpoint: Path) -> None:
+        super().__init__(f"interrupted at step {step}; checkpoint {checkpoint} written: run again with "
+                         "`resume` to continue")
+        self.step = step
+        self.checkpoint = checkpoint
+
+
+class _Interrupts:
+    """Turns the first SIGINT during the loop into a request to stop at the next step boundary; a second one
+    raises ``KeyboardInterrupt`` at once. Only the main thread can install signal handlers; elsewhere this
+    does nothing."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> _Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+@dataclass
+class _Step:
+    """What one optimizer step measured."""
+
+    loss: float
+    lr: float
+    grad_norm: float
+    n_tokens: int
+    seconds: float
+
+
+def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
+                    stream: Any, state: dict[str, Any], config: TrainConfig, pad_id: int, device: torch.device,
+                    last_checkpoint: Path | None) -> _Step:
+    """One optimizer step: ``gradient_accumulation_steps`` micro-batches, the summed token loss over their
+    label-token count, gradient clipping, AdamW. Advances the data position in ``state``.
+
+    Raises:
+        FieldError: the loss, the gradient or the updated weights are not finite (``learning_rate``); the
+            weights of this step are not saved anywhere.
+    """
+    t0 = time.perf_counter()
+    micro = []
+    for _ in range(config.gradient_accumulation_steps):
+        epoch, index, rows = next(stream)
+        micro.append(collate(rows, pad_id, packed=config.packing, classify=config.task == "classify"))
+        state["epoch"], state["batch"] = epoch, index + 1
+    n_targets = max(1, sum(b.n_targets for b in micro))
+    total = 0.0
+    for b in micro:
+        b = _to(b, device)
+        with _autocast(config, model):
+            loss, _ = _loss_sum(model, b, config)
+        (loss / n_targets).backward()
+        total += float(loss.detach())
+    step = state["step"] + 1
+    lr = config.learning_rate * lr_factor(state["step"], schedule=config.lr_scheduler, warmup=config.warmup,
+                                          total=config.max_steps)
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf")))
+    loss_value = total / n_targets
+    if not (math.isfinite(loss_value) and math.isfinite(norm)):
+        what = f"the loss is {loss_value}" if not math.isfinite(loss_value) else f"the gradient norm is {norm}"
+        raise _diverged(step, what, lr, last_checkpoint)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if not all(bool(torch.isfinite(p).all()) for p in params):
+        raise _diverged(step, "the update made the adapter weights non-finite", lr, last_checkpoint)
+    return _Step(loss_value, lr, norm, sum(b.n_tokens for b in micro), time.perf_counter() - t0)
+
+
+def _diverged(step: int, what: str, lr: float, last_checkpoint: Path | None) -> FieldError:
+    kept = f"; the last good checkpoint is {last_checkpoint}" if last_checkpoint else ""
+    return FieldError("learning_rate", f"training diverged at step {step}: {what} (learning rate {lr:g}); "
+                                       f"stopped without saving this step{kept}: lower `learning_rate` and run again")
+
+
+def _save(run: RunFolder, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+          config: TrainConfig) -> Path:
+    """Write the checkpoint of the current step and make the run folder ``out`` (at the first checkpoint)."""
+    # The schedule is a pure function of the step; it is recorded for readers of the checkpoint.
+    sched = {"schedule": config.lr_scheduler, "step": state["step"], "warmup": config.warmup,
+             "total": config.max_steps, "base_lr": config.learning_rate}
+    name = f"step-{state['step']:06d}"
+    save_checkpoint(run.path / "checkpoints" / name, model, optimizer, {**state, "scheduler": sched},
+                    base_model_name_or_path=config.model, config=_saved_config(config))
+    run.commit()
+    return run.path / "checkpoints" / name
+
+
+def _saved_config(config: TrainConfig) -> TrainConfig:
+    """The configuration written beside the run: ``resume``/``overwrite`` describe one invocation, not the run."""
+    return config.replace(resume=False, overwrite=False)
+
+
+def _write_run_files(folder: Path, config: TrainConfig, train_ds: EncodedDataset) -> None:
+    save_config(_saved_config(config), folder)
+    if train_ds.label_names:
+        atomic_write_text(folder / "labels.json", json.dumps(train_ds.label_names) + "\n")
 
 
 def train(
@@ -196,130 +322,133 @@ def train(
     tokenizer: Any,
     *,
     data: tuple[EncodedDataset, EncodedDataset | None] | None = None,
+    plan: RunPlan | None = None,
     stop_after: int | None = None,
     log: Any = None,
 ) -> TrainResult:
     """Fine-tune ``model`` (modified in place) and write adapter, config, metrics and plot to ``config.out``.
+
+    The steps, in order: check the output folder and what to resume (:func:`plan_run`); load the data;
+    seed; inject LoRA (checking the targets); build the optimizer; only then open the run folder (a new run
+    is built beside ``out`` and replaces an older run at its first checkpoint); restore the checkpoint;
+    run the optimizer steps with evaluation, metrics and checkpoints; write the adapter and the loss curve.
+
+    Ctrl-C (SIGINT) stops at the next step boundary: a checkpoint is written and :class:`TrainingInterrupted`
+    is raised (a second Ctrl-C stops at once). A loss, gradient or update that is not finite stops the run
+    before anything of that step is saved.
 
     Args:
         config: the resolved configuration (``out`` required).
         model: a transformers model, 4-bit or not, with or without LoRA layers already.
         tokenizer: its tokenizer.
         data: pre-tokenized (train, eval) data; default :func:`prepare_data`.
-        stop_after: stop after this optimizer step without finishing (simulates an interruption in tests).
+        plan: the result of :func:`plan_run` when the caller checked early (default: checked here).
+        stop_after: stop after this optimizer step as an interruption would, with a checkpoint (for tests).
         log: callable for status lines (default: print).
 
     Returns:
         A :class:`TrainResult`.
 
     Raises:
-        ValueError: bad data, an output folder holding another run, nothing to resume.
+        FieldError: see :func:`plan_run`; LoRA targets that match nothing; a run that diverges.
+        InputFileError: bad data, a damaged checkpoint file.
+        TrainingInterrupted: Ctrl-C; a checkpoint of the last finished step was written.
+        OSError: the disk filled up while writing (naming the file); nothing is left half-written.
     """
     from tqdm.auto import tqdm
 
     from fourbit.nn.adapters import save_adapter
 
     log = log or print
-    if not config.out:
-        raise ValueError("--out is required")
-    out = Path(config.out)
-    resume_from = _check_out(out, config)
+    plan = plan or plan_run(config, log=log)  # 1. where to write, what to resume (refusals come here)
     train_ds, eval_ds = data if data is not None else prepare_data(config, tokenizer)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out)
-    if train_ds.label_names:
-        (out / "labels.json").write_text(json.dumps(train_ds.label_names) + "\n", encoding="utf-8")
     if train_ds.n_truncated or train_ds.n_dropped:
         log(f"truncated {train_ds.n_truncated} examples to max_length={config.max_length}; "
             f"dropped {train_ds.n_dropped} left without response tokens")
-
-    seed_everything(config.seed)
-    add_lora(model, config)
+    seed_everything(config.seed)  # 2. everything random follows from the seed
+    add_lora(model, config)  # 3. LoRA (the targets are checked before the model changes)
     log(trainable_parameters_report(model))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(config.optim, params, lr=config.learning_rate, weight_decay=config.weight_decay,
                                 betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon)
+    pad_id = _pad_id(model, tokenizer, config)
+    device = next(model.parameters()).device
+
+    # 4. Only now is anything written: a new run into a temporary folder that becomes `out` at its first
+    # checkpoint; a resumed run into `out`, once its checkpoint has been loaded into the model.
+    with RunFolder(plan.out, fresh=plan.resume is None) as run, _Interrupts() as interrupts:
+        state = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0}
+        metrics = MetricsLog(run.path / "metrics.jsonl")
+        last_checkpoint = None
+        if plan.resume is not None:
+            state = apply_checkpoint(plan.resume, model, optimizer)
+            state.pop("scheduler", None)
+            last_checkpoint = plan.resume.folder
+            metrics.truncate_after(state["step"])
+            log(f"resumed from {plan.resume.folder} (step {state['step']})")
+        _write_run_files(run.path, config, train_ds)
+
+        plan_batches = BatchPlan(train_ds.examples, config.batch_size, seed=config.seed,
+                                 max_length=config.max_length, packing=config.packing,
+                                 group_by_length=config.group_by_length)
+        stream = plan_batches.iterate(state["epoch"], state["batch"])
+        model.train()
+        last_eval: dict[str, float] = {}
+        loss_value: float | None = None
+        t_start, tokens_run = time.perf_counter(), 0
+        bar = tqdm(total=config.max_steps, initial=state["step"], disable=not config.progress, desc="finetune",
+                   unit="step", dynamic_ncols=True)
+        try:  # 5. the optimizer steps, with metrics, evaluation, checkpoints and the stop on Ctrl-C
+            while state["step"] < config.max_steps:
+                step = _optimizer_step(model, optimizer, params, stream, state, config, pad_id, device,
+                                       last_checkpoint)
+                state["step"] += 1
+                state["tokens"] += step.n_tokens
+                tokens_run += step.n_tokens
+                loss_value = step.loss
+                if state["step"] % config.logging_steps == 0:
+                    metrics.write({"step": state["step"], "loss": step.loss, "lr": step.lr,
+                                   "grad_norm": step.grad_norm, "epoch": state["epoch"], "tokens": state["tokens"],
+                                   "tokens_per_s": step.n_tokens / max(step.seconds, 1e-9)})
+                bar.update(1)
+                bar.set_postfix(loss=f"{step.loss:.4f}", tok_s=f"{step.n_tokens / max(step.seconds, 1e-9):.0f}")
+                done = state["step"] == config.max_steps
+                if eval_ds is not None and ((config.eval_steps and state["step"] % config.eval_steps == 0) or done):
+                    last_eval = evaluate(model, eval_ds, config, pad_id)
+                    metrics.write({"step": state["step"], **last_eval})
+                    bar.write(f"step {state['step']}: " + ", ".join(f"{k}={v:.4f}" for k, v in last_eval.items()))
+                pause_point("step", state["step"], stop=lambda: interrupts.requested)
+                if config.save_steps and state["step"] % config.save_steps == 0:
+                    last_checkpoint = _save(run, model, optimizer, state, config)
+                    metrics.path = run.path / "metrics.jsonl"  # the run folder is `out` from now on
+                stopping = interrupts.requested or (stop_after is not None and state["step"] >= stop_after)
+                if stopping and not done:
+                    if last_checkpoint is None or last_checkpoint.name != f"step-{state['step']:06d}":
+                        last_checkpoint = _save(run, model, optimizer, state, config)
+                    if interrupts.requested:
+                        raise TrainingInterrupted(state["step"], last_checkpoint)
+                    return _result(run.out, state, loss_value, last_eval, train_ds, eval_ds, tokens_run,
+                                   t_start, plan)
+        finally:
+            bar.close()
+        # 6. the finished run: adapter and loss curve beside the checkpoints
+        save_adapter(model, run.path, base_model_name_or_path=config.model)
+        plot_loss_curve(run.path / "metrics.jsonl", run.path / "loss_curve.png")
+        run.commit()
+    return _result(run.out, state, loss_value, last_eval, train_ds, eval_ds, tokens_run, t_start, plan)
+
+
+def _pad_id(model: nn.Module, tokenizer: Any, config: TrainConfig) -> int:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     if config.task == "classify" and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = pad_id
-    metrics = MetricsLog(out / "metrics.jsonl")
-    state = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0}
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer)
-        state.pop("scheduler", None)
-        metrics.truncate_after(state["step"])
-        log(f"resumed from {resume_from} (step {state['step']})")
-    elif metrics.path.exists():
-        metrics.path.unlink()
+    return pad_id
 
-    plan = BatchPlan(train_ds.examples, config.batch_size, seed=config.seed, max_length=config.max_length,
-                     packing=config.packing, group_by_length=config.group_by_length)
-    stream = plan.iterate(state["epoch"], state["batch"])
-    device = next(model.parameters()).device
-    classify = config.task == "classify"
-    model.train()
-    last_eval: dict[str, float] = {}
-    loss_value: float | None = None
-    t_start, tokens_run = time.perf_counter(), 0
-    bar = tqdm(total=config.max_steps, initial=state["step"], disable=not config.progress, desc="finetune",
-               unit="step", dynamic_ncols=True)
-    while state["step"] < config.max_steps:
-        t0 = time.perf_counter()
-        micro = []
-        for _ in range(config.gradient_accumulation_steps):
-            epoch, index, rows = next(stream)
-            micro.append(collate(rows, pad_id, packed=config.packing, classify=classify))
-            state["epoch"], state["batch"] = epoch, index + 1
-        n_targets = max(1, sum(b.n_targets for b in micro))
-        total = 0.0
-        for b in micro:
-            b = _to(b, device)
-            with _autocast(config, model):
-                loss, _ = _loss_sum(model, b, config)
-            (loss / n_targets).backward()
-            total += float(loss.detach())
-        lr = config.learning_rate * lr_factor(state["step"], schedule=config.lr_scheduler, warmup=config.warmup,
-                                              total=config.max_steps)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["step"] += 1
-        n_tok = sum(b.n_tokens for b in micro)
-        state["tokens"] += n_tok
-        tokens_run += n_tok
-        dt = time.perf_counter() - t0
-        loss_value = total / n_targets
-        record = {"step": state["step"], "loss": loss_value, "lr": lr, "grad_norm": float(norm),
-                  "epoch": state["epoch"], "tokens": state["tokens"], "tokens_per_s": n_tok / max(dt, 1e-9)}
-        if state["step"] % config.logging_steps == 0:
-            metrics.write(record)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-        done = state["step"] == config.max_steps
-        if eval_ds is not None and ((config.eval_steps and state["step"] % config.eval_steps == 0) or done):
-            last_eval = evaluate(model, eval_ds, config, pad_id)
-            metrics.write({"step": state["step"], **last_eval})
-            bar.write(f"step {state['step']}: " + ", ".join(f"{k}={v:.4f}" for k, v in last_eval.items()))
-        if config.save_steps and state["step"] % config.save_steps == 0:
-            # The schedule is a pure function of the step; it is recorded for readers of the checkpoint.
-            sched = {"schedule": config.lr_scheduler, "step": state["step"], "warmup": config.warmup,
-                     "total": config.max_steps, "base_lr": config.learning_rate}
-            save_checkpoint(out / "checkpoints" / f"step-{state['step']:06d}", model, optimizer,
-                            {**state, "scheduler": sched}, base_model_name_or_path=config.model)
-        if stop_after is not None and state["step"] >= stop_after and not done:
-            bar.close()
-            return TrainResult(out, state["step"], loss_value, last_eval, len(train_ds),
-                               len(eval_ds) if eval_ds else 0, train_ds.n_truncated, train_ds.n_dropped,
-                               tokens_run / max(time.perf_counter() - t_start, 1e-9), _step_of(resume_from))
-    bar.close()
-    save_adapter(model, out, base_model_name_or_path=config.model)
-    plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png")
-    return TrainResult(out, state["step"], loss_value, last_eval, len(train_ds), len(eval_ds) if eval_ds else 0,
+
+def _result(out: Path, state: dict[str, Any], loss: float | None, last_eval: dict[str, float],
+            train_ds: EncodedDataset, eval_ds: EncodedDataset | None, tokens_run: int, t_start: float,
+            plan: RunPlan) -> TrainResult:
+    return TrainResult(out, state["step"], loss, last_eval, len(train_ds), len(eval_ds) if eval_ds else 0,
                        train_ds.n_truncated, train_ds.n_dropped,
-                       tokens_run / max(time.perf_counter() - t_start, 1e-9), _step_of(resume_from))
-
-
-def _step_of(ckpt: Path | None) -> int | None:
-    return None if ckpt is None else int(ckpt.name.split("-")[1])
+                       tokens_run / max(time.perf_counter() - t_start, 1e-9),
+                       plan.resume.step if plan.resume is not None else None)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ import torch
 from _tiny_models import make_llama, make_tokenizer
 from safetensors.torch import load_file
 
+from fourbit._errors import FieldError
 from fourbit.train.config import TrainConfig
 from fourbit.train.metrics import read_metrics
 from fourbit.train.trainer import train
@@ -81,18 +84,25 @@ def test_gradient_accumulation_equals_big_batch(tmp_path: Path) -> None:
 
 def test_outputs_and_refusals(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, "run", max_steps=2, eval_steps=1)
-    res = _run(cfg)
+    old_umask = os.umask(0o027)
+    try:
+        res = _run(cfg)
+    finally:
+        os.umask(old_umask)
     out = Path(cfg.out)
     for name in ("adapter_config.json", "adapter_model.safetensors", "train_config.yaml", "metrics.jsonl",
                  "loss_curve.png"):
         assert (out / name).is_file(), name
+    for p in [out, *out.rglob("*")]:  # the umask decides, not the writer (no 0600 temp-file modes)
+        assert stat.S_IMODE(p.stat().st_mode) == (0o777 if p.is_dir() else 0o666) & ~0o027, p
     assert res.steps == 2 and res.train_loss is not None and res.n_eval > 0
     before = (out / "adapter_model.safetensors").read_bytes()
-    with pytest.raises(ValueError, match="--overwrite"):
+    with pytest.raises(FieldError, match="`overwrite`") as refused:
         _run(cfg)
+    assert refused.value.field == "out"
     assert (out / "adapter_model.safetensors").read_bytes() == before  # nothing saved is lost
     _run(cfg.replace(overwrite=True))
-    with pytest.raises(ValueError, match="no checkpoint"):
+    with pytest.raises(FieldError, match="no checkpoint"):
         _run(_cfg(tmp_path, "fresh", resume=True))
 
 

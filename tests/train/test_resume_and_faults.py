@@ -1,0 +1,245 @@
+"""Resume after damage and faults: damaged checkpoints are skipped, a torn metrics line is ignored, a run that
+diverges saves nothing of the bad step, and real signals (SIGKILL while a checkpoint is written, SIGINT between
+steps) leave a folder from which ``--resume`` finishes bit-exactly like an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from _tiny_models import make_llama, make_tokenizer
+from safetensors.torch import load_file
+
+from fourbit._errors import FieldError
+from fourbit._io import TEMP_PREFIX
+from fourbit.train import trainer
+from fourbit.train.checkpoint import find_resumable
+from fourbit.train.config import TrainConfig
+from fourbit.train.metrics import read_metrics
+from fourbit.train.trainer import train
+
+_REPO = Path(__file__).resolve().parents[2]
+
+
+# ------------------------------------------------------------------------------------------ in process
+def _cfg(tmp_path: Path, out: str, **kw) -> TrainConfig:
+    data = tmp_path / "data.jsonl"
+    if not data.exists():
+        data.write_text("".join(json.dumps({"text": f"{i} plus 3 is {i + 3}."}) + "\n" for i in range(16)))
+    base = dict(data=str(data), out=str(tmp_path / out), max_steps=4, batch_size=2, gradient_accumulation_steps=1,
+                lora_r=4, lora_alpha=8, lora_dropout=0.1, compute_dtype="fp32", eval_steps=0, save_steps=1,
+                progress=False, learning_rate=1e-3, eval_fraction=0.1, max_length=64)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _run(cfg: TrainConfig, log=None, **kw):
+    return train(cfg, make_llama(), make_tokenizer(), log=log or (lambda *_: None), **kw)
+
+
+def _adapter(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def _assert_same_adapter(a: Path, b: Path) -> None:
+    ta, tb = _adapter(a), _adapter(b)
+    assert ta.keys() == tb.keys()
+    for k in ta:  # exact: same float ops in the same order on CPU, state restored bit for bit
+        assert torch.equal(ta[k], tb[k]), k
+
+
+def _curve(out: Path) -> list[tuple]:
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """An uninterrupted 4-step run, in process."""
+    tmp = tmp_path_factory.mktemp("ref")
+    cfg = _cfg(tmp, "full")
+    _run(cfg)
+    return Path(cfg.out)
+
+
+@pytest.mark.parametrize("damage", ["optimizer.safetensors", "trainer_state.json"])
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, reference, damage) -> None:
+    cfg = _cfg(tmp_path, "part")
+    _run(cfg, stop_after=3)
+    newest = Path(cfg.out) / "checkpoints" / "step-000003" / damage
+    newest.write_bytes(newest.read_bytes()[: len(newest.read_bytes()) // 2])  # truncated, as by a full disk
+    lines: list[str] = []
+    res = _run(cfg.replace(resume=True), log=lambda *a: lines.append(" ".join(map(str, a))))
+    assert res.resumed_from == 2
+    assert any("skipping damaged checkpoint" in line and str(newest) in line for line in lines), lines
+    assert _curve(reference) == _curve(Path(cfg.out))
+    _assert_same_adapter(reference, Path(cfg.out))
+
+
+def test_torn_last_metrics_line_does_not_stop_resume(tmp_path, reference) -> None:
+    cfg = _cfg(tmp_path, "part")
+    _run(cfg, stop_after=2)
+    with (Path(cfg.out) / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "loss": 5.1')  # the writer was killed mid-line
+    assert _run(cfg.replace(resume=True)).resumed_from == 2
+    assert _curve(reference) == _curve(Path(cfg.out))
+    _assert_same_adapter(reference, Path(cfg.out))
+
+
+def test_resume_may_change_steps_and_learning_rate_schedule_fields(tmp_path) -> None:
+    cfg = _cfg(tmp_path, "run", max_steps=2)
+    _run(cfg)
+    lines: list[str] = []
+    res = _run(cfg.replace(resume=True, max_steps=3, eval_steps=1),
+               log=lambda *a: lines.append(" ".join(map(str, a))))
+    assert res.steps == 3 and res.resumed_from == 2
+    assert any("max_steps changed: 2 -> 3" in line for line in lines), lines
+
+
+def test_nan_loss_stops_before_saving_anything_of_that_step(tmp_path, monkeypatch) -> None:
+    cfg = _cfg(tmp_path, "run")
+    real, calls = trainer._loss_sum, []
+
+    def poisoned(model, batch, config):
+        calls.append(1)
+        loss, logits = real(model, batch, config)
+        return (loss * float("nan"), logits) if len(calls) == 2 else (loss, logits)
+
+    monkeypatch.setattr(trainer, "_loss_sum", poisoned)
+    with pytest.raises(FieldError, match="diverged at step 2") as err:
+        _run(cfg)
+    assert err.value.field == "learning_rate" and "step-000001" in str(err.value)
+    out = Path(cfg.out)
+    assert not (out / "adapter_model.safetensors").exists()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001"]
+    checkpoint, skipped = find_resumable(out)
+    assert checkpoint is not None and checkpoint.step == 1 and not skipped
+    assert all(torch.isfinite(t).all() for t in _adapter(checkpoint.folder).values())
+    assert all(r["loss"] is not None for r in read_metrics(out / "metrics.jsonl") if "loss" in r)
+
+
+def test_a_new_run_replaces_the_old_one_only_at_its_first_checkpoint(tmp_path, monkeypatch) -> None:
+    cfg = _cfg(tmp_path, "run", max_steps=2)
+    _run(cfg)
+    out = Path(cfg.out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    seen: list[bool] = []
+    real = trainer._save
+
+    def spy(run, *a, **k):
+        seen.append({p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before)
+        return real(run, *a, **k)
+
+    monkeypatch.setattr(trainer, "_save", spy)
+    _run(cfg.replace(overwrite=True, seed=1, save_steps=2))
+    assert seen == [True]  # until the new run's first checkpoint, the old run was untouched
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(TEMP_PREFIX)]
+
+
+# -------------------------------------------------------------------------------- real processes, signals
+_FLAGS = ["--max-steps", "4", "--lora-r", "4", "--lora-alpha", "8", "--batch-size", "2",
+          "--gradient-accumulation-steps", "1", "--max-length", "64", "--eval-steps", "0", "--compute-dtype",
+          "fp32", "--learning-rate", "1e-3", "--eval-fraction", "0.1", "--no-progress", "--json"]
+_DEADLINE_S = 180
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("signals")
+    model = root / "tiny-llama"
+    make_llama().eval().save_pretrained(model)
+    make_tokenizer().save_pretrained(model)
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": f"{i} plus 3 is {i + 3}."}) + "\n" for i in range(16)))
+    return {"root": root, "model": model, "data": data}
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(_REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("FOURBIT_TEST_PAUSE", None)
+    return {**env, **extra}
+
+
+def _argv(ws: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "fourbit", "finetune", str(ws["model"]), "--data", str(ws["data"]), "--out",
+            str(out), *_FLAGS, *extra]
+
+
+def _finish(ws: dict[str, Path], out: Path, *extra: str) -> subprocess.CompletedProcess:
+    done = subprocess.run(_argv(ws, out, *extra), env=_env(), capture_output=True, text=True, timeout=_DEADLINE_S)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def _start_and_wait(ws: dict[str, Path], out: Path, pause: str, *extra: str) -> subprocess.Popen:
+    """Start a finetune that pauses at ``pause`` and return once it is there (its marker file exists)."""
+    marker = ws["root"] / f"marker-{out.name}"
+    proc = subprocess.Popen(_argv(ws, out, *extra), env=_env(FOURBIT_TEST_PAUSE=pause, FOURBIT_TEST_MARKER=str(marker)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + _DEADLINE_S
+    while not marker.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            out_text, err_text = proc.communicate()
+            pytest.fail(f"finetune never reached {pause} (exit {proc.returncode}): {err_text[-2000:]}")
+        time.sleep(0.05)
+    return proc
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(workspace) -> Path:
+    out = workspace["root"] / "uninterrupted"
+    _finish(workspace, out, "--save-steps", "1")
+    return out
+
+
+def test_sigkill_while_writing_a_checkpoint_then_resume(workspace, uninterrupted) -> None:
+    out = workspace["root"] / "killed"
+    proc = _start_and_wait(workspace, out, "checkpoint:2", "--save-steps", "1")
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=_DEADLINE_S)
+    # Nothing looks complete that is not: only step 1 is a checkpoint, no adapter at the top yet.
+    ckpts = out / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir() if not p.name.startswith(TEMP_PREFIX)) == ["step-000001"]
+    assert [p for p in ckpts.iterdir() if p.name.startswith(TEMP_PREFIX)], "the half-written step 2 is a temp"
+    assert not (out / "adapter_model.safetensors").exists()
+    done = _finish(workspace, out, "--save-steps", "1", "--resume")
+    assert json.loads(done.stdout.strip().splitlines()[-1])["resumed_from"] == 1
+    assert not [p for p in ckpts.iterdir() if p.name.startswith(TEMP_PREFIX)], "stale temp cleaned on resume"
+    _assert_same_adapter(uninterrupted, out)
+    assert _curve(uninterrupted) == _curve(out)
+
+
+def test_sigint_stops_at_a_step_with_a_checkpoint_then_resume(workspace, uninterrupted) -> None:
+    out = workspace["root"] / "interrupted"
+    # no periodic checkpoints: the one to resume from is written because of the Ctrl-C
+    proc = _start_and_wait(workspace, out, "step:2", "--save-steps", "0")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=_DEADLINE_S)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted at step 2" in err and "--resume" in err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]
+    assert not (out / "adapter_model.safetensors").exists()
+    done = _finish(workspace, out, "--save-steps", "0", "--resume")
+    assert json.loads(done.stdout.strip().splitlines()[-1])["resumed_from"] == 2
+    _assert_same_adapter(uninterrupted, out)
+    assert _curve(uninterrupted) == _curve(out)
+
+
+def test_leftovers_of_a_killed_new_run_are_removed_by_the_next_run(tmp_path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"{TEMP_PREFIX}{dead.pid}-0badc0de-run"
+    (stale / "checkpoints").mkdir(parents=True)
+    (stale / "metrics.jsonl").write_text('{"step": 1, "loss"')
+    _run(_cfg(tmp_path, "run", max_steps=1))
+    assert not stale.exists()
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
