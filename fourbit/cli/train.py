@@ -54,7 +54,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     stops at the next step with a checkpoint; --resume continues from the newest intact checkpoint.
     """
     from fourbit.train.config import config_from_args
-    from fourbit.train.data import load_records
+    from fourbit.train.data import check_records, load_records
     from fourbit.train.loading import load_for_training
     from fourbit.train.trainer import TrainingInterrupted, plan_run, prepare_data, train
 
@@ -65,9 +65,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     _print_config(config, args.json)
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     plan = plan_run(config, log=log)  # output folder and checkpoint, before the slow model load
-    records = load_records(config.data)  # a bad data file fails before the model load too
+    # A bad data file fails before the model load too, judged on the whole file (not the training split).
+    label_column = config.label_column if config.task == "classify" else None
+    records = load_records(config.data)
+    check_records(records, format=config.format, text_column=config.text_column, label_column=label_column)
     if config.eval_data:
-        load_records(config.eval_data)
+        check_records(load_records(config.eval_data), format=config.format, text_column=config.text_column,
+                      label_column=label_column)
     labels: list[str] = []
     if config.task == "classify":
         labels = sorted({str(r.get(config.label_column)) for r in records if config.label_column in r})

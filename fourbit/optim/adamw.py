@@ -55,6 +55,9 @@ _KEYS_8 = frozenset({"step", "exp_avg", "exp_avg_absmax", "exp_avg_sq", "exp_avg
 _FORMAT = 1
 
 
+_LARGEST_LR = 1e6
+
+
 def _check_hparams(lr: Any, betas: Any, eps: Any, weight_decay: Any, where: str = "") -> None:
     """Raise FieldError (TypeError for a non-number) naming the first bad hyperparameter.
 
@@ -66,6 +69,8 @@ def _check_hparams(lr: Any, betas: Any, eps: Any, weight_decay: Any, where: str 
             raise TypeError(f"`{name}` must be a real number{where}, got {value!r}")
     if not (math.isfinite(lr) and lr > 0):
         raise FieldError("lr", f"must be a finite number > 0{where}, got {lr!r}")
+    if lr > _LARGEST_LR:  # the update lr * m / sqrt(v) is computed in float32 and would overflow
+        raise FieldError("lr", f"must be at most {_LARGEST_LR:g}{where}, got {lr!r}")
     if not (math.isfinite(eps) and eps > 0):
         raise FieldError("eps", f"must be a finite number > 0{where}, got {eps!r}")
     if not (math.isfinite(weight_decay) and weight_decay >= 0):

@@ -545,3 +545,9 @@ def test_numba_kernel_refuses_a_wrong_layout() -> None:
     with pytest.raises(ValueError, match="numba 8-bit kernel"):
         adamw_8bit_numba([p], [g], [short], state_codebook(True), state_codebook(False), beta1=0.9, beta2=0.999,
                          correction2=1.0, eps=1e-8, decay=1.0, step_size=-1e-3, decayed=False, block_size=256)
+
+
+def test_a_learning_rate_whose_update_overflows_float32_is_refused():
+    p = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(FieldError, match="`lr`: must be at most"):
+        AdamW([p], lr=1e38)
