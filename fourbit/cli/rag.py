@@ -66,6 +66,9 @@ def _open(args: argparse.Namespace) -> tuple[Any, Any]:
     from fourbit.rag.store import open_store
 
     store = open_store(args.db, **_where(args))
+    if store.interrupted:
+        print(f"fourbit rag: warning: the last `rag index` into {store.location} did not finish, so the index "
+              "is incomplete; run it again to complete it", file=sys.stderr)
     embedder = _embedder(args, store.info.get("embedding_model"))
     store.check_embedder(embedder.name, embedder.dim)
     return store, embedder
@@ -127,6 +130,9 @@ def cmd_index(args: argparse.Namespace) -> int:
         print(f"fourbit rag: warning: skipped {path}: {reason}", file=sys.stderr)
     for path, note in report.notes:
         print(f"fourbit rag: note: {path}: {note}", file=sys.stderr)
+    if report.resumed:
+        print(f"fourbit rag: note: the previous run into {store.location} was interrupted; this one completed "
+              "it", file=sys.stderr)
     records = store.count()
     result = {**report.as_dict(), "index": store.name, "location": store.location, "records": records,
               "config": {"parent_tokens": config.chunk.parent_tokens, "child_tokens": config.chunk.child_tokens,

@@ -9,7 +9,10 @@ renormalised (the centroid of the text's pieces on the unit sphere).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +55,25 @@ def default_embedding_model_path() -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """Load without third-party chatter on stderr: sentence-transformers imports peft, which imports
+    bitsandbytes, which warns about optional CPU kernels; transformers draws a "Loading weights" bar for a
+    model that loads in milliseconds."""
+    from transformers.utils import logging as hf_logging
+
+    logger = logging.getLogger("bitsandbytes")
+    level, bars = logger.level, hf_logging.is_progress_bar_enabled()
+    logger.setLevel(logging.ERROR)
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def instruction_prefixes(name: str) -> tuple[str, str]:
     """(query prefix, document prefix) for models trained with instructions (e5, bge, instructor)."""
     lowered = name.lower()
@@ -89,7 +111,8 @@ class Embedder:
     ) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        from sentence_transformers import SentenceTransformer
+        with _quiet_loading():
+            from sentence_transformers import SentenceTransformer
         from tokenizers import Tokenizer
 
         if model is None:
@@ -100,7 +123,8 @@ class Embedder:
         else:
             path, self.name = model, str(model)
         try:
-            self.model = SentenceTransformer(str(path), device=device)
+            with _quiet_loading():
+                self.model = SentenceTransformer(str(path), device=device)
         except (OSError, ValueError) as err:
             raise FieldError("embedding_model", f"{model!r} is not a sentence-transformers folder nor a model in "
                                                 f"the local cache ({err})") from None

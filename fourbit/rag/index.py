@@ -74,6 +74,7 @@ class IndexReport:
             no text); files named explicitly raise instead.
         notes: (path, note) worth telling, e.g. a text file read as Windows-1252 because it is not UTF-8.
         parents / embedded / deleted: counts of parents of the indexed files, records embedded and deleted.
+        resumed: the previous run on this index was interrupted (this one completed what it left).
     """
 
     indexed: list[str] = field(default_factory=list)
@@ -84,6 +85,7 @@ class IndexReport:
     parents: int = 0
     embedded: int = 0
     deleted: int = 0
+    resumed: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -272,7 +274,7 @@ def build_index(
     doc_ids = _assign_doc_ids(sources.files, rows)
     chunk_key = config.chunk.key()
     meta_key_cfg = extractor.key(config) if config.metadata else "none"
-    report = IndexReport()
+    report = IndexReport(resumed=store.begin_run())
     notify = on_file or (lambda path, status: None)
 
     for path in sources.files:
@@ -305,4 +307,5 @@ def build_index(
         notify(str(path), "indexed")
 
     _remove_missing(store, rows, sources, set(doc_ids.values()), report, notify)
+    store.end_run()
     return report

@@ -8,7 +8,9 @@ One index is two Chroma collections:
   file's bytes and of the chunking/metadata settings, so stale records are recognised.
 * ``<index>.files``: one bookkeeping row per indexed file (path, ``src_key``, record count), written
   only after all the file's records are in; a file whose row matches is skipped without being read.
-  Chroma rows need a vector, so these hold a constant 1-d one.
+  Chroma rows need a vector, so these hold a constant 1-d one. Its collection metadata says whether the
+  last indexing run finished (``{"run": "complete"}``) or was interrupted (``"in progress"``), so a
+  query on an index left half-built by a killed run says so instead of looking complete.
 
 The collection's metadata records the embedding model and dimension; opening the index with another
 model raises, so an index never mixes vector spaces.
@@ -196,7 +198,25 @@ class VectorStore:
             )
         ]
 
-    # ---- file bookkeeping ----------------------------------------------------------------------------
+    # ---- runs and file bookkeeping ---------------------------------------------------------------------
+    @property
+    @_guarded
+    def interrupted(self) -> bool:
+        """True when an indexing run started on this index and did not finish (killed, or failed)."""
+        return (self.files_collection.metadata or {}).get("run") == "in progress"
+
+    @_guarded
+    def begin_run(self) -> bool:
+        """Record that an indexing run starts; returns whether the previous one was interrupted."""
+        interrupted = self.interrupted
+        self.files_collection.modify(metadata={"run": "in progress"})
+        return interrupted
+
+    @_guarded
+    def end_run(self) -> None:
+        """Record that the indexing run finished: every file it found is indexed or reported."""
+        self.files_collection.modify(metadata={"run": "complete"})
+
     @_guarded
     def files(self) -> dict[str, dict[str, Any]]:
         """doc_id -> bookkeeping row of every completely indexed file."""

@@ -82,7 +82,9 @@ def test_killed_run_resumes_without_duplicates(tmp_path, docs_dir, embedder, sma
     monkeypatch.setattr(embedder, "embed_documents", real)
     done = store.count()
     assert 0 < done < total
+    assert _store(tmp_path / "db", embedder).interrupted  # what is left does not pass for complete
     resumed = build_index([docs_dir], _store(tmp_path / "db", embedder), embedder, small_config, progress=False)
+    assert resumed.resumed and not _store(tmp_path / "db", embedder).interrupted
     assert resumed.embedded == total - done  # only what was missing
     assert _snapshot(store) == _snapshot(reference)  # same ids, same texts, no duplicates
 
