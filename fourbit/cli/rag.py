@@ -74,6 +74,34 @@ def _open(args: argparse.Namespace) -> tuple[Any, Any]:
     return store, embedder
 
 
+def _check_flags(args: argparse.Namespace, *, llm: bool) -> None:
+    """The checks that need no model or database, made first so that a mistake costs nothing."""
+    from fourbit.rag.retrieval import RETRIEVERS
+
+    if getattr(args, "question", None) is not None and not args.question.strip():
+        raise FieldError("question", "is empty")
+    if args.top_k < 1:
+        raise FieldError("top_k", f"must be >= 1, got {args.top_k}")
+    unknown = [mode for mode in getattr(args, "retrievers", ()) if mode not in RETRIEVERS]
+    if unknown or getattr(args, "retrievers", None) == ():
+        raise FieldError("retrievers", f"{', '.join(unknown) or 'none given'}: choose from {', '.join(RETRIEVERS)}")
+    if llm:
+        from fourbit.rag.llm import check_model_source
+
+        if args.max_new_tokens < 1:
+            raise FieldError("max_new_tokens", f"must be >= 1, got {args.max_new_tokens}")
+        check_model_source(args.model)
+        if args.adapter is not None and not args.adapter.is_dir():
+            raise FileNotFoundError(errno.ENOENT, "no such adapter folder", str(args.adapter))
+
+
+def _plain(err: Exception) -> str:
+    """An error's message for a table cell: library names in backticks shown as the CLI's flags."""
+    from fourbit.cli import user_message
+
+    return user_message(err, {"retriever": "--retriever", "metadata": "--metadata"})
+
+
 def _console() -> Any:
     from rich.console import Console
 
@@ -170,6 +198,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     from fourbit.rag.answer import answer_question
     from fourbit.rag.retrieval import Retriever
 
+    _check_flags(args, llm=not args.no_answer)
     store, embedder = _open(args)
     retriever = Retriever(store, embedder, args.retriever, args.top_k)
     if args.no_answer:
@@ -203,6 +232,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from fourbit.rag.llm import load_llm
     from fourbit.rag.retrieval import Retriever
 
+    _check_flags(args, llm=True)
     store, embedder = _open(args)
     llm = load_llm(args.model, adapter=args.adapter)
     results: dict[str, Any] = {}
@@ -211,7 +241,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             results[mode] = answer_question(args.question, Retriever(store, embedder, mode, args.top_k), llm,
                                             max_new_tokens=args.max_new_tokens).as_dict()
         except ValueError as err:  # e.g. no metadata in the index: say so in that column
-            results[mode] = {"answer": f"({err})", "sources": []}
+            results[mode] = {"answer": f"({_plain(err)})", "sources": []}
     if args.json:
         print(json.dumps({"question": args.question, "results": results}, indent=2))
         return 0
@@ -233,6 +263,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from fourbit.rag.evaluate import evaluate_retriever, load_questions
     from fourbit.rag.retrieval import Retriever
 
+    _check_flags(args, llm=False)
     questions = load_questions(args.questions)
     store, embedder = _open(args)
     results: dict[str, Any] = {}
@@ -241,7 +272,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         try:
             results[mode] = evaluate_retriever(retriever.retrieve, questions, args.top_k)
         except ValueError as err:
-            results[mode] = {"error": str(err), "k": args.top_k}
+            results[mode] = {"error": _plain(err), "k": args.top_k}
     if args.json:
         print(json.dumps(results, indent=2))
         return 0

@@ -94,6 +94,43 @@ def test_bad_flag_values_fail_before_the_model_loads(tmp_path, docs_dir, no_mode
     assert not db.exists()
 
 
+def test_query_eval_compare_flags_fail_before_anything_loads(tmp_path, no_model):
+    db = tmp_path / "db"
+    assert_clean_error(run_cli("rag", "query", "q", "--db", db, "--top-k", "0", "--no-answer"), "--top-k")
+    assert_clean_error(run_cli("rag", "query", "  ", "--db", db, "--no-answer"), "QUESTION")
+    assert_clean_error(run_cli("rag", "query", "q", "--db", db, "--model", tmp_path / "m.gguf"),
+                       str(tmp_path / "m.gguf"))
+    assert_clean_error(run_cli("rag", "query", "q", "--db", db, "--adapter", tmp_path / "none"),
+                       str(tmp_path / "none"))
+    assert_clean_error(run_cli("rag", "compare", "q", "--db", db, "--retrievers", "chunks,nope"), "--retrievers",
+                       "nope")
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"question": "q", "evidence": "e"}\n', encoding="utf-8")
+    assert_clean_error(run_cli("rag", "eval", "--questions", questions, "--db", db, "--retrievers", ""),
+                       "--retrievers")
+    assert_clean_error(run_cli("rag", "eval", "--questions", tmp_path / "none.jsonl", "--db", db),
+                       str(tmp_path / "none.jsonl"))
+    assert not db.exists()
+
+
+def test_written_files_respect_the_umask(tmp_path, docs_dir, session_model):
+    import os
+
+    from fourbit.rag.metadata import MetadataCache
+
+    old = os.umask(0o022)
+    try:
+        assert _index(docs_dir, "--db", tmp_path / "db").code == 0
+        cache = MetadataCache(tmp_path / "db" / "metadata_cache.json")
+        cache.put("k", ["v"])
+        cache.save()
+    finally:
+        os.umask(old)
+    modes = {str(p): p.stat().st_mode & 0o777 for p in [tmp_path / "db", *(tmp_path / "db").rglob("*")]}
+    assert all(mode in (0o644, 0o755) for mode in modes.values()), modes
+    assert MetadataCache(tmp_path / "db" / "metadata_cache.json").get("k") == ["v"]
+
+
 # ---- the database folder ---------------------------------------------------------------------------------
 def test_db_that_is_a_file_or_read_only(tmp_path, docs_dir, monkeypatch, no_model):
     a_file = tmp_path / "db.txt"
