@@ -153,6 +153,26 @@ def _assign_doc_ids(files: list[Path], rows: dict[str, dict[str, Any]]) -> dict[
     return ids
 
 
+def _file_keys(sha: str, path: Path, chunk_key: str, meta_key_cfg: str) -> tuple[str, str]:
+    """(base key, metadata key) of a file's records; the path is part of both, because records carry it
+    (a moved file gets fresh records)."""
+    return _hash(sha, chunk_key, str(path)), _hash(sha, chunk_key, str(path), meta_key_cfg)
+
+
+def _is_unchanged(row: dict[str, Any] | None, path: Path, base_key: str, meta_key: str) -> bool:
+    """Step 2: the file was completely indexed from the same bytes, at the same path, with the same settings."""
+    return bool(row) and row.get("base_key") == base_key and row.get("meta_key") == meta_key \
+        and row["path"] == str(path)
+
+
+def _load(path: Path, doc_id: str, sources: Sources) -> Document:
+    """Step 3: the document (read in step 1 when named explicitly)."""
+    doc = sources.loaded.get(path)
+    if doc is None:
+        return load_document(path, doc_id)
+    return dataclasses.replace(doc, doc_id=doc_id)
+
+
 def _records(
     parents: list[Parent], config: IndexConfig, tokenizer: Any, generated: dict[str, dict[str, Any]],
     base_key: str, meta_key: str, path: Path,
@@ -176,27 +196,12 @@ def _records(
     return out
 
 
-def _under(path: Path, roots: list[Path]) -> bool:
-    return any(path == root or root in path.parents for root in roots)
-
-
-def _file_keys(sha: str, path: Path, chunk_key: str, meta_key_cfg: str) -> tuple[str, str]:
-    """(base key, metadata key) of a file's records; the path is part of both, because records carry it
-    (a moved file gets fresh records)."""
-    return _hash(sha, chunk_key, str(path)), _hash(sha, chunk_key, str(path), meta_key_cfg)
-
-
-def _is_unchanged(row: dict[str, Any] | None, path: Path, base_key: str, meta_key: str) -> bool:
-    return bool(row) and row.get("base_key") == base_key and row.get("meta_key") == meta_key \
-        and row["path"] == str(path)
-
-
-def _load(path: Path, doc_id: str, sources: Sources) -> Document:
-    """Step 3: the document (read in step 1 when named explicitly)."""
-    doc = sources.loaded.get(path)
-    if doc is None:
-        return load_document(path, doc_id)
-    return dataclasses.replace(doc, doc_id=doc_id)
+def _chunk(doc: Document, config: IndexConfig, embedder: Any, extractor: Any, keys: tuple[str, str],
+           progress: bool) -> tuple[list[Parent], list[tuple[str, str, dict[str, Any]]]]:
+    """Step 4: the document's parents and every record wanted for it (parents, children, metadata)."""
+    parents = split_parents(doc, config.chunk, embedder.tokenizer)
+    generated = extractor.extract(parents, config, progress=progress) if config.metadata else {}
+    return parents, _records(parents, config, embedder.tokenizer, generated, *keys, doc.path)
 
 
 def _replace_stale(store: Any, doc_id: str, wanted: list[tuple[str, str, dict[str, Any]]]) -> tuple[list, int]:
@@ -222,6 +227,10 @@ def _embed_and_store(store: Any, embedder: Any, todo: list, batch_size: int, lab
         vectors = embedder.embed_documents([text for _, text, _ in batch])
         store.upsert([r[0] for r in batch], vectors, [r[1] for r in batch], [r[2] for r in batch])
     return len(todo)
+
+
+def _under(path: Path, roots: list[Path]) -> bool:
+    return any(path == root or root in path.parents for root in roots)
 
 
 def _remove_missing(store: Any, rows: dict[str, dict[str, Any]], sources: Sources, touched: set[str],
@@ -279,24 +288,23 @@ def build_index(
 
     for path in sources.files:
         doc_id = doc_ids[path]
-        sha = sources.loaded[path].sha256 if path in sources.loaded else file_sha256(path)
-        base_key, meta_key = _file_keys(sha, path, chunk_key, meta_key_cfg)
-        if _is_unchanged(rows.get(doc_id), path, base_key, meta_key):
-            report.unchanged.append(str(path))
-            notify(str(path), "unchanged")
-            continue
         try:
+            sha = sources.loaded[path].sha256 if path in sources.loaded else file_sha256(path)
+            base_key, meta_key = _file_keys(sha, path, chunk_key, meta_key_cfg)
+            if _is_unchanged(rows.get(doc_id), path, base_key, meta_key):
+                report.unchanged.append(str(path))
+                notify(str(path), "unchanged")
+                continue
             doc = _load(path, doc_id, sources)
-        except InputFileError as err:  # only files found in a folder get here: skip, and say why
-            log.debug("skipped %s: %s", path, err.message)
-            report.skipped.append((str(path), err.message))
+        except (InputFileError, OSError) as err:  # only files found in a folder get here: skip, say why
+            reason = err.message if isinstance(err, InputFileError) else f"cannot be read ({err.strerror or err})"
+            log.debug("skipped %s: %s", path, reason)
+            report.skipped.append((str(path), reason))
             notify(str(path), "skipped")
             continue
         if doc.encoding != "utf-8":
             report.notes.append((str(path), f"not UTF-8; read as {doc.encoding}"))
-        parents = split_parents(doc, config.chunk, embedder.tokenizer)
-        generated = extractor.extract(parents, config, progress=progress) if config.metadata else {}
-        wanted = _records(parents, config, embedder.tokenizer, generated, base_key, meta_key, path)
+        parents, wanted = _chunk(doc, config, embedder, extractor, (base_key, meta_key), progress)
         todo, deleted = _replace_stale(store, doc_id, wanted)
         report.deleted += deleted
         report.embedded += _embed_and_store(store, embedder, todo, config.embed_batch, path.name, progress)
