@@ -216,53 +216,70 @@ def _plausible_western(text: str) -> bool:
     return other_letters == 0 or ascii_letters >= other_letters
 
 
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 @contextlib.contextmanager
-def _quiet_pypdf() -> Iterator[None]:
-    """pypdf logs warnings ("EOF marker not found") that would print without the file's name; the error
-    raised for the file says what went wrong instead."""
+def _pypdf_warnings() -> Iterator[list[str]]:
+    """Collect pypdf's logged warnings instead of printing them: they do not name the file ("EOF marker not
+    found"); the error or warning raised for the file says what went wrong instead."""
     logger = logging.getLogger("pypdf")
-    level = logger.level
-    logger.setLevel(logging.ERROR + 10)
+    handler, propagate = _Collect(), logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
     try:
-        yield
+        yield handler.messages
     finally:
-        logger.setLevel(level)
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+
+
+def _damaged(path: Path, err: Exception, where: str = "") -> InputFileError:
+    return InputFileError(path, f"not a readable PDF{where} ({err or type(err).__name__}); it may be truncated or "
+                                "damaged: export or download it again")
 
 
 def _load_pdf(path: Path) -> tuple[str, list[tuple[int, str]]]:
     from pypdf import PdfReader
 
-    try:
-        with _quiet_pypdf():
+    with _pypdf_warnings() as warnings:
+        try:
             reader = PdfReader(str(path))
             encrypted = reader.is_encrypted
-    except Exception as err:  # pypdf raises many types (PdfReadError, struct/KeyError on damaged files)
-        raise InputFileError(path, f"not a readable PDF ({err or type(err).__name__}); it may be truncated or "
-                                   "damaged: export or download it again") from None
-    if encrypted:
-        raise InputFileError(path, "the PDF is encrypted; decrypt it first (e.g. qpdf --decrypt IN OUT)")
-    try:
-        labels = list(reader.page_labels)
-    except Exception:  # malformed label trees are common; fall back to 1-based numbers
-        labels = []
-    parts: list[str] = []
-    pages: list[tuple[int, str]] = []
-    offset = 0
-    for number, page in enumerate(reader.pages):
+        except Exception as err:  # pypdf raises many types (PdfReadError, struct/KeyError on damaged files)
+            raise _damaged(path, err) from None
+        if any("EOF marker not found" in message for message in warnings):
+            # pypdf reads what it can of a cut-off file; indexing part of it would pass for the whole.
+            raise InputFileError(path, "the PDF is truncated (it has no end-of-file marker): export or download it "
+                                       "again")
+        if encrypted:
+            raise InputFileError(path, "the PDF is encrypted; decrypt it first (e.g. qpdf --decrypt IN OUT)")
         try:
-            with _quiet_pypdf():
+            labels = list(reader.page_labels)
+        except Exception:  # malformed label trees are common; fall back to 1-based numbers
+            labels = []
+        parts: list[str] = []
+        pages: list[tuple[int, str]] = []
+        offset = 0
+        try:
+            for number, page in enumerate(reader.pages):
                 page_text = clean_text(page.extract_text() or "")
+                if not page_text:
+                    continue
+                label = labels[number] if number < len(labels) else str(number + 1)
+                if parts:
+                    offset += 2  # the "\n\n" joining pages
+                pages.append((offset, label))
+                parts.append(page_text)
+                offset += len(page_text)
         except Exception as err:
-            raise InputFileError(path, f"page {number + 1} cannot be read ({err or type(err).__name__}); the "
-                                       "PDF may be damaged: export or download it again") from None
-        if not page_text:
-            continue
-        label = labels[number] if number < len(labels) else str(number + 1)
-        if parts:
-            offset += 2  # the "\n\n" joining pages
-        pages.append((offset, label))
-        parts.append(page_text)
-        offset += len(page_text)
+            raise _damaged(path, err, f" (page {len(pages) + 1})") from None
     return "\n\n".join(parts), pages
 
 

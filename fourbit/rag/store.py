@@ -65,6 +65,13 @@ def _chroma_errors(db: Path | None, host: str | None, port: int) -> Iterator[Non
         if host:
             raise FieldError("chroma_host", f"the Chroma server at {host}:{port} failed ({err}); check its log") \
                 from None
+        text = str(err).lower()
+        if "readonly" in text or "read-only" in text:
+            raise FieldError("db_path", f"{db}: the index database cannot be written ({err}); choose a writable "
+                                        "folder") from None
+        if "locked" in text:
+            raise FieldError("db_path", f"{db}: the index database is in use by another process ({err}); wait for "
+                                        "it to finish") from None
         raise InputFileError(db, f"the index database is damaged or truncated ({err}); index your documents "
                                  "again into a new folder (`db_path`), or delete this one") from None
     except Exception as err:
@@ -253,8 +260,8 @@ def _db_folder(db: str | Path | None, create: bool) -> Path:
     if folder.exists() and not folder.is_dir():
         raise FieldError("db_path", f"{db} exists and is not a folder")
     if not create and not (folder / "chroma.sqlite3").exists():
-        raise FieldError("db_path", f"{db}: no index database there; build one with: fourbit rag index PATH "
-                                    f"--db {db}")
+        raise FieldError("db_path", f"{db}: no index database there; index documents into this `db_path` first "
+                                    "(fourbit rag index PATH)")
     return folder
 
 
