@@ -6,10 +6,13 @@ One function per subcommand, each a thin layer over :mod:`fourbit.rag`.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
 from typing import Any
+
+from fourbit._errors import FieldError
 
 __all__ = ["add_parser"]
 
@@ -49,23 +52,54 @@ def _embedder(args: argparse.Namespace, recorded: str | None = None) -> Any:
     if args.embedding_model:
         return Embedder(args.embedding_model)
     if recorded not in (None, DEFAULT_EMBEDDING_MODEL):
-        raise ValueError(f"the index was built with --embedding-model {recorded!r}; pass it again")
+        raise FieldError("embedding_model", f"the index was built with {recorded!r}; pass `embedding_model` "
+                                            f"{recorded} again")
     return Embedder(None)
 
 
-def _open(args: argparse.Namespace, create: bool = False) -> tuple[Any, Any]:
-    """(store, embedder) for an existing index, or for indexing when ``create``."""
+def _where(args: argparse.Namespace) -> dict[str, Any]:
+    return {"index": args.index, "host": args.chroma_host, "port": args.chroma_port}
+
+
+def _open(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(store, embedder) of an existing index; the store is opened (and checked) before the model loads."""
     from fourbit.rag.store import open_store
 
-    if create:
-        embedder = _embedder(args)
-        store = open_store(args.db, index=args.index, host=args.chroma_host, port=args.chroma_port,
-                           create=True, embedding=embedder.describe())
-        return store, embedder
-    store = open_store(args.db, index=args.index, host=args.chroma_host, port=args.chroma_port)
+    store = open_store(args.db, **_where(args))
+    if store.interrupted:
+        print(f"fourbit rag: warning: the last `rag index` into {store.location} did not finish, so the index "
+              "is incomplete; run it again to complete it", file=sys.stderr)
     embedder = _embedder(args, store.info.get("embedding_model"))
     store.check_embedder(embedder.name, embedder.dim)
     return store, embedder
+
+
+def _check_flags(args: argparse.Namespace, *, llm: bool) -> None:
+    """The checks that need no model or database, made first so that a mistake costs nothing."""
+    from fourbit.rag.retrieval import RETRIEVERS
+
+    if getattr(args, "question", None) is not None and not args.question.strip():
+        raise FieldError("question", "is empty")
+    if args.top_k < 1:
+        raise FieldError("top_k", f"must be >= 1, got {args.top_k}")
+    unknown = [mode for mode in getattr(args, "retrievers", ()) if mode not in RETRIEVERS]
+    if unknown or getattr(args, "retrievers", None) == ():
+        raise FieldError("retrievers", f"{', '.join(unknown) or 'none given'}: choose from {', '.join(RETRIEVERS)}")
+    if llm:
+        from fourbit.rag.llm import check_model_source
+
+        if args.max_new_tokens < 1:
+            raise FieldError("max_new_tokens", f"must be >= 1, got {args.max_new_tokens}")
+        check_model_source(args.model)
+        if args.adapter is not None and not args.adapter.is_dir():
+            raise FileNotFoundError(errno.ENOENT, "no such adapter folder", str(args.adapter))
+
+
+def _plain(err: Exception) -> str:
+    """An error's message for a table cell: library names in backticks shown as the CLI's flags."""
+    from fourbit.cli import user_message
+
+    return user_message(err, {"retriever": "--retriever", "metadata": "--metadata"})
 
 
 def _console() -> Any:
@@ -75,16 +109,41 @@ def _console() -> Any:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    """Index PDF, text and Markdown files (or folders) into a Chroma database, incrementally."""
-    from fourbit.rag.chunking import ChunkConfig
-    from fourbit.rag.index import IndexConfig, build_index
+    """Index PDF, text and Markdown files (or folders) into a Chroma database, incrementally.
 
+    Files named explicitly must be usable; inside a folder, a file that cannot be used (damaged, encrypted,
+    binary, no text) is skipped with a warning that names it.
+    """
+    from fourbit._io import check_output_dir
+    from fourbit.rag.chunking import ChunkConfig
+    from fourbit.rag.index import IndexConfig, build_index, find_sources
+    from fourbit.rag.store import index_info, open_store
+
+    # Everything cheap first (flags, paths, files named explicitly, the database or server), so that a
+    # mistake is reported in a moment, before the embedding model loads and before anything is written.
     config = IndexConfig(
         chunk=ChunkConfig(parent_tokens=args.parent_tokens, parent_overlap=args.parent_overlap,
                           child_tokens=args.child_tokens, child_overlap=args.child_overlap),
         metadata=args.metadata, n_questions=args.n_questions,
     )
-    store, embedder = _open(args, create=True)
+    if args.batch_size < 1:
+        raise FieldError("batch_size", f"must be >= 1, got {args.batch_size}")
+    if not args.chroma_host:
+        if args.db is None:
+            raise FieldError("db_path", "give the folder of the index database (or `chroma_host` for a Chroma "
+                                        "server)")
+        check_output_dir(args.db, overwrite=True, field="db_path")
+    sources = find_sources(args.paths)
+    recorded = index_info(args.db, **_where(args))
+    if config.metadata:
+        from fourbit.rag.llm import check_model_source
+
+        check_model_source(args.model)
+        if args.adapter is not None and not args.adapter.is_dir():
+            raise FileNotFoundError(errno.ENOENT, "no such adapter folder", str(args.adapter))
+
+    embedder = _embedder(args, (recorded or {}).get("embedding_model"))
+    store = open_store(args.db, **_where(args), create=True, embedding=embedder.describe())
     extractor = None
     if config.metadata:
         from fourbit.rag.llm import load_llm
@@ -94,22 +153,27 @@ def cmd_index(args: argparse.Namespace) -> int:
         extractor = MetadataExtractor(load_llm(args.model, adapter=args.adapter),
                                       MetadataCache(Path(cache_dir) / "metadata_cache.json"),
                                       batch_size=args.batch_size)
-    report = build_index(args.paths, store, embedder, config, extractor=extractor, progress=not args.json)
-    result = {**report.as_dict(), "index": store.name, "location": store.location, "records": store.count(),
+    report = build_index(sources, store, embedder, config, extractor=extractor, progress=not args.json)
+    for path, reason in report.skipped:
+        print(f"fourbit rag: warning: skipped {path}: {reason}", file=sys.stderr)
+    for path, note in report.notes:
+        print(f"fourbit rag: note: {path}: {note}", file=sys.stderr)
+    if report.resumed:
+        print(f"fourbit rag: note: the previous run into {store.location} was interrupted; this one completed "
+              "it", file=sys.stderr)
+    records = store.count()
+    result = {**report.as_dict(), "index": store.name, "location": store.location, "records": records,
               "config": {"parent_tokens": config.chunk.parent_tokens, "child_tokens": config.chunk.child_tokens,
                          "metadata": config.metadata, "embedding_model": embedder.name}}
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        con = _console()
-        con.print(f"[bold]{store.name}[/] at {store.location}: {len(report.indexed)} indexed, "
-                  f"{len(report.unchanged)} unchanged, {len(report.removed)} removed; "
-                  f"{report.embedded} records embedded, {report.deleted} deleted, {store.count()} in the index")
-        for path, reason in report.skipped:
-            con.print(f"[yellow]skipped[/] {path}: {reason}")
-        for path, reason in report.errors:
-            con.print(f"[red]error[/] {path}: {reason}")
-    return 1 if report.errors else 0
+        _console().print(
+            f"[bold]{store.name}[/] at {store.location}: {len(report.indexed)} indexed, "
+            f"{len(report.unchanged)} unchanged, {len(report.skipped)} skipped, {len(report.removed)} removed; "
+            f"{report.embedded} records embedded, {report.deleted} deleted, {records} in the index"
+        )
+    return 0
 
 
 def _print_sources(con: Any, parents: list[Any], verbose: bool) -> None:
@@ -134,6 +198,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     from fourbit.rag.answer import answer_question
     from fourbit.rag.retrieval import Retriever
 
+    _check_flags(args, llm=not args.no_answer)
     store, embedder = _open(args)
     retriever = Retriever(store, embedder, args.retriever, args.top_k)
     if args.no_answer:
@@ -167,6 +232,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from fourbit.rag.llm import load_llm
     from fourbit.rag.retrieval import Retriever
 
+    _check_flags(args, llm=True)
     store, embedder = _open(args)
     llm = load_llm(args.model, adapter=args.adapter)
     results: dict[str, Any] = {}
@@ -175,7 +241,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             results[mode] = answer_question(args.question, Retriever(store, embedder, mode, args.top_k), llm,
                                             max_new_tokens=args.max_new_tokens).as_dict()
         except ValueError as err:  # e.g. no metadata in the index: say so in that column
-            results[mode] = {"answer": f"({err})", "sources": []}
+            results[mode] = {"answer": f"({_plain(err)})", "sources": []}
     if args.json:
         print(json.dumps({"question": args.question, "results": results}, indent=2))
         return 0
@@ -197,6 +263,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from fourbit.rag.evaluate import evaluate_retriever, load_questions
     from fourbit.rag.retrieval import Retriever
 
+    _check_flags(args, llm=False)
     questions = load_questions(args.questions)
     store, embedder = _open(args)
     results: dict[str, Any] = {}
@@ -205,7 +272,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         try:
             results[mode] = evaluate_retriever(retriever.retrieve, questions, args.top_k)
         except ValueError as err:
-            results[mode] = {"error": str(err), "k": args.top_k}
+            results[mode] = {"error": _plain(err), "k": args.top_k}
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
@@ -222,6 +289,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _first_line(func: Any) -> str:
+    return (func.__doc__ or "").strip().splitlines()[0]
+
+
 def add_parser(subparsers: Any) -> None:
     """Register ``fourbit rag {index,query,compare,eval}``."""
     from fourbit.rag.retrieval import RETRIEVERS
@@ -229,7 +300,7 @@ def add_parser(subparsers: Any) -> None:
     rag = subparsers.add_parser("rag", help="question answering over documents with the 4-bit model")
     sub = rag.add_subparsers(dest="rag_command", required=True)
 
-    p = sub.add_parser("index", help=cmd_index.__doc__, description=cmd_index.__doc__)
+    p = sub.add_parser("index", help=_first_line(cmd_index), description=cmd_index.__doc__)
     p.add_argument("paths", nargs="+", type=Path, help="files or folders (.pdf, .txt, .md)")
     _store_args(p)
     p.add_argument("--parent-tokens", type=int, default=1024)

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from fourbit._errors import FieldError
 from fourbit.rag.prompts import answer_prompt
 from fourbit.rag.retrieval import Retrieved
 
@@ -57,7 +58,7 @@ def answer_question(
         The :class:`Answer`.
     """
     if not question.strip():
-        raise ValueError("the question is empty")
+        raise FieldError("question", "is empty")
     parents = retriever.retrieve(question)
     messages = answer_prompt(question, [p.text for p in parents])
     if on_text is None:

@@ -18,6 +18,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from fourbit._errors import FieldError
 from fourbit.rag.loaders import Document
 
 __all__ = ["Child", "ChunkConfig", "Parent", "child_id", "parent_id", "split_children", "split_parents"]
@@ -28,9 +29,9 @@ class ChunkConfig:
     """Chunk sizes in tokens.
 
     Attributes:
-        parent_tokens: size of the chunks the LLM reads (``--parent-tokens``).
+        parent_tokens: size of the chunks the LLM reads.
         parent_overlap: tokens shared by neighbouring parents.
-        child_tokens: sizes of the child chunks cut from each parent (``--child-tokens``).
+        child_tokens: sizes of the child chunks cut from each parent.
         child_overlap: tokens shared by neighbouring children.
     """
 
@@ -42,16 +43,16 @@ class ChunkConfig:
     def __post_init__(self) -> None:
         self.child_tokens = tuple(int(s) for s in self.child_tokens)
         if self.parent_tokens < 16:
-            raise ValueError(f"--parent-tokens must be >= 16, got {self.parent_tokens}")
+            raise FieldError("parent_tokens", f"must be >= 16, got {self.parent_tokens}")
         if not 0 <= self.parent_overlap < self.parent_tokens // 2:
-            raise ValueError(f"parent_overlap must be in [0, parent_tokens/2), got {self.parent_overlap}")
+            raise FieldError("parent_overlap", f"must be in [0, `parent_tokens`/2), got {self.parent_overlap}")
         for size in self.child_tokens:
             if not 8 <= size <= self.parent_tokens:
-                raise ValueError(f"--child-tokens: each size must be in [8, {self.parent_tokens}], got {size}")
+                raise FieldError("child_tokens", f"each size must be in [8, {self.parent_tokens}], got {size}")
         if len(set(self.child_tokens)) != len(self.child_tokens):
-            raise ValueError(f"--child-tokens: sizes must be distinct, got {self.child_tokens}")
+            raise FieldError("child_tokens", f"sizes must be distinct, got {self.child_tokens}")
         if self.child_tokens and not 0 <= self.child_overlap < min(self.child_tokens) // 2:
-            raise ValueError(f"child_overlap must be in [0, min(child_tokens)/2), got {self.child_overlap}")
+            raise FieldError("child_overlap", f"must be in [0, min(`child_tokens`)/2), got {self.child_overlap}")
 
     def key(self) -> str:
         """Short hash of the sizes: records made with other sizes are stale."""

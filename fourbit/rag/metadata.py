@@ -17,7 +17,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from fourbit._io import atomic_write_text
+from fourbit._errors import InputFileError
+from fourbit._io import atomic_write_text, read_json
 from fourbit.rag.prompts import PROMPT_VERSION, questions_prompt, summary_prompt
 
 __all__ = ["MetadataCache", "MetadataExtractor", "parse_questions", "parse_summary"]
@@ -70,9 +71,13 @@ class MetadataCache:
         self.entries: dict[str, Any] = {}
         if self.path is not None and self.path.exists():
             try:
-                self.entries = json.loads(self.path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{self.path}: corrupt metadata cache ({err}); delete it to regenerate") from err
+                self.entries = read_json(self.path)
+            except InputFileError as err:
+                raise InputFileError(self.path, f"damaged metadata cache ({err.message}); delete it to "
+                                                "regenerate", line=err.line) from None
+            if not isinstance(self.entries, dict):
+                raise InputFileError(self.path, "damaged metadata cache (not a JSON object); delete it to "
+                                                "regenerate")
 
     def get(self, key: str) -> Any:
         return self.entries.get(key)

@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from fourbit._errors import FieldError
+
 __all__ = ["RETRIEVERS", "Reference", "Retrieved", "Retriever"]
 
 RETRIEVERS: dict[str, tuple[str, ...]] = {
@@ -84,15 +86,15 @@ class Retriever:
         top_k: distinct parents returned.
 
     Raises:
-        ValueError: unknown mode, top_k < 1, the index holds no record of the kinds the mode needs, or was
+        FieldError: unknown mode, top_k < 1, the index holds no record of the kinds the mode needs, or was
             built with another embedding model.
     """
 
     def __init__(self, store: Any, embedder: Any, mode: str = "all", top_k: int = 2) -> None:
         if mode not in RETRIEVERS:
-            raise ValueError(f"--retriever {mode!r}: choose from {', '.join(RETRIEVERS)}")
+            raise FieldError("retriever", f"{mode!r}: choose from {', '.join(RETRIEVERS)}")
         if top_k < 1:
-            raise ValueError(f"--top-k must be >= 1, got {top_k}")
+            raise FieldError("top_k", f"must be >= 1, got {top_k}")
         store.check_embedder(embedder.name, embedder.dim)
         self.store, self.embedder, self.mode, self.top_k = store, embedder, mode, top_k
         self.kinds = RETRIEVERS[mode]
@@ -135,7 +137,7 @@ class Retriever:
         """The top-k distinct parents for ``question``, best first, each with its trace (``via``)."""
         k = top_k or self.top_k
         if self.store.count() == 0:
-            raise ValueError(f"index {self.store.name!r} is empty; index some documents first")
+            raise FieldError("index", f"{self.store.name!r} is empty; index some documents first")
         order, via, best = _rank_parents(self._dense(question, k))
         if self.mode == "hybrid":
             sparse_order, sparse_via, _ = _rank_parents(self._bm25_hits(question))
@@ -151,9 +153,9 @@ class Retriever:
             order = sorted(fused, key=lambda p: -fused[p])
             best = fused
         elif not order:
-            raise ValueError(
-                f"--retriever {self.mode}: the index has no {'/'.join(self.kinds)} records "
-                "(index with --metadata questions,summary for the metadata retriever)"
+            raise FieldError(
+                "retriever", f"{self.mode}: the index has no {'/'.join(self.kinds)} records (index with "
+                "`metadata` questions,summary for the metadata retriever)"
             )
         chosen = order[:k]
         parents = self.store.get(chosen)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from fourbit._errors import FieldError
 from fourbit.rag.chunking import ChunkConfig, split_children, split_parents
 from fourbit.rag.loaders import load_document, normalize_whitespace
 
@@ -47,14 +48,16 @@ def test_ids_are_stable_across_runs(doc, embedder):
 
 
 @pytest.mark.parametrize(
-    "kwargs, flag",
+    "kwargs, field",
     [
-        ({"parent_tokens": 4}, "--parent-tokens"),
-        ({"child_tokens": (2048,)}, "--child-tokens"),
-        ({"child_tokens": (64, 64)}, "--child-tokens"),
+        ({"parent_tokens": 4}, "parent_tokens"),
+        ({"child_tokens": (2048,)}, "child_tokens"),
+        ({"child_tokens": (64, 64)}, "child_tokens"),
         ({"parent_overlap": 600}, "parent_overlap"),
+        ({"child_overlap": 100}, "child_overlap"),
     ],
 )
-def test_config_rejects_bad_values(kwargs, flag):
-    with pytest.raises(ValueError, match=flag):
+def test_config_rejects_bad_values(kwargs, field):
+    with pytest.raises(FieldError, match=f"`{field}`") as caught:
         ChunkConfig(**kwargs)
+    assert caught.value.field == field

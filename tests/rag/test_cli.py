@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from fourbit._errors import FieldError
 from fourbit.cli.rag import add_parser
 
 
@@ -55,9 +56,9 @@ def test_index_query_eval(tmp_path, docs_dir, capsys):
 
 
 def test_cli_errors(tmp_path, docs_dir):
-    with pytest.raises(FileNotFoundError, match="no index database"):
+    with pytest.raises(FieldError, match="no index database"):
         _run(["rag", "query", "q", "--db", str(tmp_path / "none"), "--no-answer"])
-    with pytest.raises(ValueError, match="--metadata"):
+    with pytest.raises(FieldError, match="`metadata`"):
         _run(["rag", "index", str(docs_dir), "--db", str(tmp_path / "db"), "--metadata", "keywords"])
     with pytest.raises(SystemExit):
         _run(["rag", "query", "q", "--db", "x", "--retriever", "nope"])

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from fourbit._errors import FieldError, InputFileError
 from fourbit.rag.index import build_index
 from fourbit.rag.store import open_store
 
@@ -81,20 +82,30 @@ def test_killed_run_resumes_without_duplicates(tmp_path, docs_dir, embedder, sma
     monkeypatch.setattr(embedder, "embed_documents", real)
     done = store.count()
     assert 0 < done < total
+    assert _store(tmp_path / "db", embedder).interrupted  # what is left does not pass for complete
     resumed = build_index([docs_dir], _store(tmp_path / "db", embedder), embedder, small_config, progress=False)
+    assert resumed.resumed and not _store(tmp_path / "db", embedder).interrupted
     assert resumed.embedded == total - done  # only what was missing
     assert _snapshot(store) == _snapshot(reference)  # same ids, same texts, no duplicates
 
 
-def test_no_text_pdf_is_skipped_and_encrypted_is_reported(tmp_path, docs_dir, embedder, small_config, make_pdf):
+def test_unusable_files_in_a_folder_are_skipped_with_the_reason(tmp_path, docs_dir, embedder, small_config,
+                                                                make_pdf):
     make_pdf(docs_dir / "scan.pdf", [""], blank=True)
     make_pdf(docs_dir / "secret.pdf", ["hidden"], encrypt=True)
     store = _store(tmp_path / "db", embedder)
     report = build_index([docs_dir], store, embedder, small_config, progress=False)
     assert len(report.indexed) == 3
-    assert [Path(p).name for p, _ in report.skipped] == ["scan.pdf"]
-    assert [Path(p).name for p, _ in report.errors] == ["secret.pdf"]
-    assert "encrypted" in report.errors[0][1]
+    reasons = {Path(p).name: reason for p, reason in report.skipped}
+    assert set(reasons) == {"scan.pdf", "secret.pdf"}
+    assert "no extractable text" in reasons["scan.pdf"] and "encrypted" in reasons["secret.pdf"]
+    # Named explicitly, the same files are errors that name them, raised before the index changes.
+    count = store.count()
+    for name, reason in (("scan.pdf", "no extractable text"), ("secret.pdf", "encrypted")):
+        with pytest.raises(InputFileError, match=reason) as caught:
+            build_index([docs_dir / "bread.txt", docs_dir / name], store, embedder, small_config, progress=False)
+        assert caught.value.path == str((docs_dir / name).resolve())
+    assert store.count() == count
 
 
 def test_pdf_records_carry_page_labels(tmp_path, embedder, small_config, make_pdf, topic_text):
@@ -110,16 +121,17 @@ def test_pdf_records_carry_page_labels(tmp_path, embedder, small_config, make_pd
 
 
 def test_bad_databases(tmp_path, docs_dir, embedder, small_config):
-    with pytest.raises(FileNotFoundError, match="no index database"):
+    with pytest.raises(FieldError, match="no index database") as caught:
         open_store(tmp_path / "nothing")
+    assert caught.value.field == "db_path" and not (tmp_path / "nothing").exists()
     store = _store(tmp_path / "db", embedder)
     build_index([docs_dir], store, embedder, small_config, progress=False)
     count = store.count()
-    with pytest.raises(ValueError, match="built with embedding model"):
+    with pytest.raises(FieldError, match="built with embedding model"):
         open_store(tmp_path / "db", embedding={"embedding_model": "other-model", "embedding_dim": 768})
-    with pytest.raises(ValueError, match="no such index"):
+    with pytest.raises(FieldError, match="no such index"):
         open_store(tmp_path / "db", index="other")
-    with pytest.raises(ValueError, match="unsupported file type"):
+    with pytest.raises(InputFileError, match="unsupported file type"):
         (tmp_path / "x.docx").write_bytes(b"PK")
         build_index([tmp_path / "x.docx"], store, embedder, small_config, progress=False)
     assert open_store(tmp_path / "db").count() == count  # nothing lost

@@ -69,3 +69,38 @@ def test_discover_recurses_and_ignores_other_types(tmp_path: Path):
     (tmp_path / "c.png").write_bytes(b"\x89PNG")
     assert [p.name for p in discover_files([tmp_path])] == ["a.md", "b.txt"]
     assert doc_id_for(Path("My Paper (v2).pdf")) == "My_Paper_v2"
+
+
+@pytest.mark.parametrize(
+    "data, text, encoding",
+    [
+        (b"plain ascii\n", "plain ascii\n", "utf-8"),
+        ("\ufeffwith a BOM, café".encode("utf-8"), "with a BOM, café", "utf-8"),
+        ("utf-16 text".encode("utf-16"), "utf-16 text", "utf-16"),
+        ("Le café de Sévérine, à Orléans.".encode("latin-1"), "Le café de Sévérine, à Orléans.", "cp1252"),
+        ("“Quotes” – and … Größe".encode("cp1252"), "“Quotes” – and … Größe", "cp1252"),
+    ],
+)
+def test_decode_text_reads_utf8_and_unambiguous_cp1252(data, text, encoding):
+    from fourbit.rag.loaders import decode_text
+
+    assert decode_text(data, "f.txt") == (text, encoding)
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        ("Привет, это документ на русском языке.".encode("cp1251"), "not UTF-8"),  # Cyrillic read as cp1252: gibberish
+        ("zażółć gęślą jaźń".encode("cp1250"), "not UTF-8"),  # Polish: symbols inside words
+        ("Καλημέρα κόσμε".encode("cp1253"), "not UTF-8"),
+        (bytes(range(256)) * 4, "binary data"),
+        (b"text\x00with a NUL", "binary data"),
+    ],
+)
+def test_decode_text_refuses_binary_and_ambiguous_bytes(data, reason):
+    from fourbit._errors import InputFileError
+    from fourbit.rag.loaders import decode_text
+
+    with pytest.raises(InputFileError, match=reason) as caught:
+        decode_text(data, "f.txt")
+    assert caught.value.path == "f.txt"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fourbit._errors import FieldError
 from fourbit.rag.index import build_index
 from fourbit.rag.retrieval import RETRIEVERS, Retriever
 from fourbit.rag.store import open_store
@@ -74,9 +75,10 @@ def test_hybrid_fuses_dense_and_bm25(store, embedder):
 
 
 def test_metadata_retriever_needs_metadata(store, embedder):
-    with pytest.raises(ValueError, match="--metadata"):
+    with pytest.raises(FieldError, match="`metadata` questions,summary") as caught:
         Retriever(store, embedder, "metadata").retrieve("comets")
-    with pytest.raises(ValueError, match="--retriever"):
+    assert caught.value.field == "retriever"
+    with pytest.raises(FieldError, match="`retriever`"):
         Retriever(store, embedder, "nope")
-    with pytest.raises(ValueError, match="--top-k"):
+    with pytest.raises(FieldError, match="`top_k`"):
         Retriever(store, embedder, "all", top_k=0)
