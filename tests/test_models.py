@@ -184,7 +184,7 @@ def test_bad_paths_are_reported(tmp_path):
 
 
 def test_gguf_of_an_unsupported_architecture_is_reported(tmp_path):
-    gguf = pytest.importorskip("gguf")
+    import gguf
     path = tmp_path / "odd.gguf"
     writer = gguf.GGUFWriter(str(path), "notanarch")
     writer.add_architecture()
