@@ -28,7 +28,8 @@ def check_gguf(path: Path) -> None:
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != _GGUF_MAGIC:
-        raise InputFileError(path, "not a GGUF file (it does not start with the GGUF magic bytes)")
+        raise InputFileError(path, "not a GGUF file (it does not start with the GGUF magic bytes); it may be "
+                                   "truncated or of another format")
     from gguf import GGUFReader
 
     try:

@@ -57,7 +57,7 @@ def quantize_model(
             q = Linear4bit.from_linear(linear, quant_type=config.quant_type, blocksize=config.blocksize,
                                        double_quant=config.double_quant, compute_dtype=compute_dtype)
         except ValueError as err:
-            raise ValueError(f"cannot quantize module {name!r}: {err}") from None
+            raise ValueError(f"module {name!r}: {err}") from None
         if measure_error:
             w = linear.weight.detach().float()
             errors.append(float((q.dequantize(torch.float32) - w).norm() / w.norm().clamp(min=1e-30)))
