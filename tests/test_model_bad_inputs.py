@@ -243,6 +243,19 @@ def test_adapter_of_another_model_names_the_module_and_both_shapes(tiny_llama_di
     assert "(128, 4)" in message and "(96, 4)" in message
 
 
+def test_adapter_whose_targets_are_not_in_the_model_is_named(tiny_llama_dir, tmp_path):
+    adapter = _adapter(tmp_path)
+    config_file = adapter / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["target_modules"] = ["w_gate"]
+    config_file.write_text(json.dumps(config))
+    out = tmp_path / "merged"
+    for argv in (["generate", tiny_llama_dir, "hi", "--adapter", adapter, "--max-new-tokens", "2"],
+                 ["merge", tiny_llama_dir, "--adapter", adapter, "--out", out]):
+        assert_clean_error(run_cli(*argv), str(config_file), "w_gate")
+    assert not out.exists()
+
+
 # ------------------------------------------------------------------------------------------ killed saves
 _KILLABLE = textwrap.dedent("""
     import sys, time

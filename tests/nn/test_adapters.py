@@ -141,3 +141,17 @@ def test_bad_adapter_configs_are_named(tmp_path: Path, text: str, names: str) ->
     with pytest.raises(InputFileError) as refused:
         read_adapter_config(tmp_path / "a")
     assert refused.value.path == str(tmp_path / "a" / "adapter_config.json") and names in str(refused.value)
+
+
+def test_resume_path_names_a_truncated_adapter(tmp_path: Path) -> None:
+    """``load_adapter_weights`` (what a resumed run calls) reads through the checked safetensors reader."""
+    from fourbit.nn.adapters import load_adapter_weights
+
+    ours = _tiny()
+    inject_lora(ours, LoRASpec(r=4, alpha=8, target_modules=("q_proj",)))
+    save_adapter(ours, tmp_path / "a")
+    weights = tmp_path / "a" / ADAPTER_WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(InputFileError, match="truncated") as refused:
+        load_adapter_weights(ours, tmp_path / "a")
+    assert refused.value.path == str(weights)
