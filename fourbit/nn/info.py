@@ -15,8 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # annotations only: the models layer comes after nn and imports it, not the reverse
-    from fourbit.models import Footprint, QuantConfig
+if TYPE_CHECKING:
     from fourbit.nn.lora import LoRASpec
 
 __all__ = ["INFO_ATTR", "FourbitInfo", "clear_fourbit_info", "fourbit_info"]
@@ -28,6 +27,9 @@ INFO_ATTR = "fourbit_info"
 class FourbitInfo:
     """fourbit's record of what it did to one model.
 
+    ``quant_config`` and ``footprint`` are typed ``Any`` here because their classes live in the models layer,
+    which comes after nn and imports it (never the reverse, not even for annotations).
+
     Attributes:
         quant_config: the ``fourbit.models.QuantConfig`` the model was quantized with (None: not quantized
             by fourbit in this process; a loaded checkpoint's settings are read from its layers).
@@ -35,8 +37,8 @@ class FourbitInfo:
         lora_spec: the :class:`fourbit.nn.lora.LoRASpec` injected into the model (None: no LoRA layers).
     """
 
-    quant_config: QuantConfig | None = None
-    footprint: Footprint | None = None
+    quant_config: Any = None
+    footprint: Any = None
     lora_spec: LoRASpec | None = None
 
 
