@@ -21,7 +21,15 @@ from torch import nn
 from fourbit._errors import FieldError, InputFileError
 from fourbit._io import atomic_write_text, check_output_dir, load_safetensors, read_json, save_safetensors
 
-from .lora import LoRASpec, _is_saved_module, find_target_modules, inject_lora, lora_modules, lora_spec
+from .lora import (
+    LoRASpec,
+    _is_saved_module,
+    find_target_modules,
+    inject_lora,
+    lora_modules,
+    lora_spec,
+    unload_lora,
+)
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -282,5 +290,9 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
         raise InputFileError(weights, f"the adapter does not fit the model: {'; '.join(problems[:4])}"
                                       f"{' ...' if len(problems) > 4 else ''}; was it trained on another model?")
     inject_lora(model, spec)
-    load_adapter_weights(model, folder)
+    try:
+        load_adapter_weights(model, folder)
+    except BaseException:
+        unload_lora(model)  # the model is left as it was given
+        raise
     return model.eval()

@@ -155,3 +155,21 @@ def test_resume_path_names_a_truncated_adapter(tmp_path: Path) -> None:
     with pytest.raises(InputFileError, match="truncated") as refused:
         load_adapter_weights(ours, tmp_path / "a")
     assert refused.value.path == str(weights)
+
+
+def test_an_adapter_failing_after_injection_leaves_the_model_as_given(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    ours = _tiny()
+    inject_lora(ours, LoRASpec(r=4, alpha=8, target_modules=("q_proj",)))
+    folder = save_adapter(ours, tmp_path / "a")
+    tensors = load_file(folder / ADAPTER_WEIGHTS)
+    tensors["base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"] = torch.zeros(4, 64)  # not a target
+    save_file(tensors, folder / ADAPTER_WEIGHTS)
+    fresh = _tiny()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(InputFileError, match="unexpected"):
+        load_adapter(fresh, folder)
+    assert not lora_modules(fresh)
+    after = fresh.state_dict()
+    assert sorted(after) == sorted(before) and all(torch.equal(after[k], before[k]) for k in before)
