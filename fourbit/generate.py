@@ -8,6 +8,8 @@ from collections.abc import Callable
 
 import torch
 
+from fourbit._errors import FieldError
+
 __all__ = ["build_prompt", "generate", "perplexity", "reference_text"]
 
 
@@ -15,7 +17,7 @@ def build_prompt(tokenizer, prompt: str | list[dict], system: str | None = None)
     """Render ``prompt`` (a string or chat messages) with the tokenizer's chat template when it has one.
 
     Raises:
-        ValueError: chat messages for a tokenizer without a chat template.
+        FieldError: chat messages for a tokenizer without a chat template (field ``prompt``).
     """
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(prompt, str):
@@ -25,7 +27,7 @@ def build_prompt(tokenizer, prompt: str | list[dict], system: str | None = None)
     else:
         messages = list(prompt)
         if not template:
-            raise ValueError("the tokenizer has no chat template: pass a plain string prompt instead of messages")
+            raise FieldError("prompt", "the tokenizer has no chat template: pass a plain string instead of messages")
     if system is not None and (not messages or messages[0].get("role") != "system"):
         messages = [{"role": "system", "content": system}, *messages]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -57,11 +59,14 @@ def generate(
 
     Returns:
         The generated text (without the prompt); with ``return_num_tokens``, (text, tokens).
+
+    Raises:
+        FieldError: ``max_new_tokens`` is not positive; chat messages without a chat template (``prompt``).
     """
     from transformers.generation.streamers import BaseStreamer
 
-    if max_new_tokens <= 0:
-        raise ValueError(f"--max-new-tokens must be positive, got {max_new_tokens}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise FieldError("max_new_tokens", f"must be a positive integer, got {max_new_tokens!r}")
     text = build_prompt(tokenizer, prompt, system)
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
     device = next(model.parameters()).device
@@ -117,6 +122,10 @@ def perplexity(model, tokenizer, text: str, *, window: int = 512, max_windows: i
                progress: bool = False) -> float:
     """Perplexity of ``text`` under ``model``: exp(mean token negative log-likelihood) over
     non-overlapping windows of ``window`` tokens (each window scored on its own)."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+        raise FieldError("window", f"must be an integer >= 2 (tokens per scored window), got {window!r}")
+    if max_windows is not None and max_windows <= 0:
+        raise FieldError("max_windows", f"must be positive, got {max_windows!r}")
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
     starts = list(range(0, max(len(ids) - 1, 1), window))
     if max_windows is not None:

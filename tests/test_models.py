@@ -1,5 +1,7 @@
 """4-bit models: in-place quantization, footprint, checkpoints that round-trip with transformers + bitsandbytes."""
 
+import copy
+import errno
 import json
 import os
 
@@ -7,7 +9,16 @@ import pytest
 import torch
 from torch import nn
 
-from fourbit.models import QuantConfig, load_model, model_footprint, quantize_model, save_quantized
+from fourbit._errors import FieldError, InputFileError
+from fourbit.models import (
+    FourbitInfo,
+    QuantConfig,
+    fourbit_info,
+    load_model,
+    model_footprint,
+    quantize_model,
+    save_quantized,
+)
 from fourbit.nn import Linear4bit
 
 
@@ -123,24 +134,25 @@ def test_save_is_atomic_and_refuses_to_overwrite(tmp_path, monkeypatch, make_lla
     quantize_model(model)
     out = tmp_path / "q"
     save_quantized(model, out)
-    before = {p.name: p.stat().st_size for p in out.iterdir()}
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(FieldError, match="`overwrite`") as refused:
         save_quantized(model, out)
+    assert refused.value.field == "out_dir"
 
-    import safetensors.torch
+    def disk_full(fd):  # file systems with delayed allocation report a full disk at fsync
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    def explode(*args, **kwargs):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(safetensors.torch, "save_file", explode)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError) as failed:
         save_quantized(model, out, overwrite=True)
-    assert {p.name: p.stat().st_size for p in out.iterdir()} == before, "the old checkpoint is intact"
+    assert failed.value.errno == errno.ENOSPC
+    assert failed.value.filename == str(out / "model.safetensors"), "the error names the file the user asked for"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before, "the old checkpoint is intact"
     assert [p.name for p in tmp_path.iterdir()] == ["q"], "no temporary folder is left behind"
 
 
 def test_save_refuses_an_unquantized_model(tmp_path, make_llama):
-    with pytest.raises(ValueError, match="no 4-bit layers"):
+    with pytest.raises(FieldError, match="no 4-bit layers"):
         save_quantized(make_llama(), tmp_path / "x")
 
 
@@ -151,11 +163,13 @@ def test_missing_and_truncated_checkpoints_are_reported(tmp_path, make_llama):
     weights = tmp_path / "q" / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="truncated or corrupt"):
+    with pytest.raises(InputFileError, match="truncated") as truncated:
         load_model(tmp_path / "q")
+    assert truncated.value.path == str(weights)
     os.remove(weights)
-    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+    with pytest.raises(InputFileError, match="missing") as missing:
         load_model(tmp_path / "q")
+    assert missing.value.path == str(weights)
 
 
 def test_bad_paths_are_reported(tmp_path):
@@ -165,12 +179,12 @@ def test_bad_paths_are_reported(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_model(tmp_path / "empty")
     (tmp_path / "weights.bin").write_bytes(b"x")
-    with pytest.raises(ValueError, match="not a .gguf"):
+    with pytest.raises(InputFileError, match="not a .gguf"):
         load_model(tmp_path / "weights.bin")
 
 
 def test_gguf_of_an_unsupported_architecture_is_reported(tmp_path):
-    gguf = pytest.importorskip("gguf")
+    import gguf
     path = tmp_path / "odd.gguf"
     writer = gguf.GGUFWriter(str(path), "notanarch")
     writer.add_architecture()
@@ -179,17 +193,28 @@ def test_gguf_of_an_unsupported_architecture_is_reported(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(ValueError, match="cannot load GGUF"):
+    with pytest.raises(InputFileError, match="cannot load GGUF") as refused:
         load_model(path)
+    assert refused.value.path == str(path)
 
 
-def test_quant_config_rejects_bad_values():
-    with pytest.raises(ValueError, match="--quant-type"):
-        QuantConfig(quant_type="nf8")
-    with pytest.raises(ValueError, match="--blocksize"):
-        QuantConfig(blocksize=96)
-    with pytest.raises(ValueError, match="--compute-dtype"):
-        QuantConfig(compute_dtype="int8")
+@pytest.mark.parametrize("kwargs, field", [
+    ({"quant_type": "nf8"}, "quant_type"),
+    ({"blocksize": 96}, "blocksize"),
+    ({"blocksize": 16}, "blocksize"),
+    ({"compute_dtype": "int8"}, "compute_dtype"),
+])
+def test_quant_config_rejects_bad_values_naming_the_field(kwargs, field):
+    with pytest.raises(FieldError) as refused:
+        QuantConfig(**kwargs)
+    assert refused.value.field == field and f"`{field}`" in str(refused.value)
+    assert "--" not in str(refused.value), "library errors speak the library's names, not flags"
+
+
+def test_quant_config_uses_the_codebooks_type_list():
+    from fourbit.quant import QUANT_TYPES
+
+    assert [QuantConfig(quant_type=t).quant_type for t in QUANT_TYPES] == list(QUANT_TYPES)
 
 
 def test_footprint_of_a_loaded_model_matches_quantization(tiny_llama):
@@ -203,7 +228,7 @@ def test_bundled_model_quantizes_to_4_127_bits_and_generates():
     from fourbit.generate import generate
 
     model, tokenizer = load_model()
-    fp = model.fourbit_footprint
+    fp = fourbit_info(model).footprint
     assert round(fp.bits_per_param, 3) == 4.127
     assert fp.model_bytes_after < 0.35 * fp.model_bytes_before
     text = generate(model, tokenizer, "What is the capital of France?", max_new_tokens=12)
@@ -234,3 +259,49 @@ def test_quantization_releases_each_full_precision_weight(tiny_llama):
     gc.collect()
     assert alive_when_swapping == list(range(len(refs), 0, -1))
     assert all(r() is None for r in refs.values())
+
+
+def test_fourbit_info_is_the_one_home_of_what_fourbit_did(tiny_llama, tmp_path, tiny_tokenizer):
+    assert fourbit_info(tiny_llama) == FourbitInfo()
+    config = QuantConfig(compute_dtype="fp32")
+    fp = quantize_model(tiny_llama, config)
+    info = fourbit_info(tiny_llama)
+    assert info.quant_config is config and info.footprint is fp and info.lora_spec is None
+    assert not [k for k in vars(tiny_llama) if k.startswith("fourbit_") and k != "fourbit_info"], \
+        "no other fourbit attribute is hung on the model"
+    assert not [k for k in tiny_llama.state_dict() if "fourbit" in k]
+    clone = copy.deepcopy(tiny_llama)
+    assert fourbit_info(clone).quant_config == config and fourbit_info(clone) is not info
+    save_quantized(tiny_llama, tmp_path / "q", tiny_tokenizer)
+    loaded, _ = load_model(tmp_path / "q", quant=config)
+    assert fourbit_info(loaded).footprint.quantized_bytes == fp.quantized_bytes
+
+
+def _nf5_checkpoint(tmp_path, make_llama, where):
+    """A saved checkpoint whose config (``where="config"``) or quant states (``"tensors"``) say 'nf5'."""
+    from safetensors.torch import load_file, save_file
+
+    model = make_llama()
+    quantize_model(model, QuantConfig(compute_dtype="fp32"))
+    out = save_quantized(model, tmp_path / "q")
+    if where == "config":
+        config = json.loads((out / "config.json").read_text())
+        config["quantization_config"]["bnb_4bit_quant_type"] = "nf5"
+        (out / "config.json").write_text(json.dumps(config))
+    else:
+        tensors = load_file(out / "model.safetensors")
+        key = next(k for k in tensors if k.endswith("quant_state.bitsandbytes__nf4"))
+        tensors[key.replace("__nf4", "__nf5")] = tensors.pop(key)
+        save_file(tensors, out / "model.safetensors")
+    return out
+
+
+@pytest.mark.parametrize("where, file, names", [
+    ("config", "config.json", "bnb_4bit_quant_type"),
+    ("tensors", "model.safetensors", "bitsandbytes__nf5"),
+])
+def test_a_checkpoint_of_an_unknown_quant_type_is_refused(tmp_path, make_llama, where, file, names):
+    out = _nf5_checkpoint(tmp_path, make_llama, where)
+    with pytest.raises(InputFileError, match="nf5") as refused:
+        load_model(out)
+    assert refused.value.path == str(out / file) and names in str(refused.value)

@@ -1,18 +1,29 @@
-"""``fourbit quantize | generate | info | eval-quant | demo``: the 4-bit core on the command line."""
+"""``fourbit quantize | info | eval-quant``: the quantization commands.
+
+Each command maps its flags to the Python API (:mod:`fourbit.models`) and prints what the API returns; the
+library returns data, and the tables are drawn here.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_parser"]
+__all__ = ["add_parser", "add_quant_flags", "cmd_eval_quant", "cmd_info", "cmd_quantize", "footprint_table",
+           "quant_config_from_args"]
+
+# Modules split out of this one. Until fourbit.cli lists them in _COMMAND_MODULES, this module registers them
+# so that `fourbit generate` and `fourbit demo` keep working (see add_parser).
+_SPLIT_OUT = ("fourbit.cli.generate", "fourbit.cli.demo")
 
 
-def _quant_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quant-type", choices=("nf4", "fp4", "int4"), default="nf4", help="4-bit data type (default nf4)")
+def add_quant_flags(p: argparse.ArgumentParser) -> None:
+    """--quant-type, --blocksize, --no-double-quant, --compute-dtype (checked by ``QuantConfig``)."""
+    p.add_argument("--quant-type", default="nf4", metavar="TYPE", help="4-bit data type: nf4, fp4 or int4 (default nf4)")
     p.add_argument("--blocksize", type=int, default=64, help="absmax block size, power of two in 32..4096 (default 64)")
     p.add_argument("--no-double-quant", action="store_true", help="keep absmax constants in float32 (4.5 bits/param)")
     p.add_argument("--compute-dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
@@ -20,7 +31,8 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
                         "else fp32)")
 
 
-def _quant_config(args: argparse.Namespace):
+def quant_config_from_args(args: argparse.Namespace):
+    """The ``QuantConfig`` the quantization flags describe."""
     from fourbit.models import QuantConfig
 
     return QuantConfig(quant_type=args.quant_type, blocksize=args.blocksize, double_quant=not args.no_double_quant,
@@ -35,7 +47,8 @@ def _mb(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
-def _footprint_table(fp, title: str):
+def footprint_table(fp, title: str):
+    """A rich table of a ``fourbit.models.Footprint``."""
     from rich.table import Table
 
     table = Table(title=title)
@@ -56,99 +69,42 @@ def _footprint_table(fp, title: str):
     return table
 
 
+_footprint_table = footprint_table  # fourbit/demo.py imports this name
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     """Quantize a model to 4 bits and save it as a bitsandbytes-format checkpoint folder."""
-    from rich.console import Console
+    from fourbit._errors import InputFileError
+    from fourbit._io import check_output_dir
+    from fourbit.models import bundled_model_path, load_model, quantize_model, save_quantized
 
-    from fourbit.models import load_model, quantize_model, save_quantized
-
-    config = _quant_config(args)
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+    config = quant_config_from_args(args)
+    source = Path(args.model).expanduser() if args.model else bundled_model_path()
+    inputs = [source] if source.exists() else []
+    out = check_output_dir(args.out, overwrite=args.overwrite, field="out_dir", inputs=inputs)
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, quant=None)
-    fp = quantize_model(model, config, progress=not args.json, measure_error=True)
+    try:
+        fp = quantize_model(model, config, progress=not args.json, measure_error=True)
+    except ValueError as err:  # NaN/Inf weights: name the model it came from as well as the module
+        raise InputFileError(source if inputs else str(args.model), str(err)) from None
     seconds = time.perf_counter() - t0
     save_quantized(model, out, tokenizer, overwrite=args.overwrite)
     if args.json:
         _print_json({"out": str(out), "seconds": seconds, "config": vars(config), **fp.as_dict()})
         return 0
+    from rich.console import Console
+
     console = Console()
-    console.print(_footprint_table(fp, f"{args.model or 'bundled SmolLM2-135M-Instruct'} -> {config.quant_type}"))
+    console.print(footprint_table(fp, f"{args.model or 'bundled SmolLM2-135M-Instruct'} -> {config.quant_type}"))
     console.print(f"saved to {out} ({seconds:.1f} s to load and quantize)")
     return 0
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    """Generate an answer to PROMPT with a 4-bit model (chat template when the tokenizer has one)."""
-    from fourbit.generate import generate
-    from fourbit.models import load_model
-
-    model, tokenizer = load_model(args.model, quant=None if args.no_quant else _quant_config(args))
-    if tokenizer is None:
-        raise ValueError(f"{args.model} holds no tokenizer files; cannot generate text")
-    if args.adapter:
-        from fourbit.nn.adapters import load_adapter
-
-        model = load_adapter(model, args.adapter)
-        model.eval()
-    t0 = time.perf_counter()
-    text, n_tokens = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-                              stream=not args.json, do_sample=args.sample, system=args.system,
-                              return_num_tokens=True)
-    seconds = time.perf_counter() - t0
-    if args.json:
-        _print_json({"prompt": args.prompt, "text": text, "tokens": n_tokens, "seconds": seconds})
-    else:
-        print(f"\n[{n_tokens} tokens in {seconds:.1f} s, {n_tokens / max(seconds, 1e-9):.1f} tokens/s]")
-    return 0
-
-
-def checkpoint_info(folder: str | Path) -> dict:
-    """What a checkpoint folder holds: architecture, quantization settings, layers, sizes."""
-    from safetensors import safe_open
-
-    from fourbit.models import CHECKPOINT_FILE, FOURBIT_META_FILE, is_quantized_checkpoint
-
-    folder = Path(folder)
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{folder} holds no config.json: not a model or checkpoint folder")
-    config = json.loads(config_file.read_text())
-    info: dict[str, Any] = {
-        "folder": str(folder),
-        "architecture": (config.get("architectures") or [config.get("model_type")])[0],
-        "quantized": is_quantized_checkpoint(folder),
-        "quantization_config": config.get("quantization_config"),
-    }
-    files = sorted(folder.glob("*.safetensors"))
-    info["files"] = {f.name: f.stat().st_size for f in files}
-    layers = 0
-    params = 0
-    for f in files:
-        with safe_open(str(f), framework="pt") as handle:
-            for key in handle.keys():
-                if ".weight.quant_state.bitsandbytes__" in key:
-                    layers += 1
-                    meta = json.loads(bytes(handle.get_tensor(key).numpy()).decode())
-                    shape = meta.get("shape") or []
-                    n = 1
-                    for s in shape:
-                        n *= s
-                    params += n
-    info["quantized_layers"] = layers
-    info["quantized_params"] = params
-    meta_file = folder / FOURBIT_META_FILE
-    if meta_file.is_file():
-        info["fourbit"] = json.loads(meta_file.read_text())
-    if not files:
-        info["warning"] = f"no {CHECKPOINT_FILE} in the folder"
-    return info
-
-
 def cmd_info(args: argparse.Namespace) -> int:
-    """Describe a model or 4-bit checkpoint folder."""
+    """Describe a model or 4-bit checkpoint folder (its settings and quant states are checked first)."""
+    from fourbit.models import checkpoint_info
+
     info = checkpoint_info(args.dir)
     if args.json:
         _print_json(info)
@@ -161,16 +117,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     table.add_column("value")
     qc = info["quantization_config"] or {}
     rows = [
-        ("architecture", info["architecture"]),
+        ("architecture", str(info["architecture"])),
         ("4-bit", "yes" if info["quantized"] else "no"),
-        ("quant type", qc.get("bnb_4bit_quant_type") or qc.get("quant_type") or "-"),
+        ("quant type", ", ".join(info["quant_types"]) or "-"),
         ("double quant", str(qc.get("bnb_4bit_use_double_quant", qc.get("double_quant", "-")))),
         ("compute dtype", str(qc.get("bnb_4bit_compute_dtype") or qc.get("compute_dtype") or "-")),
         ("4-bit layers", str(info["quantized_layers"])),
         ("4-bit parameters", f"{info['quantized_params']:,}"),
     ]
-    fp = (info.get("fourbit") or {}).get("footprint")
-    if fp:
+    fp = (info.get("fourbit") or {}).get("footprint") if isinstance(info.get("fourbit"), dict) else None
+    if isinstance(fp, dict) and isinstance(fp.get("bits_per_param"), int | float):
         rows.append(("bits per 4-bit parameter", f"{fp['bits_per_param']:.3f}"))
     for name, size in info["files"].items():
         rows.append((name, _mb(size)))
@@ -186,20 +142,28 @@ def cmd_eval_quant(args: argparse.Namespace) -> int:
 
     import torch
 
+    from fourbit._errors import FieldError
     from fourbit.generate import perplexity, reference_text
     from fourbit.models import QuantConfig, load_model, quantize_model
 
-    types = [t for t in args.types.split(",") if t]
+    types = [t.strip() for t in args.types.split(",") if t.strip()]
+    configs = {}
+    for name in types:
+        try:
+            configs[name] = QuantConfig(quant_type=name, blocksize=args.blocksize,
+                                        double_quant=not args.no_double_quant, compute_dtype=args.compute_dtype)
+        except FieldError as err:
+            raise FieldError("types" if err.field == "quant_type" else err.field, err.message) from None
+    if not types:
+        raise FieldError("types", "is empty: give comma-separated 4-bit types such as nf4,fp4,int4")
     base, tokenizer = load_model(args.model, quant=None)
+    if tokenizer is None:
+        raise FieldError("model", f"{args.model} holds no tokenizer files; perplexity needs the tokenizer")
     text = reference_text(args.chars)
     rows = []
     for name in ["unquantized", *types]:
         model = base if name == "unquantized" else copy.deepcopy(base)
-        fp = None
-        if name != "unquantized":
-            fp = quantize_model(model, QuantConfig(quant_type=name, blocksize=args.blocksize,
-                                                   double_quant=not args.no_double_quant,
-                                                   compute_dtype=args.compute_dtype), measure_error=True)
+        fp = quantize_model(model, configs[name], measure_error=True) if name != "unquantized" else None
         t0 = time.perf_counter()
         ppl = perplexity(model, tokenizer, text, window=args.window, max_windows=args.max_windows,
                          progress=not args.json)
@@ -227,36 +191,16 @@ def cmd_eval_quant(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """The whole story on the bundled model: quantize, fine-tune briefly, answer over a document."""
-    from fourbit.demo import run_demo
-
-    run_demo(Path(args.out), quick=args.quick)
-    return 0
-
-
 def add_parser(subparsers: Any) -> None:
-    """Register quantize, generate, info, eval-quant and demo."""
+    """Register quantize, info and eval-quant (and, until fourbit.cli registers them itself, the commands of
+    the modules split out of this one: generate, demo)."""
     p = subparsers.add_parser("quantize", help="quantize a model to 4 bits and save it", description=cmd_quantize.__doc__)
     p.add_argument("model", nargs="?", default=None, help="model folder, .gguf file or hub id (default: bundled SmolLM2)")
     p.add_argument("--out", required=True, help="output checkpoint folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
-    _quant_args(p)
+    add_quant_flags(p)
     p.set_defaults(func=cmd_quantize)
-
-    g = subparsers.add_parser("generate", help="generate text with a 4-bit model", description=cmd_generate.__doc__)
-    g.add_argument("model", nargs="?", default=None,
-                   help="model folder, 4-bit checkpoint, .gguf or hub id (default: bundled SmolLM2)")
-    g.add_argument("prompt", help="the user message")
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--adapter", help="LoRA adapter folder (PEFT format) to apply")
-    g.add_argument("--system", help="system message")
-    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    g.add_argument("--no-quant", action="store_true", help="run the model unquantized")
-    g.add_argument("--json", action="store_true", help="print one JSON document instead of streaming")
-    _quant_args(g)
-    g.set_defaults(func=cmd_generate)
 
     i = subparsers.add_parser("info", help="describe a model or 4-bit checkpoint folder", description=cmd_info.__doc__)
     i.add_argument("dir")
@@ -276,8 +220,8 @@ def add_parser(subparsers: Any) -> None:
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_eval_quant)
 
-    d = subparsers.add_parser("demo", help="quantize, fine-tune and answer over a document (a few minutes)",
-                              description=cmd_demo.__doc__)
-    d.add_argument("--out", default="demo_out", help="working folder (default demo_out)")
-    d.add_argument("--quick", action="store_true", help="fewer training steps (for smoke tests)")
-    d.set_defaults(func=cmd_demo)
+    from fourbit.cli import _COMMAND_MODULES
+
+    for name in _SPLIT_OUT:
+        if name not in _COMMAND_MODULES:
+            importlib.import_module(name).add_parser(subparsers)

@@ -18,9 +18,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from fourbit._io import atomic_write_bytes
+from fourbit._errors import FieldError, InputFileError
+from fourbit._io import atomic_write_text, check_output_dir, load_safetensors, read_json, save_safetensors
 
-from .lora import LoRASpec, _is_saved_module, find_target_modules, inject_lora, lora_modules, lora_spec
+from .lora import (
+    LoRASpec,
+    _is_saved_module,
+    find_target_modules,
+    inject_lora,
+    lora_modules,
+    lora_spec,
+    unload_lora,
+)
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -110,13 +119,11 @@ def save_adapter(
         The folder.
 
     Raises:
-        ValueError: if the model has no LoRA layers.
+        FieldError: the model has no LoRA layers, or ``folder`` is a file.
     """
-    from safetensors.torch import save
-
     layers = lora_modules(model)
     if not layers:
-        raise ValueError("model has no LoRA layers to save; call inject_lora() first")
+        raise FieldError("model", "has no LoRA layers to save; call inject_lora() first")
     spec = lora_spec(model)
     first = next(iter(layers.values()))
     saved = list(modules_to_save if modules_to_save is not None else (spec.modules_to_save if spec else ()))
@@ -138,11 +145,11 @@ def save_adapter(
         "rank_pattern": {},
         "alpha_pattern": {},
     }
-    folder = Path(folder)
+    folder = check_output_dir(folder, overwrite=True, field="folder")
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = adapter_state_dict(model, saved)
-    atomic_write_bytes(folder / ADAPTER_WEIGHTS, save(tensors, metadata={"format": "pt"}))
-    atomic_write_bytes(folder / ADAPTER_CONFIG, (json.dumps(config, indent=2) + "\n").encode())
+    # weights first, config last: a folder whose config is there holds its weights (each file is atomic)
+    save_safetensors(adapter_state_dict(model, saved), folder / ADAPTER_WEIGHTS)
+    atomic_write_text(folder / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
     return folder
 
 
@@ -150,21 +157,23 @@ def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any]:
     """Read and check an adapter config (peft's or ours).
 
     Raises:
-        ValueError: missing files, not a LoRA adapter.
+        InputFileError: not an adapter folder, missing weights, a malformed or non-LoRA config (naming the file).
         NotImplementedError: peft options fourbit does not implement (DoRA, bias, rank/alpha patterns...).
     """
     folder = Path(folder)
     path = folder / ADAPTER_CONFIG
     if not path.is_file():
-        raise ValueError(f"{folder}: not an adapter folder (no {ADAPTER_CONFIG})")
+        raise InputFileError(folder, f"not an adapter folder (no {ADAPTER_CONFIG})")
     if not (folder / ADAPTER_WEIGHTS).is_file():
-        raise ValueError(f"{folder}: no {ADAPTER_WEIGHTS} (fourbit reads adapter weights only from safetensors)")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+        pickled = folder / "adapter_model.bin"
+        why = f"{pickled.name} is not loaded (unpickling can run code); " if pickled.is_file() else ""
+        raise InputFileError(folder, f"no {ADAPTER_WEIGHTS}: {why}fourbit reads adapter weights only from "
+                                     "safetensors")
+    cfg = read_json(path)
+    if not isinstance(cfg, dict):
+        raise InputFileError(path, f"expected a JSON object, got {type(cfg).__name__}")
     if cfg.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{path}: peft_type {cfg.get('peft_type')!r} is not LORA")
+        raise InputFileError(path, f"peft_type {cfg.get('peft_type')!r} is not LORA")
     unsupported = {
         "use_dora": lambda v: bool(v), "bias": lambda v: v not in (None, "none"),
         "fan_in_fan_out": lambda v: bool(v), "rank_pattern": lambda v: bool(v),
@@ -176,7 +185,15 @@ def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any]:
             raise NotImplementedError(f"{path}: adapter option {key}={cfg[key]!r} is not supported by fourbit")
     for key in ("r", "lora_alpha", "target_modules"):
         if cfg.get(key) is None:
-            raise ValueError(f"{path}: missing {key!r}")
+            raise InputFileError(path, f"missing {key!r}")
+    if not isinstance(cfg["r"], int) or isinstance(cfg["r"], bool) or cfg["r"] <= 0:
+        raise InputFileError(path, f"r: the LoRA rank must be a positive integer, got {cfg['r']!r}")
+    if not isinstance(cfg["lora_alpha"], int | float) or not cfg["lora_alpha"] > 0:
+        raise InputFileError(path, f"lora_alpha: must be a number > 0, got {cfg['lora_alpha']!r}")
+    targets = cfg["target_modules"]
+    if not (isinstance(targets, str) or (isinstance(targets, list) and targets
+                                         and all(isinstance(t, str) for t in targets))):
+        raise InputFileError(path, f"target_modules: expected a regex or a list of module names, got {targets!r}")
     return cfg
 
 
@@ -189,11 +206,11 @@ def load_adapter_weights(model: nn.Module, folder: str | os.PathLike) -> None:
     """Copy the adapter tensors from ``folder`` into a model that already has matching LoRA layers.
 
     Raises:
-        ValueError: naming the keys that are missing, unexpected or of the wrong shape.
+        InputFileError: a truncated or damaged weights file; keys that are missing, unexpected or of the wrong
+            shape (naming the adapter file, the module and both shapes).
     """
-    from safetensors.torch import load_file
-
-    tensors = {_strip_key(k): v for k, v in load_file(str(Path(folder) / ADAPTER_WEIGHTS)).items()}
+    file = Path(folder) / ADAPTER_WEIGHTS
+    tensors = {_strip_key(k): v for k, v in load_safetensors(file).items()}
     expected: dict[str, torch.Tensor] = {}
     for name, m in lora_modules(model).items():
         expected[f"{name}.lora_A.weight"] = m.lora_A.weight
@@ -204,13 +221,14 @@ def load_adapter_weights(model: nn.Module, folder: str | os.PathLike) -> None:
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{folder}: adapter does not fit the model: missing {missing[:4]}"
-                         f"{' ...' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}"
-                         f"{' ...' if len(unexpected) > 4 else ''} (target modules differ?)")
+        raise InputFileError(file, f"the adapter does not fit the model: missing {missing[:4]}"
+                                   f"{' ...' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}"
+                                   f"{' ...' if len(unexpected) > 4 else ''}; was it trained on another model?")
     bad = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(p.shape)}"
            for k, p in expected.items() if tensors[k].shape != p.shape]
     if bad:
-        raise ValueError(f"{folder}: adapter shapes do not fit the model: {'; '.join(bad[:4])}")
+        raise InputFileError(file, f"the adapter's shapes do not fit the model: {'; '.join(bad[:4])}; was it "
+                                   "trained on another model?")
     with torch.no_grad():
         for k, p in expected.items():
             p.copy_(tensors[k].to(p.dtype))
@@ -229,25 +247,36 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
         ``model`` with LoRA layers holding the adapter (in eval mode, no dropout).
 
     Raises:
-        ValueError: adapter missing/malformed, or its target modules or shapes do not fit the model.
+        InputFileError: adapter missing, malformed, truncated, or its target modules or shapes do not fit the
+            model (naming the file, the module and both shapes).
         NotImplementedError: peft options fourbit does not implement.
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     cfg = read_adapter_config(folder)
+    weights = Path(folder) / ADAPTER_WEIGHTS
     targets = cfg["target_modules"]
     targets = targets if isinstance(targets, str) else tuple(targets)
     present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()} | {n for n, _ in model.named_modules()}
     saved = tuple(m for m in (cfg.get("modules_to_save") or ()) if m in present)
-    spec = LoRASpec(r=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout") or 0.0),
-                    target_modules=targets, use_rslora=bool(cfg.get("use_rslora", False)), modules_to_save=saved)
+    try:
+        spec = LoRASpec(r=int(cfg["r"]), alpha=float(cfg["lora_alpha"]),
+                        dropout=float(cfg.get("lora_dropout") or 0.0), target_modules=targets,
+                        use_rslora=bool(cfg.get("use_rslora", False)), modules_to_save=saved)
+    except (FieldError, TypeError, ValueError) as e:
+        raise InputFileError(Path(folder) / ADAPTER_CONFIG, f"not a usable LoRA config: {e}") from None
     try:
         names = find_target_modules(model, spec.target_modules, spec.modules_to_save)
-    except ValueError as e:
-        raise ValueError(f"{folder}: adapter target modules do not fit the model: {e}") from None
+    except FieldError as e:
+        raise InputFileError(Path(folder) / ADAPTER_CONFIG, f"the adapter's target modules do not fit the model: "
+                                                            f"{e.message}; was it trained on another model?") from None
     # Dry run on shapes before modifying the model.
-    with safe_open(str(Path(folder) / ADAPTER_WEIGHTS), framework="pt") as f:
-        shapes = {_strip_key(k): tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            shapes = {_strip_key(k): tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise InputFileError(weights, f"not a readable safetensors file ({err}); it may be truncated or "
+                                      "damaged: write it again") from None
     problems = []
     for n in names:
         base = model.get_submodule(n)
@@ -256,10 +285,14 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
             if k not in shapes:
                 problems.append(f"missing {k}")
             elif shapes[k] != shape:
-                problems.append(f"{k}: file {shapes[k]} vs model {shape}")
+                problems.append(f"module {n!r} {k.rsplit('.', 2)[-2]}: file {shapes[k]} vs model {shape}")
     if problems:
-        raise ValueError(f"{folder}: adapter does not fit the model: {'; '.join(problems[:4])}"
-                         f"{' ...' if len(problems) > 4 else ''}")
+        raise InputFileError(weights, f"the adapter does not fit the model: {'; '.join(problems[:4])}"
+                                      f"{' ...' if len(problems) > 4 else ''}; was it trained on another model?")
     inject_lora(model, spec)
-    load_adapter_weights(model, folder)
+    try:
+        load_adapter_weights(model, folder)
+    except BaseException:
+        unload_lora(model)  # the model is left as it was given
+        raise
     return model.eval()

@@ -20,6 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fourbit._errors import FieldError
+from fourbit.nn.info import fourbit_info
+
 __all__ = [
     "LoRALinear",
     "LoRASpec",
@@ -75,16 +78,16 @@ class LoRASpec:
     modules_to_save: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"lora r must be a positive integer, got {self.r!r}")
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise FieldError("r", f"the LoRA rank must be a positive integer, got {self.r!r}")
         if not self.alpha > 0:
-            raise ValueError(f"lora alpha must be > 0, got {self.alpha!r}")
+            raise FieldError("alpha", f"must be > 0, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora dropout must be in [0, 1), got {self.dropout!r}")
+            raise FieldError("dropout", f"must be in [0, 1), got {self.dropout!r}")
         if not isinstance(self.target_modules, str):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
             if not self.target_modules:
-                raise ValueError("target_modules is empty: give module names or 'all-linear'")
+                raise FieldError("target_modules", "is empty: give module names or 'all-linear'")
         object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save))
 
 
@@ -121,7 +124,7 @@ class LoRALinear(nn.Module):
         if not _is_linear(base):
             raise TypeError(f"LoRALinear base must be nn.Linear or Linear4bit, got {type(base).__name__}")
         if r <= 0:
-            raise ValueError(f"lora r must be > 0, got {r}")
+            raise FieldError("r", f"the LoRA rank must be > 0, got {r}")
         self.base = base
         self.in_features = int(base.in_features)
         self.out_features = int(base.out_features)
@@ -137,7 +140,12 @@ class LoRALinear(nn.Module):
         for p in self.base.parameters():
             p.requires_grad_(False)
         self.merged = False
-        self._unmerged_base: nn.Module | None = None
+        self._set_unmerged_base(None)
+
+    def _set_unmerged_base(self, base: nn.Module | None) -> None:
+        # The 4-bit layer a merge replaced, kept for an exact ``unmerge``. A plain attribute, not a submodule:
+        # a merged model's state dict holds the merged weight only, never the old 4-bit base beside it.
+        object.__setattr__(self, "_unmerged_base", base)
 
     def reset_lora_parameters(self) -> None:
         """peft's init: A ~ Kaiming-uniform(a=sqrt(5)), B = 0 (so the initial update B·A is zero)."""
@@ -195,7 +203,8 @@ class LoRALinear(nn.Module):
             if self.base.bias is not None:
                 merged.bias.copy_(self.base.bias.to(dtype))
             merged.requires_grad_(False)
-            self._unmerged_base, self.base = self.base, merged
+            self._set_unmerged_base(self.base)
+            self.base = merged
         else:
             w = self.base.weight.data
             new = w.float() + delta
@@ -210,7 +219,10 @@ class LoRALinear(nn.Module):
         if not self.merged:
             return
         if self._unmerged_base is not None:
-            self.base, self._unmerged_base = self._unmerged_base, None
+            # the held layer is outside the module tree, so .to(device) did not move it: follow the merged one
+            device = self.base.weight.device
+            self.base = self._unmerged_base.to(device)
+            self._set_unmerged_base(None)
         else:
             w = self.base.weight.data
             w.copy_((w.float() - self.delta_weight()).to(w.dtype))
@@ -278,12 +290,13 @@ def find_target_modules(
                 names.append(name)
         elif _matches(name, target_modules):
             if not _is_linear(module):
-                raise ValueError(
-                    f"target module {name!r} is a {type(module).__name__}; LoRA wraps only nn.Linear/Linear4bit"
+                raise FieldError(
+                    "target_modules", f"module {name!r} is a {type(module).__name__}; LoRA wraps only "
+                    "nn.Linear/Linear4bit"
                 )
             names.append(name)
     if not names:
-        raise ValueError(f"target_modules={target_modules!r} matched no linear module of {type(model).__name__}")
+        raise FieldError("target_modules", f"{target_modules!r} matched no linear module of {type(model).__name__}")
     return names
 
 
@@ -306,23 +319,22 @@ def inject_lora(model: nn.Module, spec: LoRASpec) -> list[str]:
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        base = getattr(parent, child)
-        setattr(parent, child, LoRALinear(base, spec.r, spec.alpha, spec.dropout, use_rslora=spec.use_rslora))
+        base = model.get_submodule(name)
+        model.set_submodule(name, LoRALinear(base, spec.r, spec.alpha, spec.dropout, use_rslora=spec.use_rslora))
     for m in spec.modules_to_save:
         found = [n for n, _ in model.named_modules() if n == m or n.endswith("." + m)]
         if not found:
-            raise ValueError(f"modules_to_save entry {m!r} matched no module of {type(model).__name__}")
+            raise FieldError("modules_to_save", f"entry {m!r} matched no module of {type(model).__name__}")
         for n in found:
             model.get_submodule(n).requires_grad_(True)
-    model.fourbit_lora_spec = spec
+    fourbit_info(model).lora_spec = spec
     return names
 
 
 def lora_spec(model: nn.Module) -> LoRASpec | None:
-    """The :class:`LoRASpec` that :func:`inject_lora` applied to ``model`` (None if none)."""
-    return getattr(model, "fourbit_lora_spec", None)
+    """The :class:`LoRASpec` that :func:`inject_lora` applied to ``model`` (None if none), from
+    ``fourbit_info(model)`` (:mod:`fourbit.nn.info`)."""
+    return fourbit_info(model).lora_spec
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
@@ -385,11 +397,8 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     if dtype is None and hasattr(model, "get_input_embeddings") and model.get_input_embeddings() is not None:
         dtype = model.get_input_embeddings().weight.dtype
     for name, m in list(lora_modules(model).items()):
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, m.merged_linear(dtype))
-    if hasattr(model, "fourbit_lora_spec"):
-        del model.fourbit_lora_spec
+        model.set_submodule(name, m.merged_linear(dtype))
+    fourbit_info(model).lora_spec = None
     return model
 
 
@@ -402,9 +411,6 @@ def unload_lora(model: nn.Module) -> nn.Module:
     for name, m in list(lora_modules(model).items()):
         if m.merged:
             m.unmerge()
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, m.base)
-    if hasattr(model, "fourbit_lora_spec"):
-        del model.fourbit_lora_spec
+        model.set_submodule(name, m.base)
+    fourbit_info(model).lora_spec = None
     return model

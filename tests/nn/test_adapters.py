@@ -8,12 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
-from fourbit.nn.adapters import load_adapter, save_adapter
+from fourbit._errors import InputFileError
+from fourbit.nn.adapters import ADAPTER_WEIGHTS, load_adapter, read_adapter_config, save_adapter
 from fourbit.nn.lora import LoRASpec, inject_lora, lora_modules
 
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
+
+def _peft():
+    """peft is a test oracle (the dev extra): imported only by the tests that compare against it."""
+    return pytest.importorskip("peft")
 
 
 def _tiny(seed: int = 0, cls=None, **kw):
@@ -34,6 +38,7 @@ def _train_like(model, seed: int = 1) -> None:
 
 @pytest.mark.parametrize("targets", ["all-linear", ("q_proj", "v_proj")])
 def test_peft_loads_fourbit_adapter(tmp_path: Path, targets) -> None:
+    peft = _peft()
     base = _tiny()
     ours = copy.deepcopy(base)
     inject_lora(ours, LoRASpec(r=8, alpha=16, dropout=0.0, target_modules=targets))
@@ -49,6 +54,7 @@ def test_peft_loads_fourbit_adapter(tmp_path: Path, targets) -> None:
 
 
 def test_fourbit_loads_peft_adapter(tmp_path: Path) -> None:
+    peft = _peft()
     base = _tiny()
     pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj",
                              "down_proj"], lora_dropout=0.0, use_rslora=True))
@@ -63,6 +69,7 @@ def test_fourbit_loads_peft_adapter(tmp_path: Path) -> None:
 
 
 def test_classifier_head_saved_as_modules_to_save(tmp_path: Path) -> None:
+    peft = _peft()
     cls = transformers.LlamaForSequenceClassification
     base = _tiny(cls=cls, num_labels=3)
     ours = copy.deepcopy(base)
@@ -87,8 +94,11 @@ def test_mismatched_adapters_fail_and_leave_model_untouched(tmp_path: Path) -> N
     inject_lora(ours, LoRASpec(r=4, alpha=8, target_modules=("q_proj",)))
     save_adapter(ours, tmp_path / "a")
     wide = _tiny(hidden_size=128)  # q_proj is 128x128 here: shapes do not fit
-    with pytest.raises(ValueError, match="shapes|does not fit"):
+    with pytest.raises(InputFileError, match="does not fit") as refused:
         load_adapter(wide, tmp_path / "a")
+    assert refused.value.path == str(tmp_path / "a" / ADAPTER_WEIGHTS)
+    assert "'model.layers.0.self_attn.q_proj'" in str(refused.value), "names the module"
+    assert "(4, 64)" in str(refused.value) and "(4, 128)" in str(refused.value), "and both shapes"
     assert not lora_modules(wide)
     cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     cfg["target_modules"] = ["w_nope"]
@@ -101,3 +111,65 @@ def test_mismatched_adapters_fail_and_leave_model_untouched(tmp_path: Path) -> N
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(NotImplementedError, match="use_dora"):
         load_adapter(_tiny(), tmp_path / "a")
+
+
+def test_truncated_adapter_weights_are_named_and_leave_the_model_untouched(tmp_path: Path) -> None:
+    ours = _tiny()
+    inject_lora(ours, LoRASpec(r=4, alpha=8, target_modules=("q_proj",)))
+    save_adapter(ours, tmp_path / "a")
+    weights = tmp_path / "a" / ADAPTER_WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:100])
+    fresh = _tiny()
+    with pytest.raises(InputFileError, match="truncated") as refused:
+        load_adapter(fresh, tmp_path / "a")
+    assert refused.value.path == str(weights)
+    assert not lora_modules(fresh)
+
+
+@pytest.mark.parametrize("text, names", [
+    ("{not json", "adapter_config.json:1"),
+    ("[]", "expected a JSON object"),
+    ('{"r": 0, "lora_alpha": 8, "target_modules": ["q_proj"]}', "r: the LoRA rank"),
+    ('{"r": 4, "lora_alpha": 8, "target_modules": []}', "target_modules"),
+    ('{"peft_type": "IA3", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}', "is not LORA"),
+])
+def test_bad_adapter_configs_are_named(tmp_path: Path, text: str, names: str) -> None:
+    ours = _tiny()
+    inject_lora(ours, LoRASpec(r=4, alpha=8, target_modules=("q_proj",)))
+    save_adapter(ours, tmp_path / "a")
+    (tmp_path / "a" / "adapter_config.json").write_text(text)
+    with pytest.raises(InputFileError) as refused:
+        read_adapter_config(tmp_path / "a")
+    assert refused.value.path == str(tmp_path / "a" / "adapter_config.json") and names in str(refused.value)
+
+
+def test_resume_path_names_a_truncated_adapter(tmp_path: Path) -> None:
+    """``load_adapter_weights`` (what a resumed run calls) reads through the checked safetensors reader."""
+    from fourbit.nn.adapters import load_adapter_weights
+
+    ours = _tiny()
+    inject_lora(ours, LoRASpec(r=4, alpha=8, target_modules=("q_proj",)))
+    save_adapter(ours, tmp_path / "a")
+    weights = tmp_path / "a" / ADAPTER_WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(InputFileError, match="truncated") as refused:
+        load_adapter_weights(ours, tmp_path / "a")
+    assert refused.value.path == str(weights)
+
+
+def test_an_adapter_failing_after_injection_leaves_the_model_as_given(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    ours = _tiny()
+    inject_lora(ours, LoRASpec(r=4, alpha=8, target_modules=("q_proj",)))
+    folder = save_adapter(ours, tmp_path / "a")
+    tensors = load_file(folder / ADAPTER_WEIGHTS)
+    tensors["base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"] = torch.zeros(4, 64)  # not a target
+    save_file(tensors, folder / ADAPTER_WEIGHTS)
+    fresh = _tiny()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(InputFileError, match="unexpected"):
+        load_adapter(fresh, folder)
+    assert not lora_modules(fresh)
+    after = fresh.state_dict()
+    assert sorted(after) == sorted(before) and all(torch.equal(after[k], before[k]) for k in before)

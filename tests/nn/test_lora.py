@@ -7,21 +7,27 @@ import math
 
 import pytest
 import torch
+import transformers
 from torch import nn
 
+from fourbit._errors import FieldError
+from fourbit.nn.info import fourbit_info
 from fourbit.nn.lora import (
     LoRALinear,
     LoRASpec,
     find_target_modules,
     inject_lora,
     lora_modules,
+    lora_spec,
     merge_and_unload,
     trainable_parameters,
     trainable_parameters_report,
 )
 
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
+
+def _peft():
+    """peft is a test oracle (the dev extra): imported only by the tests that compare against it."""
+    return pytest.importorskip("peft")
 
 
 def _tiny_llama(seed: int = 0):
@@ -63,6 +69,7 @@ def test_rslora_scaling() -> None:
 
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_matches_peft_logits_and_report(use_rslora: bool) -> None:
+    peft = _peft()
     ours = _tiny_llama()
     theirs = copy.deepcopy(ours)
     names = inject_lora(ours, LoRASpec(r=8, alpha=16, dropout=0.0, use_rslora=use_rslora))
@@ -89,6 +96,7 @@ def test_matches_peft_logits_and_report(use_rslora: bool) -> None:
 
 
 def test_report_counts_tied_weights_once() -> None:
+    peft = _peft()
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=256, tie_word_embeddings=True)
@@ -111,9 +119,10 @@ def test_named_targets_and_errors() -> None:
     inject_lora(model, LoRASpec(r=4, target_modules=("q_proj",)))
     with pytest.raises(ValueError, match="already has LoRA"):
         inject_lora(model, LoRASpec(r=4))
-    for bad in ({"r": 0}, {"alpha": 0}, {"dropout": 1.0}):
-        with pytest.raises(ValueError):
+    for bad in ({"r": 0}, {"alpha": 0}, {"dropout": 1.0}, {"target_modules": ()}):
+        with pytest.raises(FieldError) as refused:
             LoRASpec(**bad)
+        assert refused.value.field == next(iter(bad))
 
 
 def test_merge_unmerge_plain_base() -> None:
@@ -154,8 +163,7 @@ def _quantize(model: nn.Module) -> nn.Module:
 
     for name, m in list(model.named_modules()):
         if isinstance(m, nn.Linear) and not name.endswith("lm_head"):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, Linear4bit.from_linear(m, compute_dtype=torch.float32))
+            model.set_submodule(name, Linear4bit.from_linear(m, compute_dtype=torch.float32))
     return model
 
 
@@ -239,3 +247,33 @@ def test_unload_lora_restores_the_exact_base_model(tiny_llama):
         unload_lora(tiny_llama)
         assert not lora_modules(tiny_llama)
         assert torch.equal(tiny_llama(ids).logits, before)
+
+
+def test_lora_spec_lives_in_fourbit_info() -> None:
+    model = _tiny_llama()
+    spec = LoRASpec(r=4, target_modules=("q_proj",))
+    inject_lora(model, spec)
+    assert lora_spec(model) is spec and fourbit_info(model).lora_spec is spec
+    assert not hasattr(model, "fourbit_lora_spec")
+    merge_and_unload(model)
+    assert lora_spec(model) is None
+
+
+def test_merged_4bit_layer_state_dict_holds_no_old_base() -> None:
+    """A merge replaces the 4-bit base by a 16-bit layer; the 4-bit layer is kept for an exact unmerge, but
+    outside the module tree: the merged model's state dict is that of a plain model, nothing beside it."""
+    plain = _tiny_llama()
+    q = _quantize(copy.deepcopy(plain))
+    inject_lora(q, LoRASpec(r=4, dropout=0.0))
+    _randomize_b(q)
+    layer = q.model.layers[0].self_attn.q_proj
+    original = layer.base
+    layer.merge(dtype=torch.float32)
+    assert sorted(layer.state_dict()) == ["base.weight", "lora_A.weight", "lora_B.weight"]
+    assert not [k for k in q.state_dict() if "unmerged" in k]
+    assert original not in list(q.modules())
+    layer.unmerge()
+    assert layer.base is original
+    merge_and_unload(q, dtype=torch.float32)
+    assert sorted(q.state_dict()) == sorted(plain.state_dict()), "merged: exactly a plain model's keys"
+    assert all(type(m) is not type(original) for m in q.modules())

@@ -1,0 +1,198 @@
+"""Load a causal LM and its tokenizer from a model folder, a GGUF file, a hub id or the bundled SmolLM2, and
+quantize it to 4 bits in place; or load a 4-bit checkpoint (fourbit's or bitsandbytes') as saved.
+
+Every file is checked before it is used, and a file that cannot be used fails with one line naming it
+(:class:`fourbit._errors.InputFileError`): truncated or damaged safetensors, pickled weights (never
+unpickled), cut GGUF files, quantization settings or quant states fourbit cannot load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fourbit._errors import InputFileError
+from fourbit._io import load_safetensors
+from fourbit.models.config import QuantConfig, quant_config_from_checkpoint
+from fourbit.models.describe import scan_quantized_layers
+from fourbit.models.footprint import model_footprint
+from fourbit.models.gguf import load_gguf
+from fourbit.models.locate import (
+    CHECKPOINT_FILE,
+    bundled_model_path,
+    check_model_folder,
+    has_tokenizer,
+    is_quantized_checkpoint,
+    quantization_config_of,
+    safetensors_files,
+)
+from fourbit.models.quantize import quantize_model
+from fourbit.nn.info import fourbit_info
+from fourbit.nn.linear4bit import Linear4bit, parse_dtype
+
+__all__ = ["load_model"]
+
+
+def load_model(
+    model: str | os.PathLike | None = None,
+    *,
+    quant: QuantConfig | None = QuantConfig(),  # noqa: B008 - frozen default, never mutated
+    torch_dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+):
+    """Load a causal LM and its tokenizer, quantized to 4 bits unless ``quant`` is None.
+
+    Args:
+        model: None for the bundled SmolLM2-135M-Instruct; a ``.gguf`` file; a Hugging Face model folder
+            (safetensors weights); a folder holding a 4-bit fourbit/bitsandbytes checkpoint (loaded as saved;
+            ``quant`` then only sets the compute dtype); or a hub id (needs network access).
+        quant: how to quantize; None loads the model unquantized.
+        torch_dtype: dtype of the unquantized parameters (norms, embeddings, lm_head).
+        progress: show a progress bar while quantizing.
+
+    Returns:
+        (model, tokenizer); the model is in eval mode. ``fourbit_info(model).footprint``
+        (:mod:`fourbit.nn.info`) holds the footprint when the model is 4-bit.
+
+    Raises:
+        FileNotFoundError: a path that does not exist (and is not a hub id), a folder without config.json.
+        InputFileError: a file that cannot be used, named: damaged or truncated weights, pickled weights only,
+            a cut GGUF file or one of an architecture transformers cannot load, a broken 4-bit checkpoint.
+    """
+    from transformers import AutoModelForCausalLM
+
+    source = bundled_model_path() if model is None else Path(model).expanduser()
+    if source.exists():
+        if source.is_file():
+            if source.suffix != ".gguf":
+                raise InputFileError(source, "not a .gguf file; pass a model folder or a GGUF file")
+            lm, tokenizer = load_gguf(source, torch_dtype)
+        elif is_quantized_checkpoint(source):
+            lm, tokenizer = _load_quantized_checkpoint(source, quant.compute_dtype if quant else None)
+            fourbit_info(lm).footprint = model_footprint(lm)
+            return lm, tokenizer
+        else:
+            check_model_folder(source)
+            lm = _from_pretrained(source, torch_dtype)
+            tokenizer = _tokenizer(source)
+    else:
+        name = str(model)
+        looks_local = name.startswith((".", "/", "~")) or name.endswith((".gguf", "/")) or name.count("/") > 1
+        if looks_local:
+            raise FileNotFoundError(f"model path {name!r} does not exist")
+        from transformers import AutoTokenizer
+
+        try:
+            lm = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        except OSError as err:
+            raise FileNotFoundError(
+                f"{name!r} is neither an existing path nor a model id that could be loaded from the hub: {err}"
+            ) from None
+    lm.eval()
+    if quant is not None:
+        quantize_model(lm, quant, progress=progress)
+    return lm, tokenizer
+
+
+def _from_pretrained(folder: Path, torch_dtype: torch.dtype):
+    """transformers' loader on a checked folder, its errors named."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+    except (SafetensorError, ValueError, KeyError, RuntimeError) as err:
+        raise InputFileError(folder, f"transformers cannot load this model folder: {err}") from None
+    except OSError as err:
+        if err.errno is not None:  # a real file-system error (permissions, I/O): keep it as it is
+            raise
+        raise InputFileError(folder, f"transformers cannot load this model folder: {err}") from None
+
+
+def _tokenizer(folder: Path):
+    """The folder's tokenizer, or None when it has no tokenizer files."""
+    if not has_tokenizer(folder):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as err:  # noqa: BLE001 - tokenizers raises bare Exception for a damaged tokenizer.json
+        raise InputFileError(folder, f"cannot load the tokenizer ({type(err).__name__}: {err}); its tokenizer "
+                                     "files are damaged") from None
+
+
+@contextlib.contextmanager
+def _no_init():
+    """Build modules without running their random initialisation (weights are overwritten right after)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers
+        from transformers.modeling_utils import no_init_weights
+    with no_init_weights():
+        yield
+
+
+def _load_quantized_checkpoint(folder: Path, compute_dtype: str | None) -> tuple[nn.Module, object]:
+    """Build the model from its config, swap in empty 4-bit layers where the checkpoint has them, and load
+    the tensors; everything is checked first (settings, quant states, then sizes)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config_file = folder / "config.json"
+    qc = quantization_config_of(folder) or {}
+    quant_config_from_checkpoint(qc, config_file)  # refuse settings fourbit cannot load, naming the field
+    files = safetensors_files(folder)
+    if not files:
+        raise InputFileError(folder / CHECKPOINT_FILE, "missing: the 4-bit checkpoint has no weights file")
+    layers = scan_quantized_layers(files)
+    if not layers:
+        raise InputFileError(files[0], "holds no 4-bit quant states, but config.json says the model is 4-bit")
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (ValueError, KeyError) as err:
+        raise InputFileError(config_file, f"transformers cannot read this config: {err}") from None
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # we build the model unquantized, then swap in Linear4bit
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    requested = compute_dtype if compute_dtype not in (None, "auto") else None
+    compute = parse_dtype(requested or qc.get("bnb_4bit_compute_dtype") or qc.get("compute_dtype") or "fp32")
+    with _no_init():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for layer in layers:
+        try:
+            linear = model.get_submodule(layer.name)
+        except AttributeError:
+            linear = None
+        if not isinstance(linear, nn.Linear):
+            raise InputFileError(files[0], f"4-bit layer {layer.name!r} is not a linear layer of a "
+                                           f"{config.model_type} model; the weights do not fit config.json")
+        if layer.shape != (linear.out_features, linear.in_features):
+            raise InputFileError(files[0], f"4-bit layer {layer.name!r} has shape {layer.shape}, the model "
+                                           f"needs {(linear.out_features, linear.in_features)}")
+        shell = Linear4bit._empty(linear.in_features, linear.out_features, linear.bias is not None, compute)
+        model.set_submodule(layer.name, shell)
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        tensors.update(load_safetensors(file))
+    try:
+        result = model.load_state_dict(tensors, strict=False)
+    except (RuntimeError, ValueError) as err:
+        raise InputFileError(folder, f"the weights do not fit config.json: {' '.join(str(err).split())[:400]}") \
+            from None
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in result.missing_keys if k not in tied and not k.endswith("lm_head.weight")]
+    if missing or result.unexpected_keys:
+        raise InputFileError(folder, f"the weights do not fit config.json: missing {missing[:5]}, unexpected "
+                                     f"{result.unexpected_keys[:5]}")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    model.config.quantization_config = qc
+    model.eval()
+    return model, _tokenizer(folder)

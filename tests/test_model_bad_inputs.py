@@ -1,0 +1,320 @@
+"""Bad model files and folders through the command line: each fails with exit code 1 and one line that names
+the file, field or flag and says what to do; no traceback; inputs and earlier outputs are left as they were.
+
+Also: a quantize killed with SIGKILL in the middle of saving leaves nothing that looks like a finished
+checkpoint, and running it again gives the same bytes as a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from _cli import assert_clean_error, run_cli
+
+from fourbit._io import TEMP_PREFIX
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (relative path -> bytes)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _no_temps(folder: Path) -> None:
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(TEMP_PREFIX)], "a temporary was left"
+
+
+def _quantize(model: Path, out: Path, *extra: str):
+    return run_cli("quantize", model, "--out", out, "--json", "--compute-dtype", "fp32", *extra)
+
+
+@pytest.fixture
+def checkpoint(tiny_llama_dir, tmp_path) -> Path:
+    """A 4-bit checkpoint of the tiny llama, saved by ``fourbit quantize``."""
+    out = tmp_path / "q4"
+    assert _quantize(tiny_llama_dir, out).code == 0
+    return out
+
+
+# ------------------------------------------------------------------------------------- model weights files
+@pytest.mark.parametrize("damage", ["truncated", "random bytes"])
+def test_damaged_safetensors_of_a_float_model_are_named(tiny_llama_dir, tmp_path, damage):
+    weights = tiny_llama_dir / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else os.urandom(4096))
+    before = _snapshot(tiny_llama_dir)
+    out = tmp_path / "q4"
+    message = assert_clean_error(_quantize(tiny_llama_dir, out), str(weights))
+    assert "truncated or damaged" in message
+    assert not out.exists() and _snapshot(tiny_llama_dir) == before
+    assert_clean_error(run_cli("info", tiny_llama_dir), str(weights))
+    assert_clean_error(run_cli("generate", tiny_llama_dir, "hi", "--max-new-tokens", "2"), str(weights))
+
+
+def test_damaged_safetensors_of_a_checkpoint_are_named(checkpoint):
+    weights = checkpoint / "model.safetensors"
+    weights.write_bytes(os.urandom(4096))
+    assert_clean_error(run_cli("info", checkpoint), str(weights))
+    assert_clean_error(run_cli("generate", checkpoint, "hi", "--max-new-tokens", "2"), str(weights))
+
+
+def test_pickled_weights_are_refused_without_unpickling(tiny_llama_dir, tmp_path):
+    (tiny_llama_dir / "model.safetensors").unlink()
+    pickled = tiny_llama_dir / "pytorch_model.bin"
+    # A pickle that would run code if it were unpickled: nothing may unpickle it.
+    pickled.write_bytes(b"cos\nsystem\n(S'touch " + str(tmp_path / "pwned").encode() + b"'\ntR.")
+    message = assert_clean_error(_quantize(tiny_llama_dir, tmp_path / "q4"), str(pickled))
+    assert "safetensors or GGUF only" in message
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "q4").exists()
+
+
+def _write_gguf(path: Path) -> None:
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("token_embd.weight", torch.zeros(4, 4).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("cut", [2, 10, 30, 60])
+def test_gguf_cut_inside_its_header_is_named(tmp_path, cut):
+    path = tmp_path / "model.gguf"
+    _write_gguf(path)
+    path.write_bytes(path.read_bytes()[:cut])
+    message = assert_clean_error(_quantize(path, tmp_path / "q4"), str(path))
+    assert "GGUF" in message and "struct" not in message.split(str(path))[0]
+    assert not (tmp_path / "q4").exists()
+
+
+# ------------------------------------------------------------------------------------- checkpoint contents
+def test_info_refuses_a_checkpoint_whose_config_says_nf5(checkpoint):
+    config_file = checkpoint / "config.json"
+    config = json.loads(config_file.read_text())
+    config["quantization_config"]["bnb_4bit_quant_type"] = "nf5"
+    config_file.write_text(json.dumps(config))
+    message = assert_clean_error(run_cli("info", checkpoint), str(config_file), "bnb_4bit_quant_type")
+    assert "'nf5'" in message
+    assert_clean_error(run_cli("generate", checkpoint, "hi", "--max-new-tokens", "2"), str(config_file))
+
+
+def test_info_refuses_a_quant_state_of_an_unknown_type(checkpoint):
+    from safetensors.torch import load_file, save_file
+
+    weights = checkpoint / "model.safetensors"
+    tensors = load_file(weights)
+    key = next(k for k in tensors if k.endswith("bitsandbytes__nf4"))
+    meta = json.loads(bytes(tensors[key].numpy()).decode())
+    meta["blocksize"] = 48
+    tensors[key] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+    save_file(tensors, weights)
+    message = assert_clean_error(run_cli("info", checkpoint), str(weights), key)
+    assert "blocksize 48" in message
+
+
+# ------------------------------------------------------------------------------------------ output folder
+def test_quantize_refuses_to_write_over_its_input(tiny_llama_dir):
+    before = _snapshot(tiny_llama_dir)
+    for out in (tiny_llama_dir, tiny_llama_dir / "q4", tiny_llama_dir.parent):
+        assert_clean_error(_quantize(tiny_llama_dir, out, "--overwrite"), "--out", str(tiny_llama_dir))
+    assert _snapshot(tiny_llama_dir) == before, "the float model is untouched"
+
+
+def test_quantize_refuses_an_out_that_is_a_file(tiny_llama_dir, tmp_path):
+    out = tmp_path / "q4"
+    out.write_text("keep me")
+    assert_clean_error(_quantize(tiny_llama_dir, out, "--overwrite"), "--out", str(out))
+    assert out.read_text() == "keep me"
+
+
+def test_quantize_refuses_an_out_it_cannot_write(tiny_llama_dir, tmp_path, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+
+    def access(path, mode, *args, **kwargs):  # as if `locked` were read-only (root ignores chmod)
+        if Path(path).resolve() == locked.resolve() and mode & os.W_OK:
+            return False
+        return real_access(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+    assert_clean_error(_quantize(tiny_llama_dir, locked / "q4"), "--out", str(locked))
+    assert list(locked.iterdir()) == []
+
+
+def test_quantize_refuses_a_non_empty_out_without_overwrite(tiny_llama_dir, checkpoint):
+    before = _snapshot(checkpoint)
+    assert_clean_error(_quantize(tiny_llama_dir, checkpoint), "--out", "--overwrite")
+    assert _snapshot(checkpoint) == before
+
+
+@pytest.mark.parametrize("previous", [False, True])
+def test_disk_full_while_saving_names_the_file_and_leaves_nothing_half_written(
+        tiny_llama_dir, tmp_path, monkeypatch, previous):
+    out = tmp_path / "q4"
+    if previous:
+        assert _quantize(tiny_llama_dir, out, "--quant-type", "fp4").code == 0
+    before = _snapshot(out) if previous else None
+
+    def disk_full(fd):  # file systems with delayed allocation report a full disk at fsync
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    message = assert_clean_error(_quantize(tiny_llama_dir, out, "--overwrite"), str(out / "model.safetensors"))
+    assert "no space left" in message
+    assert (_snapshot(out) == before) if previous else not out.exists()
+    _no_temps(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------- model values
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_naming_the_module(tmp_path, value, tiny_tokenizer, make_llama):
+    model = make_llama().eval()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = value
+    folder = tmp_path / "broken"
+    model.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    assert_clean_error(_quantize(folder, tmp_path / "q4"), str(folder), "model.layers.1.mlp.up_proj")
+    assert not (tmp_path / "q4").exists()
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["--quant-type", "nf5"], ["--quant-type", "nf5"]),
+    (["--blocksize", "48"], ["--blocksize", "48"]),
+])
+def test_bad_quantization_flags_are_named(tiny_llama_dir, tmp_path, argv, names):
+    assert_clean_error(_quantize(tiny_llama_dir, tmp_path / "q4", *argv), *names)
+    assert not (tmp_path / "q4").exists()
+
+
+def test_eval_quant_names_a_bad_type_in_types(tiny_llama_dir):
+    assert_clean_error(run_cli("eval-quant", tiny_llama_dir, "--types", "nf4,nf5"), "--types", "nf5")
+
+
+def test_generate_names_a_bad_max_new_tokens(tiny_llama_dir):
+    assert_clean_error(run_cli("generate", tiny_llama_dir, "hi", "--max-new-tokens", "0"), "--max-new-tokens")
+
+
+# ----------------------------------------------------------------------------------------------- adapters
+def _adapter(tmp_path: Path, intermediate_size: int = 96) -> Path:
+    """A LoRA adapter on the MLP up-projections of a tiny llama (``intermediate_size`` wide)."""
+    from _tiny_models import make_llama
+
+    from fourbit.nn.adapters import save_adapter
+    from fourbit.nn.lora import LoRASpec, inject_lora
+
+    model = make_llama(intermediate_size=intermediate_size)
+    inject_lora(model, LoRASpec(r=4, alpha=8, target_modules=("up_proj",)))
+    return save_adapter(model, tmp_path / f"adapter-{intermediate_size}")
+
+
+def test_truncated_adapter_weights_are_named(tiny_llama_dir, tmp_path):
+    adapter = _adapter(tmp_path)
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:64])
+    before = _snapshot(adapter)
+    message = assert_clean_error(
+        run_cli("generate", tiny_llama_dir, "hi", "--adapter", adapter, "--max-new-tokens", "2"), str(weights))
+    assert "truncated" in message
+    out = tmp_path / "merged"
+    assert_clean_error(run_cli("merge", tiny_llama_dir, "--adapter", adapter, "--out", out), str(weights))
+    assert not out.exists() and _snapshot(adapter) == before
+
+
+def test_adapter_of_another_model_names_the_module_and_both_shapes(tiny_llama_dir, tmp_path):
+    adapter = _adapter(tmp_path, intermediate_size=128)  # up_proj is 64 -> 128 there, 64 -> 96 here
+    message = assert_clean_error(
+        run_cli("generate", tiny_llama_dir, "hi", "--adapter", adapter, "--max-new-tokens", "2"),
+        str(adapter / "adapter_model.safetensors"), "model.layers.0.mlp.up_proj")
+    assert "(128, 4)" in message and "(96, 4)" in message
+
+
+def test_adapter_whose_targets_are_not_in_the_model_is_named(tiny_llama_dir, tmp_path):
+    adapter = _adapter(tmp_path)
+    config_file = adapter / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["target_modules"] = ["w_gate"]
+    config_file.write_text(json.dumps(config))
+    out = tmp_path / "merged"
+    for argv in (["generate", tiny_llama_dir, "hi", "--adapter", adapter, "--max-new-tokens", "2"],
+                 ["merge", tiny_llama_dir, "--adapter", adapter, "--out", out]):
+        assert_clean_error(run_cli(*argv), str(config_file), "w_gate")
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------ killed saves
+_KILLABLE = textwrap.dedent("""
+    import sys, time
+    import fourbit._io as io
+
+    real = io.atomic_write_bytes
+
+    def stall(path, data):
+        # Write half of the weights where the real writer would, say so, and wait for the SIGKILL.
+        if path.name == "model.safetensors":
+            partial = path.parent / io._temp_name(path.name)
+            partial.write_bytes(data[: len(data) // 2])
+            open(sys.argv[1], "w").close()
+            time.sleep(600)
+        return real(path, data)
+
+    io.atomic_write_bytes = stall
+    from fourbit.cli import main
+    sys.exit(main(sys.argv[2:]))
+""")
+
+
+def _kill_mid_save(tmp_path: Path, argv: list[str]) -> None:
+    marker = tmp_path / "saving"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen([sys.executable, "-c", _KILLABLE, str(marker), *argv], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            if proc.poll() is not None:
+                pytest.fail(f"quantize ended before saving: {proc.stderr.read().decode()[-2000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail("quantize did not reach the save within 300 s")
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("previous", [False, True])
+def test_sigkill_during_quantize_leaves_nothing_that_looks_complete(tiny_llama_dir, tmp_path, previous):
+    out, reference = tmp_path / "q4", tmp_path / "reference"
+    argv = ["quantize", str(tiny_llama_dir), "--out", str(out), "--json", "--compute-dtype", "fp32"]
+    if previous:  # an earlier, different checkpoint in --out must survive the killed --overwrite
+        assert _quantize(tiny_llama_dir, out, "--quant-type", "fp4").code == 0
+        argv.append("--overwrite")
+    before = _snapshot(out) if previous else None
+    _kill_mid_save(tmp_path, argv)
+    if previous:
+        assert _snapshot(out) == before, "the previous checkpoint is intact"
+    else:
+        assert not out.exists(), "no folder under the output name"
+    assert [p for p in tmp_path.iterdir() if p.name.startswith(TEMP_PREFIX)], "the killed run's temporary exists"
+
+    assert run_cli(*argv).code == 0  # the rerun also removes the dead run's temporary
+    _no_temps(tmp_path)
+    assert _quantize(tiny_llama_dir, reference).code == 0
+    assert _snapshot(out) == _snapshot(reference), "the rerun wrote the bytes of an uninterrupted run"
