@@ -7,7 +7,6 @@ library returns data, and the tables are drawn here.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import time
 from pathlib import Path
@@ -15,10 +14,6 @@ from typing import Any
 
 __all__ = ["add_parser", "add_quant_flags", "cmd_eval_quant", "cmd_info", "cmd_quantize", "footprint_table",
            "quant_config_from_args"]
-
-# Modules split out of this one. Until fourbit.cli lists them in _COMMAND_MODULES, this module registers them
-# so that `fourbit generate` and `fourbit demo` keep working (see add_parser).
-_SPLIT_OUT = ("fourbit.cli.generate", "fourbit.cli.demo")
 
 
 def add_quant_flags(p: argparse.ArgumentParser) -> None:
@@ -219,9 +214,3 @@ def add_parser(subparsers: Any) -> None:
     e.add_argument("--compute-dtype", choices=("bf16", "fp16", "fp32"), default="fp32")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_eval_quant)
-
-    from fourbit.cli import _COMMAND_MODULES
-
-    for name in _SPLIT_OUT:
-        if name not in _COMMAND_MODULES:
-            importlib.import_module(name).add_parser(subparsers)

@@ -19,6 +19,7 @@ from typing import Any
 
 from fourbit._errors import FieldError
 from fourbit._io import atomic_dir, check_output_dir
+from fourbit.models import clear_fourbit_info
 
 __all__ = ["MERGE_DTYPES", "MergeBase", "merge_adapter", "merge_base", "plain_for_saving"]
 
@@ -116,8 +117,7 @@ def plain_for_saving(model: Any) -> Any:
     for attr in ("quantization_config", "fourbit"):
         if hasattr(model.config, attr):
             delattr(model.config, attr)
-    if hasattr(model, "fourbit_footprint"):
-        del model.fourbit_footprint
+    clear_fourbit_info(model)
     return model
 
 
