@@ -40,8 +40,8 @@ def _export_fp32() -> Path:
         return CACHE
     import torch
 
-    from fourbit.cli.train import plain_for_saving
     from fourbit.models import load_model
+    from fourbit.train.merge import plain_for_saving
 
     model, tok = load_model(quant=None, torch_dtype=torch.float32)
     plain_for_saving(model)
@@ -197,9 +197,9 @@ def run_quality(args) -> list[dict]:
 
     import torch
 
+    from fourbit.demo.finetune import _write_jsonl, greedy_exact_match
     from fourbit.models import QuantConfig, load_model, quantize_model
     from fourbit.train.config import TrainConfig
-    from fourbit.train.demo import _write_jsonl, greedy_exact_match
     from fourbit.train.tasks import date_examples, to_chat_records
     from fourbit.train.trainer import train
 

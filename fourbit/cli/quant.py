@@ -64,7 +64,6 @@ def footprint_table(fp, title: str):
     return table
 
 
-_footprint_table = footprint_table  # fourbit/demo.py imports this name
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:

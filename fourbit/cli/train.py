@@ -14,14 +14,7 @@ from typing import Any
 
 from fourbit._errors import FieldError
 
-__all__ = ["add_parser", "cmd_finetune", "cmd_merge", "plain_for_saving"]
-
-
-def plain_for_saving(model: Any) -> Any:
-    """See :func:`fourbit.train.merge.plain_for_saving` (kept here for existing imports)."""
-    from fourbit.train.merge import plain_for_saving as plain
-
-    return plain(model)
+__all__ = ["add_parser", "cmd_finetune", "cmd_merge"]
 
 
 def _print_config(config: Any, as_json: bool) -> None:

@@ -1,4 +1,4 @@
-"""Fine-tuning: config dataclass, data formats and batching, the training loop, checkpoints, demo task.
+"""Fine-tuning: config dataclass, data formats and batching, the training loop, checkpoints, merge.
 
 ``fourbit.train.train(config, model, tokenizer)`` runs QLoRA/LoRA fine-tuning; ``TrainConfig`` holds every
 option (QLoRA paper defaults); ``merge_adapter(run_dir, out_dir)`` merges the trained adapter into its base.

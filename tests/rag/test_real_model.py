@@ -9,8 +9,8 @@ import pytest
 def test_demo_answers_about_paged_optimizers(tmp_path):
     import torch
 
+    from fourbit.demo.rag import DEMO_QUESTION, run_rag_demo
     from fourbit.models import load_model
-    from fourbit.rag.demo import DEMO_QUESTION, run_rag_demo
 
     torch.set_num_threads(2)
     model, tokenizer = load_model()
@@ -29,8 +29,8 @@ def test_demo_answers_about_paged_optimizers(tmp_path):
 def test_metadata_from_the_real_model_is_parsed(tmp_path):
     import torch
 
+    from fourbit.demo.rag import guide_path
     from fourbit.rag.chunking import ChunkConfig, split_parents
-    from fourbit.rag.demo import guide_path
     from fourbit.rag.embeddings import Embedder
     from fourbit.rag.index import IndexConfig
     from fourbit.rag.llm import load_llm

@@ -33,8 +33,8 @@ def test_exact_match() -> None:
 
 @pytest.mark.slow
 def test_demo_improves_exact_match_on_bundled_model(tmp_path: Path) -> None:
+    from fourbit.demo.finetune import run_finetune_demo
     from fourbit.models import load_model
-    from fourbit.train.demo import run_finetune_demo
 
     model, tok = load_model()
     result = run_finetune_demo(model, tok, tmp_path, max_steps=20)

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import TrainConfig
-from .tasks import DATE_INSTRUCTION, TaskExample, date_examples, exact_match, to_chat_records
+from fourbit.train.config import TrainConfig
+from fourbit.train.tasks import DATE_INSTRUCTION, TaskExample, date_examples, exact_match, to_chat_records
 
 __all__ = ["generate_batch", "greedy_exact_match", "run_finetune_demo"]
 

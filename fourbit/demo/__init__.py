@@ -31,7 +31,7 @@ def run_demo(out_dir: Path, *, quick: bool = False) -> dict:
     import torch
     from rich.console import Console
 
-    from fourbit.cli.quant import _footprint_table
+    from fourbit.cli.quant import footprint_table
     from fourbit.generate import generate, perplexity, reference_text
     from fourbit.models import QuantConfig, load_model, quantize_model
 
@@ -46,7 +46,7 @@ def run_demo(out_dir: Path, *, quick: bool = False) -> dict:
     ppl_before = perplexity(model, tokenizer, text, window=512, max_windows=2)
     fp = quantize_model(model, QuantConfig(), progress=True, measure_error=True)
     ppl_after = perplexity(model, tokenizer, text, window=512, max_windows=2)
-    console.print(_footprint_table(fp, "footprint"))
+    console.print(footprint_table(fp, "footprint"))
     console.print(f"perplexity on Python's docs: {ppl_before:.2f} unquantized -> {ppl_after:.2f} NF4")
     summary["footprint"] = fp.as_dict()
     summary["perplexity"] = {"unquantized": ppl_before, "nf4": ppl_after}
@@ -61,14 +61,14 @@ def run_demo(out_dir: Path, *, quick: bool = False) -> dict:
     summary["generation"] = {"answer": answer, "tokens_per_second": n_tokens / seconds}
 
     _section(console, "3. QLoRA fine-tuning through the frozen 4-bit model")
-    from fourbit.train.demo import run_finetune_demo
+    from fourbit.demo.finetune import run_finetune_demo
 
     summary["finetune"] = run_finetune_demo(model, tokenizer, out_dir / "finetune",
                                             max_steps=8 if quick else None)
 
     _section(console, "4. Questions over a document with the 4-bit model")
+    from fourbit.demo.rag import run_rag_demo
     from fourbit.nn.lora import unload_lora
-    from fourbit.rag.demo import run_rag_demo
 
     # The date adapter (saved under finetune/) knows one task; questions go to the base 4-bit model.
     unload_lora(model)
