@@ -34,15 +34,17 @@ def make_tokenizer(chat_template: bool = True):
     return fast
 
 
-def make_llama(seed: int = 0, vocab_size: int = 259, intermediate_size: int = 96, **kw):
+def make_llama(seed: int = 0, vocab_size: int = 259, intermediate_size: int = 96, model_class=None,
+               **overrides):
     """A 2-layer llama with hidden size 64 (weights 64x96 and friends), random weights, in train mode.
 
     ``intermediate_size=128`` gives a model whose every ``in_features`` is a multiple of the 4-bit block size
     (64): the only shapes that every CPU path of bitsandbytes 0.50 accepts (its AVX-512/AMX path repacks
-    weights per row of blocks), so interop tests through bitsandbytes' modules use it."""
+    weights per row of blocks), so interop tests through bitsandbytes' modules use it. ``overrides`` replace
+    any other LlamaConfig field (``pad_token_id=None``, ``num_hidden_layers=1``, ``tie_word_embeddings``...);
+    ``model_class`` builds e.g. ``LlamaForSequenceClassification`` instead of the causal LM."""
+    config = dict(hidden_size=64, intermediate_size=intermediate_size, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=256, pad_token_id=256)
+    config.update(overrides)
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=intermediate_size, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=256, pad_token_id=256, **kw,
-    )
-    return transformers.LlamaForCausalLM(cfg)
+    return (model_class or transformers.LlamaForCausalLM)(transformers.LlamaConfig(**config))

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from _tiny_models import make_llama
 
 from fourbit._errors import InputFileError
 from fourbit.nn.adapters import ADAPTER_WEIGHTS, load_adapter, read_adapter_config, save_adapter
@@ -21,11 +22,8 @@ def _peft():
 
 
 def _tiny(seed: int = 0, cls=None, **kw):
-    torch.manual_seed(seed)
-    args = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=256, max_position_embeddings=128, pad_token_id=0)
-    cfg = transformers.LlamaConfig(**{**args, **kw})
-    return (cls or transformers.LlamaForCausalLM)(cfg).eval()
+    return make_llama(seed, vocab_size=256, model_class=cls, **{"max_position_embeddings": 128, "pad_token_id": 0,
+                                                               **kw}).eval()
 
 
 def _train_like(model, seed: int = 1) -> None:

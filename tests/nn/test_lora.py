@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-import transformers
+from _tiny_models import make_llama
 from torch import nn
 
 from fourbit._errors import FieldError
@@ -31,12 +31,7 @@ def _peft():
 
 
 def _tiny_llama(seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=256, max_position_embeddings=128,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return make_llama(seed, vocab_size=256, max_position_embeddings=128, pad_token_id=None).eval()
 
 
 def _randomize_b(model: nn.Module, seed: int = 1) -> None:
@@ -97,10 +92,8 @@ def test_matches_peft_logits_and_report(use_rslora: bool) -> None:
 
 def test_report_counts_tied_weights_once() -> None:
     peft = _peft()
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=256, tie_word_embeddings=True)
-    model = transformers.LlamaForCausalLM(cfg)
+    model = make_llama(0, vocab_size=256, num_hidden_layers=1, tie_word_embeddings=True, pad_token_id=None,
+                       max_position_embeddings=2048)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     theirs = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=4, target_modules=["q_proj"]))
     inject_lora(model, LoRASpec(r=4, target_modules=("q_proj",)))

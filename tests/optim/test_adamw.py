@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-import transformers
+from _tiny_models import make_llama
 
 from fourbit._errors import FieldError
 from fourbit.optim import AdamW, state_bytes
@@ -220,12 +220,7 @@ def test_8bit_tracks_torch_on_tiny_llama_finetune() -> None:
     # slightly but not its direction. Measured: the 8-bit loss curve stays within 1.2 % (relative) of
     # torch.optim.AdamW's at every step. Bar: 5 % at every 5th step, so a real bug (wrong bias correction,
     # swapped or stale states) fails while quantization noise passes with a 4x margin.
-    cfg = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=256, max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    base = transformers.LlamaForCausalLM(cfg)
+    base = make_llama(0, vocab_size=256, max_position_embeddings=64, pad_token_id=None)
     g = torch.Generator().manual_seed(1)
     data = torch.randint(0, 256, (8, 33), generator=g)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from _tiny_models import make_llama
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from fourbit._errors import FieldError
@@ -32,12 +33,7 @@ def _tokenizer():
 
 
 def _llama():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=257, max_position_embeddings=128, pad_token_id=256,
-    )
-    return transformers.LlamaForCausalLM(cfg)
+    return make_llama(0, vocab_size=257, max_position_embeddings=128)
 
 
 def _config(tmp_path: Path, optim: str, out: str, **kw):

@@ -7,8 +7,8 @@ import pytest
 
 @pytest.fixture(scope="module")
 def tiny_llm():
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from _tiny_models import make_llama
+    from transformers import AutoTokenizer
 
     from fourbit.rag.embeddings import default_embedding_model_path
     from fourbit.rag.llm import HFChatLLM
@@ -19,11 +19,7 @@ def tiny_llm():
         "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
         "{% if add_generation_prompt %}<assistant>{% endif %}"
     )
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=256,
-                         pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id)
-    model = LlamaForCausalLM(config).eval()
+    model = make_llama(0, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id).eval()
     return HFChatLLM(model, tok, name="tiny", batch_size=3)
 
 
