@@ -139,10 +139,6 @@ def _validation_error(errors: list[dict[str, Any]]) -> APIError:
 
 
 # ---- ASGI middleware: auth and body limits ------------------------------------------------------------
-class _TooLarge(Exception):
-    pass
-
-
 class _Guard:
     """API key check (all but the public paths) and request body limits (413), before any handler runs."""
 
@@ -179,29 +175,32 @@ class _Guard:
                                    "invalid_request_error", "body")
             return
         received = 0
-        started = False
+        started = rejected = False
 
         async def limited_receive() -> Any:
-            nonlocal received
+            # Over the limit: answer 413 now and tell the app the client left (an exception raised here
+            # would be turned into a 400 by the body parser).
+            nonlocal received, rejected
             message = await receive()
-            if message["type"] == "http.request":
+            if message["type"] == "http.request" and not rejected:
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise _TooLarge
+                    rejected = True
+                    if not started:
+                        await self._send_error(send, 413, f"the request body is over the limit of {limit} bytes",
+                                               "invalid_request_error", "body")
+                    return {"type": "http.disconnect"}
             return message
 
-        async def tracking_send(message: Any) -> None:
+        async def guarded_send(message: Any) -> None:
             nonlocal started
+            if rejected:
+                return
             if message["type"] == "http.response.start":
                 started = True
             await send(message)
 
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
-            if not started:
-                await self._send_error(send, 413, f"the request body is over the limit of {limit} bytes",
-                                       "invalid_request_error", "body")
+        await self.app(scope, limited_receive, guarded_send)
 
 
 # ---- generation plumbing -------------------------------------------------------------------------------
