@@ -10,6 +10,17 @@ from pathlib import Path
 
 import torch
 
+DOCS = {
+    "comets.txt": (
+        "A comet is a frozen body of ice and dust. The tail of a comet always points away from the Sun. "
+        "Halley's comet returns roughly every seventy-six years. Short-period comets come from the Kuiper belt."
+    ),
+    "bread.md": (
+        "# Bread\n\nSourdough bread rises because wild yeast ferments the flour. A starter is fed with flour "
+        "and water every day. Bakers score the loaf so that steam escapes in a controlled way."
+    ),
+}
+
 
 class Server:
     """uvicorn serving ``app`` in a thread on a socket bound to a free port of 127.0.0.1."""

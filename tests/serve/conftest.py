@@ -15,16 +15,6 @@ if _HERE not in sys.path:  # so that test files can import _server
 from _server import Server, build_engine, make_adapter  # noqa: E402
 
 SEEDS = {"alpha": 1, "beta": 2}
-DOCS = {
-    "comets.txt": (
-        "A comet is a frozen body of ice and dust. The tail of a comet always points away from the Sun. "
-        "Halley's comet returns roughly every seventy-six years. Short-period comets come from the Kuiper belt."
-    ),
-    "bread.md": (
-        "# Bread\n\nSourdough bread rises because wild yeast ferments the flour. A starter is fed with flour "
-        "and water every day. Bakers score the loaf so that steam escapes in a controlled way."
-    ),
-}
 
 
 @pytest.fixture(scope="session")
