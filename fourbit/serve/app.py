@@ -99,7 +99,7 @@ class AnswerRequest(_Body):
     retriever: Literal[tuple(RETRIEVERS)] = "all"  # type: ignore[valid-type]
     top_k: int = Field(2, ge=1, le=20)
     model: str | None = None
-    max_tokens: int | None = None
+    max_tokens: int | None = Field(None, ge=1)
     stream: bool = False
 
 
@@ -354,7 +354,10 @@ def create_app(
     async def chat(body: ChatRequest, request: Request):
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
-        prompt_ids = engine.chat_prompt(messages)
+        try:
+            prompt_ids = engine.chat_prompt(messages)
+        except Exception as err:  # jinja2's TemplateError and friends: the template refuses these messages
+            raise APIError(400, f"messages: the model's chat template refuses them ({err})", param="messages") from None
         sampling, adapter = _prepare(engine, body, prompt_ids, "messages")
         stream = _Stream(engine, prompt_ids, sampling, adapter)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -448,7 +451,7 @@ def create_app(
         engine.require_index()
         adapter = engine.adapter_index(body.model)
         prompt_ids, evidence, sources = await run_in_threadpool(prepare_answer, engine, body.question,
-                                                                body.retriever, body.top_k)
+                                                                body.retriever, body.top_k, body.max_tokens)
         sampling = engine.sampling(len(prompt_ids), max_tokens=body.max_tokens, field_name="question",
                                    temperature=0.0)
         stream = _Stream(engine, prompt_ids, sampling, adapter)

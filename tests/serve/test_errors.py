@@ -66,6 +66,8 @@ def test_bad_completion_embedding_and_answer_requests(http):
     assert_error(http.post("/v1/answers", json={"question": "why", "retriever": "magic"}), 400, "retriever")
     assert_error(http.post("/v1/answers", json={"question": ""}), 400, "question")
     assert_error(http.post("/v1/answers", json={"question": "why", "top_k": 0}), 400, "top_k")
+    assert_error(http.post("/v1/answers", json={"question": "why", "max_tokens": -1}), 400, "max_tokens")
+    assert_error(http.post("/v1/answers", json={"question": "why", "model": "nope"}), 404, "model")
     assert_error(http.get("/v1/nothing"), 404, None)
     assert_error(http.get("/v1/chat/completions"), 405, None)
     still_serving(http)
