@@ -6,7 +6,8 @@ bear on the question than from several whole parents (and every prompt token cos
 1. split each retrieved parent into sentences;
 2. embed the question (query side) and every sentence (document side) with the index's embedder and score
    each sentence by cosine similarity;
-3. keep the best sentences while they fit in ``token_budget`` tokens of the answering model;
+3. keep the best sentences while they fit in ``token_budget`` tokens of the answering model, and only
+   those scoring at least half the best one's score;
 4. hand them to the model grouped by parent, in retrieval order, each parent's sentences in reading
    order (so the context reads like text, not like a shuffled list),
 
@@ -58,6 +59,7 @@ def select_evidence(
     count_tokens: Callable[[str], int] | None = None,
     max_sentences: int = 12,
     min_sentences: int = 1,
+    min_relative_score: float = 0.5,
 ) -> list[Evidence]:
     """The sentences of ``parents`` most similar to ``question`` that fit in ``token_budget`` tokens.
 
@@ -71,6 +73,8 @@ def select_evidence(
         count_tokens: the answering model's token counter; default the embedder's.
         max_sentences: at most this many sentences.
         min_sentences: at least this many (the best ones), even over the budget.
+        min_relative_score: drop sentences scoring below this fraction of the best sentence's score (a
+            sentence on another topic is not evidence just because the budget has room for it).
 
     Returns:
         The chosen sentences, best first.
@@ -93,8 +97,12 @@ def select_evidence(
     scores = vectors @ query
     chosen: list[Evidence] = []
     used = 0
-    for i in np.argsort(-scores, kind="stable"):
+    order = np.argsort(-scores, kind="stable")
+    floor = float(scores[order[0]]) * min_relative_score if scores[order[0]] > 0 else -np.inf
+    for i in order:
         parent, position, sentence = candidates[int(i)]
+        if len(chosen) >= min_sentences and scores[int(i)] < floor:
+            break
         cost = count(sentence)
         if len(chosen) >= min_sentences and used + cost > token_budget:
             continue

@@ -39,7 +39,10 @@ def test_split_sentences_and_select_evidence_within_budget(serve_embedder):
     assert (found[0].source, found[0].page, found[0].parent_id) == ("a.txt", "1", "p1")
     assert sum(serve_embedder.count_tokens(e.text) for e in found) <= 12
     assert len({e.text for e in found}) == len(found)  # a sentence repeated across parents is given once
-    everything = select_evidence("tail", parents, serve_embedder, token_budget=10_000)
+    relevant = select_evidence("Does the tail point away from the Sun?", parents, serve_embedder, token_budget=10_000)
+    assert "Bread needs yeast?" not in [e.text for e in relevant]  # off-topic: below half the best score
+    assert relevant[0].score * 0.5 <= min(e.score for e in relevant)
+    everything = select_evidence("tail", parents, serve_embedder, token_budget=10_000, min_relative_score=0.0)
     assert grounded_contexts(everything, ["p2", "p1"]) == [
         "The Sun pushes the tail.",
         "Comets have tails. The tail points away from the Sun! Bread needs yeast? Yes. - a bullet line",
