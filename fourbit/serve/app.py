@@ -221,14 +221,20 @@ class _Stream:
     async def events(self, request: Any | None = None) -> AsyncIterator[tuple[str, Any]]:
         """("delta", text) ... then ("done", reason); raises APIError on a failed generation. When
         ``request`` is given, a client that disconnected cancels the generation."""
+        checked = time.monotonic()
         try:
             while True:
                 try:
                     kind, value = await asyncio.wait_for(self.queue.get(), _POLL_S if request else None)
                 except asyncio.TimeoutError:
+                    kind = value = None
+                if request is not None and time.monotonic() - checked >= _POLL_S:
+                    # Checked on a clock, not only when no token came for a while: tokens may keep coming.
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         self.req.cancel()
                         return
+                if kind is None:
                     continue
                 if kind == "error":
                     raise APIError(500, value, type_="server_error")

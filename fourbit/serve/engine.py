@@ -6,7 +6,9 @@ prompts are left-padded into one batch, prefilled in one forward pass, then deco
 for every row at once with a shared KV cache. Each row keeps its own adapter (see :mod:`.adapters`), its
 own sampling settings and seed, its own stop conditions; a row that finishes (stop, length, cancelled by
 a client that went away) is dropped from the batch and its KV cache rows with it. Requests that arrive
-during a batch wait for the next one.
+while a batch runs join it between two steps when there is room (continuous batching): they are
+prefilled on their own, then their KV cache and the batch's are left-padded to a common length (the
+padding is masked out) and stacked.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from __future__ import annotations
 import logging
 import random
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -207,9 +208,11 @@ class Engine:
         self.end_ids = self._end_ids()
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.end_ids, default=0)
         self.device = next(model.parameters()).device
+        self._cache_kw = self._cache_arg()
         self.stats = {"requests": 0, "batches": 0, "max_rows": 0, "cancelled": 0, "steps": 0}
         self.index_lock = threading.Lock()  # one upload re-indexes at a time
         self._waiting: list[GenRequest] = []
+        self._running: list[GenRequest] = []
         self._cond = threading.Condition()
         self._closed = False
         self._worker = threading.Thread(target=self._loop, name="fourbit-serve-engine", daemon=True)
@@ -328,6 +331,20 @@ class Engine:
         self._worker.join(timeout)
 
     # ---- the worker -------------------------------------------------------------------------------
+    def _take(self, n: int) -> list[GenRequest]:
+        """Up to ``n`` waiting requests (those already cancelled are answered and dropped)."""
+        with self._cond:
+            taken, self._waiting = self._waiting[:n], self._waiting[n:]
+        live = []
+        for req in taken:
+            if req.cancelled.is_set():
+                self.stats["cancelled"] += 1
+                req.finish_reason = "cancelled"
+                req.sink("done", "cancelled")
+            else:
+                live.append(req)
+        return live
+
     def _loop(self) -> None:
         while True:
             with self._cond:
@@ -335,26 +352,20 @@ class Engine:
                     self._cond.wait()
                 if self._closed:
                     return
-                batch, self._waiting = self._waiting[: self.max_batch], self._waiting[self.max_batch:]
-            live = []
-            for req in batch:
-                if req.cancelled.is_set():
-                    self.stats["cancelled"] += 1
-                    req.finish_reason = "cancelled"
-                    req.sink("done", "cancelled")
-                else:
-                    live.append(req)
-            if not live:
+            batch = self._take(self.max_batch)
+            if not batch:
                 continue
+            self._running = list(batch)
             try:
-                self._decode(live)
+                self._decode(batch)
             except Exception as err:  # a failed batch must not stop the server: report it to its requests
                 log.exception("generation failed")
-                for req in live:
+                for req in self._running:
                     if req.finish_reason is None:
-                        req.sink("error", f"generation failed: {type(err).__name__}: {err}")
                         req.finish_reason = "error"
+                        req.sink("error", f"generation failed: {type(err).__name__}: {err}")
             finally:
+                self._running = []
                 set_row_adapters(self.model, None)
 
     def _cache_arg(self) -> str:
@@ -366,11 +377,31 @@ class Engine:
 
     @torch.inference_mode()
     def _decode(self, batch: list[GenRequest]) -> None:
+        """Decode ``batch`` to the end; requests that queue meanwhile join it while there is room."""
+        self.stats["batches"] += 1
+        state = self._advance(self._prefill_state(batch))
+        while state is not None:
+            if self._closed:
+                for row in state.rows:
+                    row.req.finish_reason = "error"
+                    row.req.sink("error", "the server is shutting down")
+                return
+            room = self.max_batch - len(state.rows)
+            if room > 0 and self._waiting and _mergeable(state.cache):
+                joining = self._take(room)
+                if joining:
+                    self._running.extend(joining)
+                    newcomers = self._advance(self._prefill_state(joining))
+                    if newcomers is not None:
+                        state.merge(newcomers)
+            self.stats["max_rows"] = max(self.stats["max_rows"], len(state.rows))
+            state = self._advance(state)
+
+    def _prefill_state(self, batch: list[GenRequest]) -> _Batch:
+        """The left-padded prompts of ``batch`` as a batch about to be prefilled."""
         from transformers import DynamicCache
 
-        self.stats["batches"] += 1
         self.stats["max_rows"] = max(self.stats["max_rows"], len(batch))
-        rows = [_Row(req, self.tokenizer, self.end_ids) for req in batch]
         width = max(len(r.prompt_ids) for r in batch)
         ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -379,39 +410,45 @@ class Engine:
             ids[i, width - n:] = torch.tensor(req.prompt_ids, dtype=torch.long)
             mask[i, width - n:] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        adapters = torch.tensor([req.adapter for req in batch], dtype=torch.long, device=self.device)
-        cache = DynamicCache()
-        cache_arg = self._cache_arg()
-        ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
-        while rows:
-            set_row_adapters(self.model, adapters if bool((adapters >= 0).any()) else None)
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                             logits_to_keep=1, **{cache_arg: cache})
-            self.stats["steps"] += 1
-            logits = out.logits[:, -1, :].float().cpu()
-            keep, tokens = [], []
-            for i, row in enumerate(rows):
-                if row.req.cancelled.is_set():
-                    self.stats["cancelled"] += 1
-                    row.req.finish_reason = "cancelled"
-                    row.req.sink("done", "cancelled")
-                    continue
-                token = row.pick(logits[i])
-                if row.push(token):
-                    row.req.sink("done", row.req.finish_reason)
-                    continue
-                keep.append(i)
-                tokens.append(token)
-            if not keep:
-                return
-            if len(keep) < len(rows):
-                index = torch.tensor(keep, dtype=torch.long, device=self.device)
-                cache.batch_select_indices(index)
-                mask, positions, adapters = mask[index], positions[index], adapters[index]
-                rows = [rows[i] for i in keep]
-            ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            positions = positions[:, -1:] + 1
+        adapters = torch.tensor([req.adapter for req in batch], dtype=torch.long)
+        rows = [_Row(req, self.tokenizer, self.end_ids) for req in batch]
+        d = self.device
+        return _Batch(rows, DynamicCache(), ids.to(d), mask.to(d), positions.to(d), adapters.to(d))
+
+    def _advance(self, state: _Batch) -> _Batch | None:
+        """One forward pass over the pending tokens, one new token per row; finished rows leave the batch.
+
+        Returns:
+            The batch with its next pending tokens, or None when every row has finished.
+        """
+        adapters = state.adapters
+        set_row_adapters(self.model, adapters if bool((adapters >= 0).any()) else None)
+        out = self.model(input_ids=state.ids, attention_mask=state.mask, position_ids=state.positions,
+                         use_cache=True, logits_to_keep=1, **{self._cache_kw: state.cache})
+        self.stats["steps"] += 1
+        logits = out.logits[:, -1, :].float().cpu()
+        keep, tokens = [], []
+        for i, row in enumerate(state.rows):
+            if row.req.cancelled.is_set():
+                self.stats["cancelled"] += 1
+                row.req.finish_reason = "cancelled"
+                row.req.sink("done", "cancelled")
+                continue
+            token = row.pick(logits[i])
+            if row.push(token):
+                row.req.sink("done", row.req.finish_reason)
+                continue
+            keep.append(i)
+            tokens.append(token)
+        if not keep:
+            return None
+        if len(keep) < len(state.rows):
+            state.select(keep)
+        state.ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
+        state.mask = torch.cat([state.mask, torch.ones_like(state.mask[:, :1])], dim=1)
+        state.positions = state.positions[:, -1:] + 1
+        return state
+
 
     # ---- documents --------------------------------------------------------------------------------
     def require_index(self) -> None:
@@ -420,12 +457,52 @@ class Engine:
             raise FieldError("db", "no document index is loaded: start the server with `db`")
 
 
-def wait_idle(engine: Engine, timeout: float = 10.0) -> bool:
-    """Tests: wait until nothing is waiting (the current batch may still run)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with engine._cond:
-            if not engine._waiting:
-                return True
-        time.sleep(0.01)
-    return False
+def _mergeable(cache: Any) -> bool:
+    """True for a cache whose layers are plain growing key/value tensors (what :meth:`_Batch.merge` pads)."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
+
+
+@dataclass
+class _Batch:
+    """Rows decoded together: their KV cache, the pending input tokens ``ids [B, t]``, the attention
+    ``mask [B, cached + t]`` (0 on left padding), ``positions [B, t]`` and adapter indices ``[B]``."""
+
+    rows: list[_Row]
+    cache: Any
+    ids: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+    adapters: torch.Tensor
+
+    def select(self, keep: list[int]) -> None:
+        index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
+        self.cache.batch_select_indices(index)
+        self.mask, self.positions, self.adapters = self.mask[index], self.positions[index], self.adapters[index]
+        self.rows = [self.rows[i] for i in keep]
+
+    def merge(self, other: _Batch) -> None:
+        """Append ``other``'s rows (both hold one pending token per row): the shorter cache and mask are
+        left-padded (masked out, so they change nothing) to a common length, then stacked."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            mine.keys = torch.cat([_left_pad(mine.keys, width - 1), _left_pad(theirs.keys, width - 1)], dim=0)
+            mine.values = torch.cat([_left_pad(mine.values, width - 1), _left_pad(theirs.values, width - 1)], dim=0)
+        self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(other.mask, width)], dim=0)
+        self.ids = torch.cat([self.ids, other.ids], dim=0)
+        self.positions = torch.cat([self.positions, other.positions], dim=0)
+        self.adapters = torch.cat([self.adapters, other.adapters], dim=0)
+        self.rows = self.rows + other.rows
+
+
+def _left_pad(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Zeros on the left of dim -2 (KV ``[B, H, T, D]``) or dim -1 (a mask ``[B, T]``) up to ``length``."""
+    dim = -2 if x.dim() == 4 else -1
+    missing = length - x.shape[dim]
+    if missing <= 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim=dim)

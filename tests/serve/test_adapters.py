@@ -99,3 +99,36 @@ def test_a_bad_adapter_folder_names_the_field(model_dir, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FieldError, match="adapter_config.json") as info:
         build_engine(model_dir, adapters={"x": tmp_path / "empty"})
+
+
+def test_requests_arriving_mid_batch_join_it_and_still_match(model_dir, adapter_dirs):
+    import time
+
+    engine = build_engine(model_dir, adapters=adapter_dirs)
+    try:
+        done = threading.Semaphore(0)
+
+        def sink(kind, value):
+            if kind in ("done", "error"):
+                done.release()
+
+        def request(name: str, prompt: str, n: int) -> GenRequest:
+            ids = engine.chat_prompt([{"role": "user", "content": prompt}])
+            return GenRequest(ids, engine.adapter_index(name), Sampling(n, 0.0), sink)
+
+        first = engine.submit(request("alpha", "A long story, please.", 200))
+        deadline = time.monotonic() + 30
+        while first.completion_tokens < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        with engine.hold():  # both join the running batch at its next step, with other lengths and adapters
+            later = [engine.submit(request("beta", "Hi", 20)), engine.submit(request("tiny", "What is 2+2?", 30))]
+        for _ in range(3):
+            assert done.acquire(timeout=60)
+        assert first.finish_reason == "length" and first.completion_tokens == 200
+        assert engine.stats["batches"] == 1 and engine.stats["max_rows"] == 3
+        for name, req in [("alpha", first), ("beta", later[0]), ("tiny", later[1])]:
+            want = reference_ids(model_dir, adapter_dirs.get(name), req.prompt_ids, req.sampling.max_tokens,
+                                 engine.end_ids)
+            assert req.output_ids == want, name
+    finally:
+        engine.close()
