@@ -72,12 +72,13 @@ def test_registered_in_the_fourbit_command(model_dir, tmp_path):
                        "--adapter")
 
 
-def test_ctrl_c_stops_the_server_cleanly(model_dir):
+def test_ctrl_c_stops_the_server_cleanly(model_dir, tmp_path):
     script = ("import sys; from tests.serve.test_cli import run; "
-              "code, err = run('serve', sys.argv[1], '--port', '0', '--name', 'tiny'); print(err, file=sys.stderr); "
+              "code, err = run('serve', sys.argv[1], '--port', '0', '--name', 'tiny', '--db', sys.argv[2]); "
+              "print(err, file=sys.stderr); "
               "sys.exit(code)")
     env = {**os.environ, "PYTHONPATH": str(REPO), "FOURBIT_API_KEY": "k"}
-    proc = subprocess.Popen([sys.executable, "-c", script, str(model_dir)], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, "-c", script, str(model_dir), str(tmp_path / "db")], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()  # "serving tiny on http://127.0.0.1:PORT/ (API key required); ..."
@@ -87,7 +88,8 @@ def test_ctrl_c_stops_the_server_cleanly(model_dir):
         deadline = time.monotonic() + 30
         while True:
             try:
-                assert httpx.get(url + "/health", timeout=5).json()["models"] == ["tiny"]
+                assert httpx.get(url + "/health", timeout=5).json() == {"status": "ok", "models": ["tiny"],
+                                                                         "documents": True}
                 break
             except httpx.TransportError:
                 assert time.monotonic() < deadline, "the server never answered /health"
@@ -102,3 +104,4 @@ def test_ctrl_c_stops_the_server_cleanly(model_dir):
             proc.communicate()
     assert proc.returncode in (0, 130, -signal.SIGINT), stderr
     assert "Traceback" not in stderr
+    assert (tmp_path / "db" / "chroma.sqlite3").is_file()  # --db created an empty index to upload into
