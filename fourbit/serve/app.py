@@ -273,10 +273,15 @@ def _prepare(engine: Engine, body: _Generation, prompt_ids: list[int], field_nam
     return sampling, adapter
 
 
-def _sse_response(gen: AsyncIterator[str]):
+def _sse_response(gen: AsyncIterator[str], stream: _Stream):
+    from starlette.background import BackgroundTask
     from starlette.responses import StreamingResponse
 
-    return StreamingResponse(gen, media_type="text/event-stream",
+    def cancel_unfinished() -> None:  # runs after the response, also when the client left before it began
+        if stream.req.finish_reason is None:
+            stream.req.cancel()
+
+    return StreamingResponse(gen, media_type="text/event-stream", background=BackgroundTask(cancel_unfinished),
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
@@ -392,7 +397,7 @@ def create_app(
                 yield _sse(error_body(err.message, err.type, None, None))
             yield _sse("[DONE]")
 
-        return _sse_response(chunks())
+        return _sse_response(chunks(), stream)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -426,7 +431,7 @@ def create_app(
                 yield _sse(error_body(err.message, err.type, None, None))
             yield _sse("[DONE]")
 
-        return _sse_response(chunks())
+        return _sse_response(chunks(), stream)
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest):
@@ -481,7 +486,7 @@ def create_app(
                 yield _sse(error_body(err.message, err.type, None, None))
             yield _sse("[DONE]")
 
-        return _sse_response(events())
+        return _sse_response(events(), stream)
 
     @app.post("/v1/documents")
     async def documents(file: UploadFile = File(...)):  # noqa: B008 - FastAPI's declaration style
