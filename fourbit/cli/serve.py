@@ -1,0 +1,128 @@
+"""``fourbit serve``: the OpenAI-compatible server, document QA and the web page.
+
+Imports only the standard library at import time; fastapi, uvicorn, torch and chromadb load inside
+:func:`cmd_serve`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from fourbit._errors import FieldError
+
+__all__ = ["add_parser", "build_engine", "cmd_serve"]
+
+API_KEY_ENV = "FOURBIT_API_KEY"
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _adapter(value: str) -> tuple[str, Path]:
+    name, sep, folder = value.partition("=")
+    if not sep or not name.strip() or not folder.strip():
+        raise argparse.ArgumentTypeError(f"{value!r}: give NAME=DIR, e.g. --adapter support=out/adapter")
+    return name.strip(), Path(folder.strip()).expanduser()
+
+
+def build_engine(args: argparse.Namespace) -> Any:
+    """Load the 4-bit model, its adapters, and (with ``--db``) the embedder and index, into an Engine."""
+    from fourbit.models import load_model
+    from fourbit.serve import Engine
+
+    names = [name for name, _ in args.adapters]
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate is not None:
+        raise FieldError("adapters", f"adapter name {duplicate!r} is given twice")
+    model, tokenizer = load_model(args.model)
+    if tokenizer is None:
+        raise FieldError("model", f"{args.model}: holds no tokenizer; the server needs one")
+    embedder = store = None
+    if args.db is not None:
+        from fourbit.rag.embeddings import Embedder
+        from fourbit.rag.store import open_store
+
+        embedder = Embedder(args.embedding_model)
+        store = open_store(args.db, index=args.index, create=True, embedding=embedder.describe())
+    name = args.name or (Path(args.model).name if args.model else "smollm2-135m-instruct")
+    return Engine(model, tokenizer, adapters={n: str(f) for n, f in args.adapters}, embedder=embedder,
+                  store=store, model_name=name, max_batch=args.max_batch, max_queue=args.max_queue)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """Bind the listening socket before loading anything, so a taken port fails fast and clearly."""
+    if not 0 <= port <= 65535:
+        raise FieldError("port", f"must be in [0, 65535], got {port}")
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as err:
+        raise FieldError("host", f"{host!r} is not an address of this machine ({err.strerror})") from None
+    sock = socket.socket(info[0], socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(info[4])
+    except OSError as err:
+        sock.close()
+        raise FieldError("port", f"cannot listen on {host}:{port}: {err.strerror}") from None
+    return sock
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the 4-bit model (and its adapters, and the documents of --db) over HTTP until Ctrl-C.
+
+    OpenAI-compatible endpoints under /v1 (models, chat/completions, completions, embeddings), document
+    QA (/v1/answers, /v1/documents), /health, and a web page at /. Binds 127.0.0.1 unless --host says
+    otherwise; --api-key (or FOURBIT_API_KEY) requires `Authorization: Bearer KEY` on all but /health.
+    """
+    try:
+        import uvicorn
+
+        from fourbit.serve import create_app
+    except ImportError as err:
+        raise NotImplementedError(f"`fourbit serve` needs fastapi and uvicorn ({err.name} is missing): "
+                                  "pip install 'fourbit[serve]'") from None
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if args.max_upload_mb <= 0:
+        raise FieldError("max_upload_mb", f"must be > 0, got {args.max_upload_mb}")
+    sock = _bind(args.host, args.port)
+    try:
+        if args.host not in _LOOPBACK and not api_key:
+            print(f"warning: serving on {args.host} without an API key: anyone who can reach this machine "
+                  f"can use the model (pass --api-key or set {API_KEY_ENV})", file=sys.stderr)
+        engine = build_engine(args)
+        try:
+            app = create_app(engine, api_key=api_key, max_upload=int(args.max_upload_mb * (1 << 20)))
+            host, port = sock.getsockname()[:2]
+            print(f"serving {', '.join(engine.models)} on http://{host}:{port}/ "
+                  f"({'API key required' if api_key else 'no API key'}); Ctrl-C stops", flush=True)
+            server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+            server.run(sockets=[sock])
+        finally:
+            engine.close()
+    finally:
+        sock.close()
+    return 0
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``fourbit serve``."""
+    p = subparsers.add_parser("serve", help="serve the 4-bit model over an OpenAI-compatible HTTP API",
+                              description=cmd_serve.__doc__)
+    p.add_argument("model", nargs="?", help="model folder, 4-bit checkpoint or GGUF (default: bundled SmolLM2)")
+    p.add_argument("--adapter", dest="adapters", type=_adapter, action="append", default=[], metavar="NAME=DIR",
+                   help="a LoRA adapter served as model NAME over the same 4-bit base (repeatable)")
+    p.add_argument("--name", help="the name the base model is served under (default: its folder name)")
+    p.add_argument("--db", type=Path, help="folder of the document index (created when missing)")
+    p.add_argument("--index", default="fourbit", help="index (collection) name (default: fourbit)")
+    p.add_argument("--embedding-model", help="sentence-transformers folder or cached name "
+                                             "(default: the bundled all-MiniLM-L6-v2)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help=f"require `Authorization: Bearer KEY` (default: ${API_KEY_ENV})")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default: 8)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 429 (default: 64)")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest uploaded document (default: 20)")
+    p.set_defaults(func=cmd_serve)

@@ -1,0 +1,29 @@
+"""``fourbit serve``: an OpenAI-compatible HTTP server over the 4-bit model, document QA, and a web page.
+
+:class:`~fourbit.serve.engine.Engine` owns the model, its adapters, the embedder and the index and decodes
+queued requests in batches; :func:`~fourbit.serve.app.create_app` wraps it in a FastAPI app (imported
+only when called: fastapi and uvicorn are needed to serve, not to import this package).
+"""
+
+from fourbit.serve.engine import Engine, GenRequest, QueueFull, Sampling, UnknownModel
+from fourbit.serve.grounding import Evidence, grounded_contexts, select_evidence, split_sentences
+
+__all__ = [
+    "Engine",
+    "Evidence",
+    "GenRequest",
+    "QueueFull",
+    "Sampling",
+    "UnknownModel",
+    "create_app",
+    "grounded_contexts",
+    "select_evidence",
+    "split_sentences",
+]
+
+
+def create_app(engine: Engine, **kwargs):
+    """The FastAPI app serving ``engine`` (see :func:`fourbit.serve.app.create_app`)."""
+    from fourbit.serve.app import create_app as _create_app
+
+    return _create_app(engine, **kwargs)

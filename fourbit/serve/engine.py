@@ -1,0 +1,508 @@
+"""The serving engine: one 4-bit model, its adapters, an embedder and an index, and a batching scheduler.
+
+Requests queue (bounded: :class:`QueueFull` beyond ``max_queue`` waiting); one worker thread owns the
+model and, whenever requests are waiting, takes up to ``max_batch`` of them and decodes them TOGETHER:
+prompts are left-padded into one batch, prefilled in one forward pass, then decoded one token per step
+for every row at once with a shared KV cache. Each row keeps its own adapter (see :mod:`.adapters`), its
+own sampling settings and seed, its own stop conditions; a row that finishes (stop, length, cancelled by
+a client that went away) is dropped from the batch and its KV cache rows with it. Requests that arrive
+while a batch runs join it between two steps when there is room (continuous batching): they are
+prefilled on their own, then their KV cache and the batch's are left-padded to a common length (the
+padding is masked out) and stacked.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fourbit._errors import FieldError
+from fourbit.serve.adapters import install_adapters, read_adapter, set_row_adapters
+
+__all__ = ["Engine", "GenRequest", "QueueFull", "Sampling", "UnknownModel"]
+
+log = logging.getLogger(__name__)
+
+_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end|>")
+
+
+class QueueFull(RuntimeError):
+    """More requests are waiting than the engine accepts; retry after ``retry_after`` seconds."""
+
+    def __init__(self, waiting: int, retry_after: int = 1) -> None:
+        super().__init__(f"the server is busy ({waiting} requests waiting); retry later")
+        self.retry_after = retry_after
+
+
+class UnknownModel(LookupError):
+    """The request names a model that is neither the base model nor a loaded adapter."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        super().__init__(f"model {name!r} does not exist; choose from {', '.join(known)}")
+
+
+@dataclass
+class Sampling:
+    """Per-request decoding settings (OpenAI's names). ``temperature`` 0 is greedy."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass
+class GenRequest:
+    """One generation: the prompt's token ids, the adapter row index (-1: base), and where events go.
+
+    ``sink(kind, value)`` is called from the worker thread with ("delta", text) pieces, then exactly one
+    ("done", finish_reason) or ("error", message).
+    """
+
+    prompt_ids: list[int]
+    adapter: int
+    sampling: Sampling
+    sink: Callable[[str, Any], None]
+    completion_tokens: int = 0
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    def cancel(self) -> None:
+        """Stop generating for this request (its client went away); takes effect at the next step."""
+        self.cancelled.set()
+
+
+class _Row:
+    """Decoding state of one request inside a batch."""
+
+    def __init__(self, req: GenRequest, tokenizer: Any, end_ids: set[int]) -> None:
+        self.req, self.tokenizer, self.end_ids = req, tokenizer, end_ids
+        self.ids = req.output_ids
+        self.sent = 0  # characters of the decoded text already handed out
+        seed = req.sampling.seed if req.sampling.seed is not None else random.getrandbits(63)
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self.hold = max((len(s) for s in req.sampling.stop), default=1) - 1
+
+    def pick(self, logits: torch.Tensor) -> int:
+        """The next token from a row of logits ``[vocab]``: argmax, or a top-p sample at the temperature."""
+        s = self.req.sampling
+        if s.temperature <= 0:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits.float() / s.temperature, dim=-1)
+        if s.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            keep = torch.cumsum(sorted_probs, 0) - sorted_probs < s.top_p
+            keep[0] = True
+            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def push(self, token: int) -> bool:
+        """Record ``token``, hand out the new text; True when the row is finished."""
+        req = self.req
+        if token in self.end_ids:
+            self._flush(None)
+            req.finish_reason = "stop"
+            return True
+        self.ids.append(token)
+        req.completion_tokens += 1
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        for stop in req.sampling.stop:
+            at = text.find(stop, max(0, self.sent - len(stop)))
+            if at >= 0:
+                self._flush(text[:at])
+                req.finish_reason = "stop"
+                return True
+        if req.completion_tokens >= req.sampling.max_tokens:
+            self._flush(text)
+            req.finish_reason = "length"
+            return True
+        if not text.endswith("\ufffd"):
+            ready = len(text) - self.hold
+            if ready > self.sent:
+                req.sink("delta", text[self.sent:ready])
+                self.sent = ready
+        return False
+
+    def _flush(self, text: str | None) -> None:
+        if text is None:
+            text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if len(text) > self.sent:
+            self.req.sink("delta", text[self.sent:])
+            self.sent = len(text)
+
+
+class Engine:
+    """Owns the model, tokenizer, adapters, embedder and index; decodes queued requests in batches.
+
+    Args:
+        model: a causal LM (the 4-bit model from :func:`fourbit.models.load_model`, or a tiny one in tests).
+        tokenizer: its tokenizer.
+        adapters: ``{name: folder}`` of LoRA adapters served over the same base (``"model": name``).
+        embedder: a :class:`fourbit.rag.embeddings.Embedder` for /v1/embeddings and document QA (optional).
+        store: a :class:`fourbit.rag.store.VectorStore` built with ``embedder`` (optional).
+        model_name: the name the base model is served under.
+        max_batch: requests decoded together.
+        max_queue: requests allowed to wait; beyond it :meth:`submit` raises :class:`QueueFull`.
+        context_window: tokens the model handles (prompt + completion); default the model config's.
+        default_max_tokens: completion length when a request gives none.
+        upload_dir: where uploaded documents are stored (default ``<db>/uploads`` for a local index).
+        index_config: a :class:`fourbit.rag.index.IndexConfig` for uploads (default sizes by default).
+
+    Raises:
+        FieldError: a bad adapter (field ``adapters``), max_batch or max_queue.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        adapters: dict[str, str] | None = None,
+        embedder: Any = None,
+        store: Any = None,
+        model_name: str = "fourbit",
+        max_batch: int = 8,
+        max_queue: int = 64,
+        context_window: int | None = None,
+        default_max_tokens: int = 256,
+        upload_dir: str | None = None,
+        index_config: Any = None,
+    ) -> None:
+        if max_batch < 1:
+            raise FieldError("max_batch", f"must be >= 1, got {max_batch}")
+        if max_queue < 1:
+            raise FieldError("max_queue", f"must be >= 1, got {max_queue}")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.embedder, self.store = embedder, store
+        self.model_name = model_name
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.default_max_tokens = default_max_tokens
+        self.upload_dir = upload_dir
+        if index_config is None and store is not None:
+            from fourbit.rag.index import IndexConfig
+
+            index_config = IndexConfig()
+        self.index_config = index_config
+        window = context_window or getattr(model.config, "max_position_embeddings", None) or 2048
+        self.context_window = int(window)
+        adapters = dict(adapters or {})
+        for name in adapters:
+            if not name or name == model_name:
+                raise FieldError("adapters", f"adapter name {name!r} is empty or the base model's name")
+        weights = [read_adapter(model, name, folder) for name, folder in adapters.items()]
+        self.adapter_names = install_adapters(model, weights)
+        self.adapter_folders = {w.name: w.folder for w in weights}
+        self.end_ids = self._end_ids()
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.end_ids, default=0)
+        self.device = next(model.parameters()).device
+        self._cache_kw = self._cache_arg()
+        self.stats = {"requests": 0, "batches": 0, "max_rows": 0, "cancelled": 0, "steps": 0}
+        self.index_lock = threading.Lock()  # one upload re-indexes at a time
+        self._waiting: list[GenRequest] = []
+        self._running: list[GenRequest] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._worker = threading.Thread(target=self._loop, name="fourbit-serve-engine", daemon=True)
+        self._worker.start()
+
+    # ---- names and prompts ------------------------------------------------------------------------
+    @property
+    def models(self) -> list[str]:
+        """The served model names: the base model, then each adapter."""
+        return [self.model_name, *self.adapter_names]
+
+    def adapter_index(self, name: str | None) -> int:
+        """-1 for the base model (or no name), the adapter's row index otherwise.
+
+        Raises:
+            UnknownModel: an unknown name.
+        """
+        if name in (None, "", self.model_name):
+            return -1
+        if name in self.adapter_names:
+            return self.adapter_names.index(name)
+        raise UnknownModel(name, self.models)
+
+    def _end_ids(self) -> set[int]:
+        ids = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
+        for token in _END_TOKENS:
+            tid = self.tokenizer.convert_tokens_to_ids(token)
+            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id:
+                ids.add(tid)
+        return ids
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        """Token ids of chat ``messages`` rendered with the model's chat template (plain text without one)."""
+        from fourbit.generate import build_prompt
+
+        if getattr(self.tokenizer, "chat_template", None):
+            text = build_prompt(self.tokenizer, messages)
+        else:
+            text = "\n\n".join(m["content"] for m in messages) + "\n\n"
+        return self.encode(text)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def sampling(self, prompt_tokens: int, *, max_tokens: int | None, field_name: str, **kw: Any) -> Sampling:
+        """Sampling settings with ``max_tokens`` capped by the context window.
+
+        Raises:
+            FieldError: the prompt (``field_name``) leaves no room in the context window; max_tokens < 1.
+        """
+        room = self.context_window - prompt_tokens
+        if room < 1:
+            raise FieldError(field_name, f"the prompt is {prompt_tokens} tokens; the model's context window is "
+                                         f"{self.context_window} tokens: shorten it")
+        if max_tokens is not None and max_tokens < 1:
+            raise FieldError("max_tokens", f"must be >= 1, got {max_tokens}")
+        wanted = self.default_max_tokens if max_tokens is None else max_tokens
+        return Sampling(max_tokens=min(wanted, room), **kw)
+
+    # ---- queue ------------------------------------------------------------------------------------
+    def submit(self, req: GenRequest) -> GenRequest:
+        """Queue ``req``; events arrive through its sink.
+
+        Raises:
+            QueueFull: ``max_queue`` requests are already waiting.
+            RuntimeError: the engine is closed.
+        """
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(len(self._waiting))
+            self._waiting.append(req)
+            self.stats["requests"] += 1
+            self._cond.notify()
+        return req
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        """Queue requests without starting any until the block ends, so that they start as one batch
+        (tests and benchmarks; a server never needs it)."""
+        with self._cond:
+            yield
+
+    def generate(self, prompt_ids: list[int], sampling: Sampling, adapter: int = -1,
+                 timeout: float | None = None) -> tuple[str, GenRequest]:
+        """Blocking helper (tests, benchmarks): queue one request and wait for its whole text."""
+        pieces: list[str] = []
+        done = threading.Event()
+        errors: list[str] = []
+
+        def sink(kind: str, value: Any) -> None:
+            if kind == "delta":
+                pieces.append(value)
+            else:
+                if kind == "error":
+                    errors.append(value)
+                done.set()
+
+        req = self.submit(GenRequest(list(prompt_ids), adapter, sampling, sink))
+        if not done.wait(timeout):
+            req.cancel()
+            raise TimeoutError("generation did not finish in time")
+        if errors:
+            raise RuntimeError(errors[0])
+        return "".join(pieces), req
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the worker (the current step finishes; waiting requests end with an error)."""
+        with self._cond:
+            self._closed = True
+            waiting, self._waiting = self._waiting, []
+            self._cond.notify_all()
+        for req in waiting:
+            req.sink("error", "the server is shutting down")
+        self._worker.join(timeout)
+
+    # ---- the worker -------------------------------------------------------------------------------
+    def _take(self, n: int) -> list[GenRequest]:
+        """Up to ``n`` waiting requests (those already cancelled are answered and dropped)."""
+        with self._cond:
+            taken, self._waiting = self._waiting[:n], self._waiting[n:]
+        live = []
+        for req in taken:
+            if req.cancelled.is_set():
+                self.stats["cancelled"] += 1
+                req.finish_reason = "cancelled"
+                req.sink("done", "cancelled")
+            else:
+                live.append(req)
+        return live
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+            batch = self._take(self.max_batch)
+            if not batch:
+                continue
+            self._running = list(batch)
+            try:
+                self._decode(batch)
+            except Exception as err:  # a failed batch must not stop the server: report it to its requests
+                log.exception("generation failed")
+                for req in self._running:
+                    if req.finish_reason is None:
+                        req.finish_reason = "error"
+                        req.sink("error", f"generation failed: {type(err).__name__}: {err}")
+            finally:
+                self._running = []
+                set_row_adapters(self.model, None)
+
+    def _cache_arg(self) -> str:
+        # transformers 5.x renames ``past_key_values`` to ``cache`` (the old name warns until 5.40).
+        import inspect
+
+        params = inspect.signature(self.model.forward).parameters
+        return "cache" if "cache" in params else "past_key_values"
+
+    @torch.inference_mode()
+    def _decode(self, batch: list[GenRequest]) -> None:
+        """Decode ``batch`` to the end; requests that queue meanwhile join it while there is room."""
+        self.stats["batches"] += 1
+        state = self._advance(self._prefill_state(batch))
+        while state is not None:
+            if self._closed:
+                for row in state.rows:
+                    row.req.finish_reason = "error"
+                    row.req.sink("error", "the server is shutting down")
+                return
+            room = self.max_batch - len(state.rows)
+            if room > 0 and self._waiting and _mergeable(state.cache):
+                joining = self._take(room)
+                if joining:
+                    self._running.extend(joining)
+                    newcomers = self._advance(self._prefill_state(joining))
+                    if newcomers is not None:
+                        state.merge(newcomers)
+            self.stats["max_rows"] = max(self.stats["max_rows"], len(state.rows))
+            state = self._advance(state)
+
+    def _prefill_state(self, batch: list[GenRequest]) -> _Batch:
+        """The left-padded prompts of ``batch`` as a batch about to be prefilled."""
+        from transformers import DynamicCache
+
+        self.stats["max_rows"] = max(self.stats["max_rows"], len(batch))
+        width = max(len(r.prompt_ids) for r in batch)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, req in enumerate(batch):
+            n = len(req.prompt_ids)
+            ids[i, width - n:] = torch.tensor(req.prompt_ids, dtype=torch.long)
+            mask[i, width - n:] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        adapters = torch.tensor([req.adapter for req in batch], dtype=torch.long)
+        rows = [_Row(req, self.tokenizer, self.end_ids) for req in batch]
+        d = self.device
+        return _Batch(rows, DynamicCache(), ids.to(d), mask.to(d), positions.to(d), adapters.to(d))
+
+    def _advance(self, state: _Batch) -> _Batch | None:
+        """One forward pass over the pending tokens, one new token per row; finished rows leave the batch.
+
+        Returns:
+            The batch with its next pending tokens, or None when every row has finished.
+        """
+        adapters = state.adapters
+        set_row_adapters(self.model, adapters if bool((adapters >= 0).any()) else None)
+        out = self.model(input_ids=state.ids, attention_mask=state.mask, position_ids=state.positions,
+                         use_cache=True, logits_to_keep=1, **{self._cache_kw: state.cache})
+        self.stats["steps"] += 1
+        logits = out.logits[:, -1, :].float().cpu()
+        keep, tokens = [], []
+        for i, row in enumerate(state.rows):
+            if row.req.cancelled.is_set():
+                self.stats["cancelled"] += 1
+                row.req.finish_reason = "cancelled"
+                row.req.sink("done", "cancelled")
+                continue
+            token = row.pick(logits[i])
+            if row.push(token):
+                row.req.sink("done", row.req.finish_reason)
+                continue
+            keep.append(i)
+            tokens.append(token)
+        if not keep:
+            return None
+        if len(keep) < len(state.rows):
+            state.select(keep)
+        state.ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
+        state.mask = torch.cat([state.mask, torch.ones_like(state.mask[:, :1])], dim=1)
+        state.positions = state.positions[:, -1:] + 1
+        return state
+
+
+    # ---- documents --------------------------------------------------------------------------------
+    def require_index(self) -> None:
+        """Raise FieldError (field ``db``) when no embedder/index was loaded."""
+        if self.embedder is None or self.store is None:
+            raise FieldError("db", "no document index is loaded: start the server with `db`")
+
+
+def _mergeable(cache: Any) -> bool:
+    """True for a cache whose layers are plain growing key/value tensors (what :meth:`_Batch.merge` pads)."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
+
+
+@dataclass
+class _Batch:
+    """Rows decoded together: their KV cache, the pending input tokens ``ids [B, t]``, the attention
+    ``mask [B, cached + t]`` (0 on left padding), ``positions [B, t]`` and adapter indices ``[B]``."""
+
+    rows: list[_Row]
+    cache: Any
+    ids: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+    adapters: torch.Tensor
+
+    def select(self, keep: list[int]) -> None:
+        index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
+        self.cache.batch_select_indices(index)
+        self.mask, self.positions, self.adapters = self.mask[index], self.positions[index], self.adapters[index]
+        self.rows = [self.rows[i] for i in keep]
+
+    def merge(self, other: _Batch) -> None:
+        """Append ``other``'s rows (both hold one pending token per row): the shorter cache and mask are
+        left-padded (masked out, so they change nothing) to a common length, then stacked."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            mine.keys = torch.cat([_left_pad(mine.keys, width - 1), _left_pad(theirs.keys, width - 1)], dim=0)
+            mine.values = torch.cat([_left_pad(mine.values, width - 1), _left_pad(theirs.values, width - 1)], dim=0)
+        self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(other.mask, width)], dim=0)
+        self.ids = torch.cat([self.ids, other.ids], dim=0)
+        self.positions = torch.cat([self.positions, other.positions], dim=0)
+        self.adapters = torch.cat([self.adapters, other.adapters], dim=0)
+        self.rows = self.rows + other.rows
+
+
+def _left_pad(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Zeros on the left of dim -2 (KV ``[B, H, T, D]``) or dim -1 (a mask ``[B, T]``) up to ``length``."""
+    dim = -2 if x.dim() == 4 else -1
+    missing = length - x.shape[dim]
+    if missing <= 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim=dim)

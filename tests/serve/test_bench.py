@@ -1,0 +1,24 @@
+"""benchmarks/bench_serve.py keeps working (a smoke run on the tiny llama; no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_bench_serve_smoke_run():
+    out = subprocess.run(
+        [sys.executable, "benchmarks/bench_serve.py", "--tiny", "--clients", "1,3", "--requests", "1",
+         "--tokens", "4", "--threads", "1", "--json"],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads(out.stdout[out.stdout.index("{"):])
+    assert set(rows) == {f"{mode}, {c} clients" for mode in ("one by one", "batched") for c in (1, 3)}
+    assert all(r["tokens"] == 4 * c for name, r in rows.items() for c in (1, 3) if name.endswith(f" {c} clients"))
+    assert rows["one by one, 3 clients"]["max_rows"] == 1

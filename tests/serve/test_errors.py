@@ -1,0 +1,208 @@
+"""Bad input gets a 4xx with OpenAI's error body naming the field, and the server keeps serving; auth;
+body limits; a full queue answers 429 with Retry-After; a client that goes away cancels its generation."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import httpx
+import pytest
+from _server import Server, build_engine
+
+from fourbit.serve import GenRequest, Sampling
+
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0}
+
+
+def assert_error(response: httpx.Response, status: int, param: str | None) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()["error"]
+    assert set(body) == {"message", "type", "param", "code"}
+    assert body["param"] == param
+    assert "Traceback" not in response.text
+    return body
+
+
+def still_serving(http: httpx.Client) -> None:
+    r = http.post("/v1/chat/completions", json=CHAT)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        (b'{"model": "tiny", "messages": [', 400, "body"),  # malformed JSON
+        (b'["not", "an", "object"]', 400, "body"),
+        ({"model": "tiny"}, 400, "messages"),  # missing field
+        ({"messages": [{"role": "user", "content": "hi"}]}, 400, "model"),
+        ({**CHAT, "model": "nope"}, 404, "model"),  # unknown model
+        ({**CHAT, "max_tokens": -3}, 400, "max_tokens"),
+        ({**CHAT, "max_tokens": 0}, 400, "max_tokens"),
+        ({**CHAT, "temperature": 5}, 400, "temperature"),
+        ({**CHAT, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
+        ({**CHAT, "messages": []}, 400, "messages"),
+        ({**CHAT, "messages": [{"role": "user", "content": "x" * 5000}]}, 400, "messages"),  # over the context
+        ({**CHAT, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+        ({**CHAT, "n": 3}, 400, "n"),
+    ],
+)
+def test_bad_chat_requests_are_named_4xx_and_the_server_keeps_serving(http, body, status, param):
+    if isinstance(body, bytes):
+        r = http.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    else:
+        r = http.post("/v1/chat/completions", json=body)
+    assert_error(r, status, param)
+    still_serving(http)
+
+
+def test_bad_completion_embedding_and_answer_requests(http):
+    assert_error(http.post("/v1/completions", json={"model": "tiny", "prompt": "x" * 5000}), 400, "prompt")
+    assert_error(http.post("/v1/completions", json={"model": "tiny"}), 400, "prompt")
+    assert_error(http.post("/v1/completions", json={"model": "tiny", "prompt": ["a", "b"]}), 400, "prompt")
+    assert_error(http.post("/v1/embeddings", json={"model": "m", "input": [""]}), 400, "input")
+    assert_error(http.post("/v1/answers", json={"question": "why", "retriever": "magic"}), 400, "retriever")
+    assert_error(http.post("/v1/answers", json={"question": ""}), 400, "question")
+    assert_error(http.post("/v1/answers", json={"question": "why", "top_k": 0}), 400, "top_k")
+    assert_error(http.post("/v1/answers", json={"question": "why", "max_tokens": -1}), 400, "max_tokens")
+    assert_error(http.post("/v1/answers", json={"question": "why", "model": "nope"}), 404, "model")
+    assert_error(http.get("/v1/nothing"), 404, None)
+    assert_error(http.get("/v1/chat/completions"), 405, None)
+    still_serving(http)
+
+
+def test_openai_client_sees_typed_errors(client):
+    import openai
+
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="missing", messages=CHAT["messages"], max_tokens=1)
+    assert info.value.body["param"] == "model"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="tiny", messages=CHAT["messages"], max_tokens=-1)
+    assert info.value.body["param"] == "max_tokens"
+
+
+def test_max_tokens_is_capped_by_the_context_window(model_dir):
+    from fourbit.serve import create_app
+
+    engine = build_engine(model_dir, context_window=48)
+    try:
+        with Server(create_app(engine)) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
+            prompt_tokens = len(engine.chat_prompt(CHAT["messages"]))
+            r = http.post("/v1/chat/completions", json={**CHAT, "max_tokens": 10_000})
+            assert r.status_code == 200, r.text
+            usage = r.json()["usage"]
+            assert usage["prompt_tokens"] == prompt_tokens
+            assert usage["total_tokens"] <= 48
+            assert r.json()["choices"][0]["finish_reason"] in ("length", "stop")
+    finally:
+        engine.close()
+
+
+def test_api_key_guards_every_endpoint_but_health(model_dir, monkeypatch):
+    import openai
+
+    from fourbit.serve import create_app
+
+    engine = build_engine(model_dir)
+    try:
+        with Server(create_app(engine, api_key="s3cret")) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
+            assert http.get("/health").status_code == 200
+            for method, path in [("GET", "/v1/models"), ("POST", "/v1/chat/completions"),
+                                 ("POST", "/v1/completions"), ("POST", "/v1/embeddings"),
+                                 ("POST", "/v1/answers"), ("POST", "/v1/documents")]:
+                r = http.request(method, path, json=CHAT)
+                assert_error(r, 401, "authorization")
+                assert r.headers["www-authenticate"] == "Bearer"
+                r = http.request(method, path, json=CHAT, headers={"Authorization": "Bearer wrong"})
+                assert_error(r, 401, "authorization")
+            good = openai.OpenAI(base_url=srv.url + "/v1", api_key="s3cret", max_retries=0)
+            assert [m.id for m in good.models.list().data] == ["tiny"]
+            bad = openai.OpenAI(base_url=srv.url + "/v1", api_key="nope", max_retries=0)
+            with pytest.raises(openai.AuthenticationError):
+                bad.models.list()
+    finally:
+        engine.close()
+
+
+def test_body_over_the_limit_is_413(model_dir):
+    from fourbit.serve import create_app
+
+    engine = build_engine(model_dir)
+    try:
+        with Server(create_app(engine, max_body=512)) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
+            big = {**CHAT, "messages": [{"role": "user", "content": "y" * 600}]}
+            assert_error(http.post("/v1/chat/completions", json=big), 413, "body")
+
+            def chunks():  # no Content-Length: the limit is enforced while reading
+                yield b'{"model": "tiny", "messages": [{"role": "user", "content": "'
+                yield b"z" * 1000
+                yield b'"}]}'
+
+            r = http.post("/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
+            assert_error(r, 413, "body")
+            still_serving(http)
+    finally:
+        engine.close()
+
+
+def test_full_queue_answers_429_with_retry_after(model_dir):
+    from fourbit.serve import create_app
+
+    engine = build_engine(model_dir, max_batch=1, max_queue=1)
+    busy = [GenRequest(engine.encode("hello"), -1, Sampling(max_tokens=900, temperature=0), lambda k, v: None)
+            for _ in range(2)]
+    try:
+        with Server(create_app(engine)) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
+            engine.submit(busy[0])
+            deadline = time.monotonic() + 10
+            while engine.stats["batches"] == 0 and time.monotonic() < deadline:  # the worker took it
+                time.sleep(0.01)
+            engine.submit(busy[1])  # waits: the queue is now full
+            r = http.post("/v1/chat/completions", json=CHAT)
+            assert_error(r, 429, None)
+            assert int(r.headers["retry-after"]) >= 1
+            for req in busy:
+                req.cancel()
+            deadline = time.monotonic() + 20
+            while r.status_code == 429 and time.monotonic() < deadline:
+                time.sleep(0.05)
+                r = http.post("/v1/chat/completions", json=CHAT)
+            assert r.status_code == 200, r.text
+    finally:
+        engine.close()
+
+
+def test_client_disconnect_cancels_its_generation(model_dir):
+    from fourbit.serve import create_app
+
+    engine = build_engine(model_dir)
+    try:
+        with Server(create_app(engine)) as srv:
+            body = {**CHAT, "max_tokens": 900, "stream": True}
+            with httpx.Client(base_url=srv.url, timeout=60) as http:
+                with http.stream("POST", "/v1/chat/completions", json=body) as r:
+                    next(r.iter_lines())  # the first chunk arrived: the generation is running
+            deadline = time.monotonic() + 20
+            while engine.stats["cancelled"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert engine.stats["cancelled"] == 1
+            assert engine.stats["steps"] < 900
+
+            # a non-streamed request whose client gives up (once its generation runs) is cancelled too
+            batches = engine.stats["batches"]
+            payload = json.dumps({**CHAT, "max_tokens": 900}).encode()
+            with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+                deadline = time.monotonic() + 20
+                while engine.stats["batches"] == batches and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            deadline = time.monotonic() + 20
+            while engine.stats["cancelled"] < 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert engine.stats["cancelled"] == 2
+    finally:
+        engine.close()
