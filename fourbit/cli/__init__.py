@@ -4,6 +4,7 @@
     fourbit info DIR                          fourbit eval-quant [MODEL]
     fourbit finetune [MODEL] --data PATH ...  fourbit merge [MODEL] --adapter DIR --out DIR
     fourbit rag index|query|compare|eval ...  fourbit demo
+    fourbit serve [MODEL] [--adapter NAME=DIR] [--db DIR]
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 __all__ = ["build_parser", "main", "user_message"]
 
 _COMMAND_MODULES = ("fourbit.cli.quant", "fourbit.cli.generate", "fourbit.cli.demo", "fourbit.cli.train",
-                    "fourbit.cli.rag")
+                    "fourbit.cli.rag", "fourbit.cli.serve")
 
 # Library names whose flag is not simply ``--`` + the name with dashes (the CLI's spelling of the same field).
 _FLAG_ALIASES = {"out_dir": "--out", "output_dir": "--out", "db_path": "--db", "persist_dir": "--db",
