@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fourbit.kernels import cpu, reference
+from fourbit.kernels.scales import SMALL_BATCH_ROWS, BlockScales
 from fourbit.quant import get_code
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="no C compiler: the reference kernels are used")
@@ -20,9 +21,11 @@ def test_quantize_and_dequantize_are_bit_identical_to_reference(quant_type, dtyp
             p_c, a_c = cpu.quantize_4bit_blocks(x, code, blocksize)
             p_r, a_r = reference.quantize_4bit_blocks(x, code, blocksize)
             assert torch.equal(p_c, p_r) and torch.equal(a_c, a_r)
-            for out in (torch.float32, torch.float16, torch.bfloat16):
-                assert torch.equal(cpu.dequantize_4bit_blocks(p_c, a_c, code, blocksize, n, out),
-                                   reference.dequantize_4bit_blocks(p_r, a_r, code, blocksize, n, out))
+            for out in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+                got = cpu.dequantize_4bit_blocks(p_c, BlockScales(a_c), code, blocksize, n, out)
+                assert got.dtype == out
+                assert torch.equal(got, reference.dequantize_4bit_blocks(p_r, BlockScales(a_r), code, blocksize, n,
+                                                                         out))
 
 
 def test_non_finite_values_mark_their_block():
@@ -32,31 +35,46 @@ def test_non_finite_values_mark_their_block():
     assert torch.isnan(absmax[1]) and torch.isfinite(absmax[[0, 2, 3]]).all()
 
 
-@pytest.mark.parametrize("rows", [1, 2, 5, 8])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, SMALL_BATCH_ROWS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_fused_gemv_matches_dequantize_then_matmul(rows, dtype):
     # The fused kernel sums in float32 in another order than BLAS: for K=384 random inputs the float32
-    # difference is ~1e-5 relative; in bf16 the output rounding (2^-8) dominates.
+    # difference is ~1e-5 relative; in bf16/fp16 the output rounding (2^-8 / 2^-11) dominates. More than 8
+    # rows: the kernel decodes each weight row once per 8 input rows.
     code = get_code("nf4")
     w = torch.randn(96, 384)
     packed, absmax = reference.quantize_4bit_blocks(w.reshape(-1), code, 64)
     x = torch.randn(rows, 384).to(dtype)
-    got = cpu.linear_4bit(x, packed, absmax, code, 64, 96, 384)
-    expected = reference.linear_4bit(x.float(), packed, absmax, code, 64, 96, 384)
-    tol = {torch.float32: 1e-4, torch.bfloat16: 1e-2}[dtype]
+    assert cpu.can_fuse(dtype, 64, 384)
+    got = cpu.fused_linear_4bit(x, packed, BlockScales(absmax), code, 64, 96, 384)
+    expected = reference.linear_4bit(x.float(), packed, BlockScales(absmax), code, 64, 96, 384)
+    assert got.dtype == dtype and got.shape == (rows, 96)
+    tol = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
     torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol * expected.abs().max().item())
+
+
+def test_fused_gemv_refuses_what_it_cannot_compute():
+    code = get_code("nf4")
+    packed, absmax = reference.quantize_4bit_blocks(torch.randn(8 * 96), code, 64)
+    assert not cpu.can_fuse(torch.float64, 64, 96) and not cpu.can_fuse(torch.float32, 64, 96)
+    with pytest.raises(TypeError, match="float64"):
+        cpu.fused_linear_4bit(torch.randn(1, 96, dtype=torch.float64), packed, BlockScales(absmax), code, 64, 8, 96)
+    with pytest.raises(ValueError, match="multiple of the blocksize"):
+        cpu.fused_linear_4bit(torch.randn(1, 96), packed, BlockScales(absmax), code, 64, 8, 96)
 
 
 def test_nested_scales_are_dequantized_inside_the_kernel_identically():
     import fourbit
-    from fourbit.kernels import dispatch
-    from fourbit.quant.blockwise import dequantize_absmax
+    from fourbit.kernels.scales import dequantize_absmax
 
     w = torch.randn(77, 320)
     packed, state = fourbit.quantize_4bit(w, "nf4", 64, double_quant=True)
-    expected = reference.dequantize_4bit_blocks(packed, dequantize_absmax(state), state.code, 64, w.numel(),
-                                                torch.float32)
-    assert torch.equal(dispatch.dequantize_4bit(packed, state, w.numel(), torch.float32), expected)
+    scales = state.block_scales()
+    assert scales.nested
+    expected = reference.dequantize_4bit_blocks(packed, BlockScales(dequantize_absmax(scales)), state.code, 64,
+                                                w.numel(), torch.float32)
+    assert torch.equal(cpu.dequantize_4bit_blocks(packed, scales, state.code, 64, w.numel(), torch.float32),
+                       expected)
     x = torch.randn(2, 320)
-    torch.testing.assert_close(dispatch.linear_4bit(x, packed, state, 77, 320),
+    torch.testing.assert_close(cpu.fused_linear_4bit(x, packed, scales, state.code, 64, 77, 320),
                                x @ expected.view(77, 320).T, rtol=1e-4, atol=1e-4)

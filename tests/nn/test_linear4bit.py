@@ -102,7 +102,8 @@ def test_loads_into_and_from_bitsandbytes_modules():
     stats = {k.removeprefix("weight."): v for k, v in sd.items() if k.startswith("weight.")}
     theirs.weight = bnb.nn.Params4bit.from_prequantized(sd["weight"], stats, requires_grad=False, device="cpu")
     theirs.bias = nn.Parameter(sd["bias"])
-    x = torch.randn(10, 128)  # 10 rows: both libraries dequantize and call F.linear, so the results are equal
+    # More rows than the fused kernel takes: both libraries dequantize and call F.linear, so the results are equal
+    x = torch.randn(l4.SMALL_BATCH_ROWS + 4, 128)
     with torch.no_grad():
         assert torch.equal(theirs(x), layer(x))
     back = Linear4bit(128, 64, compute_dtype="fp32")

@@ -200,7 +200,7 @@ void fb_dequantize_4bit(const uint8_t *packed, const fb_scales *scales, const fl
 /*
  * out[m, r] = sum_k x[m, k] * code[q[r, k]] * absmax[block(r, k)] for a weight W [rows, cols] stored 4-bit
  * row-major, with cols % blocksize == 0 so that no block spans two rows. x is float32 [m_rows, cols];
- * out is float32 [m_rows, rows]. The weight is read once for all m_rows (decoding, small batches).
+ * out is float32 [m_rows, rows]. Each weight row is decoded once per 8 input rows (decoding, small batches).
  */
 void fb_gemv_4bit(const float *x, const uint8_t *packed, const fb_scales *scales, const float *code,
                   int64_t m_rows, int64_t rows, int64_t cols, int64_t blocksize, float *out, int nthreads) {
@@ -210,31 +210,36 @@ void fb_gemv_4bit(const float *x, const uint8_t *packed, const fb_scales *scales
         const uint8_t *wrow = packed + (r * cols >> 1);
         const int64_t first_block = r * blocks_per_row;
 #ifdef __AVX2__
-        if (m_rows <= 8 && blocksize % 16 == 0) {
+        if (blocksize % 16 == 0) {
             const __m256 tab_lo = _mm256_loadu_ps(code), tab_hi = _mm256_loadu_ps(code + 8);
-            __m256 total[8];
-            for (int m = 0; m < m_rows; ++m) total[m] = _mm256_setzero_ps();
-            for (int64_t blk = 0; blk < blocks_per_row; ++blk) {
-                __m256 acc[8];
-                for (int m = 0; m < m_rows; ++m) acc[m] = _mm256_setzero_ps();
-                const int64_t k0 = blk * blocksize;
-                for (int64_t k = k0; k < k0 + blocksize; k += 16) {
-                    __m256 w0, w1;
-                    decode16(wrow + (k >> 1), tab_lo, tab_hi, &w0, &w1);
-                    for (int m = 0; m < m_rows; ++m) {
-                        const float *xr = x + m * cols + k;
-                        acc[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), acc[m]);
-                        acc[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), acc[m]);
+            /* up to 8 input rows share each decoded weight vector (8 accumulators stay in registers) */
+            for (int64_t m0 = 0; m0 < m_rows; m0 += 8) {
+                const int mc = m_rows - m0 < 8 ? (int)(m_rows - m0) : 8;
+                const float *xb = x + m0 * cols;
+                __m256 total[8];
+                for (int m = 0; m < mc; ++m) total[m] = _mm256_setzero_ps();
+                for (int64_t blk = 0; blk < blocks_per_row; ++blk) {
+                    __m256 acc[8];
+                    for (int m = 0; m < mc; ++m) acc[m] = _mm256_setzero_ps();
+                    const int64_t k0 = blk * blocksize;
+                    for (int64_t k = k0; k < k0 + blocksize; k += 16) {
+                        __m256 w0, w1;
+                        decode16(wrow + (k >> 1), tab_lo, tab_hi, &w0, &w1);
+                        for (int m = 0; m < mc; ++m) {
+                            const float *xr = xb + m * cols + k;
+                            acc[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), acc[m]);
+                            acc[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), acc[m]);
+                        }
                     }
+                    const __m256 scale = _mm256_set1_ps(block_scale(scales, first_block + blk));
+                    for (int m = 0; m < mc; ++m) total[m] = _mm256_fmadd_ps(acc[m], scale, total[m]);
                 }
-                const __m256 scale = _mm256_set1_ps(block_scale(scales, first_block + blk));
-                for (int m = 0; m < m_rows; ++m) total[m] = _mm256_fmadd_ps(acc[m], scale, total[m]);
-            }
-            for (int m = 0; m < m_rows; ++m) {
-                __m128 s = _mm_add_ps(_mm256_castps256_ps128(total[m]), _mm256_extractf128_ps(total[m], 1));
-                s = _mm_hadd_ps(s, s);
-                s = _mm_hadd_ps(s, s);
-                out[m * rows + r] = _mm_cvtss_f32(s);
+                for (int m = 0; m < mc; ++m) {
+                    __m128 s = _mm_add_ps(_mm256_castps256_ps128(total[m]), _mm256_extractf128_ps(total[m], 1));
+                    s = _mm_hadd_ps(s, s);
+                    s = _mm_hadd_ps(s, s);
+                    out[(m0 + m) * rows + r] = _mm_cvtss_f32(s);
+                }
             }
             continue;
         }
