@@ -91,7 +91,8 @@ class BlockScales:
                 object.__setattr__(self, name, _flat32(t, self.absmax.device))
             if self.offset.numel() != 1:
                 raise ValueError(f"offset must hold one value, got {self.offset.numel()}")
-            object.__setattr__(self, "absmax", self.absmax.reshape(-1).contiguous())
+            if self.absmax.dim() != 1 or not self.absmax.is_contiguous():
+                object.__setattr__(self, "absmax", self.absmax.reshape(-1).contiguous())
         else:
             if not self.absmax.is_floating_point():
                 raise TypeError(f"plain block scales must be floating point, got absmax of {self.absmax.dtype}")
@@ -123,6 +124,8 @@ class BlockScales:
 
 
 def _flat32(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if t.dim() == 1 and t.dtype == torch.float32 and t.device == device and t.is_contiguous() and not t.requires_grad:
+        return t  # already in kernel form: the very tensor, so in-place changes stay visible
     return t.detach().to(device=device, dtype=torch.float32).reshape(-1).contiguous()
 
 
