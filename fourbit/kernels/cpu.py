@@ -1,7 +1,9 @@
 """Compiled CPU kernels (``csrc/fourbit_cpu.c``), built on first use and called through ctypes.
 
 The shared library is compiled once per source version and machine type into ``$FOURBIT_CACHE``
-(default ``~/.cache/fourbit``) with the system C compiler (``$CC``, default ``cc``). If no compiler is found or
+(default ``~/.cache/fourbit``) with the system C compiler (``$CC``, default ``cc``). On x86-64 one build serves
+every CPU: the C code holds AVX-512, AVX2 and plain C versions of its loops and picks one at run time
+(:func:`isa`; :func:`set_isa` lowers it, for tests and benchmarks). If no compiler is found or
 the build fails, :func:`available` returns False and the dispatcher falls back to the PyTorch reference, with
 one warning. Nothing happens at import time.
 """
@@ -24,17 +26,32 @@ import torch
 from fourbit.kernels import reference
 from fourbit.kernels.scales import BlockScales, check_output_dtype
 
-__all__ = ["available", "library_path", "quantize_4bit_blocks", "dequantize_4bit_blocks", "can_fuse",
+__all__ = ["ISA_NAMES", "available", "isa", "set_isa", "library_path", "quantize_4bit_blocks", "dequantize_4bit_blocks", "can_fuse",
            "fused_linear_4bit"]
 
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).parent / "csrc" / "fourbit_cpu.c"
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared", "-std=gnu11"]
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_X86 = ("x86_64", "amd64")
+
+#: Vector code paths of the compiled kernels (``isa()``): chosen at run time on x86-64.
+ISA_NAMES = {0: "plain C", 1: "AVX2", 2: "AVX-512"}
+
+
+def _flags() -> list[str]:
+    """Compiler flags. On x86-64 one build serves every CPU (the C code picks AVX-512, AVX2 or plain C at run
+    time); elsewhere the build targets the host."""
+    base = ["-O3", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared", "-std=gnu11"]
+    return base if platform.machine().lower() in _X86 else [*base, "-march=native"]
 
 
 def _cpu_signature() -> str:
+    """What the build depends on besides source and flags: the architecture, and on non-x86 hosts (built
+    with -march=native) the CPU's flags."""
+    machine = platform.machine()
+    if machine.lower() in _X86:
+        return machine
     flags = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -43,12 +60,12 @@ def _cpu_signature() -> str:
                 break
     except OSError:
         pass
-    return platform.machine() + flags
+    return machine + flags
 
 
 def library_path() -> Path:
     """Where the compiled library for this source and machine lives (it may not be built yet)."""
-    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode() + _cpu_signature().encode())
+    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_flags()).encode() + _cpu_signature().encode())
     cache = Path(os.environ.get("FOURBIT_CACHE", Path.home() / ".cache" / "fourbit"))
     return cache / "kernels" / f"fourbit_cpu-{digest.hexdigest()[:16]}.so"
 
@@ -61,7 +78,7 @@ def _build(target: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True,
+        subprocess.run([compiler, *_flags(), str(_SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True,
                        text=True, timeout=300)
         os.replace(tmp, target)
     except subprocess.CalledProcessError as err:
@@ -97,6 +114,9 @@ def _library() -> ctypes.CDLL | None:
     lib.fb_gemv_4bit.argtypes = [ptr, ptr, scales, ptr, i64, i64, i64, i64, ptr, i32]
     for fn in (lib.fb_quantize_4bit, lib.fb_dequantize_4bit, lib.fb_gemv_4bit):
         fn.restype = None
+    lib.fb_isa.argtypes = []
+    lib.fb_set_isa.argtypes = [i32]
+    lib.fb_isa.restype = lib.fb_set_isa.restype = i32
     return lib
 
 
@@ -117,6 +137,17 @@ def _scales(scales: BlockScales) -> tuple[_Scales, list[torch.Tensor]]:
 def available() -> bool:
     """True when the compiled kernels could be built (or were already) and loaded."""
     return _library() is not None
+
+
+def isa() -> int:
+    """The vector code the compiled kernels run on this CPU: 0 plain C, 1 AVX2, 2 AVX-512 (see ISA_NAMES)."""
+    return int(_library().fb_isa())
+
+
+def set_isa(level: int) -> int:
+    """Use at most the vector code ``level`` (0, 1, 2; never more than the CPU has) and return the level now
+    in use. For tests and benchmarks, which run each path on one machine."""
+    return int(_library().fb_set_isa(int(level)))
 
 
 #: Below this many weight elements a kernel runs on one thread: waking a thread pool costs more than the
