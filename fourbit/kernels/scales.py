@@ -26,8 +26,10 @@ __all__ = [
 
 #: Inputs with at most this many rows (decoding, small batches) go through the fused 4-bit matmul of the
 #: backend; larger ones dequantize the weight once and call the BLAS matmul, which is faster when each weight
-#: element is reused many times. The one threshold for every backend and for ``Linear4bit``.
-SMALL_BATCH_ROWS = 16
+#: element is reused many times. The one threshold for every backend and for ``Linear4bit``. 8: on an
+#: AVX-512/AMX Xeon the compiled fused kernel (2048 x 2048, fp32) beats dequantize + matmul up to ~8-12 rows
+#: and loses by 1.45x at 16 (the Triton kernel takes up to 16 rows; bitsandbytes fuses only 1 row on GPUs).
+SMALL_BATCH_ROWS = 8
 
 #: dtypes the compiled and Triton kernels read and write natively (float32 arithmetic inside).
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -84,12 +84,12 @@ def test_non_finite_values_mark_their_block():
     assert torch.isnan(absmax[1]) and torch.isfinite(absmax[[0, 2, 3]]).all()
 
 
-@pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, SMALL_BATCH_ROWS])
+@pytest.mark.parametrize("rows", [1, 2, 5, SMALL_BATCH_ROWS, 9, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_fused_gemv_matches_dequantize_then_matmul(rows, dtype):
     # The fused kernel sums in float32 in another order than BLAS: for K=384 random inputs the float32
     # difference is ~1e-5 relative; in bf16/fp16 the output rounding (2^-8 / 2^-11) dominates. More than 8
-    # rows: the kernel decodes each weight row once per 8 input rows.
+    # rows (the dispatcher sends none, the kernel takes any): each weight row is decoded once per 8 rows.
     code = get_code("nf4")
     w = torch.randn(96, 384)
     packed, absmax = reference.quantize_4bit_blocks(w.reshape(-1), code, 64)

@@ -143,7 +143,7 @@ def test_larger_batches_dequantize_then_matmul_exactly(monkeypatch):
     w = torch.randn(24, 128)
     packed, state = fourbit.quantize_4bit(w, "fp4", 64, double_quant=True)
     scales = state.block_scales()
-    x = torch.randn(2, SMALL_BATCH_ROWS, 128).to(torch.bfloat16)  # 32 rows: above the fused limit
+    x = torch.randn(2, SMALL_BATCH_ROWS, 128).to(torch.bfloat16)  # 2 x SMALL_BATCH_ROWS: above the fused limit
     assert not dispatch.uses_fused_kernel(x, 64, 128)
     expected = reference.linear_4bit(x, packed, scales, state.code, 64, 24, 128)
     got = dispatch.linear_4bit(x, packed, scales, state.code, 64, 24, 128)
