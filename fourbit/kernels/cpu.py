@@ -42,7 +42,7 @@ ISA_NAMES = {0: "plain C", 1: "AVX2", 2: "AVX-512"}
 def _flags() -> list[str]:
     """Compiler flags. On x86-64 one build serves every CPU (the C code picks AVX-512, AVX2 or plain C at run
     time); elsewhere the build targets the host."""
-    base = ["-O3", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared", "-std=gnu11"]
+    base = ["-O3", "-mtune=native", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared", "-std=gnu11"]
     return base if platform.machine().lower() in _X86 else [*base, "-march=native"]
 
 
@@ -221,9 +221,9 @@ def fused_linear_4bit(x: torch.Tensor, packed: torch.Tensor, scales: BlockScales
     Raises:
         TypeError / ValueError: inputs :func:`can_fuse` refuses (the dispatcher never passes them).
     """
-    if x.dtype not in _DTYPE_CODES:
-        raise TypeError(f"the fused CPU kernel takes float32, float16 or bfloat16 inputs, got {x.dtype}")
     if not can_fuse(x.dtype, blocksize, in_features):
+        if x.dtype not in _DTYPE_CODES:
+            raise TypeError(f"the fused CPU kernel takes float32, float16 or bfloat16 inputs, got {x.dtype}")
         raise ValueError(f"the fused CPU kernel needs in_features ({in_features}) to be a multiple of the "
                          f"blocksize ({blocksize})")
     rows = x.numel() // in_features

@@ -20,6 +20,7 @@ one was picked:
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 
 import torch
 
@@ -46,17 +47,23 @@ def backend_for(t: torch.Tensor):
     """The kernel module for tensor ``t``: triton_kernels (CUDA), cpu (compiled), or reference."""
     if _forced() == "reference":
         return reference
-    if t.device.type == "cuda":
+    if t.is_cpu:
+        cpu = _compiled_cpu()
+        return cpu if cpu.available() else reference
+    if t.is_cuda:
         try:
             from fourbit.kernels import triton_kernels
         except ImportError:
             return reference
         return triton_kernels if triton_kernels.available() else reference
-    if t.device.type != "cpu":
-        return reference
-    from fourbit.kernels import cpu
+    return reference
 
-    return cpu if cpu.available() else reference
+
+@lru_cache(maxsize=1)
+def _compiled_cpu():
+    from fourbit.kernels import cpu  # imported on first use: nothing is built at import time
+
+    return cpu
 
 
 def quantize_4bit_blocks(flat: torch.Tensor, code: torch.Tensor, blocksize: int):

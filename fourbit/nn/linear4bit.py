@@ -189,8 +189,9 @@ class Linear4bit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W^T + bias`` with the 4-bit weight W, returned in ``x.dtype``.
 
-        Without autograd and with at most :data:`SMALL_BATCH_ROWS` rows (decoding) the kernels' fused 4-bit
-        matmul runs when it takes ``x`` (float32 sums over ``x``'s values); otherwise ``x`` is cast to the
+        Without autograd and with at most :data:`SMALL_BATCH_ROWS` rows (decoding) the kernels compute in
+        ``x.dtype`` (:func:`fourbit.kernels.dispatch.linear_4bit`: the fused 4-bit matmul with float32 sums where
+        the backend takes ``x``, else the weight dequantized to ``x.dtype``); otherwise ``x`` is cast to the
         compute dtype and multiplied by the weight dequantized to it.
 
         Args:
@@ -205,10 +206,10 @@ class Linear4bit(nn.Module):
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"Linear4bit expects inputs with last dimension {self.in_features}, got {tuple(x.shape)}")
         input_dtype = x.dtype
-        qs = self.quant_state
-        if (not (torch.is_grad_enabled() and x.requires_grad)
-                and dispatch.uses_fused_kernel(x, qs.blocksize, self.in_features)):
-            # Decoding: the fused 4-bit kernel (float32 accumulation), no autograd bookkeeping.
+        if x.numel() <= SMALL_BATCH_ROWS * self.in_features and not (torch.is_grad_enabled() and x.requires_grad):
+            # Decoding: the kernels' fused 4-bit matmul where it takes x (float32 sums), else dequantize to
+            # x.dtype + matmul; no autograd bookkeeping either way.
+            qs = self.quant_state
             out = dispatch.linear_4bit(x, self.weight, qs.block_scales(), qs.code, qs.blocksize, self.out_features,
                                        self.in_features)
         else:

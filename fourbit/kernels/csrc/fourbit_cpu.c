@@ -405,7 +405,7 @@ static void gemv_scalar(FB_GEMV_ARGS) {
 }
 
 #ifdef FB_X86
-FB_AVX2 static void gemv_avx2(FB_GEMV_ARGS) {  /* blocksize % 16 == 0 */
+FB_AVX2 FB_INLINE void gemv_rows_avx2(FB_GEMV_ARGS) {  /* blocksize % 16 == 0 */
     const int64_t blocks_per_row = cols / blocksize;
     const __m256 tab_lo = _mm256_loadu_ps(code), tab_hi = _mm256_loadu_ps(code + 8);
     for (int64_t r = r0; r < r1; ++r) {
@@ -442,6 +442,11 @@ FB_AVX2 static void gemv_avx2(FB_GEMV_ARGS) {  /* blocksize % 16 == 0 */
         }
     }
 }
+
+/* The same 256-bit code twice: compiled for AVX-512 CPUs it may use all 32 vector registers (the 8 + 8
+ * accumulators, the tables and the decoded weights do not fit in 16 without spilling). */
+FB_AVX2 static void gemv_avx2(FB_GEMV_ARGS) { gemv_rows_avx2(FB_GEMV_PASS); }
+FB_AVX512 static void gemv_avx512(FB_GEMV_ARGS) { gemv_rows_avx2(FB_GEMV_PASS); }
 #endif
 
 void fb_gemv_4bit(const float *x, const uint8_t *packed, const fb_scales *scales, const float *code,
@@ -453,7 +458,8 @@ void fb_gemv_4bit(const float *x, const uint8_t *packed, const fb_scales *scales
     for (int64_t c = 0; c < nchunks; ++c) {
         const int64_t r0 = c * per, r1 = r0 + per < rows ? r0 + per : rows;
 #ifdef FB_X86
-        if (isa >= FB_ISA_AVX2 && blocksize % 16 == 0) { gemv_avx2(FB_GEMV_PASS); continue; }
+        if (isa == FB_ISA_AVX512 && blocksize % 16 == 0) { gemv_avx512(FB_GEMV_PASS); continue; }
+        if (isa == FB_ISA_AVX2 && blocksize % 16 == 0) { gemv_avx2(FB_GEMV_PASS); continue; }
 #endif
         (void)isa;
         gemv_scalar(FB_GEMV_PASS);
