@@ -42,7 +42,7 @@ ISA_NAMES = {0: "plain C", 1: "AVX2", 2: "AVX-512"}
 def _flags() -> list[str]:
     """Compiler flags. On x86-64 one build serves every CPU (the C code picks AVX-512, AVX2 or plain C at run
     time); elsewhere the build targets the host."""
-    base = ["-O3", "-mtune=native", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared", "-std=gnu11"]
+    base = ["-O3", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared", "-std=gnu11"]
     return base if platform.machine().lower() in _X86 else [*base, "-march=native"]
 
 
