@@ -112,8 +112,8 @@ def _tk():
 def check() -> list[dict]:
     """Bytes from the Triton kernels on the GPU vs the PyTorch reference on the CPU (must be equal)."""
     from fourbit.kernels import reference
+    from fourbit.kernels.scales import BlockScales
     from fourbit.quant import get_code
-    from fourbit.quant.blockwise import dequantize_absmax
 
     tk = _tk()
     rows = []
@@ -125,17 +125,16 @@ def check() -> list[dict]:
             x[:4096] = 0
             p_ref, a_ref = reference.quantize_4bit_blocks(x, code, blocksize)
             p, a = tk.quantize_4bit_blocks(x.cuda(), code.cuda(), blocksize)
-            d_ref = reference.dequantize_4bit_blocks(p_ref, a_ref, code, blocksize, n, torch.bfloat16)
-            d = tk.dequantize_4bit_blocks(p, a, code.cuda(), blocksize, n, torch.bfloat16)
+            d_ref = reference.dequantize_4bit_blocks(p_ref, BlockScales(a_ref), code, blocksize, n, torch.bfloat16)
+            d = tk.dequantize_4bit_blocks(p, BlockScales(a), code.cuda(), blocksize, n, torch.bfloat16)
             ok = torch.equal(p.cpu(), p_ref) and torch.equal(a.cpu(), a_ref) and torch.equal(d.cpu(), d_ref)
             rows.append({"check": f"quant+dequant {quant_type} n={n} block={blocksize}", "equal": ok})
     w = torch.randn(DEQUANT_SHAPE)
     packed, state = _fourbit_quantize(w)
-    expected = reference.dequantize_4bit_blocks(
-        packed, dequantize_absmax(state), state.code, 64, w.numel(), torch.bfloat16
-    )
+    expected = reference.dequantize_4bit_blocks(packed, state.block_scales(), state.code, 64, w.numel(),
+                                                torch.bfloat16)
     state.to("cuda")
-    got = tk.dequantize_4bit_blocks(packed.cuda(), None, state.code, 64, w.numel(), torch.bfloat16, state)
+    got = tk.dequantize_4bit_blocks(packed.cuda(), state.block_scales(), state.code, 64, w.numel(), torch.bfloat16)
     rows.append(
         {
             "check": f"double-quantized dequant {DEQUANT_SHAPE[0]}x{DEQUANT_SHAPE[1]} (in-kernel absmax)",
@@ -159,7 +158,7 @@ def bench_dequant(repeats: int, copy_gbs: float) -> list[dict]:
         fb_inputs.append((p, s))
 
     def fourbit_dequant(p, s):
-        return tk.dequantize_4bit_blocks(p, None, s.code, 64, n, torch.bfloat16, s)
+        return tk.dequantize_4bit_blocks(p, s.block_scales(), s.code, 64, n, torch.bfloat16)
 
     results = []
     secs = _device_seconds(fourbit_dequant, fb_inputs, repeats, warmup=5)
@@ -227,7 +226,7 @@ def bench_gemv(repeats: int) -> list[dict]:
             x = torch.randn(batch, in_features, device="cuda", dtype=torch.bfloat16)
 
             def fourbit_mm(p, s, x=x, o=out_features, k=in_features):
-                return tk.linear_4bit(x, p, None, s.code, 64, o, k, s)
+                return tk.fused_linear_4bit(x, p, s.block_scales(), s.code, 64, o, k)
 
             impls = {"fourbit (triton)": (fourbit_mm, fb)}
             if bnb_q is not None:

@@ -1,9 +1,13 @@
-"""Quantize / dequantize throughput: fourbit (compiled CPU kernels and PyTorch reference) vs bitsandbytes
-(and torchao's NF4 tensor when it is installed), NF4 + double quantization, block 64.
+"""Quantize / dequantize throughput on the CPU: fourbit's compiled kernels (each vector path this CPU has) and
+its PyTorch reference, against bitsandbytes and torchao, NF4 + double quantization, block 64.
 
     python benchmarks/bench_quant.py [--repeats 5] [--threads 2] [--json]
 
-Prints M params/s (median of repeats) and the ratio fourbit / peer measured in the same run.
+Prints M params/s (median of repeats) for every implementation and the path it actually ran, and the ratio to
+bitsandbytes measured in the same run. Read that ratio for what it is: bitsandbytes is a GPU library, and on
+the CPU its quantize_4bit is a generic PyTorch fallback and its dequantize_4bit a C++ kernel only on CPUs that
+torch reports as "AVX512" (and for block sizes below 2048); elsewhere it falls back to PyTorch too. Each row
+names the path. Measured numbers belong in benchmarks/RESULTS.md, with the command and the machine.
 """
 
 from __future__ import annotations
@@ -11,7 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import sys
+from pathlib import Path
 
 import torch
 
@@ -22,21 +28,64 @@ import fourbit  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_SHOWN_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_fp16",
+                "amx_bf16", "amx_tile", "asimd", "sve", "bf16")
 
 
-def _fourbit(kernels: str):
-    def quant(w):
+def cpu_description() -> dict:
+    """The CPU model, the flags that decide which kernels run, and what torch reports."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model in ("", platform.machine(), platform.processor()):
+                model = value.strip()
+            if key.strip() in ("flags", "Features") and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {"model": model, "machine": platform.machine(), "cores": os.cpu_count(),
+            "flags": [f for f in _SHOWN_FLAGS if f in flags],
+            "torch_cpu_capability": str(torch.backends.cpu.get_cpu_capability())}
+
+
+def _fourbit(kernels: str, isa: int | None = None):
+    def setup():
         os.environ["FOURBIT_KERNELS"] = kernels
+        if isa is not None:
+            from fourbit.kernels import cpu
+
+            cpu.set_isa(isa)
+
+    def quant(w):
+        setup()
         return fourbit.quantize_4bit(w, "nf4", 64, True)
 
     def dequant(packed, state, dtype):
-        os.environ["FOURBIT_KERNELS"] = kernels
+        setup()
         return fourbit.dequantize_4bit(packed, state, dtype)
 
     return quant, dequant
 
 
+def _fourbit_peers() -> dict:
+    """fourbit's compiled kernels on each vector path this CPU runs (best first), and the reference."""
+    peers = {}
+    from fourbit.kernels import cpu
+
+    if cpu.available():
+        best = cpu.isa()
+        for level in sorted((lv for lv in cpu.ISA_NAMES if lv <= best), reverse=True)[:2]:
+            label = f"fourbit (compiled C, {cpu.ISA_NAMES[level]} path)"
+            peers[label] = (*_fourbit("auto", level), {"quantize": label, "dequantize": label})
+        cpu.set_isa(best)
+    label = "fourbit (PyTorch reference)"
+    peers[label] = (*_fourbit("reference"), {"quantize": label, "dequantize": label})
+    return peers
+
+
 def _bnb():
+    import bitsandbytes
     import bitsandbytes.functional as F
 
     def quant(w):
@@ -45,7 +94,13 @@ def _bnb():
     def dequant(packed, state, dtype):
         return F.dequantize_4bit(packed, quant_state=state)
 
-    return quant, dequant
+    # bitsandbytes 0.50 registers a CPU C++ dequantize_4bit kernel only where torch reports "AVX512" (used
+    # for block sizes < 2048 and even last dimensions); quantize_4bit always runs its "default" backend.
+    avx512 = str(torch.backends.cpu.get_cpu_capability()) == "AVX512"
+    paths = {"quantize": "bitsandbytes (generic PyTorch fallback)",
+             "dequantize": "bitsandbytes (CPU C++ kernel, AVX-512)" if avx512
+             else "bitsandbytes (generic PyTorch fallback)"}
+    return quant, dequant, paths, bitsandbytes.__version__
 
 
 def _torchao():
@@ -60,7 +115,8 @@ def _torchao():
     def dequant(packed, state, dtype):
         return packed.get_original_weight()
 
-    return quant, dequant
+    label = "torchao NF4Tensor (PyTorch ops)"
+    return quant, dequant, {"quantize": label, "dequantize": label}
 
 
 def main() -> None:
@@ -70,50 +126,65 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    peers = {"fourbit": _fourbit("auto"), "fourbit-reference": _fourbit("reference")}
+    peers = _fourbit_peers()
+    notes = {}
     try:
-        peers["bitsandbytes"] = _bnb()
+        *bnb, version = _bnb()
+        peers["bitsandbytes"] = tuple(bnb)
+        notes["bitsandbytes"] = version
     except ImportError:
-        pass
+        notes["bitsandbytes"] = "not installed"
     try:
         peers["torchao"] = _torchao()
-    except Exception:  # noqa: BLE001 - torchao is optional and may not match this torch
-        pass
+        import torchao
+
+        notes["torchao"] = getattr(torchao, "__version__", "installed")
+    except ImportError:
+        notes["torchao"] = "not installed"
+    except Exception as err:  # noqa: BLE001 - torchao is optional and may not match this torch
+        notes["torchao"] = f"unusable with this torch ({type(err).__name__})"
     results = []
     load_before = load_average()
     for shape in SHAPES:
         for dname, dtype in DTYPES.items():
             w = torch.randn(shape).to(dtype)
             n = w.numel()
-            for name, (quant, dequant) in peers.items():
-                repeats = 1 if name == "fourbit-reference" else args.repeats
+            for name, (quant, dequant, paths) in peers.items():
+                repeats = 1 if "reference" in name else args.repeats
                 q = measure(lambda quant=quant, w=w: quant(w), repeats=repeats)
                 packed, state = quant(w)
                 d = measure(lambda f=dequant, p=packed, s=state, t=dtype: f(p, s, t), repeats=repeats)
-                results.append({"shape": f"{shape[0]}x{shape[1]}", "dtype": dname, "impl": name,
-                                "quant_mparams_s": n / q["wall"] / 1e6, "dequant_mparams_s": n / d["wall"] / 1e6,
-                                "quant_cpu_s": q["cpu"], "dequant_cpu_s": d["cpu"]})
+                for op, t in (("quantize", q), ("dequantize", d)):
+                    results.append({"shape": f"{shape[0]}x{shape[1]}", "dtype": dname, "op": op, "impl": name,
+                                    "path": paths[op], "mparams_s": n / t["wall"] / 1e6, "cpu_s": t["cpu"]})
     os.environ.pop("FOURBIT_KERNELS", None)
-    out = {"threads": args.threads, "load_average_before": load_before, "load_average_after": load_average(),
-           "results": results}
+    for r in results:
+        peer = next((x for x in results if x["impl"] == "bitsandbytes" and x["shape"] == r["shape"]
+                     and x["dtype"] == r["dtype"] and x["op"] == r["op"]), None)
+        r["vs_bitsandbytes"] = r["mparams_s"] / peer["mparams_s"] if peer else None
+    out = {"cpu": cpu_description(), "threads": args.threads, "torch": torch.__version__, "peers": notes,
+           "load_average_before": load_before, "load_average_after": load_average(), "results": results}
     if args.json:
         print(json.dumps(out, indent=2))
         return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"NF4 + double quant, block 64: M params/s (median of {args.repeats}), {args.threads} threads")
-    for col in ("shape", "dtype", "impl", "quantize", "vs bnb", "dequantize", "vs bnb"):
+    console = Console()
+    cpu = out["cpu"]
+    console.print(f"CPU: {cpu['model']} ({cpu['machine']}, {cpu['cores']} cores), flags: "
+                  f"{' '.join(cpu['flags']) or '-'}; torch {out['torch']} reports {cpu['torch_cpu_capability']}")
+    console.print("peers: " + ", ".join(f"{k} {v}" for k, v in notes.items()))
+    table = Table(title=f"NF4 + double quant, block 64: M params/s (median of {args.repeats}), "
+                        f"{args.threads} threads")
+    for col in ("shape", "dtype", "op", "implementation (path that ran)", "M params/s", "vs bitsandbytes CPU"):
         table.add_column(col, justify="right")
     for r in results:
-        ref = next((x for x in results if x["impl"] == "bitsandbytes" and x["shape"] == r["shape"]
-                    and x["dtype"] == r["dtype"]), None)
-        qr = f"{r['quant_mparams_s'] / ref['quant_mparams_s']:.2f}x" if ref else "-"
-        dr = f"{r['dequant_mparams_s'] / ref['dequant_mparams_s']:.2f}x" if ref else "-"
-        table.add_row(r["shape"], r["dtype"], r["impl"], f"{r['quant_mparams_s']:.0f}", qr,
-                      f"{r['dequant_mparams_s']:.0f}", dr)
-    console = Console()
+        ratio = f"{r['vs_bitsandbytes']:.2f}x" if r["vs_bitsandbytes"] else "-"
+        table.add_row(r["shape"], r["dtype"], r["op"], r["path"], f"{r['mparams_s']:.0f}", ratio)
     console.print(table)
+    console.print("The bitsandbytes ratio compares against its CPU code (the path named in its row), not its GPU "
+                  "kernels.")
     console.print(f"load average before/after: {out['load_average_before']} / {out['load_average_after']}")
 
 

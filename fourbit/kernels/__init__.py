@@ -1,5 +1,11 @@
-"""Fast paths for the quantization kernels behind one dispatch point (``fourbit.kernels.dispatch``)."""
+"""Fast paths for the quantization kernels behind one dispatch point (``fourbit.kernels.dispatch``).
 
-from fourbit.kernels import dispatch, reference
+``scales.BlockScales`` describes a tensor's block scales to every backend; ``scales.SMALL_BATCH_ROWS`` is the
+one row count up to which the fused 4-bit matmul runs; ``cpu_features.native_bf16`` says whether a device
+computes bf16 natively.
+"""
 
-__all__ = ["dispatch", "reference"]
+from fourbit.kernels import cpu_features, dispatch, reference, scales
+from fourbit.kernels.scales import SMALL_BATCH_ROWS, BlockScales
+
+__all__ = ["SMALL_BATCH_ROWS", "BlockScales", "cpu_features", "dispatch", "reference", "scales"]

@@ -1,7 +1,9 @@
 """Compiled CPU kernels (``csrc/fourbit_cpu.c``), built on first use and called through ctypes.
 
 The shared library is compiled once per source version and machine type into ``$FOURBIT_CACHE``
-(default ``~/.cache/fourbit``) with the system C compiler (``$CC``, default ``cc``). If no compiler is found or
+(default ``~/.cache/fourbit``) with the system C compiler (``$CC``, default ``cc``). On x86-64 one build serves
+every CPU: the C code holds AVX-512, AVX2 and plain C versions of its loops and picks one at run time
+(:func:`isa`; :func:`set_isa` lowers it, for tests and benchmarks). If no compiler is found or
 the build fails, :func:`available` returns False and the dispatcher falls back to the PyTorch reference, with
 one warning. Nothing happens at import time.
 """
@@ -22,18 +24,34 @@ from pathlib import Path
 import torch
 
 from fourbit.kernels import reference
+from fourbit.kernels.scales import BlockScales, check_output_dtype
 
-__all__ = ["available", "library_path", "quantize_4bit_blocks", "dequantize_4bit_blocks", "linear_4bit"]
+__all__ = ["ISA_NAMES", "available", "isa", "set_isa", "library_path", "quantize_4bit_blocks", "dequantize_4bit_blocks", "can_fuse",
+           "fused_linear_4bit"]
 
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).parent / "csrc" / "fourbit_cpu.c"
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared", "-std=gnu11"]
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_GEMV_MAX_ROWS = 8
+_X86 = ("x86_64", "amd64")
+
+#: Vector code paths of the compiled kernels (``isa()``): chosen at run time on x86-64.
+ISA_NAMES = {0: "plain C", 1: "AVX2", 2: "AVX-512"}
+
+
+def _flags() -> list[str]:
+    """Compiler flags. On x86-64 one build serves every CPU (the C code picks AVX-512, AVX2 or plain C at run
+    time); elsewhere the build targets the host."""
+    base = ["-O3", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared", "-std=gnu11"]
+    return base if platform.machine().lower() in _X86 else [*base, "-march=native"]
 
 
 def _cpu_signature() -> str:
+    """What the build depends on besides source and flags: the architecture, and on non-x86 hosts (built
+    with -march=native) the CPU's flags."""
+    machine = platform.machine()
+    if machine.lower() in _X86:
+        return machine
     flags = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -42,12 +60,12 @@ def _cpu_signature() -> str:
                 break
     except OSError:
         pass
-    return platform.machine() + flags
+    return machine + flags
 
 
 def library_path() -> Path:
     """Where the compiled library for this source and machine lives (it may not be built yet)."""
-    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode() + _cpu_signature().encode())
+    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_flags()).encode() + _cpu_signature().encode())
     cache = Path(os.environ.get("FOURBIT_CACHE", Path.home() / ".cache" / "fourbit"))
     return cache / "kernels" / f"fourbit_cpu-{digest.hexdigest()[:16]}.so"
 
@@ -60,7 +78,7 @@ def _build(target: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True,
+        subprocess.run([compiler, *_flags(), str(_SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True,
                        text=True, timeout=300)
         os.replace(tmp, target)
     except subprocess.CalledProcessError as err:
@@ -96,40 +114,40 @@ def _library() -> ctypes.CDLL | None:
     lib.fb_gemv_4bit.argtypes = [ptr, ptr, scales, ptr, i64, i64, i64, i64, ptr, i32]
     for fn in (lib.fb_quantize_4bit, lib.fb_dequantize_4bit, lib.fb_gemv_4bit):
         fn.restype = None
+    lib.fb_isa.argtypes = []
+    lib.fb_set_isa.argtypes = [i32]
+    lib.fb_isa.restype = lib.fb_set_isa.restype = i32
     return lib
 
 
-def _scales(absmax: torch.Tensor, state=None) -> tuple[_Scales, list[torch.Tensor]]:
-    """The C view of a block's scales, and the tensors that must stay alive during the call.
+def _scales(scales: BlockScales) -> tuple[_Scales, list[torch.Tensor]]:
+    """The C view of the block scales, and the tensors that must stay alive during the call.
 
-    With a nested (double-quantized) ``state``, the kernel dequantizes the absmax itself, so no float32 copy
-    of the absmax is ever made. The view is cached on the state (decoding calls each layer once per token).
+    Nested (double-quantized) scales are decoded inside the kernel, so no float32 copy of the absmax is made.
+    ``BlockScales`` holds 1-D contiguous float32 tensors (uint8 nested codes), which the C code reads as is.
     """
-    if state is not None:
-        key = (state.absmax.data_ptr(), state.code.data_ptr(),
-               state.state2.absmax.data_ptr() if state.nested else 0, float(state.offset) if state.nested else 0.0)
-        cached = getattr(state, "_kernel_scales", None)
-        if cached is not None and cached[0] == key:
-            return cached[1], cached[2]
-        scales, keep = _make_scales(state.absmax, state)
-        state._kernel_scales = (key, scales, keep)
-        return scales, keep
-    return _make_scales(absmax, None)
-
-
-def _make_scales(absmax: torch.Tensor, state=None) -> tuple[_Scales, list[torch.Tensor]]:
-    if state is not None and state.nested:
-        keep = [state.absmax.contiguous(), state.state2.code.float().contiguous(),
-                state.state2.absmax.float().contiguous()]
-        return _Scales(None, keep[0].data_ptr(), keep[1].data_ptr(), keep[2].data_ptr(), state.state2.blocksize,
-                       float(state.offset)), keep
-    keep = [absmax.float().contiguous()]
+    if scales.nested:
+        keep = [scales.absmax, scales.code2, scales.absmax2]
+        return _Scales(None, keep[0].data_ptr(), keep[1].data_ptr(), keep[2].data_ptr(), scales.blocksize2,
+                       float(scales.offset)), keep
+    keep = [scales.absmax]
     return _Scales(keep[0].data_ptr(), None, None, None, 1, 0.0), keep
 
 
 def available() -> bool:
     """True when the compiled kernels could be built (or were already) and loaded."""
     return _library() is not None
+
+
+def isa() -> int:
+    """The vector code the compiled kernels run on this CPU: 0 plain C, 1 AVX2, 2 AVX-512 (see ISA_NAMES)."""
+    return int(_library().fb_isa())
+
+
+def set_isa(level: int) -> int:
+    """Use at most the vector code ``level`` (0, 1, 2; never more than the CPU has) and return the level now
+    in use. For tests and benchmarks, which run each path on one machine."""
+    return int(_library().fb_set_isa(int(level)))
 
 
 #: Below this many weight elements a kernel runs on one thread: waking a thread pool costs more than the
@@ -162,45 +180,60 @@ def quantize_4bit_blocks(flat: torch.Tensor, code: torch.Tensor, blocksize: int)
     return packed, absmax
 
 
-def dequantize_4bit_blocks(packed, absmax, code, blocksize: int, n: int, dtype: torch.dtype, state=None):
+def dequantize_4bit_blocks(packed: torch.Tensor, scales: BlockScales, code: torch.Tensor, blocksize: int, n: int,
+                           dtype: torch.dtype) -> torch.Tensor:
     """Same contract and bytes as :func:`fourbit.kernels.reference.dequantize_4bit_blocks`.
 
-    ``state``: the QuantState, when nested; ``absmax`` is then ignored (may be None).
+    float64 output: the float32 result widened (exact, as the reference does).
     """
+    check_output_dtype(dtype)
     if dtype not in _DTYPE_CODES:
-        if absmax is None:
-            from fourbit.quant.blockwise import dequantize_absmax
-
-            absmax = dequantize_absmax(state)
-        return reference.dequantize_4bit_blocks(packed, absmax, code, blocksize, n, dtype)
+        return dequantize_4bit_blocks(packed, scales, code, blocksize, n, torch.float32).to(dtype)
     p = packed.reshape(-1).contiguous()
-    scales, keep = _scales(absmax, state)
+    c_scales, keep = _scales(scales)
     c = code if code.dtype == torch.float32 and code.is_contiguous() else code.float().contiguous()
     out = torch.empty(n, dtype=dtype)
-    _library().fb_dequantize_4bit(p.data_ptr(), ctypes.byref(scales), c.data_ptr(), n, blocksize, out.data_ptr(),
-                                  _DTYPE_CODES[dtype], _threads(n))
+    _library().fb_dequantize_4bit(p.data_ptr(), ctypes.byref(c_scales), c.data_ptr(), n, blocksize,
+                                  out.data_ptr(), _DTYPE_CODES[dtype], _threads(n))
     del keep
     return out
 
 
-def linear_4bit(x, packed, absmax, code, blocksize: int, out_features: int, in_features: int, state=None):
-    """``x @ dequant(W).T``: the fused kernel for up to 8 input rows, else dequantize + BLAS matmul.
+def can_fuse(dtype: torch.dtype, blocksize: int, in_features: int) -> bool:
+    """The fused kernel reads float32/float16/bfloat16 inputs of whole blocks per row (no block spans rows)."""
+    return dtype in _DTYPE_CODES and blocksize % 2 == 0 and in_features % blocksize == 0
 
-    The fused kernel accumulates in float32 whatever ``x.dtype`` is, so it agrees with the float32 reference
+
+def fused_linear_4bit(x: torch.Tensor, packed: torch.Tensor, scales: BlockScales, code: torch.Tensor,
+                      blocksize: int, out_features: int, in_features: int) -> torch.Tensor:
+    """``x @ dequant(W).T`` in one pass over the 4-bit weight, for inputs :func:`can_fuse` accepts.
+
+    The kernel accumulates in float32 whatever ``x.dtype`` is, so it agrees with the float32 reference
     to rounding (not bit for bit: the summation order differs), and is at least as accurate for bf16 inputs.
+
+    Args:
+        x: [..., in_features] float32/float16/bfloat16, at most a few rows (any count works; the kernel reads
+            the weight once per 8 rows).
+
+    Returns:
+        [..., out_features] tensor of ``x.dtype``.
+
+    Raises:
+        TypeError / ValueError: inputs :func:`can_fuse` refuses (the dispatcher never passes them).
     """
+    if not can_fuse(x.dtype, blocksize, in_features):
+        if x.dtype not in _DTYPE_CODES:
+            raise TypeError(f"the fused CPU kernel takes float32, float16 or bfloat16 inputs, got {x.dtype}")
+        raise ValueError(f"the fused CPU kernel needs in_features ({in_features}) to be a multiple of the "
+                         f"blocksize ({blocksize})")
     rows = x.numel() // in_features
-    if rows > _GEMV_MAX_ROWS or in_features % blocksize or x.dtype not in _DTYPE_CODES:
-        weight = dequantize_4bit_blocks(packed, absmax, code, blocksize, out_features * in_features, x.dtype,
-                                        state)
-        return torch.nn.functional.linear(x, weight.view(out_features, in_features))
     x32 = x.reshape(rows, in_features)
     if x32.dtype != torch.float32 or not x32.is_contiguous():
         x32 = x32.float().contiguous()
     out = torch.empty(rows, out_features, dtype=torch.float32)
-    scales, keep = _scales(absmax, state)
+    c_scales, keep = _scales(scales)
     c = code if code.dtype == torch.float32 and code.is_contiguous() else code.float().contiguous()
-    _library().fb_gemv_4bit(x32.data_ptr(), packed.reshape(-1).contiguous().data_ptr(), ctypes.byref(scales),
+    _library().fb_gemv_4bit(x32.data_ptr(), packed.reshape(-1).contiguous().data_ptr(), ctypes.byref(c_scales),
                             c.data_ptr(), rows, out_features, in_features, blocksize, out.data_ptr(),
                             _threads(out_features * in_features))
     del keep

@@ -5,24 +5,37 @@ for CUDA tensors when Triton is importable, the compiled CPU kernels (``fourbit.
 use with the system C compiler) for CPU tensors, else the PyTorch reference (``fourbit.kernels.reference``),
 which defines the results. Set ``FOURBIT_KERNELS=reference`` to force the reference path everywhere (the fast
 kernels are tested to give identical bytes).
-Nothing is probed or compiled at import time.
+
+Every backend module has the same four functions with the same signatures, so nothing here depends on which
+one was picked:
+
+    quantize_4bit_blocks(flat, code, blocksize) -> (packed, absmax)
+    dequantize_4bit_blocks(packed, scales, code, blocksize, n, dtype) -> [n] dtype
+    can_fuse(dtype, blocksize, in_features) -> bool
+    fused_linear_4bit(x, packed, scales, code, blocksize, out_features, in_features) -> [..., out_features]
+
+``scales`` is a :class:`fourbit.kernels.scales.BlockScales`. Nothing is probed or compiled at import time.
 """
 
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 
 import torch
 
 from fourbit.kernels import reference
+from fourbit.kernels.scales import OUTPUT_DTYPES, SMALL_BATCH_ROWS, BlockScales, check_output_dtype
 
 __all__ = [
+    "SMALL_BATCH_ROWS",
     "backend_for",
     "quantize_4bit_blocks",
     "dequantize_4bit",
     "quantize_8bit_blocks",
     "dequantize_8bit_blocks",
     "linear_4bit",
+    "uses_fused_kernel",
 ]
 
 
@@ -34,32 +47,39 @@ def backend_for(t: torch.Tensor):
     """The kernel module for tensor ``t``: triton_kernels (CUDA), cpu (compiled), or reference."""
     if _forced() == "reference":
         return reference
-    if t.device.type == "cuda":
+    if t.is_cpu:
+        cpu = _compiled_cpu()
+        return cpu if cpu.available() else reference
+    if t.is_cuda:
         try:
             from fourbit.kernels import triton_kernels
         except ImportError:
             return reference
         return triton_kernels if triton_kernels.available() else reference
-    if t.device.type != "cpu":
-        return reference
-    from fourbit.kernels import cpu
+    return reference
 
-    return cpu if cpu.available() else reference
+
+@lru_cache(maxsize=1)
+def _compiled_cpu():
+    from fourbit.kernels import cpu  # imported on first use: nothing is built at import time
+
+    return cpu
 
 
 def quantize_4bit_blocks(flat: torch.Tensor, code: torch.Tensor, blocksize: int):
+    """Blockwise absmax 4-bit codes of ``flat`` (see :func:`fourbit.kernels.reference.quantize_4bit_blocks`)."""
     return backend_for(flat).quantize_4bit_blocks(flat, code, blocksize)
 
 
-def dequantize_4bit(packed: torch.Tensor, state, n: int, dtype: torch.dtype) -> torch.Tensor:
-    """Dequantize ``n`` values; the compiled kernel also undoes double quantization without a float32 copy."""
-    backend = backend_for(packed)
-    if backend is reference:
-        from fourbit.quant.blockwise import dequantize_absmax
+def dequantize_4bit(packed: torch.Tensor, scales: BlockScales, code: torch.Tensor, blocksize: int, n: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """Dequantize ``n`` values to ``dtype`` (float32/float16/bfloat16, or float64: float32 widened exactly).
 
-        return reference.dequantize_4bit_blocks(packed, dequantize_absmax(state), state.code.float(),
-                                                state.blocksize, n, dtype)
-    return backend.dequantize_4bit_blocks(packed, state.absmax, state.code, state.blocksize, n, dtype, state)
+    Raises:
+        TypeError: for any other ``dtype``.
+    """
+    check_output_dtype(dtype)
+    return backend_for(packed).dequantize_4bit_blocks(packed, scales, code, blocksize, n, dtype)
 
 
 def quantize_8bit_blocks(flat: torch.Tensor, code: torch.Tensor, blocksize: int):
@@ -70,13 +90,40 @@ def dequantize_8bit_blocks(codes, absmax, code, blocksize: int, dtype: torch.dty
     return reference.dequantize_8bit_blocks(codes, absmax, code, blocksize, dtype)
 
 
-def linear_4bit(x: torch.Tensor, packed: torch.Tensor, state, out_features: int, in_features: int) -> torch.Tensor:
-    """``x @ dequant(W).T`` for a 4-bit W [out_features, in_features] (fused kernel for small batches)."""
-    backend = backend_for(x)
-    if backend is reference:
-        from fourbit.quant.blockwise import dequantize_absmax
+def uses_fused_kernel(x: torch.Tensor, blocksize: int, in_features: int) -> bool:
+    """True when :func:`linear_4bit` runs the backend's fused 4-bit matmul for ``x``: at most
+    :data:`SMALL_BATCH_ROWS` rows, and a dtype and shape the backend's fused kernel takes."""
+    return _fuses(backend_for(x), x, blocksize, in_features)
 
-        return reference.linear_4bit(x, packed, dequantize_absmax(state), state.code.float(), state.blocksize,
-                                     out_features, in_features)
-    return backend.linear_4bit(x, packed, state.absmax, state.code, state.blocksize, out_features, in_features,
-                               state)
+
+def _fuses(backend, x: torch.Tensor, blocksize: int, in_features: int) -> bool:
+    rows = x.numel() // in_features if in_features else 0
+    return 0 < rows <= SMALL_BATCH_ROWS and backend.can_fuse(x.dtype, blocksize, in_features)
+
+
+def linear_4bit(x: torch.Tensor, packed: torch.Tensor, scales: BlockScales, code: torch.Tensor, blocksize: int,
+                out_features: int, in_features: int) -> torch.Tensor:
+    """``x @ dequant(W).T`` for a 4-bit W [out_features, in_features], computed in ``x.dtype``.
+
+    Up to :data:`SMALL_BATCH_ROWS` rows: the backend's fused kernel (float32 sums; it never writes the
+    full-precision weight). Otherwise, and for inputs the fused kernel does not take (float64 on the compiled
+    and Triton backends): the weight dequantized to ``x.dtype``, then ``torch.nn.functional.linear``.
+
+    Args:
+        x: [..., in_features] float32, float16, bfloat16 or float64.
+
+    Returns:
+        [..., out_features] tensor of ``x.dtype``.
+
+    Raises:
+        TypeError: ``x`` of another dtype. ValueError: ``x``'s last dimension is not ``in_features``.
+    """
+    if x.dtype not in OUTPUT_DTYPES:
+        raise TypeError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"x has shape {tuple(x.shape)}, expected a last dimension of in_features={in_features}")
+    backend = backend_for(x)
+    if _fuses(backend, x, blocksize, in_features):
+        return backend.fused_linear_4bit(x, packed, scales, code, blocksize, out_features, in_features)
+    weight = backend.dequantize_4bit_blocks(packed, scales, code, blocksize, out_features * in_features, x.dtype)
+    return torch.nn.functional.linear(x, weight.view(out_features, in_features))

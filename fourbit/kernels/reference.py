@@ -11,12 +11,16 @@ from functools import lru_cache
 
 import torch
 
+from fourbit.kernels.scales import OUTPUT_DTYPES, BlockScales, check_output_dtype, dequantize_absmax
+
 __all__ = [
     "quantize_4bit_blocks",
     "dequantize_4bit_blocks",
     "quantize_8bit_blocks",
     "dequantize_8bit_blocks",
     "linear_4bit",
+    "fused_linear_4bit",
+    "can_fuse",
 ]
 
 _TINY = 1e-38  # bitsandbytes clamps absmax to this before taking the reciprocal (all-zero blocks)
@@ -67,13 +71,25 @@ def quantize_4bit_blocks(
 
 
 def dequantize_4bit_blocks(
-    packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, n: int, dtype: torch.dtype
+    packed: torch.Tensor, scales: BlockScales, code: torch.Tensor, blocksize: int, n: int, dtype: torch.dtype
 ) -> torch.Tensor:
     """Inverse of :func:`quantize_4bit_blocks`: ``code[q] * absmax[block]`` in float32, then cast to ``dtype``.
 
+    Args:
+        packed: [(n + 1) // 2] uint8 (any shape with that many elements).
+        scales: the block scales (plain or nested; see :class:`fourbit.kernels.scales.BlockScales`).
+        code: [16] float32 codebook. blocksize: elements per block. n: number of values.
+        dtype: float32, float16, bfloat16, or float64 (the float32 values widened, exactly).
+
     Returns:
         [n] tensor of ``dtype``.
+
+    Raises:
+        TypeError: for any other ``dtype``.
     """
+    check_output_dtype(dtype)
+    absmax = dequantize_absmax(scales)
+    code = code.float()
     p = packed.reshape(-1)
     # One 256-entry table of (high, low) code pairs turns two nibble lookups into one gather per byte.
     pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1).to(p.device)
@@ -142,13 +158,30 @@ def dequantize_8bit_blocks(
 def linear_4bit(
     x: torch.Tensor,
     packed: torch.Tensor,
-    absmax: torch.Tensor,
+    scales: BlockScales,
     code: torch.Tensor,
     blocksize: int,
     out_features: int,
     in_features: int,
 ) -> torch.Tensor:
-    """``x @ dequant(W).T`` with W [out_features, in_features] stored 4-bit. Computes in ``x.dtype``."""
+    """``x @ dequant(W).T`` with W [out_features, in_features] stored 4-bit: the weight dequantized to
+    ``x.dtype``, then ``torch.nn.functional.linear`` in ``x.dtype`` (the definition the fused kernels approach).
+
+    Args:
+        x: [..., in_features] float32, float16, bfloat16 or float64.
+
+    Returns:
+        [..., out_features] tensor of ``x.dtype``.
+    """
     n = out_features * in_features
-    weight = dequantize_4bit_blocks(packed, absmax, code, blocksize, n, x.dtype).view(out_features, in_features)
+    weight = dequantize_4bit_blocks(packed, scales, code, blocksize, n, x.dtype).view(out_features, in_features)
     return torch.nn.functional.linear(x, weight)
+
+
+def can_fuse(dtype: torch.dtype, blocksize: int, in_features: int) -> bool:
+    """Whether :func:`fused_linear_4bit` takes these inputs (the reference takes every output dtype)."""
+    return dtype in OUTPUT_DTYPES
+
+
+#: The reference has no fused kernel: its "fused" matmul is the definition itself.
+fused_linear_4bit = linear_4bit

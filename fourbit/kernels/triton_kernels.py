@@ -5,10 +5,11 @@ Same contract as :mod:`fourbit.kernels.cpu` (and, bit for bit, :mod:`fourbit.ker
 * :func:`quantize_4bit_blocks` - blockwise absmax quantization to NF4/FP4/INT4 codes, two per byte.
 * :func:`dequantize_4bit_blocks` - codes back to fp32/fp16/bf16; with a double-quantized state the 8-bit
   absmax is decoded inside the same kernel (nested absmax -> absmax -> values, one pass, no float32 copy).
-* :func:`linear_4bit` - ``x @ dequant(W).T``. Up to :data:`FUSED_MAX_ROWS` input rows (decoding) run a fused
-  kernel that decodes weight tiles in registers and never writes the full-precision weight (split over K
-  when the output features alone give too few programs to fill the GPU); larger batches dequantize once and
-  call ``torch.nn.functional.linear``.
+* :func:`fused_linear_4bit` - ``x @ dequant(W).T`` for up to
+  :data:`fourbit.kernels.scales.SMALL_BATCH_ROWS` input rows (decoding): a kernel that decodes weight tiles
+  in registers and never writes the full-precision weight (split over K when the output features alone give
+  too few programs to fill the GPU). The dispatcher sends larger batches to :func:`dequantize_4bit_blocks`
+  and ``torch.nn.functional.linear``.
 
 Why Triton: one source compiles for NVIDIA and AMD GPUs, and Triton's interpreter (``TRITON_INTERPRET=1``,
 set before Triton is first imported) runs the very same kernels on CPU tensors with NumPy, so the kernels are
@@ -25,12 +26,10 @@ from functools import lru_cache
 import torch
 
 from fourbit.kernels import reference
+from fourbit.kernels.scales import SMALL_BATCH_ROWS, BlockScales, check_output_dtype
 
-__all__ = ["available", "quantize_4bit_blocks", "dequantize_4bit_blocks", "linear_4bit", "FUSED_MAX_ROWS",
+__all__ = ["available", "quantize_4bit_blocks", "dequantize_4bit_blocks", "can_fuse", "fused_linear_4bit",
            "SPLIT_K"]
-
-#: Inputs with at most this many rows use the fused 4-bit matmul; more rows dequantize + torch.matmul.
-FUSED_MAX_ROWS = 16
 
 _KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _DEQUANT_BYTES = 1024  # bytes per dequantization program (whole blocks: one block when blocksize > 2048)
@@ -97,19 +96,16 @@ def _float_code(code: torch.Tensor, device: torch.device) -> torch.Tensor:
     return code.detach().to(device=device, dtype=torch.float32).contiguous()
 
 
-def _scale_args(absmax: torch.Tensor | None, state, device: torch.device) -> tuple[list, int, bool]:
+def _scale_args(scales: BlockScales, device: torch.device) -> tuple[list, int, bool]:
     """Kernel arguments for the block scales: [absmax, qabsmax, code2, absmax2, offset], log2 of the nested
-    block size, and whether the state is nested. Pointers a kernel variant does not read get a placeholder."""
-    if state is not None and state.nested:
-        s2 = state.state2
-        offset = state.offset if isinstance(state.offset, torch.Tensor) else torch.tensor(float(state.offset))
-        q = state.absmax.reshape(-1).contiguous()
-        args = [q, q, _float_code(s2.code, device), s2.absmax.detach().to(device, torch.float32).contiguous(),
-                offset.detach().to(device, torch.float32).reshape(1)]  # a pointer: no host sync for .item()
-        return args, _log2(s2.blocksize, "state.state2.blocksize"), True
-    if absmax is None:
-        absmax = state.absmax
-    a = absmax.detach().to(device, torch.float32).reshape(-1).contiguous()
+    block size, and whether the scales are nested. Pointers a kernel variant does not read get a placeholder.
+    The offset goes as a pointer: no host sync for ``.item()``."""
+    scales = scales.to(device)
+    if scales.nested:
+        q = scales.absmax
+        args = [q, q, scales.code2, scales.absmax2, scales.offset]
+        return args, _log2(scales.blocksize2, "blocksize2"), True
+    a = scales.absmax
     return [a, a, a, a, a], 0, False
 
 
@@ -145,73 +141,75 @@ def quantize_4bit_blocks(flat: torch.Tensor, code: torch.Tensor,
     return packed, absmax
 
 
-def dequantize_4bit_blocks(packed: torch.Tensor, absmax: torch.Tensor | None, code: torch.Tensor,
-                           blocksize: int, n: int, dtype: torch.dtype, state=None) -> torch.Tensor:
+def dequantize_4bit_blocks(packed: torch.Tensor, scales: BlockScales, code: torch.Tensor, blocksize: int,
+                           n: int, dtype: torch.dtype) -> torch.Tensor:
     """Same contract and bytes as :func:`fourbit.kernels.reference.dequantize_4bit_blocks`.
 
     Args:
         packed: [(n + 1) // 2] uint8 codes (any shape with that many elements).
-        absmax: [ceil(n / blocksize)] float32 scales; ignored (may be None) when ``state`` is nested.
-        code: [16] float32 codebook. blocksize: a power of two. n: number of values. dtype: output dtype.
-        state: the QuantState; when it is nested (double quantization), the kernel computes each absmax as
-            ``code2[q] * absmax2[b // blocksize2] + offset`` (float32, in that order) on the fly.
+        scales: the block scales; nested ones are decoded inside the kernel as
+            ``code2[q] * absmax2[b // blocksize2] + offset`` (float32, in that order), with no float32 copy.
+        code: [16] float32 codebook. blocksize: a power of two. n: number of values.
+        dtype: float32/float16/bfloat16, or float64 (the float32 result widened, exactly).
 
     Returns:
         [n] tensor of ``dtype`` on ``packed``'s device.
     """
-    device = packed.device
+    check_output_dtype(dtype)
     if dtype not in _KINDS:
-        if absmax is None or (state is not None and state.nested):
-            from fourbit.quant.blockwise import dequantize_absmax
-
-            absmax = dequantize_absmax(state)
-        return reference.dequantize_4bit_blocks(packed, absmax, code, blocksize, n, dtype)
+        return dequantize_4bit_blocks(packed, scales, code, blocksize, n, torch.float32).to(dtype)
+    device = packed.device
     out = torch.empty(n, dtype=dtype, device=device)
     if n == 0:
         return out
     _log2(blocksize, "blocksize")
-    scales, log2_bs2, nested = _scale_args(absmax, state, device)
+    args, log2_bs2, nested = _scale_args(scales, device)
     half = blocksize // 2
     rows = max(1, _DEQUANT_BYTES // half)
     _jit().dequantize_kernel[(_cdiv(-(-n // blocksize), rows),)](
-        packed.reshape(-1).contiguous(), *scales, _float_code(code, device), _as_kernel_tensor(out), n,
+        packed.reshape(-1).contiguous(), *args, _float_code(code, device), _as_kernel_tensor(out), n,
         log2_bs2, NESTED=nested, OUT_KIND=_KINDS[dtype], HALF=half, ROWS=rows, num_warps=4, **_LAUNCH)
     return out
 
 
-def linear_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor | None, code: torch.Tensor,
-                blocksize: int, out_features: int, in_features: int, state=None) -> torch.Tensor:
-    """``x @ dequant(W).T`` for W [out_features, in_features] stored 4-bit; computes in ``x.dtype``.
+def can_fuse(dtype: torch.dtype, blocksize: int, in_features: int) -> bool:
+    """The fused kernel reads float32/float16/bfloat16 inputs; block sizes are powers of two."""
+    return dtype in _KINDS and blocksize >= 2 and blocksize & (blocksize - 1) == 0
 
-    Up to :data:`FUSED_MAX_ROWS` rows: the fused kernel. Each weight element is decoded exactly as the
-    reference decodes it (``code * absmax`` in float32, rounded to ``x.dtype``) and the products are summed in
-    float32, so the result equals the reference's up to the order of the float32 sums (and the final
-    rounding to ``x.dtype``). More rows: the dequantization kernel, then ``torch.nn.functional.linear``.
+
+def fused_linear_4bit(x: torch.Tensor, packed: torch.Tensor, scales: BlockScales, code: torch.Tensor,
+                      blocksize: int, out_features: int, in_features: int) -> torch.Tensor:
+    """``x @ dequant(W).T`` for W [out_features, in_features] stored 4-bit, in one kernel; in ``x.dtype``.
+
+    Each weight element is decoded exactly as the reference decodes it (``code * absmax`` in float32, rounded
+    to ``x.dtype``) and the products are summed in float32, so the result equals the reference's up to the
+    order of the float32 sums (and the final rounding to ``x.dtype``).
 
     Args:
-        x: [..., in_features] float tensor. packed, absmax, code, blocksize, state: as for
-            :func:`dequantize_4bit_blocks`.
+        x: [..., in_features] float32/float16/bfloat16 with at most ``SMALL_BATCH_ROWS`` rows.
+        packed, scales, code, blocksize: as for :func:`dequantize_4bit_blocks`.
 
     Returns:
         [..., out_features] tensor of ``x.dtype``.
 
     Raises:
-        ValueError: when ``x``'s last dimension is not ``in_features``.
+        TypeError / ValueError: inputs :func:`can_fuse` refuses, or more than ``SMALL_BATCH_ROWS`` rows
+        (the dispatcher never passes them).
     """
-    if x.shape[-1] != in_features:
-        raise ValueError(f"x has last dimension {x.shape[-1]}, expected in_features={in_features}")
+    if x.dtype not in _KINDS:
+        raise TypeError(f"the fused Triton kernel takes float32, float16 or bfloat16 inputs, got {x.dtype}")
     rows = x.numel() // in_features if in_features else 0
-    if rows > FUSED_MAX_ROWS or x.dtype not in _KINDS or rows == 0:
-        weight = dequantize_4bit_blocks(packed, absmax, code, blocksize, out_features * in_features, x.dtype,
-                                        state)
-        return torch.nn.functional.linear(x, weight.view(out_features, in_features))
+    if x.shape[-1] != in_features or not 0 < rows <= SMALL_BATCH_ROWS:
+        raise ValueError(f"the fused Triton kernel takes 1 to {SMALL_BATCH_ROWS} rows of in_features={in_features},"
+                         f" got x of shape {tuple(x.shape)}")
     device = x.device
     x2 = x.reshape(rows, in_features)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    scales, log2_bs2, nested = _scale_args(absmax, state, device)
+    args, log2_bs2, nested = _scale_args(scales, device)
     log2_bs = _log2(blocksize, "blocksize")
-    m_pad = 1 if rows == 1 else 16  # tl.dot needs 16 rows; one row is a plain multiply-and-sum
+    # tl.dot needs at least 16 rows (a power of two); one row is a plain multiply-and-sum
+    m_pad = 1 if rows == 1 else max(16, 1 << (rows - 1).bit_length())
     # Tiles of 16 x 64 keep the kernel near 40-110 registers on sm_90 (ptxas -v); float32 tl.dot runs on
     # FMA units and spills beyond K = 32. tl.dot needs K >= 16.
     block_k = max(16, min(32 if x.dtype == torch.float32 and m_pad > 1 else 64, blocksize))
@@ -225,7 +223,7 @@ def linear_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor | No
     else:  # float32 partial sums per K range, added below (a fixed order: deterministic, unlike atomics)
         out = torch.empty(splits, rows, out_features, dtype=torch.float32, device=device)
     _jit().linear_kernel[(_cdiv(out_features, _LINEAR_BLOCK_N), splits)](
-        _as_kernel_tensor(x2), packed.reshape(-1).contiguous(), *scales, _float_code(code, device),
+        _as_kernel_tensor(x2), packed.reshape(-1).contiguous(), *args, _float_code(code, device),
         _as_kernel_tensor(out), rows, out_features, in_features, x2.stride(0), log2_bs, log2_bs2, k_split,
         NESTED=nested, X_KIND=_KINDS[x.dtype], OUT_KIND=_KINDS[out.dtype], M_PAD=m_pad,
         BLOCK_N=_LINEAR_BLOCK_N, BLOCK_K=block_k, ROW_SCALE=row_scale, DOT_BF16=not _interpreting(),

@@ -16,16 +16,19 @@ import torch
 from torch import nn
 
 from fourbit.kernels import dispatch
+from fourbit.kernels.cpu_features import native_bf16
+from fourbit.kernels.scales import OUTPUT_DTYPES, SMALL_BATCH_ROWS
 from fourbit.quant import QuantState, dequantize_4bit, quantize_4bit
 
-__all__ = ["Linear4bit", "COMPUTE_DTYPES", "parse_dtype"]
+__all__ = ["Linear4bit", "COMPUTE_DTYPES", "INPUT_DTYPES", "SMALL_BATCH_ROWS", "parse_dtype",
+           "resolve_compute_dtype"]
 
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
                   "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
-#: Inputs with at most this many rows use the fused 4-bit matrix-vector kernel (decoding); larger ones
-#: dequantize the weight once and call the BLAS matmul, which is faster when the weight is reused many times.
-SMALL_BATCH_ROWS = 16
+#: Input dtypes of ``Linear4bit.forward``: the compute dtypes, and float64 (computed in the compute dtype, or
+#: in float64 on the reference kernels, and returned as float64).
+INPUT_DTYPES = OUTPUT_DTYPES
 
 
 def parse_dtype(dtype: str | torch.dtype, name: str = "compute_dtype") -> torch.dtype:
@@ -38,6 +41,20 @@ def parse_dtype(dtype: str | torch.dtype, name: str = "compute_dtype") -> torch.
     if key not in COMPUTE_DTYPES:
         raise ValueError(f"{name} must be one of bf16, fp16, fp32, got {dtype!r}")
     return COMPUTE_DTYPES[key]
+
+
+def resolve_compute_dtype(spec: str | torch.dtype, device: torch.device | str | None = None,
+                          name: str = "compute_dtype") -> torch.dtype:
+    """The compute dtype for ``spec`` on ``device``: "auto" is bf16 where the device computes bf16 natively
+    (:func:`fourbit.kernels.cpu_features.native_bf16`: CUDA with bf16 support, CPUs with AVX512-BF16 or AMX),
+    else fp32; any other value goes through :func:`parse_dtype`.
+
+    Raises:
+        ValueError: naming ``name`` for an unknown dtype.
+    """
+    if isinstance(spec, str) and spec.strip().lower() == "auto":
+        return torch.bfloat16 if native_bf16(device) else torch.float32
+    return parse_dtype(spec, name)
 
 
 class _MatMul4bit(torch.autograd.Function):
@@ -145,16 +162,56 @@ class Linear4bit(nn.Module):
 
     # -------------------------------------------------------------------------------------------- compute
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The weight in ``dtype`` (default the compute dtype), shape [out_features, in_features]."""
+        """The weight in ``dtype`` (default the compute dtype; float64 allowed), shape [out_features, in_features]."""
         return dequantize_4bit(self.weight, self.quant_state, dtype or self.compute_dtype)
 
+    def to_linear(self, dtype: torch.dtype = torch.float32) -> nn.Linear:
+        """The dequantized layer: an ``nn.Linear`` of ``dtype`` on this layer's device, with the same bias.
+
+        Its weight is :meth:`dequantize` (``dtype``) and its bias this layer's bias cast to ``dtype``; both are
+        new tensors (changing them leaves this layer alone) and, as in any fresh ``nn.Linear``, trainable.
+
+        Args:
+            dtype: float32 (default), bfloat16, float16 or float64.
+
+        Raises:
+            TypeError: for any other dtype.
+        """
+        if dtype not in OUTPUT_DTYPES:
+            raise TypeError(f"to_linear: dtype must be float32, bfloat16, float16 or float64, got {dtype}")
+        weight = self.dequantize(dtype)
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight = nn.Parameter(weight.contiguous())
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.detach().to(dtype=dtype, copy=True))
+        return linear
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
+        """``x @ W^T + bias`` with the 4-bit weight W, returned in ``x.dtype``.
+
+        Without autograd and with at most :data:`SMALL_BATCH_ROWS` rows (decoding) the kernels compute in
+        ``x.dtype`` (:func:`fourbit.kernels.dispatch.linear_4bit`: the fused 4-bit matmul with float32 sums where
+        the backend takes ``x``, else the weight dequantized to ``x.dtype``); otherwise ``x`` is cast to the
+        compute dtype and multiplied by the weight dequantized to it.
+
+        Args:
+            x: [..., in_features] float32, bfloat16, float16 or float64.
+
+        Raises:
+            TypeError: ``x`` of another dtype (integers, complex, float8). ValueError: a wrong last dimension.
+        """
+        if not isinstance(x, torch.Tensor) or x.dtype not in INPUT_DTYPES:
+            raise TypeError(f"Linear4bit takes float32, bfloat16, float16 or float64 inputs, got "
+                            f"{getattr(x, 'dtype', type(x).__name__)}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"Linear4bit expects inputs with last dimension {self.in_features}, got {tuple(x.shape)}")
         input_dtype = x.dtype
         if x.numel() <= SMALL_BATCH_ROWS * self.in_features and not (torch.is_grad_enabled() and x.requires_grad):
-            # Decoding: the fused 4-bit kernel (float32 accumulation), no autograd bookkeeping.
-            out = dispatch.linear_4bit(x, self.weight, self.quant_state, self.out_features, self.in_features)
+            # Decoding: the kernels' fused 4-bit matmul where it takes x (float32 sums), else dequantize to
+            # x.dtype + matmul; no autograd bookkeeping either way.
+            qs = self.quant_state
+            out = dispatch.linear_4bit(x, self.weight, qs.block_scales(), qs.code, qs.blocksize, self.out_features,
+                                       self.in_features)
         else:
             out = _MatMul4bit.apply(x.to(self.compute_dtype), self.weight, self.quant_state,
                                     self.out_features, self.in_features)

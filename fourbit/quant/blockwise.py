@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 
 from fourbit.kernels import dispatch
+from fourbit.kernels.scales import OUTPUT_DTYPES
+from fourbit.kernels.scales import dequantize_absmax as _dequantize_scales
 from fourbit.quant.codebooks import QUANT_TYPES, dynamic_map, get_code
 from fourbit.quant.state import QuantState
 
@@ -60,9 +62,10 @@ def _check_input(x: torch.Tensor, what: str, check_finite: bool = True) -> None:
 
 
 def _check_dtype(dtype: torch.dtype | None, default: torch.dtype) -> torch.dtype:
+    """An output dtype of dequantization: float32/float16/bfloat16, or float64 (float32 values widened)."""
     dtype = default if dtype is None else dtype
-    if dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    if dtype not in OUTPUT_DTYPES:
+        raise TypeError(f"dtype must be float32, float16, bfloat16 or float64, got {dtype}")
     return dtype
 
 
@@ -118,19 +121,24 @@ def double_quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Te
         (codes uint8 [n_blocks], offset 0-dim float32, nested QuantState with blocksize 256).
     """
     offset = absmax.mean()
+    if not bool(torch.isfinite(offset)):
+        # The float32 sum of finite absmax values near 3.4e38 overflows; their mean does not. bitsandbytes'
+        # float32 mean is kept for every other input (byte compatibility).
+        offset = absmax.double().mean().float()
     codes, state2 = quantize_blockwise(absmax - offset, blocksize=DOUBLE_QUANT_BLOCKSIZE)
     state2.shape = None
     return codes, offset, state2
 
 
 def dequantize_absmax(state: QuantState) -> torch.Tensor:
-    """The float32 absmax of ``state``, undoing double quantization when the state is nested."""
-    if not state.nested:
-        return state.absmax.float()
-    s2 = state.state2
-    absmax = dispatch.dequantize_8bit_blocks(state.absmax.reshape(-1), s2.absmax, s2.code, s2.blocksize,
-                                             torch.float32)
-    return absmax + state.offset
+    """The float32 absmax of ``state``, undoing double quantization when the state is nested.
+
+    (The arithmetic lives in the kernels layer, :func:`fourbit.kernels.scales.dequantize_absmax`.)
+
+    Returns:
+        float32 [n_blocks].
+    """
+    return _dequantize_scales(state.block_scales())
 
 
 def quantize_4bit(
@@ -202,5 +210,6 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
     nblocks = -(-n // state.blocksize)
     if state.absmax.numel() != nblocks:
         raise ValueError(f"state has {state.absmax.numel()} absmax values, expected {nblocks}")
-    out = dispatch.dequantize_4bit(packed.reshape(-1), state, n, _check_dtype(dtype, state.dtype or torch.float32))
+    out = dispatch.dequantize_4bit(packed.reshape(-1), state.block_scales(), state.code, state.blocksize, n,
+                                   _check_dtype(dtype, state.dtype or torch.float32))
     return out.view(state.shape)

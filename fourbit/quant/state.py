@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from fourbit.kernels.scales import BlockScales
+
 __all__ = ["QuantState", "pack_dict_to_tensor", "unpack_tensor_to_dict"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -41,6 +43,14 @@ def _dtype_from_name(name: str, key: str) -> torch.dtype:
     return _DTYPES[name]
 
 
+def _version(t: torch.Tensor) -> int | None:
+    """The in-place modification counter of ``t``; None for inference tensors, which have none."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
 @dataclass(eq=False)
 class QuantState:
     """The state of a blockwise quantization (the fields of ``bitsandbytes.functional.QuantState``).
@@ -64,6 +74,37 @@ class QuantState:
     dtype: torch.dtype | None = None
     offset: torch.Tensor | None = None
     state2: QuantState | None = field(default=None, repr=False)
+    # (tensors the scales were built from, their versions, the BlockScales): see block_scales()
+    _scales_cache: tuple | None = field(default=None, init=False, repr=False, compare=False)
+
+    def block_scales(self) -> BlockScales:
+        """The kernels' description of this state's block scales (plain absmax, or the nested form).
+
+        Built once and reused while the state's tensors are the same objects with no in-place change since
+        (each call compares identities and ``Tensor._version``; decoding calls every layer once per token).
+
+        Raises:
+            ValueError: a 4-bit state without absmax, or a nested state without offset or codebook.
+        """
+        if self.nested:
+            s2 = self.state2
+            if self.offset is None or s2.code is None or s2.blocksize is None:
+                raise ValueError("a double-quantized state needs offset, state2.code and state2.blocksize")
+            sources = (self.absmax, s2.code, s2.absmax, self.offset)
+        else:
+            sources = (self.absmax,)
+        versions = tuple(_version(t) for t in sources)
+        cached = self._scales_cache
+        if (cached is not None and None not in versions and len(cached[0]) == len(sources)
+                and all(a is b for a, b in zip(cached[0], sources, strict=True)) and cached[1] == versions):
+            return cached[2]
+        if self.nested:
+            scales = BlockScales(self.absmax, code2=s2.code, absmax2=s2.absmax, offset=self.offset,
+                                 blocksize2=int(s2.blocksize))
+        else:
+            scales = BlockScales(self.absmax)
+        self._scales_cache = (sources, versions, scales)
+        return scales
 
     @property
     def nested(self) -> bool:

@@ -17,10 +17,10 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 import fourbit  # noqa: E402
-from fourbit.kernels import reference  # noqa: E402
+from fourbit.kernels import dispatch, reference  # noqa: E402
 from fourbit.kernels import triton_kernels as tk  # noqa: E402
+from fourbit.kernels.scales import SMALL_BATCH_ROWS, BlockScales  # noqa: E402
 from fourbit.quant import get_code  # noqa: E402
-from fourbit.quant.blockwise import dequantize_absmax  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -53,10 +53,11 @@ def test_quantize_and_dequantize_are_bit_identical_to_reference(quant_type, dtyp
         ref_packed, ref_absmax = reference.quantize_4bit_blocks(x, code, blocksize)
         assert torch.equal(packed, ref_packed), (n, blocksize)
         assert torch.equal(absmax, ref_absmax), (n, blocksize)
-        out_dtype = DTYPES[(DTYPES.index(dtype) + 1) % 3]  # every output dtype over the parametrization
-        got = tk.dequantize_4bit_blocks(packed, absmax, code, blocksize, n, out_dtype)
-        expected = reference.dequantize_4bit_blocks(ref_packed, ref_absmax, code, blocksize, n, out_dtype)
-        assert got.dtype == out_dtype and torch.equal(got, expected), (n, blocksize)
+        for out_dtype in (*DTYPES, torch.float64):
+            got = tk.dequantize_4bit_blocks(packed, BlockScales(absmax), code, blocksize, n, out_dtype)
+            expected = reference.dequantize_4bit_blocks(ref_packed, BlockScales(ref_absmax), code, blocksize, n,
+                                                        out_dtype)
+            assert got.dtype == out_dtype and torch.equal(got, expected), (n, blocksize, out_dtype)
 
 
 def test_bf16_output_rounds_to_nearest_even():
@@ -66,9 +67,10 @@ def test_bf16_output_rounds_to_nearest_even():
     code = torch.arange(16, dtype=torch.float32) / 8 - 1
     absmax = torch.tensor([1 + 2.0**-8, 1 + 3 * 2.0**-8, 3 + 2.0**-7 + 2.0**-12])
     packed = (torch.arange(96) * 37 % 256).to(torch.uint8)
-    got = tk.dequantize_4bit_blocks(packed, absmax, code, 64, 192, torch.bfloat16)
-    expected = reference.dequantize_4bit_blocks(packed, absmax, code, 64, 192, torch.bfloat16)
-    exact = reference.dequantize_4bit_blocks(packed, absmax, code, 64, 192, torch.float32)
+    scales = BlockScales(absmax)
+    got = tk.dequantize_4bit_blocks(packed, scales, code, 64, 192, torch.bfloat16)
+    expected = reference.dequantize_4bit_blocks(packed, scales, code, 64, 192, torch.bfloat16)
+    exact = reference.dequantize_4bit_blocks(packed, scales, code, 64, 192, torch.float32)
     truncated = (exact.view(torch.int32) & ~0xFFFF).view(torch.float32)
     assert not torch.equal(expected.float(), truncated)  # the inputs tell rounding from truncation
     assert torch.equal(got, expected)
@@ -93,11 +95,10 @@ def test_nested_scales_are_decoded_inside_the_kernel_identically(shape, blocksiz
     packed, state = fourbit.quantize_4bit(w, "nf4", blocksize, double_quant=True)
     assert state.nested
     n = w.numel()
-    for dtype in DTYPES:
-        expected = reference.dequantize_4bit_blocks(
-            packed, dequantize_absmax(state), state.code, blocksize, n, dtype
-        )
-        got = tk.dequantize_4bit_blocks(packed, None, state.code, blocksize, n, dtype, state)
+    scales = state.block_scales()
+    for dtype in (*DTYPES, torch.float64):
+        expected = reference.dequantize_4bit_blocks(packed, scales, state.code, blocksize, n, dtype)
+        got = tk.dequantize_4bit_blocks(packed, scales, state.code, blocksize, n, dtype)
         assert torch.equal(got, expected), dtype
 
 
@@ -124,55 +125,56 @@ def test_fused_matmul_matches_reference(shape, blocksize, split_k, dtype, nested
     out_features, in_features = shape
     w = torch.randn(out_features, in_features)
     packed, state = fourbit.quantize_4bit(w, "nf4", blocksize, double_quant=nested)
-    absmax = dequantize_absmax(state)
-    weight = reference.dequantize_4bit_blocks(packed, absmax, state.code, blocksize, w.numel(), dtype)
-    for rows in (1, 5, 16):
+    scales = state.block_scales()
+    assert scales.nested == nested
+    weight = reference.dequantize_4bit_blocks(packed, scales, state.code, blocksize, w.numel(), dtype)
+    for rows in (1, 5, SMALL_BATCH_ROWS):
         x = torch.randn(rows, in_features).to(dtype)
-        expected = reference.linear_4bit(x, packed, absmax, state.code, blocksize, out_features, in_features)
-        got = tk.linear_4bit(
-            x,
-            packed,
-            None if nested else absmax,
-            state.code,
-            blocksize,
-            out_features,
-            in_features,
-            state if nested else None,
-        )
+        expected = reference.linear_4bit(x, packed, scales, state.code, blocksize, out_features, in_features)
+        got = tk.fused_linear_4bit(x, packed, scales, state.code, blocksize, out_features, in_features)
         assert got.shape == expected.shape and got.dtype == dtype
         rtol, atol = _tolerance(x, weight.view(out_features, in_features))
         torch.testing.assert_close(got, expected, rtol=rtol, atol=atol)
 
 
-def test_larger_batches_dequantize_then_matmul_exactly():
+def test_larger_batches_dequantize_then_matmul_exactly(monkeypatch):
+    # The dispatcher sends more than SMALL_BATCH_ROWS rows to the Triton dequantization + F.linear.
+    monkeypatch.setattr(dispatch, "backend_for", lambda t: tk)
     w = torch.randn(24, 128)
     packed, state = fourbit.quantize_4bit(w, "fp4", 64, double_quant=True)
-    x = torch.randn(2, tk.FUSED_MAX_ROWS, 128).to(torch.bfloat16)  # 32 rows: above the fused limit
-    expected = reference.linear_4bit(x, packed, dequantize_absmax(state), state.code, 64, 24, 128)
-    got = tk.linear_4bit(x, packed, None, state.code, 64, 24, 128, state)
-    assert got.shape == (2, tk.FUSED_MAX_ROWS, 24) and torch.equal(got, expected)
+    scales = state.block_scales()
+    x = torch.randn(2, SMALL_BATCH_ROWS, 128).to(torch.bfloat16)  # 2 x SMALL_BATCH_ROWS: above the fused limit
+    assert not dispatch.uses_fused_kernel(x, 64, 128)
+    expected = reference.linear_4bit(x, packed, scales, state.code, 64, 24, 128)
+    got = dispatch.linear_4bit(x, packed, scales, state.code, 64, 24, 128)
+    assert got.shape == (2, SMALL_BATCH_ROWS, 24) and torch.equal(got, expected)
 
 
-def test_fused_matmul_keeps_leading_dimensions_and_rejects_wrong_width():
+def test_fused_matmul_keeps_leading_dimensions_and_rejects_what_it_cannot_compute():
     w = torch.randn(16, 64)
     packed, absmax = reference.quantize_4bit_blocks(w.reshape(-1), get_code("nf4"), 64)
+    scales = BlockScales(absmax)
     x = torch.randn(1, 1, 64)
-    got = tk.linear_4bit(x, packed, absmax, get_code("nf4"), 64, 16, 64)
-    expected = reference.linear_4bit(x, packed, absmax, get_code("nf4"), 64, 16, 64)
+    got = tk.fused_linear_4bit(x, packed, scales, get_code("nf4"), 64, 16, 64)
+    expected = reference.linear_4bit(x, packed, scales, get_code("nf4"), 64, 16, 64)
     assert got.shape == (1, 1, 16)
-    weight = reference.dequantize_4bit_blocks(packed, absmax, get_code("nf4"), 64, 16 * 64, torch.float32)
+    weight = reference.dequantize_4bit_blocks(packed, scales, get_code("nf4"), 64, 16 * 64, torch.float32)
     rtol, atol = _tolerance(x, weight.view(16, 64))
     torch.testing.assert_close(got, expected, rtol=rtol, atol=atol)
     with pytest.raises(ValueError, match="in_features"):
-        tk.linear_4bit(torch.randn(1, 63), packed, absmax, get_code("nf4"), 64, 16, 64)
+        tk.fused_linear_4bit(torch.randn(1, 63), packed, scales, get_code("nf4"), 64, 16, 64)
+    with pytest.raises(ValueError, match="rows"):
+        tk.fused_linear_4bit(torch.randn(SMALL_BATCH_ROWS + 1, 64), packed, scales, get_code("nf4"), 64, 16, 64)
+    assert not tk.can_fuse(torch.float64, 64, 64)
+    with pytest.raises(TypeError, match="float64"):
+        tk.fused_linear_4bit(x.double(), packed, scales, get_code("nf4"), 64, 16, 64)
 
 
 
 def test_linear4bit_through_the_dispatcher_matches_the_reference_backend(monkeypatch):
-    # The dispatcher's calls (argument order, nested states passed as state.absmax + state) reach the Triton
-    # module as they will for CUDA tensors: quantization, the decode path (no autograd, fused kernel) and the
-    # training path (dequantize + matmul, backward dequantizes again).
-    from fourbit.kernels import dispatch
+    # The dispatcher's calls (argument order, nested scales) reach the Triton module as they will for CUDA
+    # tensors: quantization, the decode path (no autograd, fused kernel) and the training path (dequantize +
+    # matmul, backward dequantizes again).
     from fourbit.nn import Linear4bit
 
     linear = torch.nn.Linear(96, 40)

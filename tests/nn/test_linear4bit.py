@@ -22,7 +22,7 @@ def test_forward_equals_linear_on_the_dequantized_weight(bias):
 
 
 def test_small_batches_use_the_fused_kernel_and_agree():
-    # Up to 8 rows without grad use the fused 4-bit kernel: float32 sums in another order (rtol 1e-4).
+    # Up to SMALL_BATCH_ROWS rows without grad use the fused 4-bit kernel: float32 sums in another order (rtol 1e-4).
     layer = _layer()
     x = torch.randn(3, 96)
     expected = torch.nn.functional.linear(x, layer.dequantize(torch.float32), layer.bias)
@@ -102,7 +102,8 @@ def test_loads_into_and_from_bitsandbytes_modules():
     stats = {k.removeprefix("weight."): v for k, v in sd.items() if k.startswith("weight.")}
     theirs.weight = bnb.nn.Params4bit.from_prequantized(sd["weight"], stats, requires_grad=False, device="cpu")
     theirs.bias = nn.Parameter(sd["bias"])
-    x = torch.randn(10, 128)  # 10 rows: both libraries dequantize and call F.linear, so the results are equal
+    # More rows than the fused kernel takes: both libraries dequantize and call F.linear, so the results are equal
+    x = torch.randn(l4.SMALL_BATCH_ROWS + 4, 128)
     with torch.no_grad():
         assert torch.equal(theirs(x), layer(x))
     back = Linear4bit(128, 64, compute_dtype="fp32")
@@ -128,3 +129,41 @@ def test_quantized_bytes_count_codes_and_constants():
     n = 256 * 256
     assert layer.quantized_bytes() == n // 2 + n // 64 + 4 * -(-n // 64 // 256) + 4
     assert fourbit.quant.QuantState is type(layer.quant_state)
+
+
+@pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_auto_compute_dtype_follows_the_hardware_answer(monkeypatch, native, expected):
+    seen = []
+    monkeypatch.setattr(l4, "native_bf16", lambda device: seen.append(device) or native)
+    assert l4.resolve_compute_dtype("auto", "cpu") == expected
+    assert l4.resolve_compute_dtype("AUTO", torch.device("cpu")) == expected
+    assert seen == ["cpu", torch.device("cpu")]
+    # Anything else is parsed as given, whatever the hardware.
+    assert l4.resolve_compute_dtype("fp16", "cpu") == torch.float16
+    assert l4.resolve_compute_dtype(torch.bfloat16, "cpu") == torch.bfloat16
+    with pytest.raises(ValueError, match="compute_dtype"):
+        l4.resolve_compute_dtype("fp8", "cpu")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_to_linear_is_the_dequantized_layer(bias, dtype):
+    layer = _layer(compute_dtype="bf16", bias=bias)
+    linear = layer.to_linear(dtype)
+    assert type(linear) is nn.Linear and (linear.in_features, linear.out_features) == (96, 64)
+    assert linear.weight.dtype == dtype and torch.equal(linear.weight, layer.dequantize(dtype))
+    x = torch.randn(20, 96, dtype=torch.float32)
+    layer.compute_dtype = torch.float32
+    if dtype == torch.float32:
+        assert torch.equal(linear(x), layer(x))  # 20 rows: dequantize + F.linear on both sides
+    if bias:
+        assert torch.equal(linear.bias, layer.bias.to(dtype))
+        with torch.no_grad():
+            linear.bias.add_(1)  # a copy: the 4-bit layer keeps its bias
+        assert not torch.equal(linear.bias, layer.bias.to(dtype))
+    else:
+        assert linear.bias is None
+
+
+def test_to_linear_defaults_to_float32():
+    assert _layer().to_linear().weight.dtype == torch.float32

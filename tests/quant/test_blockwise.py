@@ -246,3 +246,45 @@ def test_packed_size_mismatch_is_reported():
         fourbit.dequantize_4bit(packed[:-1], state)
     with pytest.raises(TypeError, match="uint8"):
         fourbit.dequantize_4bit(packed.float(), state)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_double_quantization_of_values_near_the_float32_maximum(quant_type):
+    # The float32 sum behind the mean offset of absmax values near 3.4e38 overflows (bitsandbytes 0.50 stores
+    # an offset of inf here); fourbit takes that mean in float64 and the result is finite and as close to the
+    # weight as without double quantization (to the 8-bit error of the absmax, < 1% of it).
+    w = torch.empty(64, 128).uniform_(-1, 1) * 3.3e38
+    w[0, 0] = torch.finfo(torch.float32).max
+    packed, state = fourbit.quantize_4bit(w, quant_type, 64, double_quant=True)
+    assert torch.isfinite(state.offset) and 0 < float(state.offset) <= torch.finfo(torch.float32).max
+    deq = fourbit.dequantize_4bit(packed, state)
+    assert torch.isfinite(deq).all()
+    packed1, state1 = fourbit.quantize_4bit(w, quant_type, 64, double_quant=False)
+    assert torch.equal(packed, packed1)
+    absmax = state1.absmax.double().repeat_interleave(64).view_as(w)
+    assert float(((deq.double() - fourbit.dequantize_4bit(packed1, state1).double()).abs() / absmax).max()) < 0.01
+    code = get_code(quant_type).sort().values
+    half_gap = float((code[1:] - code[:-1]).max()) / 2
+    assert float(((deq.double() - w.double()).abs() / absmax).max()) <= half_gap * 1.01
+    _assert_dequantize_matches_reference(packed, state)
+
+
+def test_offset_keeps_the_float32_mean_for_ordinary_weights():
+    # Byte compatibility: the float64 mean is only a fallback for an overflowing float32 sum.
+    w = torch.randn(300, 64) * 1e3
+    _, state = fourbit.quantize_4bit(w, "nf4", 64, double_quant=True)
+    _, plain = fourbit.quantize_4bit(w, "nf4", 64, double_quant=False)
+    assert torch.equal(state.offset, plain.absmax.mean())
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.complex64, torch.float8_e4m3fn])
+def test_dequantize_refuses_other_output_dtypes_by_name(dtype):
+    packed, state = fourbit.quantize_4bit(torch.randn(8, 64))
+    with pytest.raises(TypeError, match=str(dtype)):
+        fourbit.dequantize_4bit(packed, state, dtype)
+
+
+def test_dequantize_to_float64_widens_the_float32_values():
+    packed, state = fourbit.quantize_4bit(torch.randn(8, 64), double_quant=True)
+    assert torch.equal(fourbit.dequantize_4bit(packed, state, torch.float64),
+                       fourbit.dequantize_4bit(packed, state, torch.float32).double())
