@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from fourbit._errors import FieldError, InputFileError
-from fourbit.nn.linear4bit import COMPUTE_DTYPES, parse_dtype
+from fourbit.nn.linear4bit import COMPUTE_DTYPES, resolve_compute_dtype
 from fourbit.quant import QUANT_TYPES, check_blocksize
 
 __all__ = ["QuantConfig", "quant_config_from_checkpoint"]
@@ -65,9 +65,7 @@ class QuantConfig:
 
     def resolved_compute_dtype(self, device: torch.device | str = "cpu") -> torch.dtype:
         """The compute dtype for layers on ``device`` ("auto" resolved)."""
-        if self.compute_dtype != "auto":
-            return parse_dtype(self.compute_dtype)
-        return torch.bfloat16 if _fast_bf16(torch.device(device)) else torch.float32
+        return resolve_compute_dtype(self.compute_dtype, device)
 
     def to_bnb_dict(self, device: torch.device | str = "cpu") -> dict:
         """The ``quantization_config`` transformers writes for the equivalent ``BitsAndBytesConfig``."""
@@ -91,13 +89,6 @@ class QuantConfig:
         }
 
 
-def _fast_bf16(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    capability = str(torch.backends.cpu.get_cpu_capability()).upper()
-    return "AMX" in capability or "BF16" in capability
 
 
 def quant_config_from_checkpoint(qc: dict[str, Any], config_file: str | os.PathLike) -> QuantConfig:

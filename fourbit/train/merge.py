@@ -124,19 +124,12 @@ def plain_for_saving(model: Any) -> Any:
 def _dequantize_rest(model: Any) -> None:
     """Replace every remaining 4-bit layer with a float32 ``nn.Linear`` holding its dequantized weight."""
     import torch
-    from torch import nn
 
     from fourbit.nn.lora import is_linear_4bit
 
     for name, m in list(model.named_modules()):
-        if not is_linear_4bit(m):
-            continue
-        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
-        with torch.no_grad():
-            lin.weight.copy_(m.dequantize(torch.float32))
-            if m.bias is not None:
-                lin.bias.copy_(m.bias.float())
-        model.set_submodule(name, lin)
+        if is_linear_4bit(m):
+            model.set_submodule(name, m.to_linear(torch.float32).requires_grad_(False))
 
 
 def merge_adapter(
