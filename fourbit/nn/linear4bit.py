@@ -12,6 +12,8 @@ load from and save to bitsandbytes-format checkpoints.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -21,10 +23,34 @@ from fourbit.kernels.scales import OUTPUT_DTYPES, SMALL_BATCH_ROWS
 from fourbit.quant import QuantState, dequantize_4bit, quantize_4bit
 
 __all__ = ["Linear4bit", "COMPUTE_DTYPES", "INPUT_DTYPES", "SMALL_BATCH_ROWS", "parse_dtype",
-           "resolve_compute_dtype"]
+           "resolve_compute_dtype", "warn_if_slow"]
 
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
                   "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+_warned_slow: set[tuple[torch.dtype, str]] = set()
+
+
+def warn_if_slow(dtype: torch.dtype, device: torch.device | str) -> bool:
+    """Say once per process (per dtype and device type) that ``dtype`` will be slow on ``device``: bf16 or fp16
+    on a CPU without native bf16 (no AVX512-BF16/AMX) runs through conversions at a fraction of fp32's speed
+    (about 5x slower matmuls on AVX2-only CPUs). It still runs: this is advice, not an error.
+
+    Returns:
+        True when the warning was given by this call.
+    """
+    device = torch.device(device)
+    if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16) or native_bf16(device):
+        return False
+    if (dtype, device.type) in _warned_slow:
+        return False
+    _warned_slow.add((dtype, device.type))
+    name = str(dtype).removeprefix("torch.")
+    warnings.warn(f"compute dtype {name} on this CPU is slow: it has no native bf16 instructions (AVX512-BF16 or "
+                  f"AMX), so {name} matmuls run several times slower than float32; use compute_dtype 'fp32' "
+                  "(or 'auto', which picks it here)", RuntimeWarning, stacklevel=3)
+    return True
+
 
 #: Input dtypes of ``Linear4bit.forward``: the compute dtypes, and float64 (computed in the compute dtype, or
 #: in float64 on the reference kernels, and returned as float64).
@@ -213,6 +239,8 @@ class Linear4bit(nn.Module):
             out = dispatch.linear_4bit(x, self.weight, qs.block_scales(), qs.code, qs.blocksize, self.out_features,
                                        self.in_features)
         else:
+            if self.compute_dtype is not torch.float32 and x.device.type == "cpu":
+                warn_if_slow(self.compute_dtype, x.device)
             out = _MatMul4bit.apply(x.to(self.compute_dtype), self.weight, self.quant_state,
                                     self.out_features, self.in_features)
         if self.bias is not None:

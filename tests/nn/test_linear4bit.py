@@ -1,5 +1,7 @@
 """Linear4bit: forward/backward against F.linear on the dequantized weight, what autograd saves, formats."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -167,3 +169,20 @@ def test_to_linear_is_the_dequantized_layer(bias, dtype):
 
 def test_to_linear_defaults_to_float32():
     assert _layer().to_linear().weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_without_native_bf16_runs_and_says_once_that_it_is_slow(monkeypatch, native):
+    monkeypatch.setattr(l4, "native_bf16", lambda device=None: native)
+    monkeypatch.setattr(l4, "_warned_slow", set())
+    layer = _layer(compute_dtype="bf16")
+    x = torch.randn(20, 96)  # more rows than the fused path takes: the bf16 matmul runs
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first, second = layer(x), layer(x)
+    slow = [w for w in caught if "is slow" in str(w.message)]
+    assert torch.equal(first, second) and first.dtype == torch.float32
+    assert len(slow) == (0 if native else 1)
+    if not native:
+        assert "AVX512-BF16" in str(slow[0].message) and slow[0].category is RuntimeWarning
+    assert not l4.warn_if_slow(torch.float32, "cpu")
