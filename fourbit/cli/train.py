@@ -63,8 +63,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     each step's global batch is --batch-size x --gradient-accumulation-steps x processes (or --global-batch-size),
     rank 0 prints and writes; see docs/distributed.md.
     """
-    from fourbit.train.distributed import init_world
+    from fourbit.train.config import config_from_args
+    from fourbit.train.distributed import init_world, world_size_from_env
 
+    # Options that are wrong on every rank fail here, before any rank waits for the others.
+    config = config_from_args(args, config_file=args.config, model=args.model_pos)
+    _global_batch(config, args.global_batch_size, world_size_from_env())
     world = init_world(args.distributed, timeout_s=args.dist_timeout)
     try:
         return _finetune(args, world)

@@ -38,7 +38,8 @@ import torch
 
 from fourbit._errors import FieldError
 
-__all__ = ["DISTRIBUTED_MODES", "PeerLost", "World", "fingerprint_model", "fingerprint_examples", "init_world"]
+__all__ = ["DISTRIBUTED_MODES", "PeerLost", "World", "fingerprint_model", "fingerprint_examples", "init_world",
+           "world_size_from_env"]
 
 DISTRIBUTED_MODES = ("ddp", "fsdp")
 T = TypeVar("T")
@@ -201,6 +202,11 @@ def _env_int(name: str, default: int) -> int:
                                         "with torchrun, which sets it") from None
 
 
+def world_size_from_env() -> int:
+    """The number of processes ``torchrun`` started (``WORLD_SIZE``; 1 without it)."""
+    return max(1, _env_int("WORLD_SIZE", 1))
+
+
 def init_world(mode: str | None = None, *, timeout_s: float = 300.0) -> World:
     """Join the process group that ``torchrun`` describes in ``WORLD_SIZE``/``RANK``/``LOCAL_RANK``/
     ``MASTER_ADDR``/``MASTER_PORT``: gloo on CPU, nccl on CUDA. Without ``WORLD_SIZE`` (or with 1) this is a
@@ -222,8 +228,8 @@ def init_world(mode: str | None = None, *, timeout_s: float = 300.0) -> World:
         raise FieldError("distributed", f"must be one of {', '.join(DISTRIBUTED_MODES)}, not {mode!r}")
     if not timeout_s > 0:
         raise FieldError("dist_timeout", f"must be a positive number of seconds, not {timeout_s!r}")
-    size = _env_int("WORLD_SIZE", 1)
-    if size <= 1:
+    size = world_size_from_env()
+    if size == 1:
         return World(timeout_s=timeout_s, peers=[(socket.gethostname(), os.getpid())])
     if mode == "fsdp":
         raise NotImplementedError("`distributed` fsdp (sharding the 4-bit base over the ranks) is not available "
