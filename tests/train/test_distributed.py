@@ -222,3 +222,32 @@ def test_unreachable_rendezvous_fails_after_the_timeout(folder, monkeypatch) -> 
                                  "--dist-timeout", "127.0.0.1")
     assert "rank 1 of 2" in message and "within 1 s" in message
     assert not (folder / "bad").exists()
+
+
+def test_ctrl_c_on_one_rank_stops_both_after_the_same_step(folder, two_process_run, tmp_path) -> None:
+    two, _ = two_process_run
+    marker = tmp_path / "paused"
+    argv = _args(folder, "interrupted")
+    # SIGINT reaches rank 0 only, while it pauses after step 2; the request rides on step 3's all-reduce
+    procs = _spawn([argv, argv], [{"FOURBIT_TEST_PAUSE": "step:2", "FOURBIT_TEST_MARKER": str(marker),
+                                   "FOURBIT_TEST_PAUSE_S": "120"}, {}])
+    try:
+        deadline = time.monotonic() + _TIMEOUT
+        while not marker.exists():
+            assert time.monotonic() < deadline and procs[0].poll() is None, procs[0].communicate()[1][-3000:]
+            time.sleep(0.05)
+        procs[0].send_signal(signal.SIGINT)
+        outs = [p.communicate(timeout=_TIMEOUT) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    assert [p.returncode for p in procs] == [130, 130], [err[-2000:] for _, err in outs]
+    assert "interrupted at step 3" in outs[0][1] and "interrupted" not in outs[1][1]  # rank 0 alone prints
+    out = folder / "interrupted"
+    assert (out / "checkpoints" / "step-000003").is_dir() and not (out / "adapter_model.safetensors").exists()
+    proc = _torchrun(*_args(folder, "interrupted", "--resume"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _adapter(out), _adapter(two)
+    assert all(torch.equal(a[k], b[k]) for k in b)
