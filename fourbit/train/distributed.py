@@ -156,17 +156,21 @@ class World:
                 raise PeerLost(f"rank {r} stopped during {what}: {message}")
         return result
 
-    def check_same(self, name: str, value: str, what: str) -> None:
-        """Refuse ranks that disagree on ``value`` (a fingerprint of the model, the data, a config field).
+    def check_same(self, values: dict[str, tuple[str, str]]) -> None:
+        """Refuse ranks that disagree on any of ``values`` (``{field: (fingerprint or value, what it is)}``:
+        the model, the data, each config field), in one collective.
 
         Raises:
-            FieldError: naming ``name`` and the first rank that differs from rank 0.
+            FieldError: naming the first field that differs and the first rank that differs from rank 0.
         """
-        values = self.all_gather_object(value, f"the check of {what}")
-        for r, v in enumerate(values):
-            if v != values[0]:
-                raise FieldError(name, f"rank {r} has different {what} than rank 0 ({v} != {values[0]}); every "
-                                       "rank needs the same model folder, data and options")
+        mine = {name: value for name, (value, _) in values.items()}
+        every = self.all_gather_object(mine, "the check that every rank has the same model, data and options")
+        for name, (_, what) in values.items():
+            for r, theirs in enumerate(every):
+                if theirs.get(name) != every[0].get(name):
+                    raise FieldError(name, f"rank {r} has different {what} than rank 0 ({theirs.get(name)} != "
+                                           f"{every[0].get(name)}); every rank needs the same model folder, data "
+                                           "and options")
 
     def close(self) -> None:
         """Leave the process group (a no-op for one process)."""

@@ -264,19 +264,18 @@ def _micro_seed(seed: int, step: int, index: int) -> int:
 
 
 def _reduce_gradients(params: list[torch.Tensor], extra: list[float], world: World) -> list[float]:
-    """Sum the gradients of ``params`` and the numbers ``extra`` over the ranks, in one flat all-reduce."""
+    """Sum the gradients of ``params`` over the ranks in one flat all-reduce (in their own dtype, as DDP's
+    buckets do), and the numbers ``extra`` (loss sum, stop request) in float64."""
     if world.size == 1:
         return extra
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).to(torch.float64) for g in grads] + [torch.tensor(extra, dtype=torch.float64,
-                                                                                       device=grads[0].device)])
-    world.all_reduce_sum(flat)
+    dtype = grads[0].dtype if all(g.dtype == grads[0].dtype for g in grads) else torch.float32
+    flat = world.all_reduce_sum(torch.cat([g.reshape(-1).to(dtype) for g in grads]))
     offset = 0
     for p, g in zip(params, grads, strict=True):
-        n = g.numel()
-        p.grad = flat[offset:offset + n].view_as(g).to(g.dtype)
-        offset += n
-    return flat[offset:].tolist()
+        p.grad = flat[offset:offset + g.numel()].view_as(g).to(g.dtype)
+        offset += g.numel()
+    return world.all_reduce_sum(torch.tensor(extra, dtype=torch.float64), "the loss all-reduce").tolist()
 
 
 def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
@@ -421,12 +420,12 @@ def train(
                             else RunPlan(Path(config.out)))
         train_ds, eval_ds = data if data is not None else prepare_data(config, tokenizer)
         if world.size > 1:
-            world.check_same("model", fingerprint_model(model), "model weights")
-            world.check_same("data", fingerprint_examples(train_ds.examples)
-                             + fingerprint_examples(eval_ds.examples if eval_ds else []), "training data")
-            for name, value in config.to_dict().items():
-                if name not in ("progress", "out"):
-                    world.check_same(name, repr(value), f"`{name}`")
+            data_digest = fingerprint_examples(train_ds.examples) + fingerprint_examples(eval_ds.examples
+                                                                                          if eval_ds else [])
+            world.check_same({"model": (fingerprint_model(model), "model weights"),
+                              "data": (data_digest, "training data"),
+                              **{name: (repr(value), f"`{name}`") for name, value in config.to_dict().items()
+                                 if name not in ("progress", "out")}})
         seed_everything(config.seed)  # 2. everything random follows from the seed
         add_lora(model, config)  # 3. LoRA (the targets are checked before the model changes)
         params = [p for p in model.parameters() if p.requires_grad]
