@@ -243,6 +243,11 @@ def init_world(mode: str | None = None, *, timeout_s: float = 300.0) -> World:
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
+        if local_rank >= torch.cuda.device_count():
+            raise FieldError("distributed", f"rank {rank} is process {local_rank} on its machine, which has "
+                                            f"{torch.cuda.device_count()} GPU(s): start at most one process per "
+                                            "GPU (torchrun --nproc-per-node), or hide the GPUs "
+                                            "(CUDA_VISIBLE_DEVICES=) to train on the CPU with gloo")
         torch.cuda.set_device(local_rank)
     where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
     try:
