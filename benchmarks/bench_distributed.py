@@ -61,7 +61,7 @@ def _make_inputs(folder: Path, seq_len: int) -> None:
 
 
 def _worker(argv: list[str]) -> None:
-    """One rank: the library calls ``fourbit finetune`` makes, then this rank's memory on stdout."""
+    """One rank: the library calls ``fourbit finetune`` makes, then this rank's memory into a file."""
     from fourbit.train.config import TrainConfig
     from fourbit.train.distributed import init_world
     from fourbit.train.loading import load_for_training
@@ -74,8 +74,9 @@ def _worker(argv: list[str]) -> None:
         base_bytes = sum(t.numel() * t.element_size() for name, t in model.state_dict().items())
         result = train(config, model, tokenizer, data=prepare_data(config, tokenizer), world=world,
                        log=lambda *_: None)
-        print("RESULT " + json.dumps({"rank": world.rank, "peak_rss_mb": _peak_rss_mb(), "base_bytes": base_bytes,
-                                      "steps": result.steps}), flush=True)
+        report = Path(config.out).parent / f"rank-{world.size}-{world.rank}.json"
+        report.write_text(json.dumps({"rank": world.rank, "peak_rss_mb": _peak_rss_mb(), "base_bytes": base_bytes,
+                                      "steps": result.steps}))
     finally:
         world.close()
 
@@ -96,12 +97,12 @@ def _run(folder: Path, nproc: int, args: argparse.Namespace) -> dict:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     if proc.returncode:
         raise SystemExit(f"{nproc}-process run failed:\n{proc.stderr[-3000:]}")
-    ranks = [json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines() if "RESULT " in line]
+    ranks = [json.loads((folder / f"rank-{nproc}-{r}.json").read_text()) for r in range(nproc)]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:]  # the first step warms up
     return {"processes": nproc, "threads_per_process": 1, "tokens_per_s": statistics.median(speeds),
-            "peak_rss_mb_per_rank": [round(r["peak_rss_mb"], 1) for r in sorted(ranks, key=lambda r: r["rank"])],
-            "base_mb_per_rank": round(ranks[0]["base_bytes"] / 2**20, 2),
+            "peak_rss_mb_per_rank": [round(r["peak_rss_mb"], 1) for r in ranks],
+            "weights_mb_per_rank": round(ranks[0]["base_bytes"] / 2**20, 2),
             "global_batch": args.batch * args.accum * 2}
 
 
@@ -128,13 +129,13 @@ def main() -> None:
     print(f"QLoRA (NF4 + DQ base, LoRA r=16 all-linear), global batch {rows[0]['global_batch']} x {args.seq_len} "
           f"tokens, {args.steps} steps; load average {load}")
     print("| processes x threads | mode | tokens/s (all ranks) | vs 1 x 1 | peak RSS per rank (MiB) | "
-          "4-bit base per rank (MiB) |")
+          "model weights per rank (MiB) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         mode = "single" if r["processes"] == 1 else "ddp (gloo)"
         print(f"| {r['processes']} x 1 | {mode} | {r['tokens_per_s']:.0f} | "
               f"{r['tokens_per_s'] / rows[0]['tokens_per_s']:.2f}x | "
-              f"{', '.join(str(m) for m in r['peak_rss_mb_per_rank'])} | {r['base_mb_per_rank']} |")
+              f"{', '.join(str(m) for m in r['peak_rss_mb_per_rank'])} | {r["weights_mb_per_rank"]} |")
 
 
 if __name__ == "__main__":
