@@ -135,7 +135,7 @@ def main() -> None:
         mode = "single" if r["processes"] == 1 else "ddp (gloo)"
         print(f"| {r['processes']} x 1 | {mode} | {r['tokens_per_s']:.0f} | "
               f"{r['tokens_per_s'] / rows[0]['tokens_per_s']:.2f}x | "
-              f"{', '.join(str(m) for m in r['peak_rss_mb_per_rank'])} | {r["weights_mb_per_rank"]} |")
+              f"{', '.join(str(m) for m in r['peak_rss_mb_per_rank'])} | {r['weights_mb_per_rank']} |")
 
 
 if __name__ == "__main__":
