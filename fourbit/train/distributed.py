@@ -58,6 +58,8 @@ class World:
         size: the number of processes (``WORLD_SIZE``).
         local_rank: its rank on this machine (``LOCAL_RANK``), the CUDA device it uses.
         backend: ``gloo`` (CPU) or ``nccl`` (CUDA); empty for a single process.
+        mode: ``ddp`` (the whole base on every rank) or ``fsdp`` (the 4-bit base sharded layer by layer, see
+            :mod:`fourbit.nn.fsdp`); empty for a single process.
         timeout_s: the longest wait for the rendezvous or for a peer in a collective.
         peers: ``(host, pid)`` of every rank, to name a lost one.
     """
@@ -66,6 +68,7 @@ class World:
     size: int = 1
     local_rank: int = 0
     backend: str = ""
+    mode: str = ""
     timeout_s: float = 300.0
     peers: list[tuple[str, int]] = field(default_factory=list)
 
@@ -226,7 +229,6 @@ def init_world(mode: str | None = None, *, timeout_s: float = 300.0) -> World:
     Raises:
         FieldError: a mode that is not ``ddp``/``fsdp`` (``distributed``); a timeout that is not positive or a
             rendezvous not reached within it (``dist_timeout``).
-        NotImplementedError: ``fsdp`` (the 4-bit base is replicated on every rank; see docs/distributed.md).
     """
     if mode is not None and mode not in DISTRIBUTED_MODES:
         raise FieldError("distributed", f"must be one of {', '.join(DISTRIBUTED_MODES)}, not {mode!r}")
@@ -235,9 +237,6 @@ def init_world(mode: str | None = None, *, timeout_s: float = 300.0) -> World:
     size = world_size_from_env()
     if size == 1:
         return World(timeout_s=timeout_s, peers=[(socket.gethostname(), os.getpid())])
-    if mode == "fsdp":
-        raise NotImplementedError("`distributed` fsdp (sharding the 4-bit base over the ranks) is not available "
-                                  "yet; use `distributed` ddp, which keeps a whole 4-bit base on every rank")
     rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
     import torch.distributed as dist
 
@@ -257,7 +256,7 @@ def init_world(mode: str | None = None, *, timeout_s: float = 300.0) -> World:
         raise FieldError("dist_timeout", f"rank {rank} of {size} could not join the rendezvous at {where} within "
                                          f"{timeout_s:g} s: start every rank with the same rendezvous endpoint, "
                                          f"check that it is reachable, or raise `dist_timeout` ({first})") from None
-    world = World(rank, size, local_rank, backend, timeout_s)
+    world = World(rank, size, local_rank, backend, mode or "ddp", timeout_s)
     world.peers = [tuple(p) for p in world.all_gather_object((socket.gethostname(), os.getpid()), "the rendezvous")]
     return world
 

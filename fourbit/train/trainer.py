@@ -182,8 +182,11 @@ def evaluate(model: nn.Module, data: EncodedDataset, config: TrainConfig, pad_id
     total = correct = 0.0
     count = 0
     try:
+        # Under fsdp every rank runs every layer together (the layers' bytes are gathered collectively), so each
+        # evaluates every batch; under ddp each evaluates its share and the sums are reduced.
+        split = world.size if world.mode != "fsdp" else 1
         for i, rows in enumerate(plan.batches(0)):
-            if i % world.size != world.rank:
+            if i % split != world.rank % split:
                 continue
             batch = _to(collate(rows, pad_id, packed=False, classify=config.task == "classify"), device)
             with _autocast(config, model):
@@ -195,7 +198,7 @@ def evaluate(model: nn.Module, data: EncodedDataset, config: TrainConfig, pad_id
     finally:
         model.train(was_training)
         torch.set_rng_state(rng)
-    if world.size > 1:
+    if split > 1:
         sums = world.all_reduce_sum(torch.tensor([total, count, correct], dtype=torch.float64),
                                     "the evaluation").tolist()
         total, count, correct = sums[0], int(sums[1]), sums[2]
@@ -428,6 +431,13 @@ def train(
                                  if name not in ("progress", "out")}})
         seed_everything(config.seed)  # 2. everything random follows from the seed
         add_lora(model, config)  # 3. LoRA (the targets are checked before the model changes)
+        if world.mode == "fsdp":  # the frozen base sharded over the ranks, the adapter whole on each
+            from fourbit.nn.fsdp import shard_4bit_base
+
+            shard = shard_4bit_base(model)
+            every = world.all_gather_object(shard.local, "the sharding of the base")
+            log(f"fsdp: the frozen weights of the base's {shard.layers} layers, {shard.total:,} bytes, are sharded: "
+                + ", ".join(f"rank {r} holds {b:,}" for r, b in enumerate(every)) + " bytes")
         params = [p for p in model.parameters() if p.requires_grad]
         opt = build_optimizer(config.optim, params, lr=config.learning_rate, weight_decay=config.weight_decay,
                               betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon)

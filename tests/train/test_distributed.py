@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -24,6 +25,7 @@ from _cli import assert_clean_error, run_cli
 from _tiny_models import make_llama, make_tokenizer
 from safetensors.torch import load_file
 
+from fourbit._errors import FieldError
 from fourbit.train.distributed import fingerprint_model
 from fourbit.train.metrics import read_metrics
 
@@ -209,9 +211,33 @@ def test_global_batch_the_process_count_does_not_divide(folder, monkeypatch) -> 
     assert not (folder / "bad").exists()
 
 
-def test_fsdp_is_refused_clearly(folder, monkeypatch) -> None:
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert_clean_error(run_cli("finetune", *_args(folder, "bad"), "--distributed", "fsdp"), "--distributed")
+def test_fsdp_shards_the_4bit_base_and_trains_exactly_like_ddp(folder, two_process_run) -> None:
+    two, _ = two_process_run
+    proc = _torchrun(*_args(folder, "fsdp", "--distributed", "fsdp"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # gathering bytes is exact and the adapter is reduced as under ddp: the same adapter, bit for bit
+    a, b = _adapter(folder / "fsdp"), _adapter(two)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)
+    line = next(line for line in proc.stderr.splitlines() if line.startswith("fsdp:"))
+    total = int(re.search(r"([\d,]+) bytes, are sharded", line).group(1).replace(",", ""))
+    per_rank = [int(n.replace(",", "")) for n in re.findall(r"holds ([\d,]+)", line)]
+    assert len(per_rank) == 2 and sum(per_rank) >= total and max(per_rank) <= total / 2 + 1024, line
+
+
+def test_fsdp_refuses_a_policy_that_casts_packed_bytes_and_a_model_without_layers() -> None:
+    from fourbit.models import QuantConfig, quantize_model
+    from fourbit.nn.fsdp import shard_4bit_base
+
+    model = make_llama(0)
+    quantize_model(model, QuantConfig(compute_dtype="fp32"))
+    packed_before = [p.clone() for p in model.parameters() if p.dtype == torch.uint8]
+    with pytest.raises(FieldError, match="packed 4-bit bytes") as refused:
+        shard_4bit_base(model, param_dtype=torch.bfloat16)  # checked before any process group is needed
+    assert refused.value.field == "param_dtype"
+    after = [p for p in model.parameters() if p.dtype == torch.uint8]
+    assert packed_before and all(torch.equal(x, y) for x, y in zip(packed_before, after, strict=True))
+    with pytest.raises(NotImplementedError, match="`distributed` ddp"):
+        shard_4bit_base(torch.nn.Sequential(torch.nn.Linear(4, 4)))
 
 
 def test_unreachable_rendezvous_fails_after_the_timeout(folder, monkeypatch) -> None:
