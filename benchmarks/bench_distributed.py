@@ -4,11 +4,11 @@ Runs the same QLoRA fine-tuning (NF4 + double quantization base, LoRA on all lin
 small random llama (hidden 512, 4 layers: big enough that a step is compute, small enough for a CPU) as
 
 * 1 process x 1 thread, accumulation ``2 G``, and
-* 2 processes x 1 thread (torchrun, gloo), accumulation ``G`` each: the same global batch,
+* 2 processes x 1 thread (torchrun, gloo), accumulation ``G`` each: the same global batch, with ddp and fsdp,
 
 and prints tokens/s over all ranks (median over the steps after the first), the speed-up, each rank's peak RSS
-and the bytes of the 4-bit base each rank holds. DDP keeps a whole base on every rank; FSDP (sharding it, ~1/N
-per rank) is not available yet, so its row is absent.
+and the bytes of the model each rank holds: DDP keeps a whole base on every rank, FSDP (``--distributed fsdp``)
+shards the decoder layers' 4-bit bytes so that each rank holds about 1/N of them.
 
     python benchmarks/bench_distributed.py                 # defaults below
     python benchmarks/bench_distributed.py --steps 8 --batch 2 --accum 2 --seq-len 256 --json
@@ -60,6 +60,11 @@ def _make_inputs(folder: Path, seq_len: int) -> None:
     (folder / "data.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
 
 
+def _local_bytes(t) -> int:
+    local = t.to_local() if hasattr(t, "to_local") else t
+    return local.numel() * local.element_size()
+
+
 def _worker(argv: list[str]) -> None:
     """One rank: the library calls ``fourbit finetune`` makes, then this rank's memory into a file."""
     from fourbit.train.config import TrainConfig
@@ -68,12 +73,13 @@ def _worker(argv: list[str]) -> None:
     from fourbit.train.trainer import prepare_data, train
 
     config = TrainConfig(**json.loads(argv[0]))
-    world = init_world("ddp", timeout_s=120)
+    world = init_world(argv[1], timeout_s=120)
     try:
         model, tokenizer = load_for_training(config)
-        base_bytes = sum(t.numel() * t.element_size() for name, t in model.state_dict().items())
         result = train(config, model, tokenizer, data=prepare_data(config, tokenizer), world=world,
                        log=lambda *_: None)
+        # after training: under fsdp the model is sharded, and each rank holds its shard of the base
+        base_bytes = sum(_local_bytes(t) for t in [*model.parameters(), *model.buffers()])
         report = Path(config.out).parent / f"rank-{world.size}-{world.rank}.json"
         report.write_text(json.dumps({"rank": world.rank, "peak_rss_mb": _peak_rss_mb(), "base_bytes": base_bytes,
                                       "steps": result.steps}))
@@ -81,15 +87,15 @@ def _worker(argv: list[str]) -> None:
         world.close()
 
 
-def _run(folder: Path, nproc: int, args: argparse.Namespace) -> dict:
-    out = folder / f"out-{nproc}"
+def _run(folder: Path, nproc: int, mode: str, args: argparse.Namespace) -> dict:
+    out = folder / f"out-{nproc}-{mode}"
     config = dict(model=str(folder / "model"), data=str(folder / "data.jsonl"), out=str(out), overwrite=True,
                   max_steps=args.steps, batch_size=args.batch, gradient_accumulation_steps=args.accum * 2 // nproc,
                   lora_r=16, lora_alpha=32, compute_dtype="fp32", eval_steps=0, save_steps=0, progress=False,
                   eval_fraction=0.0, max_length=args.seq_len, learning_rate=1e-4)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(_REPO), "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "TORCH_CPP_LOG_LEVEL": "FATAL"}
-    script = [str(Path(__file__).resolve()), "--worker", json.dumps(config)]
+    script = [str(Path(__file__).resolve()), "--worker", json.dumps(config), mode]
     if nproc == 1:
         cmd = [sys.executable, *script]
     else:
@@ -97,12 +103,12 @@ def _run(folder: Path, nproc: int, args: argparse.Namespace) -> dict:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     if proc.returncode:
         raise SystemExit(f"{nproc}-process run failed:\n{proc.stderr[-3000:]}")
-    ranks = [json.loads((folder / f"rank-{nproc}-{r}.json").read_text()) for r in range(nproc)]
+    ranks = [json.loads((out.parent / f"rank-{nproc}-{r}.json").read_text()) for r in range(nproc)]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:]  # the first step warms up
-    return {"processes": nproc, "threads_per_process": 1, "tokens_per_s": statistics.median(speeds),
+    return {"processes": nproc, "mode": mode if nproc > 1 else "single", "threads_per_process": 1, "tokens_per_s": statistics.median(speeds),
             "peak_rss_mb_per_rank": [round(r["peak_rss_mb"], 1) for r in ranks],
-            "weights_mb_per_rank": round(ranks[0]["base_bytes"] / 2**20, 2),
+            "weights_mb_per_rank": [round(r["base_bytes"] / 2**20, 2) for r in ranks],
             "global_batch": args.batch * args.accum * 2}
 
 
@@ -120,7 +126,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fourbit-bench-dist-") as tmp:
         folder = Path(tmp)
         _make_inputs(folder, args.seq_len)
-        rows = [_run(folder, n, args) for n in (1, 2)]
+        rows = [_run(folder, n, mode, args) for n, mode in ((1, "ddp"), (2, "ddp"), (2, "fsdp"))]
     speedup = rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     if args.json:
@@ -132,10 +138,10 @@ def main() -> None:
           "model weights per rank (MiB) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        mode = "single" if r["processes"] == 1 else "ddp (gloo)"
-        print(f"| {r['processes']} x 1 | {mode} | {r['tokens_per_s']:.0f} | "
+        print(f"| {r['processes']} x 1 | {r['mode']} | {r['tokens_per_s']:.0f} | "
               f"{r['tokens_per_s'] / rows[0]['tokens_per_s']:.2f}x | "
-              f"{', '.join(str(m) for m in r['peak_rss_mb_per_rank'])} | {r['weights_mb_per_rank']} |")
+              f"{', '.join(str(m) for m in r['peak_rss_mb_per_rank'])} | "
+              f"{', '.join(str(m) for m in r['weights_mb_per_rank'])} |")
 
 
 if __name__ == "__main__":

@@ -173,7 +173,8 @@ def add_parser(subparsers: Any) -> None:
     add_config_flags(p)
     d = p.add_argument_group("several processes (under torchrun; see docs/distributed.md)")
     d.add_argument("--distributed", choices=("ddp", "fsdp"), default=None,
-                   help="data parallelism when WORLD_SIZE > 1 (default: ddp)")
+                   help="when WORLD_SIZE > 1: ddp keeps the whole 4-bit base on every process (default), fsdp "
+                        "shards it layer by layer")
     d.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="longest wait for the rendezvous and for a peer rank (default: 300)")
     d.add_argument("--global-batch-size", type=int, default=None, metavar="N",
