@@ -38,6 +38,19 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def _global_batch(config: Any, global_batch_size: int | None, world_size: int) -> Any:
+    """``config`` with ``gradient_accumulation_steps`` set so that ``batch_size`` x it x ``world_size`` is
+    ``global_batch_size`` (unchanged when that is None)."""
+    if global_batch_size is None:
+        return config
+    per_step = config.batch_size * world_size
+    if global_batch_size < 1 or global_batch_size % per_step:
+        raise FieldError("global_batch_size", f"{global_batch_size} is not a positive multiple of `batch_size` "
+                                              f"({config.batch_size}) x {world_size} process(es) = {per_step}; "
+                                              "choose a multiple, or change `batch_size` or the process count")
+    return config.replace(gradient_accumulation_steps=global_batch_size // per_step)
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     """QLoRA/LoRA fine-tuning of MODEL (default: the bundled SmolLM2-135M-Instruct) on --data into --out.
 
@@ -45,41 +58,72 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     train_config.yaml, metrics.jsonl, loss_curve.png and checkpoints/ are written into --out itself. A new run
     replaces an older one in --out (with --overwrite) only once it has written its first checkpoint. Ctrl-C
     stops at the next step with a checkpoint; --resume continues from the newest intact checkpoint.
+
+    Under torchrun (WORLD_SIZE > 1) the run is data-parallel over the processes (gloo on CPU, nccl on CUDA):
+    each step's global batch is --batch-size x --gradient-accumulation-steps x processes (or --global-batch-size),
+    rank 0 prints and writes; see docs/distributed.md.
     """
+    from fourbit.train.config import config_from_args
+    from fourbit.train.distributed import init_world, world_size_from_env
+
+    # Options that are wrong on every rank fail here, before any rank waits for the others.
+    config = config_from_args(args, config_file=args.config, model=args.model_pos)
+    _global_batch(config, args.global_batch_size, world_size_from_env())
+    world = init_world(args.distributed, timeout_s=args.dist_timeout)
+    try:
+        return _finetune(args, world)
+    finally:
+        world.close()
+
+
+def _finetune(args: argparse.Namespace, world: Any) -> int:
     from fourbit.train.config import config_from_args
     from fourbit.train.data import check_records, load_records
     from fourbit.train.loading import load_for_training
     from fourbit.train.trainer import TrainingInterrupted, plan_run, prepare_data, train
 
-    config = config_from_args(args, config_file=args.config, model=args.model_pos)
-    for name in ("data", "out"):
-        if not getattr(config, name):
-            raise FieldError(name, "is required: finetune needs `data` (training file) and `out` (run folder)")
-    _print_config(config, args.json)
-    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-    plan = plan_run(config, log=log)  # output folder and checkpoint, before the slow model load
-    # A bad data file fails before the model load too, judged on the whole file (not the training split).
-    label_column = config.label_column if config.task == "classify" else None
-    records = load_records(config.data)
-    check_records(records, format=config.format, text_column=config.text_column, label_column=label_column)
-    if config.eval_data:
-        check_records(load_records(config.eval_data), format=config.format, text_column=config.text_column,
-                      label_column=label_column)
-    labels: list[str] = []
-    if config.task == "classify":
-        labels = sorted({str(r.get(config.label_column)) for r in records if config.label_column in r})
-    model, tokenizer = load_for_training(config, label_names=labels)
-    data = prepare_data(config, tokenizer)
+    def prepare() -> tuple[Any, Any, Any, Any, Any]:
+        config = config_from_args(args, config_file=args.config, model=args.model_pos)
+        for name in ("data", "out"):
+            if not getattr(config, name):
+                raise FieldError(name, "is required: finetune needs `data` (training file) and `out` (run folder)")
+        config = _global_batch(config, args.global_batch_size, world.size)
+        if world.is_main:
+            _print_config(config, args.json)
+        # output folder and checkpoint, before the slow model load (rank 0 alone reads and writes `out`)
+        plan = plan_run(config, log=log, world_size=world.size) if world.is_main else None
+        # A bad data file fails before the model load too, judged on the whole file (not the training split).
+        label_column = config.label_column if config.task == "classify" else None
+        records = load_records(config.data)
+        check_records(records, format=config.format, text_column=config.text_column, label_column=label_column)
+        if config.eval_data:
+            check_records(load_records(config.eval_data), format=config.format, text_column=config.text_column,
+                          label_column=label_column)
+        labels: list[str] = []
+        if config.task == "classify":
+            labels = sorted({str(r.get(config.label_column)) for r in records if config.label_column in r})
+        model, tokenizer = load_for_training(config, label_names=labels)
+        if world.size > 1 and next(model.parameters()).device != world.device:
+            model = model.to(world.device)
+        return config, plan, model, tokenizer, prepare_data(config, tokenizer)
+
+    quiet = not world.is_main
+    log = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    config, plan, model, tokenizer, data = world.agree(prepare, "the loading of the model and data")
     try:
-        result = train(config, model, tokenizer, data=data, plan=plan, log=log)
+        result = train(config, model, tokenizer, data=data, plan=plan, log=log, world=world)
     except TrainingInterrupted as stop:
-        print(f"fourbit finetune: interrupted at step {stop.step}; checkpoint {stop.checkpoint} written: run the "
-              "same command with --resume to continue", file=sys.stderr)
+        if not quiet:
+            print(f"fourbit finetune: interrupted at step {stop.step}; checkpoint {stop.checkpoint} written: run "
+                  "the same command with --resume to continue", file=sys.stderr)
         return 130
+    if quiet:
+        return 0
     summary = _json_safe({
         "out": str(result.out), "steps": result.steps, "train_loss": result.train_loss, **result.eval,
         "n_train": result.n_train, "n_eval": result.n_eval, "n_truncated": result.n_truncated,
         "n_dropped": result.n_dropped, "tokens_per_s": result.tokens_per_s, "resumed_from": result.resumed_from,
+        "world_size": result.world_size,
     })
     if args.json:
         print(json.dumps(summary, allow_nan=False))
@@ -127,6 +171,15 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--config", metavar="FILE.yaml", default=None, help="YAML file overriding the defaults")
     p.add_argument("--json", action="store_true", help="print one JSON document with the results")
     add_config_flags(p)
+    d = p.add_argument_group("several processes (under torchrun; see docs/distributed.md)")
+    d.add_argument("--distributed", choices=("ddp", "fsdp"), default=None,
+                   help="when WORLD_SIZE > 1: ddp keeps the whole 4-bit base on every process (default), fsdp "
+                        "shards it layer by layer")
+    d.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="longest wait for the rendezvous and for a peer rank (default: 300)")
+    d.add_argument("--global-batch-size", type=int, default=None, metavar="N",
+                   help="examples per optimizer step over all processes; sets --gradient-accumulation-steps to "
+                        "N / (--batch-size x processes)")
     p.set_defaults(func=cmd_finetune)
 
     m = subparsers.add_parser("merge", help="merge an adapter into a 16-bit model folder",

@@ -60,12 +60,14 @@ def _inputs(config: TrainConfig) -> list[str]:
     return [p for p in (config.data, config.eval_data, config.model) if p and Path(p).exists()]
 
 
-def plan_run(config: TrainConfig, *, log: Callable[[str], Any] | None = None) -> RunPlan:
+def plan_run(config: TrainConfig, *, log: Callable[[str], Any] | None = None, world_size: int = 1) -> RunPlan:
     """Check the output folder and, for ``resume``, choose and check the checkpoint; loads no model.
 
     Args:
         config: the run's configuration (``out`` required).
         log: where to report skipped checkpoints and changed fields (default: print).
+        world_size: the number of processes of this run; a resumed one must have as many as the checkpoint's
+            (the global batch, and so the order of the data, depends on it).
 
     Returns:
         A :class:`RunPlan`.
@@ -73,7 +75,8 @@ def plan_run(config: TrainConfig, *, log: Callable[[str], Any] | None = None) ->
     Raises:
         FieldError: ``out`` missing, a file, unwritable, an input or inside one, or holding another run
             without ``overwrite``/``resume``; ``resume`` without an intact checkpoint; a resumed run that
-            changes a field of :data:`RESUME_FIXED_FIELDS` (naming the field, the saved and the new value).
+            changes a field of :data:`RESUME_FIXED_FIELDS` (naming the field, the saved and the new value)
+            or the number of processes.
         InputFileError: a damaged ``train_config.yaml`` of the checkpoint.
     """
     log = log or print
@@ -94,6 +97,13 @@ def plan_run(config: TrainConfig, *, log: Callable[[str], Any] | None = None) ->
             raise FieldError("resume", f"no intact checkpoint in {out / 'checkpoints'} (newest: {skipped[0][1]}); "
                                        "start a new run without `resume`")
         raise FieldError("resume", f"{out} holds no checkpoint to resume from; start a new run without `resume`")
+    saved_world = int(checkpoint.state.get("world_size", 1))
+    if saved_world != world_size:
+        raise FieldError("resume", f"{checkpoint.folder} was written by a run on {saved_world} process(es), this "
+                                   f"run has {world_size}; the global batch (`batch_size` x "
+                                   f"`gradient_accumulation_steps` x processes) and the order of the data depend "
+                                   f"on it: resume with {saved_world} process(es) (torchrun --nproc-per-node), or "
+                                   "start a new run without `resume`")
     changed = _compare_with_checkpoint(config, checkpoint, out)
     for name, (old, new) in changed.items():
         log(f"resuming with {name} changed: {old!r} -> {new!r}")
@@ -129,16 +139,20 @@ class RunFolder:
     A new run (``fresh``) writes into a temporary folder beside ``out`` (fourbit's temp naming, so a killed
     run's leftovers are removed by the next writer); :meth:`commit` swaps it in whole, replacing an older run
     only then. Leaving the ``with`` block with an exception before the commit removes the temporary folder
-    and leaves ``out`` as it was. A resumed run writes into ``out`` from the start.
+    and leaves ``out`` as it was. A resumed run writes into ``out`` from the start. With ``write=False`` (the
+    ranks other than 0 of a distributed run) it only names the folder and creates nothing.
     """
 
-    def __init__(self, out: str | os.PathLike, *, fresh: bool) -> None:
+    def __init__(self, out: str | os.PathLike, *, fresh: bool, write: bool = True) -> None:
         self.out = Path(out)
         self.path = self.out
-        self.committed = not fresh
+        self.committed = not fresh or not write
+        self.write = write
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> RunFolder:
+        if not self.write:  # a rank other than 0 of a distributed run: it names the folder, never touches it
+            return self
         if not self.committed:
             self.path = self._stack.enter_context(atomic_dir(self.out))
         else:

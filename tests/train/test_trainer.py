@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from fourbit._errors import FieldError
 from fourbit.train.config import TrainConfig
 from fourbit.train.metrics import read_metrics
-from fourbit.train.trainer import train
+from fourbit.train.plan import plan_run
+from fourbit.train.trainer import _micro_seed, train
 
 
 def _data(tmp_path: Path, n: int = 24) -> str:
@@ -123,3 +124,29 @@ def test_bf16_autocast_and_packing_run(tmp_path: Path) -> None:
     curve = _curve(cfg.out)
     assert len(curve) == 2 and all(torch.isfinite(torch.tensor(c[1])) for c in curve)
     assert res.eval["eval_loss"] > 0
+
+
+def test_checkpoints_record_the_process_count_and_resume_keeps_it(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, "run")
+    res = _run(cfg, stop_after=2)
+    assert res.world_size == 1
+    step2 = Path(cfg.out) / "checkpoints" / "step-000002"
+    state = json.loads((step2 / "trainer_state.json").read_text())
+    assert state["world_size"] == 1
+    assert [r["world_size"] for r in read_metrics(Path(cfg.out) / "metrics.jsonl") if "loss" in r] == [1, 1]
+    # a run on 2 processes may not continue a 1-process checkpoint: the global batch would change
+    with pytest.raises(FieldError, match="1 process.*this run has 2") as refused:
+        plan_run(cfg.replace(resume=True), log=lambda *_: None, world_size=2)
+    assert refused.value.field == "resume" and str(step2) in str(refused.value)
+    # a checkpoint written before the count was recorded is a 1-process one
+    del state["world_size"]
+    (step2 / "trainer_state.json").write_text(json.dumps(state))
+    assert plan_run(cfg.replace(resume=True), log=lambda *_: None).resume.step == 2
+
+
+def test_dropout_masks_depend_on_the_micro_batch_not_the_process(tmp_path: Path) -> None:
+    """Seeding per (seed, step, micro-batch) makes each micro-batch's dropout independent of what ran before it
+    in this process, which is what lets rank r of a distributed run compute micro-batch i as one process would."""
+    seeds = {_micro_seed(0, step, i) for step in range(50) for i in range(64)}
+    assert len(seeds) == 50 * 64  # no two micro-batches of a run share masks
+    assert _micro_seed(0, 3, 1) != _micro_seed(1, 3, 1)
