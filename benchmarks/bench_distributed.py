@@ -22,24 +22,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from _machine import peak_rss_mb  # noqa: E402
+
 _REPO = Path(__file__).resolve().parents[1]
 
-
-def _peak_rss_mb() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _make_inputs(folder: Path, seq_len: int) -> None:
@@ -81,7 +73,7 @@ def _worker(argv: list[str]) -> None:
         # after training: under fsdp the model is sharded, and each rank holds its shard of the base
         base_bytes = sum(_local_bytes(t) for t in [*model.parameters(), *model.buffers()])
         report = Path(config.out).parent / f"rank-{world.size}-{world.rank}.json"
-        report.write_text(json.dumps({"rank": world.rank, "peak_rss_mb": _peak_rss_mb(), "base_bytes": base_bytes,
+        report.write_text(json.dumps({"rank": world.rank, "peak_rss_mb": peak_rss_mb(), "base_bytes": base_bytes,
                                       "steps": result.steps}))
     finally:
         world.close()

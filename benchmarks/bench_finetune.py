@@ -24,12 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _machine import cpu_line, peak_rss_mb  # noqa: E402
 
 CACHE = Path(os.environ.get("FOURBIT_BENCH_CACHE", "/tmp/fourbit_bench_cache")) / "smollm2-fp32"
 
@@ -52,33 +53,8 @@ def _export_fp32() -> Path:
     return CACHE
 
 
-def _peak_rss_mb() -> float:
-    """This process's peak RSS. VmHWM, not ru_maxrss: Linux keeps ru_maxrss across execve, so a worker
-    started from a big parent would report the parent's peak."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
 
 # ------------------------------------------------------------------------------------------ speed worker
-def _cpu_description() -> str:
-    """The CPU model and the flags that decide the fast paths (AVX2, AVX-512, bf16, AMX)."""
-    model, flags = "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model == "unknown CPU":
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-    return f"{model}; flags: {' '.join(f for f in wanted if f in flags) or 'none of ' + ','.join(wanted)}"
-
 
 def _fourbit_model(folder: Path, gc: bool, dtype: str):
     import torch
@@ -163,7 +139,7 @@ def _speed_worker(impl: str, gc: bool, batch: int, seq_len: int, steps: int, dty
     wall = statistics.median(walls[1:])
     return {"impl": impl, "compute_dtype": dtype, "gradient_checkpointing": gc, "batch": batch, "seq_len": seq_len, "steps": steps,
             "tokens_per_s": batch * seq_len / wall, "step_wall_s": wall, "step_cpu_s": statistics.median(cpus[1:]),
-            "peak_rss_mb": _peak_rss_mb(), "load_s": load_s, "first_loss": losses[0]}
+            "peak_rss_mb": peak_rss_mb(), "load_s": load_s, "first_loss": losses[0]}
 
 
 IMPLS = ("fourbit", "fourbit, chunked loss", "bnb+peft")
@@ -268,7 +244,7 @@ def main() -> int:
         print(json.dumps(_speed_worker(args._worker, args.gc, args.batch, args.seq_len, args.steps,
                                        args.compute_dtype)))
         return 0
-    result: dict = {"cpu": _cpu_description(), "threads": args.threads, "load_average": os.getloadavg()}
+    result: dict = {"cpu": cpu_line(), "threads": args.threads, "load_average": os.getloadavg()}
     if args.part in ("all", "quality"):
         result["quality"] = run_quality(args)
     if args.part in ("all", "speed"):

@@ -75,31 +75,7 @@ def _bnb_available() -> bool:
         return False
 
 
-# SIMD features that decide the speed of the vectorized loops (the full flag list goes to --json).
-_SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16",
-               "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve")
-
-
-def cpu_info() -> dict:
-    """The CPU model, its flags and core count, from /proc/cpuinfo (Linux; "unknown" elsewhere)."""
-    model, flags = "unknown", []
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "model name" and model == "unknown":
-                    model = value.strip()
-                elif key in ("flags", "Features") and not flags:
-                    flags = value.split()
-    except OSError:
-        pass
-    return {
-        "model": model,
-        "simd_flags": [f for f in _SIMD_FLAGS if f in flags],
-        "flags": flags,
-        "logical_cpus": os.cpu_count(),
-    }
+from _machine import cpu_info  # noqa: E402  (the SIMD flags that decide the vectorized loops; all flags in --json)
 
 
 def _numba_version() -> str | None:

@@ -15,39 +15,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
-from pathlib import Path
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from _machine import cpu_info  # noqa: E402
 from _timing import load_average, measure  # noqa: E402
 
 import fourbit  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-_SHOWN_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_fp16",
-                "amx_bf16", "amx_tile", "asimd", "sve", "bf16")
+
 
 
 def cpu_description() -> dict:
     """The CPU model, the flags that decide which kernels run, and what torch reports."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model in ("", platform.machine(), platform.processor()):
-                model = value.strip()
-            if key.strip() in ("flags", "Features") and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    return {"model": model, "machine": platform.machine(), "cores": os.cpu_count(),
-            "flags": [f for f in _SHOWN_FLAGS if f in flags],
-            "torch_cpu_capability": str(torch.backends.cpu.get_cpu_capability())}
-
+    info = cpu_info()
+    return {"model": info["model"], "machine": info["machine"], "cores": info["logical_cpus"],
+            "flags": info["simd_flags"], "torch_cpu_capability": info["torch_cpu_capability"]}
 
 def _fourbit(kernels: str, isa: int | None = None):
     def setup():
