@@ -54,14 +54,15 @@ class QuantConfig:
         if self.include is not None:
             self.include = tuple(self.include)
 
+    def skips(self, name: str) -> bool:
+        """Whether ``skip_modules`` names the module called ``name`` (or one of its parents)."""
+        return _names(name, self.skip_modules)
+
     def selects(self, name: str) -> bool:
         """Whether the linear layer called ``name`` is quantized under this config."""
-        def matches(patterns: tuple[str, ...]) -> bool:
-            return any(name == p or name.endswith("." + p) for p in patterns)
-
-        if matches(self.skip_modules):
+        if self.skips(name):
             return False
-        return self.include is None or matches(self.include)
+        return self.include is None or _names(name, self.include)
 
     def resolved_compute_dtype(self, device: torch.device | str = "cpu") -> torch.dtype:
         """The compute dtype for layers on ``device`` ("auto" resolved)."""
@@ -89,6 +90,11 @@ class QuantConfig:
             "bnb_4bit_compute_dtype": str(self.resolved_compute_dtype(device)).removeprefix("torch."),
             "bnb_4bit_quant_storage": "uint8",
         }
+
+
+def _names(name: str, patterns: tuple[str, ...]) -> bool:
+    """``name`` equals a pattern or ends with ``"." + pattern``."""
+    return any(name == p or name.endswith("." + p) for p in patterns)
 
 
 def _fast_bf16(device: torch.device) -> bool:
