@@ -149,12 +149,14 @@ class Experts4bit(nn.Module):
         return module
 
     def _apply(self, fn, recurse: bool = True):
+        # ``model.to(bfloat16)`` must not round the quantization constants: they keep their dtype (as
+        # Linear4bit keeps its quant state) and only follow the device; the packed codes stay uint8.
+        kept = {n: b for n, b in self._buffers.items() if b is not None and b.is_floating_point()}
         super()._apply(fn, recurse)
-        # ``model.to(bfloat16)`` must not round the quantization constants: keep them float32 (as Linear4bit
-        # keeps its quant state), and the packed codes uint8.
-        for name, buf in self._buffers.items():
-            if buf is not None and buf.is_floating_point() and buf.dtype != torch.float32:
-                self._buffers[name] = buf.float()
+        for name, old in kept.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
         return self
 
     def matrix_shapes(self) -> dict[str, tuple[int, int]]:
