@@ -22,8 +22,8 @@ HERE = Path(__file__).resolve().parent
 
 def main(argv: list[str] | None = None) -> dict:
     from fourbit.train import TrainConfig, evaluate, prepare_data, train
-    from fourbit.train.records import load_records
     from fourbit.train.loading import load_for_training
+    from fourbit.train.records import load_records
     from fourbit.train.trainer import add_lora
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
