@@ -79,3 +79,18 @@ def test_shipped_example_data_is_what_the_scripts_say():
 @pytest.mark.slow
 def test_examples_run_on_the_bundled_model(tmp_path):
     assert _example("finetune_quotes").main(["--out", str(tmp_path / "q"), "--max-steps", "2"])["steps"] == 2
+
+
+def test_parent_child_retrieval_with_metadata_over_a_pdf(tmp_path, capsys, make_llama):
+    pytest.importorskip("fpdf")  # the dev extra: makes the PDF
+    pytest.importorskip("chromadb")  # the rag extra
+    folder = _save(make_llama().eval(), tmp_path / "llama")
+    example = _example("rag_pdf")
+    pdf = example.guide_pdf(tmp_path / "guide.pdf")
+    report = example.main([str(pdf), "What are paged optimizers?", "--db", str(tmp_path / "db"), "--model",
+                           str(folder), "--parent-tokens", "128", "--child-tokens", "32,64", "--child-overlap", "4",
+                           "--n-questions", "1"])
+    assert _printed_report(capsys) == report
+    sources = report["answer"]["sources"]
+    assert sources and all(s["id"].startswith("guide-") for s in sources)
+    assert "answer" in report["answer"]

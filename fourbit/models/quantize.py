@@ -154,6 +154,6 @@ def _warn_if_left_unquantized(model: nn.Module, config: QuantConfig, fp: Footpri
             kinds[kind] = kinds.get(kind, 0) + n
         listed = ", ".join(f"{k} ({n:,d} params)" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1]))
         warnings.warn(f"{100 * unexplained / total:.1f}% of the weight-matrix parameters of this "
-                      f"{type(model).__name__} stayed in full precision: {listed}; fourbit quantizes nn.Linear, "
-                      "Conv1D and fused experts only (name such modules in `skip_modules` to keep them float "
-                      "without this warning)", UnquantizedWeightsWarning, stacklevel=2)
+                      f"{type(model).__name__} stayed in full precision: {listed} (left out by `include`, or of a kind "
+                      "fourbit does not quantize: it quantizes nn.Linear, Conv1D and fused experts); name such "
+                      "modules in `skip_modules` to keep them float without this warning", UnquantizedWeightsWarning, stacklevel=2)
