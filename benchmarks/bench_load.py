@@ -6,7 +6,8 @@ parameters live on the meta device -- saves it with ``save_quantized``, then loa
 fresh process and reports that process's peak RSS (``VmHWM``, reset after the imports through
 ``/proc/self/clear_refs``; Linux) above its RSS after imports, against the checkpoint's bytes.
 The target (issue 12): peak <= 1.3 x the checkpoint's bytes (which include the non-quantized embeddings, norms
-and head).
+and head). safetensors maps the file, so pages of weights not yet used may still be unread after
+``load_model``; the peak after one forward pass (which reads every weight) is reported as well.
 
     python benchmarks/bench_load.py                  # ~1.1B parameters, ~0.9 GB checkpoint
     python benchmarks/bench_load.py --layers 4       # a quicker, smaller run
@@ -38,8 +39,11 @@ base = status("VmRSS")
 t0 = time.perf_counter()
 model, _ = load_model(sys.argv[1], quant=QuantConfig(compute_dtype="fp32"))
 seconds = time.perf_counter() - t0
-print(json.dumps({"rss_after_imports": base, "peak_rss": status("VmHWM"), "rss_after_load": status("VmRSS"),
-                  "seconds": seconds}))
+peak = status("VmHWM")
+with torch.no_grad():  # touches every weight: checkpoint pages not read while loading are read now
+    model(torch.tensor([[1, 2, 3]]))
+print(json.dumps({"rss_after_imports": base, "peak_rss": peak, "rss_after_load": status("VmRSS"),
+                  "peak_rss_with_forward": status("VmHWM"), "seconds": seconds}))
 """
 
 
@@ -95,12 +99,15 @@ def main(argv: list[str] | None = None) -> dict:
                                check=True)
         measured = json.loads(child.stdout.strip().splitlines()[-1])
     grown = measured["peak_rss"] - measured["rss_after_imports"]
+    with_forward = measured["peak_rss_with_forward"] - measured["rss_after_imports"]
     result = {"parameters": params, "checkpoint_bytes": ckpt, "build_seconds": round(built, 1),
               "load_seconds": round(measured["seconds"], 2), "peak_rss_growth_bytes": grown,
-              "ratio_to_checkpoint": round(grown / ckpt, 3), "target_ratio": 1.3}
-    print(f"| parameters | checkpoint | peak RSS growth while loading | ratio | target |\n|---|---|---|---|---|\n"
-          f"| {params / 1e9:.2f} B | {ckpt / 2**20:,.0f} MiB | {grown / 2**20:,.0f} MiB | "
-          f"{grown / ckpt:.2f}x | <= 1.3x |")
+              "ratio_to_checkpoint": round(grown / ckpt, 3), "peak_rss_growth_with_forward_bytes": with_forward,
+              "ratio_with_forward": round(with_forward / ckpt, 3), "target_ratio": 1.3}
+    print("| parameters | checkpoint | peak RSS growth: load_model | ratio | + one forward | ratio | target |\n"
+          "|---|---|---|---|---|---|---|\n"
+          f"| {params / 1e9:.2f} B | {ckpt / 2**20:,.0f} MiB | {grown / 2**20:,.0f} MiB | {grown / ckpt:.2f}x | "
+          f"{with_forward / 2**20:,.0f} MiB | {with_forward / ckpt:.2f}x | <= 1.3x |")
     print(json.dumps(result))
     return result
 
