@@ -10,6 +10,7 @@ For each architecture (hidden size 64, 2 layers, vocabulary 259):
   4 bits after ``quantize_model`` (the rest is reported per module kind; MoE routers stay float);
 - 4-bit forward: the 4-bit model's logits against the float model whose quantized weights are replaced by
   their dequantized values (same fp32 math up to summation order, so within 1e-4);
+- checkpoint: ``save_quantized`` then ``load_model`` (skeleton on the meta device) gives the same logits;
 - LoRA step: one AdamW step on ``all-linear`` adapters gives a finite loss, a gradient on every adapter
   tensor and none on a 4-bit or frozen weight, and updates every adapter tensor;
 - peft: ``peft.PeftModel.from_pretrained`` on the dequantized float model loads fourbit's adapter and gives
@@ -29,7 +30,7 @@ import torch
 import transformers
 from torch import nn
 
-from fourbit.models import QuantConfig, quantize_model
+from fourbit.models import QuantConfig, load_model, quantize_model, save_quantized
 from fourbit.nn.adapters import save_adapter
 from fourbit.nn.experts import Experts4bit
 from fourbit.nn.linear4bit import Linear4bit
@@ -101,6 +102,10 @@ def architecture_row(arch: str, tmp_path) -> dict:
     reference = dequantized_copy(quantized)
     ids = _ids()
     forward_diff = float((_logits(quantized, ids) - _logits(reference, ids)).abs().max())
+    save_quantized(quantized, tmp_path / f"{arch}-4bit")
+    loaded, _ = load_model(tmp_path / f"{arch}-4bit", quant=QuantConfig(compute_dtype="fp32"))
+    round_trip = torch.equal(_logits(loaded, ids), _logits(quantized, ids))
+    del loaded
 
     inject_lora(quantized, LoRASpec(r=4, alpha=8, dropout=0.0))
     g = torch.Generator().manual_seed(2)
@@ -132,7 +137,7 @@ def architecture_row(arch: str, tmp_path) -> dict:
     same_layout = layout == {k: tuple(v.shape) for k, v in float_model.state_dict().items()}
     return {"arch": arch, "quantized_fraction": fp.quantized_fraction, "full_precision": fp.full_precision,
             "warned": [str(w.message) for w in caught if "full precision" in str(w.message)],
-            "forward_diff": forward_diff, "loss": float(loss), "adapters_with_grad": adapters_with_grad,
+            "forward_diff": forward_diff, "round_trip": round_trip, "loss": float(loss), "adapters_with_grad": adapters_with_grad,
             "frozen_grads": frozen_grads, "moved": moved, "trainable": len(params),
             "lora_layers": lora_layers, "peft_diff": peft_diff, "merge_diff": merge_diff,
             "merged_layout_ok": same_layout}
@@ -148,6 +153,7 @@ def test_architecture(arch, tmp_path):
     assert row["warned"] == []
     # fp32 on both sides, same dequantized weights: only the order of the sums differs.
     assert row["forward_diff"] < 1e-4
+    assert row["round_trip"], "save_quantized + load_model (meta-device skeleton) gives the same logits exactly"
     assert torch.isfinite(torch.tensor(row["loss"]))
     assert row["frozen_grads"] == [], "no 4-bit or frozen weight gets a gradient"
     assert row["adapters_with_grad"], "every adapter tensor gets a gradient through the 4-bit layers"
@@ -160,11 +166,12 @@ def test_architecture(arch, tmp_path):
 def markdown_table(rows: list[dict]) -> str:
     """The README's table."""
     lines = ["| architecture | quantized | left in full precision | 4-bit forward vs dequantized float | "
-             "LoRA step | peft loads adapter | merge |", "|---|---|---|---|---|---|---|"]
+             "4-bit checkpoint round trip | LoRA step | peft loads adapter | merge |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         left = ", ".join(f"{k} ({v['params']} params)" for k, v in r["full_precision"].items()) or "-"
         lines.append(f"| {r['arch']} | {100 * r['quantized_fraction']:.1f}% | {left} | max abs diff "
-                     f"{r['forward_diff']:.1e} | loss {r['loss']:.2f}, {r['moved']}/{r['trainable']} tensors "
+                     f"{r['forward_diff']:.1e} | {'exact' if r['round_trip'] else 'DIFFERS'} | loss {r['loss']:.2f}, {r['moved']}/{r['trainable']} tensors "
                      f"updated | max abs diff {r['peft_diff']:.1e} | max abs diff {r['merge_diff']:.1e}, "
                      f"{'own layout' if r['merged_layout_ok'] else 'LAYOUT DIFFERS'} |")
     return "\n".join(lines)
