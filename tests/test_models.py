@@ -385,6 +385,9 @@ def test_gpt2_and_moe_checkpoints_round_trip_exactly(tmp_path):
         theirs, ours = loaded.state_dict(), model.state_dict()
         assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
         assert sum(isinstance(m, Experts4bit) for m in loaded.modules()) == (2 if arch == "olmoe" else 0)
+        from fourbit.models import checkpoint_info
+
+        assert checkpoint_info(tmp_path / arch)["quantized_params"] == fourbit_info(model).footprint.quantized_params
         ids = _ids()
         with torch.no_grad():
             assert torch.equal(loaded(ids).logits, model(ids).logits)
