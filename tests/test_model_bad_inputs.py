@@ -318,3 +318,102 @@ def test_sigkill_during_quantize_leaves_nothing_that_looks_complete(tiny_llama_d
     _no_temps(tmp_path)
     assert _quantize(tiny_llama_dir, reference).code == 0
     assert _snapshot(out) == _snapshot(reference), "the rerun wrote the bytes of an uninterrupted run"
+
+
+# -------------------------------------------------------------------------- architectures fourbit cannot fully quantize
+def _register_conv_lm():
+    """A causal LM type made of an embedding, a torch ``nn.Conv1d`` mixer and an ``nn.Linear`` head, with an
+    optional ``nn.Linear`` projection: registered with transformers' Auto classes (once per process)."""
+    from torch import nn
+    from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+    from transformers.modeling_outputs import CausalLMOutput
+
+    if "fourbit_test_conv_lm" in getattr(_register_conv_lm, "done", ()):
+        return _register_conv_lm.classes
+
+    class ConvLMConfig(PretrainedConfig):
+        model_type = "fourbit_test_conv_lm"
+
+        def __init__(self, vocab_size=259, hidden_size=64, with_linear=False, **kw):
+            self.vocab_size, self.hidden_size, self.with_linear = vocab_size, hidden_size, with_linear
+            super().__init__(**kw)
+
+    class ConvLMForCausalLM(PreTrainedModel):
+        config_class = ConvLMConfig
+        base_model_prefix = "conv_lm"
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+            self.mixer = nn.Conv1d(config.hidden_size, config.hidden_size, kernel_size=3, padding=1)
+            self.proj = nn.Linear(config.hidden_size, 16) if config.with_linear else None
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.post_init()
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+        def forward(self, input_ids=None, **kw):
+            h = self.mixer(self.embed(input_ids).transpose(1, 2)).transpose(1, 2)
+            return CausalLMOutput(logits=self.lm_head(h))
+
+    AutoConfig.register("fourbit_test_conv_lm", ConvLMConfig)
+    AutoModelForCausalLM.register(ConvLMConfig, ConvLMForCausalLM)
+    _register_conv_lm.done = ("fourbit_test_conv_lm",)
+    _register_conv_lm.classes = ConvLMConfig, ConvLMForCausalLM
+    return _register_conv_lm.classes
+
+
+def _conv_lm_folder(tmp_path: Path, tiny_tokenizer, with_linear: bool) -> Path:
+    config_cls, model_cls = _register_conv_lm()
+    folder = tmp_path / f"conv-lm-{with_linear}"
+    torch.manual_seed(0)
+    model_cls(config_cls(with_linear=with_linear)).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_model_type_without_linear_layers_is_refused_naming_the_type(tmp_path, tiny_tokenizer):
+    folder = _conv_lm_folder(tmp_path, tiny_tokenizer, with_linear=False)
+    before = _snapshot(folder)
+    message = assert_clean_error(_quantize(folder, tmp_path / "q4"), "ConvLMForCausalLM", "fourbit_test_conv_lm")
+    assert "no linear" in message
+    assert not (tmp_path / "q4").exists() and _snapshot(folder) == before
+
+
+def test_weights_left_in_full_precision_are_reported_and_warned(tmp_path, tiny_tokenizer):
+    folder = _conv_lm_folder(tmp_path, tiny_tokenizer, with_linear=True)
+    result = _quantize(folder, tmp_path / "q4")
+    assert result.code == 0, result.err
+    warning = [line for line in result.err.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "Conv1d" in warning[0] and "--skip-modules" in warning[0], result.err
+    report = json.loads(result.out)
+    assert report["full_precision"] == {"Conv1d": {"matrices": 1, "params": 64 * 64 * 3}}
+    assert report["quantized_params"] == 64 * 16 and report["full_precision_fraction"] > 0.9
+    # naming the module in skip_modules keeps it float on purpose: reported, not warned
+    again = _quantize(folder, tmp_path / "q4b", "--skip-modules", "lm_head,mixer")
+    assert again.code == 0 and "warning:" not in again.err
+    assert json.loads(again.out)["full_precision"] == {"Conv1d": {"matrices": 1, "params": 64 * 64 * 3}}
+
+
+def test_conv1d_shapes_the_blocksize_does_not_divide_are_padded(tmp_path, tiny_tokenizer):
+    """GPT-2 with n_embd=36: c_attn holds 36 x 108 = 3888 weights, not a multiple of 64; the last block is
+    padded as the flat blockwise layout does, and the checkpoint loads back exactly."""
+    import transformers
+
+    from fourbit.models import QuantConfig, load_model
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=36, n_layer=1, n_head=4, vocab_size=259, n_positions=64,
+                                     bos_token_id=256, eos_token_id=256)
+    folder = tmp_path / "gpt2-36"
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    result = _quantize(folder, tmp_path / "q4")
+    assert result.code == 0, result.err
+    assert json.loads(result.out)["quantized_layers"] == 4 and "warning:" not in result.err
+    loaded, _ = load_model(tmp_path / "q4", quant=QuantConfig(compute_dtype="fp32"))
+    c_attn = loaded.transformer.h[0].attn.c_attn
+    assert (c_attn.in_features, c_attn.out_features) == (36, 108) and c_attn.quant_state.absmax.numel() == 61
+    with torch.no_grad():
+        assert torch.isfinite(loaded(torch.randint(0, 256, (1, 7))).logits).all()

@@ -305,3 +305,119 @@ def test_a_checkpoint_of_an_unknown_quant_type_is_refused(tmp_path, make_llama, 
     with pytest.raises(InputFileError, match="nf5") as refused:
         load_model(out)
     assert refused.value.path == str(out / file) and names in str(refused.value)
+
+
+def _tiny_gpt2(seed: int = 0, model_class=None):
+    """A 2-layer GPT-2 (Conv1D layers, weights stored [in, out]); every in_features is a multiple of 64."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=259, n_positions=256,
+                                     bos_token_id=256, eos_token_id=256, pad_token_id=256)
+    return (model_class or transformers.GPT2LMHeadModel)(config).eval()
+
+
+def test_conv1d_is_quantized_transposed_like_bitsandbytes():
+    from transformers.pytorch_utils import Conv1D
+
+    from fourbit.quant import quantize_4bit
+
+    model = _tiny_gpt2()
+    c_attn = model.transformer.h[0].attn.c_attn  # weight [64, 192]: in 64, out 192
+    expected, _ = quantize_4bit(c_attn.weight.detach().t().contiguous())
+    fp = quantize_model(model, QuantConfig(compute_dtype="fp32"))
+    q = model.transformer.h[0].attn.c_attn
+    assert isinstance(q, Linear4bit) and (q.in_features, q.out_features) == (64, 192)
+    assert q.source_cls is Conv1D
+    assert torch.equal(q.weight, expected), "the bytes of quantize_4bit(W.T), as transformers' bnb path makes them"
+    assert fp.quantized_layers == 8 and fp.full_precision == {}
+
+
+def test_fourbit_gpt2_checkpoint_loads_in_transformers_with_bitsandbytes(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    model = _tiny_gpt2()
+    quantize_model(model, QuantConfig(compute_dtype="fp32"))
+    save_quantized(model, tmp_path / "q")
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert type(theirs.transformer.h[0].attn.c_attn).__module__.startswith("bitsandbytes")
+    ids = _ids()
+    with torch.no_grad():  # eval mode on both sides (GPT-2 has dropout); bf16 repacking as described above
+        expected, got = model(ids).logits, theirs.eval()(ids).logits.float()
+    assert float((got - expected).abs().max()) <= 2**-6 * float(expected.abs().max())
+
+
+def test_bitsandbytes_gpt2_checkpoint_loads_in_fourbit(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers.pytorch_utils import Conv1D
+
+    _tiny_gpt2().save_pretrained(tmp_path / "base")
+    bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=torch.float32)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=bnb_config)
+    theirs.save_pretrained(tmp_path / "bnb")
+    ours, _ = load_model(tmp_path / "bnb", quant=QuantConfig(compute_dtype="fp32"))
+    layers = [m for m in ours.modules() if isinstance(m, Linear4bit)]
+    assert len(layers) == 8 and all(m.source_cls is Conv1D for m in layers)
+    # the same 4-bit weights: fourbit quantizing the float GPT-2 gives bitsandbytes' bytes
+    mine = _tiny_gpt2()
+    quantize_model(mine, QuantConfig(compute_dtype="fp32"))
+    assert all(torch.equal(a, b) for (k, a), b in zip(ours.state_dict().items(), mine.state_dict().values(),
+                                                       strict=True) if k.endswith("c_attn.weight"))
+    ids = _ids()
+    with torch.no_grad():
+        expected, got = ours(ids).logits, theirs.eval()(ids).logits.float()
+    assert float((got - expected).abs().max()) <= 2**-6 * float(expected.abs().max())
+
+
+def test_gpt2_and_moe_checkpoints_round_trip_exactly(tmp_path):
+    from test_architectures import make_model
+
+    from fourbit.nn.experts import Experts4bit
+
+    for arch in ("gpt2", "olmoe"):
+        model = make_model(arch)
+        quantize_model(model, QuantConfig(compute_dtype="fp32"))
+        save_quantized(model, tmp_path / arch)
+        loaded, _ = load_model(tmp_path / arch, quant=QuantConfig(compute_dtype="fp32"))
+        theirs, ours = loaded.state_dict(), model.state_dict()
+        assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
+        assert sum(isinstance(m, Experts4bit) for m in loaded.modules()) == (2 if arch == "olmoe" else 0)
+        from fourbit.models import checkpoint_info
+
+        assert checkpoint_info(tmp_path / arch)["quantized_params"] == fourbit_info(model).footprint.quantized_params
+        ids = _ids()
+        with torch.no_grad():
+            assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_loading_a_checkpoint_builds_no_float_weight(tmp_path, make_llama, monkeypatch):
+    """The skeleton's parameters live on the meta device until the checkpoint's tensors are assigned to them
+    (not copied into them): no float weight of a quantized layer is ever materialised. The peak memory this
+    gives is measured by benchmarks/bench_load.py."""
+    model = make_llama(intermediate_size=128)
+    quantize_model(model, QuantConfig(compute_dtype="fp32"))
+    save_quantized(model, tmp_path / "q")
+    seen = []
+    real_load = nn.Module.load_state_dict
+
+    def spy(self, state_dict, strict=True, assign=False):
+        if self.__class__.__name__ == "LlamaForCausalLM":
+            shells = tuple(n + "." for n, m in self.named_modules() if isinstance(m, Linear4bit))
+            seen.append((assign, sorted({p.device.type for n, p in self.named_parameters()
+                                         if not n.startswith(shells)})))
+            float_weights = [n for n, m in self.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+            seen.append(float_weights)
+        return real_load(self, state_dict, strict=strict, assign=assign)
+
+    monkeypatch.setattr(nn.Module, "load_state_dict", spy)
+    loaded, _ = load_model(tmp_path / "q", quant=QuantConfig(compute_dtype="fp32"))
+    (assign, devices), float_weights = seen
+    assert assign and devices == ["meta"], "embeddings, norms, lm_head: on the meta device until assigned"
+    assert float_weights == [], "the quantized layers are 4-bit shells before any tensor is read"
+    assert not [n for n, t in loaded.state_dict().items() if t.is_meta]
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)

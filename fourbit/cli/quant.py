@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +26,18 @@ def add_quant_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compute-dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                    help="matmul dtype of the 4-bit layers (default auto: bf16 on GPUs and CPUs with native bf16, "
                         "else fp32)")
+    p.add_argument("--skip-modules", default="lm_head", metavar="NAMES",
+                   help="comma-separated module names (or name suffixes) kept in full precision, without the "
+                        "warning fourbit gives when more than 5%% of the weights stay unquantized (default lm_head)")
 
 
 def quant_config_from_args(args: argparse.Namespace):
     """The ``QuantConfig`` the quantization flags describe."""
     from fourbit.models import QuantConfig
 
+    skip = tuple(n.strip() for n in getattr(args, "skip_modules", "lm_head").split(",") if n.strip())
     return QuantConfig(quant_type=args.quant_type, blocksize=args.blocksize, double_quant=not args.no_double_quant,
-                       compute_dtype=args.compute_dtype)
+                       compute_dtype=args.compute_dtype, skip_modules=skip)
 
 
 def _print_json(obj: Any) -> None:
@@ -61,9 +67,10 @@ def footprint_table(fp, title: str):
         table.add_row("mean relative weight error", f"{fp.mean_relative_error:.4f}")
     if fp.skipped:
         table.add_row("kept in full precision", ", ".join(fp.skipped))
+    table.add_row("weight matrices in 4 bits", f"{100 * fp.quantized_fraction:.1f}% (outside embeddings and head)")
+    for kind, entry in fp.full_precision.items():
+        table.add_row(f"full precision: {kind}", f"{entry['matrices']} matrices, {entry['params']:,} params")
     return table
-
-
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -71,6 +78,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from fourbit._errors import InputFileError
     from fourbit._io import check_output_dir
     from fourbit.models import bundled_model_path, load_model, quantize_model, save_quantized
+    from fourbit.models.quantize import UnquantizedWeightsWarning
 
     config = quant_config_from_args(args)
     source = Path(args.model).expanduser() if args.model else bundled_model_path()
@@ -79,9 +87,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, quant=None)
     try:
-        fp = quantize_model(model, config, progress=not args.json, measure_error=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UnquantizedWeightsWarning)
+            fp = quantize_model(model, config, progress=not args.json, measure_error=True)
     except ValueError as err:  # NaN/Inf weights: name the model it came from as well as the module
         raise InputFileError(source if inputs else str(args.model), str(err)) from None
+    for w in caught:  # one plain line each, with the flag the user can pass
+        if issubclass(w.category, UnquantizedWeightsWarning):
+            print(f"warning: {str(w.message).replace('`skip_modules`', '--skip-modules')}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     seconds = time.perf_counter() - t0
     save_quantized(model, out, tokenizer, overwrite=args.overwrite)
     if args.json:

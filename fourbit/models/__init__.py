@@ -10,11 +10,15 @@ Modules, each read top to bottom: ``config`` (:class:`QuantConfig`), ``footprint
 (bundled model, folder checks), ``gguf``, ``describe`` (checkpoint checks and ``fourbit info``), ``load``,
 ``save``. What fourbit did to a model (its quantization config, footprint and LoRA spec) is recorded in one
 place, ``fourbit_info(model)`` (:mod:`fourbit.nn.info`).
+
+Quantized: ``nn.Linear``, transformers' ``Conv1D`` (GPT-2 family; stored transposed, as bitsandbytes does) and
+the fused 3-D expert weights of mixture-of-experts models (:mod:`fourbit.nn.experts`). What stays in full
+precision is reported per module kind in the footprint, with a warning above 5 % of the weight matrices.
 """
 
 from fourbit.models.config import QuantConfig, quant_config_from_checkpoint
 from fourbit.models.describe import QuantizedLayer, checkpoint_info, scan_quantized_layers
-from fourbit.models.footprint import Footprint, model_footprint
+from fourbit.models.footprint import Footprint, full_precision_weights, model_footprint
 from fourbit.models.gguf import check_gguf, load_gguf
 from fourbit.models.load import load_model
 from fourbit.models.locate import (
@@ -26,7 +30,7 @@ from fourbit.models.locate import (
     check_model_folder,
     is_quantized_checkpoint,
 )
-from fourbit.models.quantize import quantize_model
+from fourbit.models.quantize import UnquantizedWeightsWarning, quantize_model
 from fourbit.models.save import save_quantized
 from fourbit.nn.info import FourbitInfo, clear_fourbit_info, fourbit_info
 
@@ -39,12 +43,14 @@ __all__ = [
     "FourbitInfo",
     "QuantConfig",
     "QuantizedLayer",
+    "UnquantizedWeightsWarning",
     "bundled_model_path",
     "check_gguf",
     "check_model_folder",
     "checkpoint_info",
     "clear_fourbit_info",
     "fourbit_info",
+    "full_precision_weights",
     "is_quantized_checkpoint",
     "load_gguf",
     "load_model",

@@ -26,7 +26,7 @@ class QuantConfig:
         double_quant: quantize the absmax constants to 8 bits (QLoRA: True).
         compute_dtype: "auto", "bf16", "fp16" or "fp32": the matmul dtype of the 4-bit layers. "auto" picks
             bf16 on GPUs and on CPUs with native bf16 arithmetic (AMX / AVX512-BF16), else fp32: on an AVX2-only
-            CPU, torch's bf16 matmul emulates bf16 and ran 5x slower than fp32 here (8 vs 44 GFLOP/s).
+            CPU, torch's bf16 matmul emulates bf16 and runs several times slower than fp32.
         skip_modules: module names (or name suffixes) kept in full precision; QLoRA keeps ``lm_head``.
         include: if given, only linear layers whose name ends with one of these are quantized.
 
@@ -54,14 +54,15 @@ class QuantConfig:
         if self.include is not None:
             self.include = tuple(self.include)
 
+    def skips(self, name: str) -> bool:
+        """Whether ``skip_modules`` names the module called ``name`` (or one of its parents)."""
+        return _names(name, self.skip_modules)
+
     def selects(self, name: str) -> bool:
         """Whether the linear layer called ``name`` is quantized under this config."""
-        def matches(patterns: tuple[str, ...]) -> bool:
-            return any(name == p or name.endswith("." + p) for p in patterns)
-
-        if matches(self.skip_modules):
+        if self.skips(name):
             return False
-        return self.include is None or matches(self.include)
+        return self.include is None or _names(name, self.include)
 
     def resolved_compute_dtype(self, device: torch.device | str = "cpu") -> torch.dtype:
         """The compute dtype for layers on ``device`` ("auto" resolved)."""
@@ -89,6 +90,9 @@ class QuantConfig:
         }
 
 
+def _names(name: str, patterns: tuple[str, ...]) -> bool:
+    """``name`` equals a pattern or ends with ``"." + pattern``."""
+    return any(name == p or name.endswith("." + p) for p in patterns)
 
 
 def quant_config_from_checkpoint(qc: dict[str, Any], config_file: str | os.PathLike) -> QuantConfig:

@@ -119,12 +119,31 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
+def _expert_params(files: list[Path]) -> int:
+    """Weights held by 4-bit fused experts (``<w>`` packed ``[E, ceil(n / 2)]`` beside ``<w>_absmax``), read
+    from the headers: ``2 * E * ceil(n / 2)``, exact unless an expert matrix has an odd number of elements."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            keys = set(handle.keys())
+            for key in keys:
+                packed = key.removesuffix("_absmax")
+                if key.endswith(("gate_up_proj_absmax", "down_proj_absmax")) and packed in keys:
+                    shape = handle.get_slice(packed).get_shape()
+                    if len(shape) == 2:
+                        total += 2 * int(shape[0]) * int(shape[1])
+    return total
+
+
 def checkpoint_info(folder: str | os.PathLike) -> dict[str, Any]:
     """What a model or checkpoint folder holds: architecture, quantization settings, layers, sizes.
 
     Returns:
         A JSON-ready dict: ``folder``, ``architecture``, ``quantized``, ``quantization_config``, ``files``
-        (name -> bytes), ``quantized_layers``, ``quantized_params``, ``quant_types``, ``fourbit`` (the
+        (name -> bytes), ``quantized_layers`` (4-bit linear layers), ``quantized_params`` (their weights and the
+        4-bit expert weights of :mod:`fourbit.nn.experts`), ``quant_types``, ``fourbit`` (the
         ``fourbit.json`` metadata, when present) and ``warning`` (no weights).
 
     Raises:
@@ -152,7 +171,7 @@ def checkpoint_info(folder: str | os.PathLike) -> dict[str, Any]:
         "quantization_config": qc,
         "files": {f.name: f.stat().st_size for f in files},
         "quantized_layers": len(layers),
-        "quantized_params": sum(layer.numel for layer in layers),
+        "quantized_params": sum(layer.numel for layer in layers) + _expert_params(files),
         "quant_types": sorted({layer.quant_type for layer in layers}),
     }
     if quantized and not layers:

@@ -31,8 +31,10 @@ from fourbit.models.locate import (
     safetensors_files,
 )
 from fourbit.models.quantize import quantize_model
+from fourbit.nn.experts import Experts4bit, is_fused_experts
 from fourbit.nn.info import fourbit_info
 from fourbit.nn.linear4bit import Linear4bit, parse_dtype
+from fourbit.nn.lora import is_conv1d
 
 __all__ = ["load_model"]
 
@@ -138,9 +140,45 @@ def _no_init():
         yield
 
 
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Build modules whose parameters live on the meta device (no memory) while their buffers are computed
+    on the CPU as usual: rotary frequencies and other non-persistent buffers are not in the checkpoint, so
+    they must be real. Each parameter is allocated uninitialised (untouched pages: no resident memory) and
+    moved to meta at once, one at a time."""
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        with _no_init():
+            yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def _checkpoint_keys(files: list[Path]) -> set[str]:
+    """Every tensor name in ``files`` (headers only; the files were checked already)."""
+    from safetensors import safe_open
+
+    keys: set[str] = set()
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            keys.update(handle.keys())
+    return keys
+
+
 def _load_quantized_checkpoint(folder: Path, compute_dtype: str | None) -> tuple[nn.Module, object]:
-    """Build the model from its config, swap in empty 4-bit layers where the checkpoint has them, and load
-    the tensors; everything is checked first (settings, quant states, then sizes)."""
+    """Build the model's skeleton with its parameters on the meta device, swap in empty 4-bit layers where
+    the checkpoint has them, and fill it from the safetensors (``assign``: the loaded tensors become the
+    parameters, nothing is copied); everything is checked first (settings, quant states, then sizes).
+
+    The float weights are never materialised, so peak memory while loading stays near the checkpoint's size
+    (``benchmarks/bench_load.py`` measures it)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config_file = folder / "config.json"
@@ -163,29 +201,44 @@ def _load_quantized_checkpoint(folder: Path, compute_dtype: str | None) -> tuple
         dtype = getattr(torch, dtype)
     requested = compute_dtype if compute_dtype not in (None, "auto") else None
     compute = parse_dtype(requested or qc.get("bnb_4bit_compute_dtype") or qc.get("compute_dtype") or "fp32")
-    with _no_init():
+    with _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for layer in layers:
         try:
             linear = model.get_submodule(layer.name)
         except AttributeError:
             linear = None
-        if not isinstance(linear, nn.Linear):
+        if not (isinstance(linear, nn.Linear) or is_conv1d(linear)):
             raise InputFileError(files[0], f"4-bit layer {layer.name!r} is not a linear layer of a "
                                            f"{config.model_type} model; the weights do not fit config.json")
-        if layer.shape != (linear.out_features, linear.in_features):
+        in_features, out_features = (linear.weight.shape if is_conv1d(linear)
+                                     else (linear.in_features, linear.out_features))
+        if layer.shape != (out_features, in_features):
             raise InputFileError(files[0], f"4-bit layer {layer.name!r} has shape {layer.shape}, the model "
-                                           f"needs {(linear.out_features, linear.in_features)}")
-        shell = Linear4bit._empty(linear.in_features, linear.out_features, linear.bias is not None, compute)
+                                           f"needs {(out_features, in_features)}")
+        shell = Linear4bit._empty(in_features, out_features, linear.bias is not None, compute)
+        if is_conv1d(linear):
+            shell.source_cls = type(linear)
         model.set_submodule(layer.name, shell)
+    keys = _checkpoint_keys(files)
+    for name, module in list(model.named_modules()):
+        if is_fused_experts(module) and f"{name}.gate_up_proj_absmax" in keys:
+            e, two_i, h = module.gate_up_proj.shape
+            with torch.device("meta"):
+                shell = Experts4bit(e, h, two_i // 2, module.act_fn, compute_dtype=compute,
+                                    quant_type=layers[0].quant_type, blocksize=layers[0].blocksize,
+                                    double_quant=f"{name}.gate_up_proj_offset" in keys, dtype=dtype)
+            shell._set_template(module)
+            model.set_submodule(name, shell)
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
         tensors.update(load_safetensors(file))
     try:
-        result = model.load_state_dict(tensors, strict=False)
+        result = model.load_state_dict(tensors, strict=False, assign=True)
     except (RuntimeError, ValueError) as err:
         raise InputFileError(folder, f"the weights do not fit config.json: {' '.join(str(err).split())[:400]}") \
             from None
+    del tensors
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in result.missing_keys if k not in tied and not k.endswith("lm_head.weight")]
     if missing or result.unexpected_keys:
@@ -193,6 +246,12 @@ def _load_quantized_checkpoint(folder: Path, compute_dtype: str | None) -> tuple
                                      f"{result.unexpected_keys[:5]}")
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
+    still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if still_meta:
+        raise InputFileError(folder, f"the weights do not fit config.json: missing {still_meta[:5]}")
+    for module in model.modules():
+        if isinstance(module, Linear4bit | Experts4bit):
+            module.to(next(iter(module.parameters())).device)  # quant state beside its packed weight
     model.config.quantization_config = qc
     model.eval()
     return model, _tokenizer(folder)

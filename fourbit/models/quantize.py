@@ -1,28 +1,80 @@
-"""Quantize a model in place: every selected ``nn.Linear`` becomes a frozen :class:`Linear4bit`, layer by
-layer (QLoRA, section 3: NF4 storage with double-quantized constants, 16-bit compute)."""
+"""Quantize a model in place: every selected linear-like layer (``nn.Linear``, GPT-2's ``Conv1D``) becomes a
+frozen :class:`Linear4bit`, and every fused mixture-of-experts weight a :class:`fourbit.nn.experts.Experts4bit`,
+layer by layer (QLoRA, section 3: NF4 storage with double-quantized constants, 16-bit compute).
+
+Nothing is left in full precision silently: the footprint reports, per module kind, the weight matrices that
+stayed in full precision, and :class:`UnquantizedWeightsWarning` is raised when they are more than 5 % of the
+weight-matrix parameters outside the embeddings and the output head (``skip_modules`` silences it for what it
+names).
+"""
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import nn
 
 from fourbit.models.config import QuantConfig
-from fourbit.models.footprint import Footprint, model_footprint, tensor_bytes
+from fourbit.models.footprint import Footprint, full_precision_weights, model_footprint, tensor_bytes
+from fourbit.nn.experts import Experts4bit, is_fused_experts
 from fourbit.nn.info import fourbit_info
 from fourbit.nn.linear4bit import Linear4bit
+from fourbit.nn.lora import is_conv1d
 
-__all__ = ["quantize_model"]
+__all__ = ["UNQUANTIZED_WARN_FRACTION", "UnquantizedWeightsWarning", "quantize_layer", "quantize_model"]
+
+#: warn when more than this share of the weight-matrix parameters (outside embeddings and head) stays float
+UNQUANTIZED_WARN_FRACTION = 0.05
+
+
+class UnquantizedWeightsWarning(UserWarning):
+    """More than 5 % of a model's weight-matrix parameters stayed in full precision after quantization."""
+
+
+def quantize_layer(module: nn.Module, config: QuantConfig, compute_dtype: torch.dtype) -> nn.Module:
+    """The 4-bit version of one linear-like layer or fused-experts module (``module`` is read, not changed).
+
+    A ``Conv1D`` (weight ``[in, out]``) is quantized transposed, as transformers' bitsandbytes integration
+    does, so the 4-bit weight is ``[out, in]`` like every ``Linear4bit`` and its checkpoint keys and bytes are
+    bitsandbytes'; the layer is marked with ``source_cls`` (as transformers marks it) so that a float copy of
+    it is a ``Conv1D`` again.
+    """
+    kwargs = dict(quant_type=config.quant_type, blocksize=config.blocksize, double_quant=config.double_quant,
+                  compute_dtype=compute_dtype)
+    if is_fused_experts(module):
+        return Experts4bit.from_experts(module, **kwargs)
+    if is_conv1d(module):
+        in_features, out_features = module.weight.shape
+        view = nn.Linear(in_features, out_features, bias=module.bias is not None, device="meta")
+        view.weight = nn.Parameter(module.weight.detach().t().contiguous(), requires_grad=False)
+        if module.bias is not None:
+            view.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
+        q = Linear4bit.from_linear(view, **kwargs)
+        q.source_cls = type(module)
+        return q
+    return Linear4bit.from_linear(module, **kwargs)
+
+
+def _weight_of(module: nn.Module) -> torch.Tensor:
+    """The float weight ``quantize_layer`` quantizes, ``[out, in]`` (or ``[experts, ...]``), for the error."""
+    if is_fused_experts(module):
+        return torch.cat([p.detach().float().flatten() for p in module.parameters() if p.dim() == 3])
+    w = module.weight.detach().float()
+    return w.t() if is_conv1d(module) else w
 
 
 def quantize_model(
     model: nn.Module, config: QuantConfig | None = None, *, progress: bool = False, measure_error: bool = False
 ) -> Footprint:
-    """Replace every selected ``nn.Linear`` of ``model`` by a :class:`Linear4bit`, in place, layer by layer.
+    """Replace every selected linear-like layer of ``model`` by a 4-bit one, in place, layer by layer.
 
-    Each layer's full-precision weight is released as soon as its 4-bit copy exists, so peak memory stays
-    near the unquantized model plus one layer. The config and the footprint are recorded in
-    ``fourbit_info(model)`` (:mod:`fourbit.nn.info`), and ``model.config.quantization_config`` is set as
-    transformers + bitsandbytes would set it.
+    Quantized: ``nn.Linear`` and transformers' ``Conv1D`` -> :class:`Linear4bit`; the fused 3-D expert
+    weights of mixture-of-experts models -> :class:`fourbit.nn.experts.Experts4bit` (NF4 + double
+    quantization per expert matrix). Each layer's full-precision weight is released as soon as its 4-bit copy
+    exists, so peak memory stays near the unquantized model plus one layer. The config and the footprint are
+    recorded in ``fourbit_info(model)`` (:mod:`fourbit.nn.info`), and ``model.config.quantization_config`` is
+    set as transformers + bitsandbytes would set it.
 
     Args:
         model: any torch module (typically a transformers causal LM).
@@ -31,9 +83,15 @@ def quantize_model(
         measure_error: also compute the mean over layers of ||W - dequant(quant(W))|| / ||W||.
 
     Returns:
-        The :class:`Footprint` (model bytes before and after, bits per quantized parameter).
+        The :class:`Footprint` (model bytes before and after, bits per quantized parameter, and what stayed
+        in full precision per module kind).
+
+    Warns:
+        UnquantizedWeightsWarning: more than 5 % of the weight-matrix parameters outside the embeddings and
+            the output head stayed in full precision, not counting modules ``skip_modules`` names.
 
     Raises:
+        NotImplementedError: the model has no layer fourbit can quantize (naming its type).
         ValueError: a weight holds NaN or Inf, or cannot be quantized (the message names the module).
     """
     config = config or QuantConfig()
@@ -41,10 +99,17 @@ def quantize_model(
     device = first.device if first is not None else torch.device("cpu")
     compute_dtype = config.resolved_compute_dtype(device)
     before = tensor_bytes(model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     # Names only: holding the modules would keep every float weight alive until the end.
-    linear_names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    skipped = [name for name in linear_names if not config.selects(name)]
-    targets = [name for name in linear_names if config.selects(name)]
+    candidates = [name for name, m in model.named_modules()
+                  if isinstance(m, nn.Linear) or is_conv1d(m) or is_fused_experts(m)]
+    if not [n for n in candidates if model.get_submodule(n) is not head]:
+        kind = getattr(getattr(model, "config", None), "model_type", None)
+        raise NotImplementedError(f"fourbit cannot quantize a {type(model).__name__}"
+                                  f"{f' ({kind!r} model)' if kind else ''}: it has no linear, Conv1D or "
+                                  "fused-experts layer to hold 4-bit weights")
+    skipped = [name for name in candidates if not config.selects(name)]
+    targets = [name for name in candidates if config.selects(name)]
     errors: list[float] = []
     iterator = targets
     if progress:
@@ -52,25 +117,43 @@ def quantize_model(
 
         iterator = tqdm(targets, desc=f"quantizing to {config.quant_type}", unit="layer")
     for name in iterator:
-        linear = model.get_submodule(name)
+        layer = model.get_submodule(name)
         try:
-            q = Linear4bit.from_linear(linear, quant_type=config.quant_type, blocksize=config.blocksize,
-                                       double_quant=config.double_quant, compute_dtype=compute_dtype)
+            q = quantize_layer(layer, config, compute_dtype)
         except ValueError as err:
             raise ValueError(f"module {name!r}: {err}") from None
         if measure_error:
-            w = linear.weight.detach().float()
-            errors.append(float((q.dequantize(torch.float32) - w).norm() / w.norm().clamp(min=1e-30)))
-            del w
+            w = _weight_of(layer)
+            w_hat = q.dequantize(torch.float32)
+            w_hat = torch.cat([t.flatten() for t in w_hat]) if isinstance(w_hat, tuple) else w_hat
+            errors.append(float((w_hat.reshape(w.shape) - w).norm() / w.norm().clamp(min=1e-30)))
+            del w, w_hat
         model.set_submodule(name, q)
-        del linear, q
+        del layer, q
     fp = model_footprint(model)
     if measure_error:
         fp.mean_relative_error = sum(errors) / len(errors) if errors else 0.0
     fp.model_bytes_before = before
     fp.skipped = skipped
+    _warn_if_left_unquantized(model, config, fp)
     if hasattr(model, "config"):
         model.config.quantization_config = config.to_bnb_dict(device)
     info = fourbit_info(model)
     info.quant_config, info.footprint = config, fp
     return fp
+
+
+def _warn_if_left_unquantized(model: nn.Module, config: QuantConfig, fp: Footprint) -> None:
+    left = [(name, kind, n) for name, kind, n in full_precision_weights(model)
+            if not config.skips(name.rpartition(".")[0])]
+    total = fp.quantized_params + sum(n for _, _, n in full_precision_weights(model))
+    unexplained = sum(n for _, _, n in left)
+    if total and unexplained > UNQUANTIZED_WARN_FRACTION * total:
+        kinds: dict[str, int] = {}
+        for _, kind, n in left:
+            kinds[kind] = kinds.get(kind, 0) + n
+        listed = ", ".join(f"{k} ({n:,d} params)" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1]))
+        warnings.warn(f"{100 * unexplained / total:.1f}% of the weight-matrix parameters of this "
+                      f"{type(model).__name__} stayed in full precision: {listed} (left out by `include`, or of a kind "
+                      "fourbit does not quantize: it quantizes nn.Linear, Conv1D and fused experts); name such "
+                      "modules in `skip_modules` to keep them float without this warning", UnquantizedWeightsWarning, stacklevel=2)

@@ -23,6 +23,7 @@ from fourbit._io import atomic_write_text, check_output_dir, load_safetensors, r
 
 from .lora import (
     LoRASpec,
+    _features,
     _is_saved_module,
     find_target_modules,
     inject_lora,
@@ -138,7 +139,9 @@ def save_adapter(
         "target_modules": _target_names_for_config(model, list(layers)),
         "modules_to_save": saved or None,
         "bias": "none",
-        "fan_in_fan_out": False,
+        # peft's meaning: the wrapped base stores its weight [in, out] (a float Conv1D). A 4-bit layer quantized
+        # from a Conv1D stores [out, in], as bitsandbytes does, so an adapter over a 4-bit GPT-2 says False.
+        "fan_in_fan_out": any(m.fan_in_fan_out for m in layers.values()),
         "init_lora_weights": True,
         "inference_mode": True,
         "use_dora": False,
@@ -155,6 +158,9 @@ def save_adapter(
 
 def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any]:
     """Read and check an adapter config (peft's or ours).
+
+    ``fan_in_fan_out`` is accepted either way: as peft does, fourbit decides it per layer from the base layer
+    (True for a float ``Conv1D``, False otherwise); the A/B tensors have the same layout in both cases.
 
     Raises:
         InputFileError: not an adapter folder, missing weights, a malformed or non-LoRA config (naming the file).
@@ -176,7 +182,7 @@ def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any]:
         raise InputFileError(path, f"peft_type {cfg.get('peft_type')!r} is not LORA")
     unsupported = {
         "use_dora": lambda v: bool(v), "bias": lambda v: v not in (None, "none"),
-        "fan_in_fan_out": lambda v: bool(v), "rank_pattern": lambda v: bool(v),
+        "rank_pattern": lambda v: bool(v),
         "alpha_pattern": lambda v: bool(v), "layers_to_transform": lambda v: v is not None,
         "lora_bias": lambda v: bool(v),
     }
@@ -280,7 +286,8 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     problems = []
     for n in names:
         base = model.get_submodule(n)
-        want = {f"{n}.lora_A.weight": (spec.r, base.in_features), f"{n}.lora_B.weight": (base.out_features, spec.r)}
+        in_features, out_features = _features(base)
+        want = {f"{n}.lora_A.weight": (spec.r, in_features), f"{n}.lora_B.weight": (out_features, spec.r)}
         for k, shape in want.items():
             if k not in shapes:
                 problems.append(f"missing {k}")

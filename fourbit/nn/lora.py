@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -26,9 +27,12 @@ from fourbit.nn.info import fourbit_info
 __all__ = [
     "LoRALinear",
     "LoRASpec",
+    "dequantized_layer",
     "find_target_modules",
+    "is_conv1d",
     "inject_lora",
     "is_linear_4bit",
+    "is_linear_like",
     "lora_modules",
     "lora_spec",
     "mark_only_lora_trainable",
@@ -50,8 +54,70 @@ def is_linear_4bit(module: nn.Module) -> bool:
     return all(hasattr(module, a) for a in ("quant_state", "dequantize", "in_features", "out_features"))
 
 
-def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_linear_4bit(module)
+def is_conv1d(module: nn.Module) -> bool:
+    """True for transformers' ``Conv1D`` (GPT-2 style: ``y = x @ W + b`` with ``W`` stored ``[in, out]``).
+
+    Checked without importing transformers: a model holding a ``Conv1D`` has imported it already.
+    """
+    utils = sys.modules.get("transformers.pytorch_utils")
+    return utils is not None and isinstance(module, utils.Conv1D)
+
+
+def from_conv1d(module: nn.Module) -> bool:
+    """True for a 4-bit layer quantized from a ``Conv1D`` (its ``source_cls``, as transformers' bitsandbytes
+    integration marks it): its weight is stored ``[out, in]`` like every 4-bit layer, but a float copy of it
+    must be a ``Conv1D`` again so that the model's checkpoints keep their ``[in, out]`` layout."""
+    utils = sys.modules.get("transformers.pytorch_utils")
+    source = getattr(module, "source_cls", None)
+    return utils is not None and isinstance(source, type) and issubclass(source, utils.Conv1D)
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """True for ``nn.Linear``, transformers' ``Conv1D`` and 4-bit linear layers: the layers LoRA wraps."""
+    return isinstance(module, nn.Linear) or is_conv1d(module) or is_linear_4bit(module)
+
+
+def _features(base: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a linear-like layer."""
+    if is_conv1d(base):
+        return int(base.weight.shape[0]), int(base.weight.shape[1])
+    return int(base.in_features), int(base.out_features)
+
+
+def dequantized_layer(module: nn.Module, dtype: torch.dtype = torch.float32,
+                      delta: torch.Tensor | None = None) -> nn.Module:
+    """A float copy of a linear-like layer (a 4-bit one dequantized), plus ``delta`` (``[out, in]``) if given.
+
+    The copy has the layer's original class and layout: ``Conv1D`` (weight ``[in, out]``) for a ``Conv1D``
+    or a 4-bit layer quantized from one (:func:`from_conv1d`), else ``nn.Linear`` (weight ``[out, in]``); for
+    4-bit experts (:class:`fourbit.nn.experts.Experts4bit`) the original experts module.
+    """
+    if hasattr(module, "dequantized_module"):  # 4-bit experts (fourbit.nn.experts): no LoRA delta there
+        return module.dequantized_module(dtype)
+    with torch.no_grad():
+        if is_linear_4bit(module):
+            w = module.dequantize(torch.float32)
+        elif is_conv1d(module):
+            w = module.weight.detach().float().t()
+        else:
+            w = module.weight.detach().float()
+        if delta is not None:
+            w = w + delta.to(w.device)
+        out_features, in_features = w.shape
+        bias = module.bias
+        if is_conv1d(module) or from_conv1d(module):
+            from transformers.pytorch_utils import Conv1D
+
+            new = Conv1D(out_features, in_features).to(device=w.device, dtype=dtype)
+            new.weight.copy_(w.t().to(dtype))
+            if bias is None:
+                new.bias = None  # Conv1D always has one; keep the layer's own structure
+        else:
+            new = nn.Linear(in_features, out_features, bias=bias is not None, device=w.device, dtype=dtype)
+            new.weight.copy_(w.to(dtype))
+        if bias is not None:
+            new.bias.copy_(bias.to(dtype))
+    return new.requires_grad_(False)
 
 
 @dataclass(frozen=True)
@@ -98,7 +164,8 @@ class LoRALinear(nn.Module):
     and ``lora_B`` with zeros, so a fresh adapter leaves the model's output unchanged.
 
     Args:
-        base: the frozen layer, ``nn.Linear`` or ``Linear4bit``.
+        base: the frozen layer: ``nn.Linear``, transformers' ``Conv1D`` (GPT-2; weight ``[in, out]``, peft's
+            ``fan_in_fan_out=True``) or ``Linear4bit``.
         r: rank; ``lora_A`` is ``[r, in_features]`` and ``lora_B`` is ``[out_features, r]``.
         alpha: scaling numerator.
         dropout: dropout probability applied to the adapter's input only.
@@ -121,13 +188,15 @@ class LoRALinear(nn.Module):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
-        if not _is_linear(base):
-            raise TypeError(f"LoRALinear base must be nn.Linear or Linear4bit, got {type(base).__name__}")
+        if not is_linear_like(base):
+            raise TypeError(f"LoRALinear base must be nn.Linear, Conv1D or Linear4bit, got {type(base).__name__}")
         if r <= 0:
             raise FieldError("r", f"the LoRA rank must be > 0, got {r}")
         self.base = base
-        self.in_features = int(base.in_features)
-        self.out_features = int(base.out_features)
+        self.in_features, self.out_features = _features(base)
+        # peft's fan_in_fan_out: the base stores its weight [in, out] (Conv1D), so merging adds the update
+        # transposed. A 4-bit layer quantized from a Conv1D stores [out, in] like every 4-bit layer.
+        self.fan_in_fan_out = is_conv1d(base)
         self.r = int(r)
         self.alpha = float(alpha)
         self.use_rslora = bool(use_rslora)
@@ -207,7 +276,7 @@ class LoRALinear(nn.Module):
             self.base = merged
         else:
             w = self.base.weight.data
-            new = w.float() + delta
+            new = w.float() + (delta.t() if self.fan_in_fan_out else delta)
             if safe and not torch.isfinite(new).all():
                 raise ValueError("merging the adapter gave NaN/Inf weights; the adapter is broken")
             w.copy_(new.to(w.dtype))
@@ -225,34 +294,27 @@ class LoRALinear(nn.Module):
             self._set_unmerged_base(None)
         else:
             w = self.base.weight.data
-            w.copy_((w.float() - self.delta_weight()).to(w.dtype))
+            delta = self.delta_weight()
+            w.copy_((w.float() - (delta.t() if self.fan_in_fan_out else delta)).to(w.dtype))
         self.merged = False
 
-    def merged_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
-        """A standalone ``nn.Linear`` computing base + update (the base is dequantized if 4-bit).
+    def merged_linear(self, dtype: torch.dtype | None = None) -> nn.Module:
+        """A standalone layer computing base + update (the base is dequantized if 4-bit).
+
+        It has the base's original class (:func:`dequantized_layer`): ``nn.Linear``, or ``Conv1D`` for a
+        GPT-2-style layer (also when its base is 4-bit), so a merged model saves in its architecture's layout.
 
         Args:
             dtype: dtype of the result; default the base weight's dtype, bfloat16 for a 4-bit base.
         """
         base = self._unmerged_base if self._unmerged_base is not None else self.base
-        with torch.no_grad():
-            if is_linear_4bit(base):
-                w = base.dequantize(torch.float32)
-                dtype = dtype or torch.bfloat16
-            else:
-                w = base.weight.float()
-                dtype = dtype or base.weight.dtype
-            if not (self.merged and self._unmerged_base is None):
-                w = w + self.delta_weight()
-            out = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None,
-                            device=w.device, dtype=dtype)
-            out.weight.copy_(w.to(dtype))
-            if base.bias is not None:
-                out.bias.copy_(base.bias.to(dtype))
-        return out
+        dtype = dtype or (torch.bfloat16 if is_linear_4bit(base) else base.weight.dtype)
+        delta = None if (self.merged and self._unmerged_base is None) else self.delta_weight()
+        return dequantized_layer(base, dtype, delta)
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, merged={self.merged}"
+        fifo = ", fan_in_fan_out=True" if self.fan_in_fan_out else ""
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, merged={self.merged}{fifo}"
 
 
 def _matches(name: str, targets: str | Sequence[str]) -> bool:
@@ -286,13 +348,13 @@ def find_target_modules(
         if inside_lora and name.startswith(inside_lora):
             continue
         if target_modules == ALL_LINEAR:
-            if _is_linear(module) and module is not head and name.split(".")[-1] != "lm_head":
+            if is_linear_like(module) and module is not head and name.split(".")[-1] != "lm_head":
                 names.append(name)
         elif _matches(name, target_modules):
-            if not _is_linear(module):
+            if not is_linear_like(module):
                 raise FieldError(
                     "target_modules", f"module {name!r} is a {type(module).__name__}; LoRA wraps only "
-                    "nn.Linear/Linear4bit"
+                    "nn.Linear/Conv1D/Linear4bit"
                 )
             names.append(name)
     if not names:

@@ -122,14 +122,15 @@ def plain_for_saving(model: Any) -> Any:
 
 
 def _dequantize_rest(model: Any) -> None:
-    """Replace every remaining 4-bit layer with a float32 ``nn.Linear`` holding its dequantized weight."""
+    """Replace every remaining 4-bit layer (linear, Conv1D-born or experts) with its float32 form in the layer's
+    own class and layout (``nn.Linear`` [out, in], GPT-2's ``Conv1D`` [in, out], the original experts module)."""
     import torch
 
-    from fourbit.nn.lora import is_linear_4bit
+    from fourbit.nn.lora import dequantized_layer, is_linear_4bit
 
     for name, m in list(model.named_modules()):
-        if is_linear_4bit(m):
-            model.set_submodule(name, m.to_linear(torch.float32).requires_grad_(False))
+        if is_linear_4bit(m) or hasattr(m, "dequantized_module"):
+            model.set_submodule(name, dequantized_layer(m, torch.float32).requires_grad_(False))
 
 
 def merge_adapter(

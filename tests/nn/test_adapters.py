@@ -171,3 +171,103 @@ def test_an_adapter_failing_after_injection_leaves_the_model_as_given(tmp_path: 
     assert not lora_modules(fresh)
     after = fresh.state_dict()
     assert sorted(after) == sorted(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def _gpt2(seed: int = 0, cls=None, **kw):
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=128,
+                                     bos_token_id=0, eos_token_id=0, pad_token_id=0, **kw)
+    return (cls or transformers.GPT2LMHeadModel)(config).eval()
+
+
+def test_gpt2_conv1d_adapters_move_both_ways_with_peft(tmp_path: Path) -> None:
+    """GPT-2's Conv1D stores [in, out]: peft wraps it with fan_in_fan_out=True; the A/B tensors keep the
+    usual layout, so adapters move both ways, and the merge adds the update transposed."""
+    peft = _peft()
+    base = _gpt2()
+    ours = copy.deepcopy(base)
+    inject_lora(ours, LoRASpec(r=4, alpha=8, dropout=0.0, target_modules=("c_attn", "c_fc")))
+    assert all(m.fan_in_fan_out for m in lora_modules(ours).values())
+    _train_like(ours)
+    save_adapter(ours, tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "a")).eval()
+    ids = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        ref = ours(ids).logits
+        torch.testing.assert_close(theirs(ids).logits, ref, rtol=1e-5, atol=1e-5)
+    # peft -> fourbit
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_proj"],
+                                                                  lora_dropout=0.0, fan_in_fan_out=True))
+    _train_like(pm)
+    pm.save_pretrained(str(tmp_path / "p"))
+    back = load_adapter(copy.deepcopy(base), tmp_path / "p")
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, pm.eval()(ids).logits, rtol=1e-5, atol=1e-5)
+        # merging: in place on the Conv1D, and peft's merged model
+        merged_peft = pm.merge_and_unload()
+        for m in lora_modules(back).values():
+            m.merge()
+        torch.testing.assert_close(back(ids).logits, merged_peft(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_over_a_4bit_gpt2_loads_in_peft_on_the_float_model(tmp_path: Path) -> None:
+    """The 4-bit layer made from a Conv1D stores [out, in] like bitsandbytes' does, so the adapter says
+    fan_in_fan_out=False; peft on the float GPT-2 corrects that per layer (as it does for every Conv1D)."""
+    import warnings
+
+    from fourbit.models import QuantConfig, quantize_model
+    from fourbit.nn.lora import merge_and_unload
+
+    peft = _peft()
+    ours = _gpt2()
+    quantize_model(ours, QuantConfig(compute_dtype="fp32"))
+    inject_lora(ours, LoRASpec(r=4, alpha=8, dropout=0.0))
+    assert not any(m.fan_in_fan_out for m in lora_modules(ours).values())
+    _train_like(ours)
+    save_adapter(ours, tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["fan_in_fan_out"] is False
+    float_base = copy.deepcopy(ours)
+    merge_and_unload(float_base, dtype=torch.float32)  # 4-bit layers left: dequantize them to Conv1D
+    from test_architectures import dequantized_copy
+
+    float_base = dequantized_copy(float_base)
+    for name, m in float_base.named_modules():
+        if name.endswith(("c_attn", "c_proj", "c_fc")):
+            assert type(m).__name__ == "Conv1D"
+    ids = torch.randint(0, 256, (2, 9))
+    plain = dequantized_copy(_quantized_gpt2_base())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(plain, str(tmp_path / "a")).eval()
+    with torch.no_grad():
+        ref = ours(ids).logits
+        torch.testing.assert_close(theirs(ids).logits, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(float_base(ids).logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def _quantized_gpt2_base():
+    from fourbit.models import QuantConfig, quantize_model
+
+    model = _gpt2()
+    quantize_model(model, QuantConfig(compute_dtype="fp32"))
+    return model
+
+
+def test_gpt2_classifier_head_saved_as_modules_to_save(tmp_path: Path) -> None:
+    peft = _peft()
+    base = _gpt2(cls=transformers.GPT2ForSequenceClassification, num_labels=5)
+    ours = copy.deepcopy(base)
+    inject_lora(ours, LoRASpec(r=4, alpha=8, dropout=0.0, modules_to_save=("score",)))
+    assert "score" not in {n.rsplit(".", 1)[-1] for n in lora_modules(ours)} and ours.score.weight.requires_grad
+    _train_like(ours)
+    save_adapter(ours, tmp_path / "c")
+    cfg = json.loads((tmp_path / "c" / "adapter_config.json").read_text())
+    assert cfg["task_type"] == "SEQ_CLS" and cfg["modules_to_save"] == ["score"]
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "c")).eval()
+    back = load_adapter(copy.deepcopy(base), tmp_path / "c")
+    ids = torch.randint(1, 256, (2, 7))
+    with torch.no_grad():
+        ref = ours(ids).logits
+        torch.testing.assert_close(theirs(ids).logits, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(back(ids).logits, ref, rtol=0, atol=0)
