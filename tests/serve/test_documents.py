@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from _server import DOCS
 
-from fourbit.serve.grounding import grounded_contexts, select_evidence, split_sentences
+from fourbit.rag.grounding import grounded_contexts, select_evidence, split_sentences
 
 
 def upload(http, name: str, data: bytes, content_type: str = "text/plain"):
