@@ -17,7 +17,8 @@ retrieved parents only: ``rag query``, ``rag compare``, the demo (through
 
 The budget: at most :data:`DEFAULT_EVIDENCE_TOKENS` tokens of the answering model, and never more than the
 context window leaves after the prompt's own tokens and the answer's (:func:`evidence_budget`). SmolLM2-135M
-stays on topic with a few hundred tokens of context and drifts on a thousand.
+stays on topic with a few hundred tokens of context and drifts on a thousand, and every prompt token costs
+prefill time: 256 tokens of evidence (~330 with the prompt) prefill in about a second on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ __all__ = [
     "split_sentences",
 ]
 
-DEFAULT_EVIDENCE_TOKENS = 384
+DEFAULT_EVIDENCE_TOKENS = 256
 
 # A sentence ends at . ! ? (optionally followed by a closing quote/bracket) before whitespace; a blank
 # line or a Markdown heading/bullet line also ends one.

@@ -11,7 +11,7 @@ import pytest
 from _cli import assert_clean_error, run_cli
 
 from fourbit.rag.answer import answer_question, read_question_file
-from fourbit.rag.grounding import evidence_budget, grounded_prompt, split_sentences
+from fourbit.rag.grounding import DEFAULT_EVIDENCE_TOKENS, evidence_budget, grounded_prompt, split_sentences
 from fourbit.rag.index import build_index
 from fourbit.rag.retrieval import Retriever
 from fourbit.rag.store import open_store
@@ -77,9 +77,10 @@ def test_evidence_comes_from_the_retrieved_parents_and_fits_the_budget(index, em
 
 
 def test_budget_shrinks_to_what_the_context_window_leaves(index, embedder):
-    assert evidence_budget(None, 100, 64) == 384
-    assert evidence_budget(2048, 100, 256) == 384
-    assert evidence_budget(512, 100, 256) == 512 - 100 - 128  # the answer's reserve is at most a quarter
+    assert evidence_budget(None, 100, 64) == DEFAULT_EVIDENCE_TOKENS
+    assert evidence_budget(2048, 100, 256) == DEFAULT_EVIDENCE_TOKENS
+    assert evidence_budget(2048, 100, 256, cap=1000) == 1000
+    assert evidence_budget(512, 100, 256, cap=1000) == 512 - 100 - 128  # the answer's reserve is at most a quarter
     assert evidence_budget(256, 300, 64) == 1
     retriever = Retriever(index, embedder, "chunks", top_k=3)
     question = "How do bakers score sourdough?"
