@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 QUESTION = "Can you tell me about the paged optimizers?"
-CHAT = "In one sentence, what is 4-bit quantization?"
+CHAT = "What is the capital of France?"
 
 
 def _env() -> dict[str, str]:
@@ -82,6 +82,8 @@ def main() -> None:
                 page.click("#ask")
                 page.wait_for_selector("#answer[data-done='true']")
                 page.wait_for_selector("#sources mark")
+                # Zoomed out a little so that the highlighted evidence in the sources fits the 1200x800 view.
+                page.evaluate("document.body.style.zoom = '0.8'")
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 page.screenshot(path=str(args.out))
                 browser.close()

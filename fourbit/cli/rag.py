@@ -357,9 +357,10 @@ def add_parser(subparsers: Any) -> None:
 
     p = sub.add_parser("query", help=_first_line(cmd_query), description=cmd_query.__doc__)
     p.add_argument("question", nargs="?", help="the question (or --questions FILE.jsonl)")
-    p.add_argument("--questions", type=Path, help='JSONL, one {"question": ...} per line: answer each, the model '
-                   "loaded once (with --json: one JSON line per question)")
-    p.add_argument("--evidence-tokens", dest="token_budget", type=int, default=DEFAULT_EVIDENCE_TOKENS,
+    p.add_argument("--questions", type=Path, metavar="FILE.jsonl",
+                   help='JSONL, one {"question": ...} per line: answer each, the model loaded once '
+                        "(with --json: one JSON line per question)")
+    p.add_argument("--evidence-tokens", dest="token_budget", metavar="N", type=int, default=DEFAULT_EVIDENCE_TOKENS,
                    help="tokens of the model's context the evidence sentences may take "
                         f"(default: {DEFAULT_EVIDENCE_TOKENS})")
     _store_args(p)

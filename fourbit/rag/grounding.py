@@ -44,6 +44,7 @@ DEFAULT_EVIDENCE_TOKENS = 256
 
 # A sentence ends at . ! ? (optionally followed by a closing quote/bracket) before whitespace; a blank
 # line or a Markdown heading/bullet line also ends one.
+_HEADING = re.compile(r"#{1,6}\s")
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+|\n\s*\n|\n(?=\s*(?:#|[-*] |\d+\. ))")
 
 
@@ -104,6 +105,8 @@ def select_evidence(
     for parent in parents:
         for position, sentence in enumerate(split_sentences(parent.text)):
             if sentence.lower() in seen:  # overlapping parents repeat sentences
+                continue
+            if _HEADING.match(sentence):  # "## Paged optimizers" names a topic; it is not evidence
                 continue
             seen.add(sentence.lower())
             candidates.append((parent, position, sentence))

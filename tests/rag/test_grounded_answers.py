@@ -204,3 +204,15 @@ def test_bad_question_files_name_file_and_line_before_anything_loads(tmp_path, n
     assert_clean_error(run_cli("rag", "query", "q?", "--questions", bad, "--db", db), "QUESTION", "--questions")
     assert_clean_error(run_cli("rag", "query", "q?", "--db", db, "--evidence-tokens", "0"), "--evidence-tokens")
     assert not db.exists()
+
+
+def test_markdown_headings_are_not_evidence(embedder):
+    from fourbit.rag.grounding import select_evidence
+    from fourbit.rag.retrieval import Retrieved
+
+    parent = Retrieved("p1", 0.9, "## Paged optimizers\n\nPaged optimizers move optimizer states to CPU RAM when the "
+                                  "GPU runs out of memory. Bread needs yeast.", {"source": "guide.md", "page": "1"})
+    found = select_evidence("What are paged optimizers?", [parent], embedder, min_relative_score=0.0)
+    assert [e.text for e in found][:1] == ["Paged optimizers move optimizer states to CPU RAM when the GPU runs out "
+                                           "of memory."]
+    assert not any(e.text.startswith("#") for e in found)
