@@ -11,7 +11,8 @@ wall seconds of the request (retrieval, evidence selection, prefill and decoding
 rows, then the means, the median and p90 seconds, the CPU model and flags and the load average.
 
     python benchmarks/bench_answers.py [--paper /work/shared/data/qlora_paper.txt] [--db DIR]
-                                       [--retriever hybrid] [--top-k 2] [--max-tokens N] [--json out.json]
+                                       [--retriever hybrid] [--top-k 2] [--max-tokens N] [--threads N]
+                                       [--json out.json]
 """
 
 from __future__ import annotations
@@ -163,6 +164,7 @@ def main() -> None:
     parser.add_argument("--retriever", default="hybrid")
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, help="answer length cap (default: the server's)")
+    parser.add_argument("--threads", type=int, help="the server's --threads (default: torch's)")
     parser.add_argument("--limit", type=int, help="only the first N questions")
     parser.add_argument("--json", type=Path, help="write the rows and the summary here")
     args = parser.parse_args()
@@ -176,7 +178,7 @@ def main() -> None:
         print(f"index: {index['records']} records ({index['embedded']} embedded) in {index['wall_s']:.1f} s",
               flush=True)
         load_before = load_average()
-        with Server(db, []) as server:
+        with Server(db, ["--threads", str(args.threads)] if args.threads else []) as server:
             print(f"server up in {server.start_s:.1f} s at {server.url}", flush=True)
             ask(server.url, "What is QLoRA?", args)  # warm-up: first-call costs are not an answer's
             rows = []
@@ -206,7 +208,7 @@ def main() -> None:
         "seconds_median": statistics.median(seconds), "seconds_p90": _p90(seconds), "seconds_max": max(seconds),
         "prompt_tokens_mean": statistics.mean(r["prompt_tokens"] for r in rows),
         "completion_tokens_mean": statistics.mean(r["completion_tokens"] for r in rows),
-        "retriever": args.retriever, "top_k": args.top_k, "max_tokens": args.max_tokens,
+        "retriever": args.retriever, "top_k": args.top_k, "max_tokens": args.max_tokens, "threads": args.threads,
         "cpu": cpu_description(), "load_average_before_after": [load_before, load_average()],
     }
     print(f"\ncoverage of the evidence's content words by answer + evidence: mean {summary['coverage_mean']:.3f}, "
@@ -215,7 +217,8 @@ def main() -> None:
     print(f"seconds per answer: median {summary['seconds_median']:.2f}, p90 {summary['seconds_p90']:.2f}, "
           f"max {summary['seconds_max']:.2f}; tokens per answer: {summary['prompt_tokens_mean']:.0f} prompt + "
           f"{summary['completion_tokens_mean']:.0f} completion")
-    print(f"retriever {args.retriever}, top_k {args.top_k}; {summary['cpu']}")
+    print(f"retriever {args.retriever}, top_k {args.top_k}, server threads {args.threads or 'default'}; "
+          f"{summary['cpu']}")
     print(f"load average before/after: {load_before} / {load_average()}")
     if args.json:
         args.json.write_text(json.dumps({"summary": summary, "rows": rows}, indent=2), encoding="utf-8")
