@@ -193,34 +193,74 @@ def _print_sources(con: Any, parents: list[Any], verbose: bool) -> None:
                 con.print(f"  {ref.kind:>14} {ref.id} ({ref.score:.3f}) -> {p.id}: {ref.text[:80]!r}")
 
 
-def cmd_query(args: argparse.Namespace) -> int:
-    """Answer a question from the index with the 4-bit model (streamed), then list the sources."""
-    from fourbit.rag.answer import answer_question
-    from fourbit.rag.retrieval import Retriever
+def _print_evidence(con: Any, evidence: list[Any]) -> None:
+    from rich.table import Table
 
-    _check_flags(args, llm=not args.no_answer)
-    store, embedder = _open(args)
-    retriever = Retriever(store, embedder, args.retriever, args.top_k)
-    if args.no_answer:
-        parents = retriever.retrieve(args.question)
+    table = Table(title="evidence (the documents' own sentences)")
+    for col in ("score", "file", "page", "sentence"):
+        table.add_column(col, overflow="fold")
+    for e in evidence:
+        table.add_row(f"{e.score:.3f}", e.source, e.page, e.text)
+    con.print(table)
+
+
+def _query_one(args: argparse.Namespace, retriever: Any, llm: Any, question: str, *, jsonl: bool) -> None:
+    """Answer one question: a JSON line (``jsonl``), one JSON document (--json), or streamed text + tables."""
+    from fourbit.rag.answer import answer_question, source_rows
+
+    if llm is None:  # --no-answer
+        parents = retriever.retrieve(question)
         if args.json:
-            from fourbit.rag.answer import source_rows
-
-            print(json.dumps({"question": args.question, "sources": source_rows(parents)}, indent=2))
+            row = {"question": question, "sources": source_rows(parents)}
+            print(json.dumps(row) if jsonl else json.dumps(row, indent=2), flush=True)
         else:
             _print_sources(_console(), parents, args.verbose)
-        return 0
-    from fourbit.rag.llm import load_llm
-
-    llm = load_llm(args.model, adapter=args.adapter)
+        return
     stream = None if args.json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
-    answer = answer_question(args.question, retriever, llm, max_new_tokens=args.max_new_tokens, on_text=stream)
+    answer = answer_question(question, retriever, llm, max_new_tokens=args.max_new_tokens, on_text=stream,
+                             token_budget=args.token_budget)
     if args.json:
-        print(json.dumps(answer.as_dict(), indent=2))
-        return 0
+        print(json.dumps(answer.as_dict()) if jsonl else json.dumps(answer.as_dict(), indent=2), flush=True)
+        return
     print()
+    con = _console()
+    _print_evidence(con, answer.evidence)
     if args.show_sources or args.verbose:
-        _print_sources(_console(), answer.sources, args.verbose)
+        _print_sources(con, answer.sources, args.verbose)
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    """Answer a question (or each question of --questions FILE.jsonl) from the index with the 4-bit model.
+
+    The model is given the retrieved parents' sentences that best match the question, within
+    --evidence-tokens tokens; the answer is streamed, then those sentences are printed as evidence (and
+    with --show-sources the parents). With --questions, the model loads once and --json prints one JSON line
+    per question: question, answer, evidence, sources, seconds.
+    """
+    from fourbit.rag.retrieval import Retriever
+
+    if (args.question is None) == (args.questions is None):
+        raise FieldError("question", "give a question or `questions` FILE.jsonl (one of them)")
+    _check_flags(args, llm=not args.no_answer)
+    if args.token_budget < 1:
+        raise FieldError("token_budget", f"must be >= 1, got {args.token_budget}")
+    if args.questions is not None:
+        from fourbit.rag.answer import read_question_file
+
+        questions = read_question_file(args.questions)  # every line checked before anything loads
+    else:
+        questions = [args.question]
+    store, embedder = _open(args)
+    retriever = Retriever(store, embedder, args.retriever, args.top_k)
+    llm = None
+    if not args.no_answer:
+        from fourbit.rag.llm import load_llm
+
+        llm = load_llm(args.model, adapter=args.adapter)
+    for number, question in enumerate(questions):
+        if not args.json and len(questions) > 1:
+            print(("\n" if number else "") + f"Q{number + 1}: {question}\nA: ", end="", flush=True)
+        _query_one(args, retriever, llm, question, jsonl=args.questions is not None)
     return 0
 
 
@@ -295,6 +335,7 @@ def _first_line(func: Any) -> str:
 
 def add_parser(subparsers: Any) -> None:
     """Register ``fourbit rag {index,query,compare,eval}``."""
+    from fourbit.rag.grounding import DEFAULT_EVIDENCE_TOKENS
     from fourbit.rag.retrieval import RETRIEVERS
 
     rag = subparsers.add_parser("rag", help="question answering over documents with the 4-bit model")
@@ -314,8 +355,14 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--adapter", type=Path)
     p.set_defaults(func=cmd_index)
 
-    p = sub.add_parser("query", help=cmd_query.__doc__, description=cmd_query.__doc__)
-    p.add_argument("question")
+    p = sub.add_parser("query", help=_first_line(cmd_query), description=cmd_query.__doc__)
+    p.add_argument("question", nargs="?", help="the question (or --questions FILE.jsonl)")
+    p.add_argument("--questions", type=Path, metavar="FILE.jsonl",
+                   help='JSONL, one {"question": ...} per line: answer each, the model loaded once '
+                        "(with --json: one JSON line per question)")
+    p.add_argument("--evidence-tokens", dest="token_budget", metavar="N", type=int, default=DEFAULT_EVIDENCE_TOKENS,
+                   help="tokens of the model's context the evidence sentences may take "
+                        f"(default: {DEFAULT_EVIDENCE_TOKENS})")
     _store_args(p)
     _llm_args(p)
     p.add_argument("--retriever", choices=list(RETRIEVERS), default="all")

@@ -37,6 +37,10 @@ def build_engine(args: argparse.Namespace) -> Any:
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate is not None:
         raise FieldError("adapters", f"adapter name {duplicate!r} is given twice")
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)
     if tokenizer is None:
         raise FieldError("model", f"{args.model}: holds no tokenizer; the server needs one")
@@ -85,6 +89,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise NotImplementedError(f"`fourbit serve` needs fastapi and uvicorn ({err.name} is missing): "
                                   "pip install 'fourbit[serve]'") from None
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if args.threads is not None and args.threads < 1:
+        raise FieldError("threads", f"must be >= 1, got {args.threads}")
     if args.max_upload_mb <= 0:
         raise FieldError("max_upload_mb", f"must be > 0, got {args.max_upload_mb}")
     sock = _bind(args.host, args.port)
@@ -124,5 +130,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--api-key", help=f"require `Authorization: Bearer KEY` (default: ${API_KEY_ENV})")
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default: 8)")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 429 (default: 64)")
+    p.add_argument("--threads", type=int, help="CPU threads for the model (default: torch's, one per core); on a "
+                   "machine busy with other work, 1 can be several times faster")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest uploaded document (default: 20)")
     p.set_defaults(func=cmd_serve)

@@ -67,6 +67,16 @@ class HFChatLLM:
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
 
+    @property
+    def context_window(self) -> int | None:
+        """Tokens the model handles (prompt + completion), from its config; None when it does not say."""
+        window = getattr(self.model.config, "max_position_embeddings", None)
+        return int(window) if window else None
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` for this model (no special tokens added)."""
+        return len(self.tokenizer(text, add_special_tokens=False).input_ids)
+
     def render(self, prompt: Prompt) -> str:
         """The prompt as text: through the chat template when the tokenizer has one."""
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
@@ -174,7 +184,6 @@ def load_llm(
     net.eval()
     name = str(model) if model is not None else "SmolLM2-135M-Instruct"
     return HFChatLLM(net, tok, name=name + (f"+{Path(adapter).name}" if adapter else ""))
-
 
 
 def check_model_source(model: str | os.PathLike | None) -> None:

@@ -2,23 +2,19 @@
 
 :class:`~fourbit.serve.engine.Engine` owns the model, its adapters, the embedder and the index and decodes
 queued requests in batches; :func:`~fourbit.serve.app.create_app` wraps it in a FastAPI app (imported
-only when called: fastapi and uvicorn are needed to serve, not to import this package).
+only when called: fastapi and uvicorn are needed to serve, not to import this package). Answers are grounded
+by :mod:`fourbit.rag.grounding`, as ``rag query``'s are.
 """
 
 from fourbit.serve.engine import Engine, GenRequest, QueueFull, Sampling, UnknownModel
-from fourbit.serve.grounding import Evidence, grounded_contexts, select_evidence, split_sentences
 
 __all__ = [
     "Engine",
-    "Evidence",
     "GenRequest",
     "QueueFull",
     "Sampling",
     "UnknownModel",
     "create_app",
-    "grounded_contexts",
-    "select_evidence",
-    "split_sentences",
 ]
 
 

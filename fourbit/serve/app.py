@@ -34,12 +34,16 @@ from fourbit.rag.retrieval import RETRIEVERS
 from fourbit.serve.engine import Engine, GenRequest, QueueFull, Sampling, UnknownModel
 from fourbit.serve.errors import APIError, error_body
 
-__all__ = ["DEFAULT_MAX_BODY", "DEFAULT_MAX_UPLOAD", "create_app"]
+__all__ = ["ANSWER_MAX_TOKENS", "DEFAULT_MAX_BODY", "DEFAULT_MAX_UPLOAD", "create_app"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY = 1 << 20  # 1 MiB of JSON per request
 DEFAULT_MAX_UPLOAD = 20 << 20  # 20 MiB per uploaded document
+# An answer's default length. The evidence sentences carry the facts; the 135M model's answer past a few
+# sentences mostly repeats them, and each token costs ~0.05-0.1 s on a 2-core CPU (benchmarks/bench_answers.py:
+# 256-token answers took 20-45 s, which is what kept a question over 5 s).
+ANSWER_MAX_TOKENS = 64
 STATIC = Path(__file__).resolve().parent / "static"
 _PUBLIC = ("/health", "/", "/static/")
 _POLL_S = 0.25  # how often a waiting non-streamed request checks that its client is still there
@@ -461,9 +465,10 @@ def create_app(
 
         engine.require_index()
         adapter = engine.adapter_index(body.model)
+        max_tokens = body.max_tokens if body.max_tokens is not None else ANSWER_MAX_TOKENS
         prompt_ids, evidence, sources = await run_in_threadpool(prepare_answer, engine, body.question,
-                                                                body.retriever, body.top_k, body.max_tokens)
-        sampling = engine.sampling(len(prompt_ids), max_tokens=body.max_tokens, field_name="question",
+                                                                body.retriever, body.top_k, max_tokens)
+        sampling = engine.sampling(len(prompt_ids), max_tokens=max_tokens, field_name="question",
                                    temperature=0.0)
         stream = _Stream(engine, prompt_ids, sampling, adapter)
         found = {"evidence": evidence, "sources": sources}

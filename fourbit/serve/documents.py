@@ -13,14 +13,13 @@ import re
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from fourbit.rag.grounding import DEFAULT_EVIDENCE_TOKENS, evidence_budget, grounded_prompt
 from fourbit.serve.errors import APIError
-from fourbit.serve.grounding import grounded_contexts, select_evidence
 
 __all__ = ["ingest_upload", "prepare_answer", "safe_upload_name", "upload_folder"]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 _SUFFIXES = (".pdf", ".txt", ".md", ".markdown")  # fourbit.rag.loaders.SUPPORTED_SUFFIXES
-_MAX_EVIDENCE_TOKENS = 384
 
 
 def prepare_answer(engine: Any, question: str, retriever: str, top_k: int,
@@ -42,15 +41,14 @@ def prepare_answer(engine: Any, question: str, retriever: str, top_k: int,
                        param="question")
     parents = Retriever(engine.store, engine.embedder, retriever, top_k).retrieve(question)
     bare = len(engine.chat_prompt(answer_prompt(question, [""])))
-    reserve = min(max_tokens or engine.default_max_tokens, engine.context_window // 4)
-    budget = max(1, min(_MAX_EVIDENCE_TOKENS, engine.context_window - bare - reserve))
+    budget = evidence_budget(engine.context_window, bare, max_tokens or engine.default_max_tokens,
+                             cap=DEFAULT_EVIDENCE_TOKENS)
 
     def count(text: str) -> int:
         return len(engine.encode(text))
 
-    evidence = select_evidence(question, parents, engine.embedder, token_budget=budget, count_tokens=count)
-    contexts = grounded_contexts(evidence, [p.id for p in parents])
-    prompt_ids = engine.chat_prompt(answer_prompt(question, contexts))
+    evidence, messages = grounded_prompt(question, parents, engine.embedder, token_budget=budget, count_tokens=count)
+    prompt_ids = engine.chat_prompt(messages)
     sources = [{"id": p.id, "source": p.source, "page": p.page, "score": round(float(p.score), 4), "text": p.text}
                for p in parents]
     return prompt_ids, [e.as_dict() for e in evidence], sources
@@ -130,7 +128,7 @@ def ingest_upload(engine: Any, filename: str, data: bytes, max_bytes: int) -> di
         except ValueError as err:
             report, failure = None, str(err)
         else:
-            problems = report.errors + report.skipped
+            problems = report.skipped  # a file named explicitly raises; skipped is the safety net
             failure = problems[0][1] if problems else None
         if failure is not None:
             if old is None:

@@ -20,6 +20,9 @@ def test_demo_answers_about_paged_optimizers(tmp_path):
     # The retrieval half is deterministic: the top source is the guide's paged-optimizer section.
     assert "Paged optimizers" in result["sources"][0]["text"] or "paged" in result["sources"][0]["text"].lower()
     assert result["embedded"] > 0
+    # Grounded: the model was given the guide's sentences about paged optimizers, returned as evidence.
+    assert result["evidence"] and "paged" in result["evidence"][0]["text"].lower()
+    assert {e["parent_id"] for e in result["evidence"]} <= {s["id"] for s in result["sources"]}
     # Re-running the demo in the same folder re-embeds nothing.
     again = run_rag_demo(model, tokenizer, tmp_path, max_new_tokens=8)
     assert again["embedded"] == 0 and again["sources"][0]["id"] == result["sources"][0]["id"]

@@ -22,3 +22,18 @@ def test_bench_serve_smoke_run():
     assert set(rows) == {f"{mode}, {c} clients" for mode in ("one by one", "batched") for c in (1, 3)}
     assert all(r["tokens"] == 4 * c for name, r in rows.items() for c in (1, 3) if name.endswith(f" {c} clients"))
     assert rows["one by one, 3 clients"]["max_rows"] == 1
+
+
+def test_bench_answers_coverage_counts_content_words():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import bench_answers
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    evidence = "saving an average\nof about 0.37 bits per parameter"
+    assert bench_answers.content_words(evidence) == {"saving", "average", "0.37", "bits", "per", "parameter"}
+    assert bench_answers.coverage(evidence, "Double quantization saves about 0.37 bits per parameter on average, "
+                                            "saving memory.") == 1.0
+    assert bench_answers.coverage(evidence, "It saves 0.37 bits.") == 2 / 6  # "0.37", "bits"
+    assert bench_answers.coverage("reaching 99.3%", "Guanaco reaches 99.3% of ChatGPT") == 0.5
+    assert bench_answers._p90([float(i) for i in range(1, 11)]) == 9.0

@@ -61,6 +61,8 @@ def test_taken_port_names_the_flag(model_dir):
     assert code == 1 and "--port" in err and "in use" in err
     code, err = run("serve", str(model_dir), "--port", "70000")
     assert code == 1 and "--port" in err
+    code, err = run("serve", str(model_dir), "--port", "0", "--threads", "0")
+    assert code == 1 and "--threads" in err and "got 0" in err
 
 
 def test_registered_in_the_fourbit_command(model_dir, tmp_path):

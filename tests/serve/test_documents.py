@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from _server import DOCS
 
-from fourbit.serve.grounding import grounded_contexts, select_evidence, split_sentences
+from fourbit.rag.grounding import grounded_contexts, select_evidence, split_sentences
 
 
 def upload(http, name: str, data: bytes, content_type: str = "text/plain"):
@@ -61,6 +61,20 @@ def test_answers_return_the_answer_evidence_and_sources(uploaded, http):
     assert {"text", "source", "page"} <= set(body["evidence"][0])
     assert body["evidence"][0]["text"] == "The tail of a comet always points away from the Sun."
     assert body["usage"]["completion_tokens"] <= 8
+
+
+def test_answers_are_short_by_default_and_their_evidence_fits_the_budget(uploaded, http, engine):
+    from fourbit.rag.grounding import DEFAULT_EVIDENCE_TOKENS
+    from fourbit.serve.app import ANSWER_MAX_TOKENS
+
+    body = http.post("/v1/answers", json={"question": "Where do long-period comets come from?",
+                                          "retriever": "baseline", "top_k": 3}).json()
+    assert "usage" in body, body
+    assert 1 <= body["usage"]["completion_tokens"] <= ANSWER_MAX_TOKENS
+    parents = {s["id"]: s["text"] for s in body["sources"]}
+    assert all(e["parent_id"] in parents for e in body["evidence"])
+    used = sum(len(engine.encode(e["text"])) for e in body["evidence"])
+    assert used <= DEFAULT_EVIDENCE_TOKENS or len(body["evidence"]) == 1
 
 
 def test_answers_stream_sources_first_then_the_answer(uploaded, http):
