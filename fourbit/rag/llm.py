@@ -163,20 +163,16 @@ def load_llm(
         model: None (bundled SmolLM2), a folder (plain or fourbit/bnb 4-bit checkpoint) or a GGUF file.
         adapter: folder of a LoRA adapter saved by ``fourbit finetune`` (``--adapter``).
         quantize: quantize the base model's linear layers to NF4.
-        compute_dtype: matmul dtype of the 4-bit layers; None: "bf16" on CUDA, "fp32" on CPU, where
-            bf16 matmuls have no fast path (measured: prefill of 8x256 tokens with SmolLM2-135M on one
-            core took 53 s CPU in bf16 and 9 s in fp32; the weights stay NF4 either way).
+        compute_dtype: matmul dtype of the 4-bit layers; None: "auto" (:class:`fourbit.models.QuantConfig`:
+            bf16 where the device computes it natively, else fp32; the weights stay NF4 either way).
 
     Returns:
         An :class:`HFChatLLM`.
     """
     from fourbit.models import QuantConfig, load_model
 
-    if compute_dtype is None:
-        import torch
-
-        compute_dtype = "bf16" if torch.cuda.is_available() else "fp32"
-    net, tok = load_model(model, quant=QuantConfig(compute_dtype=compute_dtype) if quantize else None)
+    quant = QuantConfig(compute_dtype=compute_dtype or "auto") if quantize else None
+    net, tok = load_model(model, quant=quant)
     if adapter is not None:
         from fourbit.nn.adapters import load_adapter
 
