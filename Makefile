@@ -42,7 +42,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_generate.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check fourbit tests benchmarks
+	$(VENV)/bin/ruff check fourbit tests benchmarks examples
 
 clean:
 	rm -rf demo_out .pytest_cache
