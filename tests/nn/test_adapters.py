@@ -66,10 +66,13 @@ def test_fourbit_loads_peft_adapter(tmp_path: Path) -> None:
         torch.testing.assert_close(ours(ids).logits, pm.eval()(ids).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_classifier_head_saved_as_modules_to_save(tmp_path: Path) -> None:
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_classifier_head_saved_as_modules_to_save(tmp_path: Path, arch: str) -> None:
     peft = _peft()
-    cls = transformers.LlamaForSequenceClassification
-    base = _tiny(cls=cls, num_labels=3)
+    if arch == "llama":
+        base = _tiny(cls=transformers.LlamaForSequenceClassification, num_labels=3)
+    else:  # GPT-2's Conv1D layers under LoRA, five labels as in the review example
+        base = _gpt2(cls=transformers.GPT2ForSequenceClassification, num_labels=5)
     ours = copy.deepcopy(base)
     inject_lora(ours, LoRASpec(r=4, alpha=8, dropout=0.0, modules_to_save=("score",)))
     assert "score" not in {n.rsplit(".", 1)[-1] for n in lora_modules(ours)}
@@ -252,22 +255,3 @@ def _quantized_gpt2_base():
     model = _gpt2()
     quantize_model(model, QuantConfig(compute_dtype="fp32"))
     return model
-
-
-def test_gpt2_classifier_head_saved_as_modules_to_save(tmp_path: Path) -> None:
-    peft = _peft()
-    base = _gpt2(cls=transformers.GPT2ForSequenceClassification, num_labels=5)
-    ours = copy.deepcopy(base)
-    inject_lora(ours, LoRASpec(r=4, alpha=8, dropout=0.0, modules_to_save=("score",)))
-    assert "score" not in {n.rsplit(".", 1)[-1] for n in lora_modules(ours)} and ours.score.weight.requires_grad
-    _train_like(ours)
-    save_adapter(ours, tmp_path / "c")
-    cfg = json.loads((tmp_path / "c" / "adapter_config.json").read_text())
-    assert cfg["task_type"] == "SEQ_CLS" and cfg["modules_to_save"] == ["score"]
-    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "c")).eval()
-    back = load_adapter(copy.deepcopy(base), tmp_path / "c")
-    ids = torch.randint(1, 256, (2, 7))
-    with torch.no_grad():
-        ref = ours(ids).logits
-        torch.testing.assert_close(theirs(ids).logits, ref, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(back(ids).logits, ref, rtol=0, atol=0)
