@@ -13,6 +13,7 @@ import argparse
 import errno
 import importlib
 import logging
+import os
 import re
 import sys
 
@@ -89,6 +90,19 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    code = _run(parser, args)
+    distributed = sys.modules.get("fourbit.train.distributed")
+    if distributed is not None and distributed.process_group_started():
+        # torch's gloo threads can abort the interpreter's teardown ("terminate called without an active
+        # exception", exit -6) after a multi-process run, most often a failed one: the message is out and the
+        # process group is closed, so leave without the teardown and keep the exit code.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except (ValueError, NotImplementedError, OSError) as err:

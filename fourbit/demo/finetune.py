@@ -134,7 +134,7 @@ def run_finetune_demo(
     from rich.console import Console
     from rich.table import Table
 
-    from .trainer import train
+    from fourbit.train.trainer import train
 
     console = console or Console()
     workdir = Path(workdir)

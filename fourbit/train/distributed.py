@@ -39,7 +39,15 @@ import torch
 from fourbit._errors import FieldError
 
 __all__ = ["DISTRIBUTED_MODES", "PeerLost", "World", "fingerprint_model", "fingerprint_examples", "init_world",
-           "world_size_from_env"]
+           "process_group_started", "world_size_from_env"]
+
+_STARTED = False
+
+
+def process_group_started() -> bool:
+    """Whether this process has started a torch.distributed process group (once started, gloo's threads can
+    abort the interpreter's teardown: the command line then leaves without it, see ``fourbit.cli.main``)."""
+    return _STARTED
 
 DISTRIBUTED_MODES = ("ddp", "fsdp")
 T = TypeVar("T")
@@ -250,6 +258,8 @@ def init_world(mode: str | None = None, *, timeout_s: float = 300.0) -> World:
         torch.cuda.set_device(local_rank)
     where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
     try:
+        global _STARTED
+        _STARTED = True
         dist.init_process_group(backend, rank=rank, world_size=size, timeout=timedelta(seconds=timeout_s))
     except (RuntimeError, ValueError) as err:  # DistStoreError/DistNetworkError (RuntimeError), bad env (ValueError)
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
