@@ -1,7 +1,5 @@
 """``python -m fourbit`` runs the command line."""
 
-import sys
+from fourbit.cli import console_main
 
-from fourbit.cli import main
-
-sys.exit(main())
+console_main()

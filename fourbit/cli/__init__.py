@@ -17,7 +17,7 @@ import os
 import re
 import sys
 
-__all__ = ["build_parser", "main", "user_message"]
+__all__ = ["build_parser", "console_main", "main", "user_message"]
 
 _COMMAND_MODULES = ("fourbit.cli.quant", "fourbit.cli.generate", "fourbit.cli.demo", "fourbit.cli.train",
                     "fourbit.cli.rag", "fourbit.cli.serve")
@@ -90,16 +90,23 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    code = _run(parser, args)
+    return _run(parser, args)
+
+
+def console_main() -> None:
+    """The ``fourbit`` executable and ``python -m fourbit``: :func:`main`, then exit with its code.
+
+    torch's gloo threads can abort the interpreter's teardown ("terminate called without an active exception",
+    exit -6) after a multi-process run, most often a failed one; once the message is out and the process group
+    is closed, such a process leaves without the teardown and keeps its exit code. (``main`` itself never
+    exits, so tests and other Python callers can run it in-process.)"""
+    code = main()
     distributed = sys.modules.get("fourbit.train.distributed")
     if distributed is not None and distributed.process_group_started():
-        # torch's gloo threads can abort the interpreter's teardown ("terminate called without an active
-        # exception", exit -6) after a multi-process run, most often a failed one: the message is out and the
-        # process group is closed, so leave without the teardown and keep the exit code.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
-    return code
+    sys.exit(code)
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -118,4 +125,4 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()
