@@ -40,10 +40,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY = 1 << 20  # 1 MiB of JSON per request
 DEFAULT_MAX_UPLOAD = 20 << 20  # 20 MiB per uploaded document
-# An answer's default length. The evidence sentences carry the facts; the 135M model's answer past a few
-# sentences mostly repeats them, and each token costs ~0.05-0.1 s on a 2-core CPU (benchmarks/bench_answers.py:
-# 256-token answers took 20-45 s, which is what kept a question over 5 s).
-ANSWER_MAX_TOKENS = 64
+# An answer's default length (a request's max_tokens overrides it). The evidence sentences carry the facts; the
+# 135M model's answer past a few sentences mostly repeats them, and each token costs a decoding step on a
+# 2-core CPU: the answer length is what decides whether a question answers within 5 s (see
+# benchmarks/RESULTS.md, "Answers through the server").
+ANSWER_MAX_TOKENS = 48
 STATIC = Path(__file__).resolve().parent / "static"
 _PUBLIC = ("/health", "/", "/static/")
 _POLL_S = 0.25  # how often a waiting non-streamed request checks that its client is still there
