@@ -37,6 +37,7 @@ __all__ = [
     "load_safetensors",
     "read_json",
     "read_jsonl",
+    "read_jsonl_lines",
     "remove_stale_temps",
     "replace_dir",
     "save_safetensors",
@@ -169,7 +170,13 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def read_jsonl(path: str | os.PathLike, *, skip_torn_last_line: bool = False) -> list[dict[str, Any]]:
-    """The JSON objects of a JSONL file, one per non-blank line.
+    """The JSON objects of a JSONL file, one per non-blank line (:func:`read_jsonl_lines` without the line
+    numbers)."""
+    return [row for _, row in read_jsonl_lines(path, skip_torn_last_line=skip_torn_last_line)]
+
+
+def read_jsonl_lines(path: str | os.PathLike, *, skip_torn_last_line: bool = False) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for each non-blank line of a JSONL file (1-based line numbers).
 
     Args:
         path: the file.
@@ -203,7 +210,7 @@ def read_jsonl(path: str | os.PathLike, *, skip_torn_last_line: bool = False) ->
             raise InputFileError(path, f"malformed JSON line ({err.msg})", line=lineno) from None
         if not isinstance(row, dict):
             raise InputFileError(path, f"expected a JSON object, got {type(row).__name__}", line=lineno)
-        rows.append(row)
+        rows.append((lineno, row))
     return rows
 
 

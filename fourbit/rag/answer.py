@@ -119,13 +119,11 @@ def read_question_file(path: str | Path) -> list[str]:
         InputFileError: no such file, a line that is not a JSON object or lacks a non-empty string
             "question" (file and line named), or a file without questions.
     """
-    from fourbit._io import read_jsonl
+    from fourbit._io import read_jsonl_lines
 
     path = Path(path)
-    rows = read_jsonl(path)  # names the file and line of a line that is not JSON
-    numbers = [n for n, line in enumerate(path.read_bytes().split(b"\n"), 1) if line.strip()]
     questions = []
-    for number, row in zip(numbers, rows, strict=True):
+    for number, row in read_jsonl_lines(path):  # names the file and line of a line that is not JSON
         question = row.get("question")
         if not isinstance(question, str) or not question.strip():
             raise InputFileError(path, 'needs a non-empty string field "question"', line=number)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fourbit._errors import InputFileError
-from fourbit._io import read_jsonl
+from fourbit._io import read_jsonl_lines
 from fourbit.rag.loaders import clean_text, normalize_whitespace
 
 __all__ = ["EvalQuestion", "contains_evidence", "evaluate_retriever", "load_questions", "reciprocal_rank"]
@@ -35,9 +35,7 @@ def load_questions(path: str | Path) -> list[EvalQuestion]:
     """
     path = Path(path)
     questions = []
-    rows = read_jsonl(path)  # raises InputFileError naming the file (and line) first
-    lines = [n for n, line in enumerate(path.read_bytes().split(b"\n"), 1) if line.strip()]
-    for number, row in zip(lines, rows, strict=True):
+    for number, row in read_jsonl_lines(path):  # raises InputFileError naming the file (and line) first
         if not all(isinstance(row.get(k), str) and row[k].strip() for k in ("question", "evidence")):
             raise InputFileError(path, "needs non-empty string fields 'question' and 'evidence'", line=number)
         questions.append(EvalQuestion(row["question"], row["evidence"]))

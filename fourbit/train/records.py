@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fourbit._errors import InputFileError
-from fourbit._io import read_jsonl
+from fourbit._io import read_jsonl_lines
 
 __all__ = ["DATA_SUFFIXES", "Record", "Source", "load_records", "record_error"]
 
@@ -125,10 +125,8 @@ def _read_text(path: Path) -> str:
 
 
 def _read_jsonl(path: Path) -> list[Record]:
-    rows = read_jsonl(path)  # names the file and line of a malformed line or a bad byte
-    # read_jsonl returns one row per non-blank line, in order: recover each row's line number.
-    lines = [i + 1 for i, raw in enumerate(path.read_bytes().split(b"\n")) if raw.strip()]
-    return [Record(row, Source(str(path), line=n)) for row, n in zip(rows, lines, strict=True)]
+    # read_jsonl_lines names the file and line of a malformed line or a bad byte
+    return [Record(row, Source(str(path), line=n)) for n, row in read_jsonl_lines(path)]
 
 
 def _read_json(path: Path) -> list[Record]:
