@@ -96,8 +96,9 @@ def _finetune(args: argparse.Namespace, world: Any) -> int:
         label_column = config.label_column if config.task == "classify" else None
         records = load_records(config.data)
         check_records(records, format=config.format, text_column=config.text_column, label_column=label_column)
-        if config.eval_data:
-            check_records(load_records(config.eval_data), format=config.format, text_column=config.text_column,
+        eval_records = load_records(config.eval_data) if config.eval_data else None
+        if eval_records is not None:
+            check_records(eval_records, format=config.format, text_column=config.text_column,
                           label_column=label_column)
         labels: list[str] = []
         if config.task == "classify":
@@ -105,7 +106,8 @@ def _finetune(args: argparse.Namespace, world: Any) -> int:
         model, tokenizer = load_for_training(config, label_names=labels)
         if world.size > 1 and next(model.parameters()).device != world.device:
             model = model.to(world.device)
-        return config, plan, model, tokenizer, prepare_data(config, tokenizer)
+        data = prepare_data(config, tokenizer, records=records, eval_records=eval_records)
+        return config, plan, model, tokenizer, data
 
     quiet = not world.is_main
     log = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr)) if args.json else print

@@ -87,8 +87,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_data(config: TrainConfig, tokenizer: Any) -> tuple[EncodedDataset, EncodedDataset | None]:
+def prepare_data(
+    config: TrainConfig,
+    tokenizer: Any,
+    *,
+    records: list | None = None,
+    eval_records: list | None = None,
+) -> tuple[EncodedDataset, EncodedDataset | None]:
     """Load, split and tokenize ``config.data`` (and ``config.eval_data``).
+
+    Args:
+        records, eval_records: the records of ``config.data`` / ``config.eval_data`` when the caller has
+            already read them (:func:`load_records`), so the files are not read again.
 
     Raises:
         FieldError: no ``data``.
@@ -96,9 +106,11 @@ def prepare_data(config: TrainConfig, tokenizer: Any) -> tuple[EncodedDataset, E
     """
     if not config.data:
         raise FieldError("data", "is required: the training file or saved dataset folder")
-    records = load_records(config.data)
+    if records is None:
+        records = load_records(config.data)
     if config.eval_data:
-        train_rows, eval_rows = records, load_records(config.eval_data)
+        train_rows = records
+        eval_rows = eval_records if eval_records is not None else load_records(config.eval_data)
     else:
         train_rows, eval_rows = split_records(records, config.eval_fraction, config.seed)
     classify = config.task == "classify"
