@@ -28,7 +28,7 @@ __all__ = ["Linear4bit", "COMPUTE_DTYPES", "INPUT_DTYPES", "SMALL_BATCH_ROWS", "
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
                   "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
-_warned_slow: set[tuple[torch.dtype, str]] = set()
+_warned_slow: set[tuple[torch.dtype, str]] = set()  # (dtype, device type) pairs already decided
 
 
 def warn_if_slow(dtype: torch.dtype, device: torch.device | str) -> bool:
@@ -40,11 +40,11 @@ def warn_if_slow(dtype: torch.dtype, device: torch.device | str) -> bool:
         True when the warning was given by this call.
     """
     device = torch.device(device)
-    if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16) or native_bf16(device):
-        return False
-    if (dtype, device.type) in _warned_slow:
+    if (dtype, device.type) in _warned_slow:  # decided once: Linear4bit.forward calls this on every step
         return False
     _warned_slow.add((dtype, device.type))
+    if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16) or native_bf16(device):
+        return False
     name = str(dtype).removeprefix("torch.")
     warnings.warn(f"compute dtype {name} on this CPU is slow: it has no native bf16 instructions (AVX512-BF16 or "
                   f"AMX), so {name} matmuls run several times slower than float32; use compute_dtype 'fp32' "
