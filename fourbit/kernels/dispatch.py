@@ -36,6 +36,7 @@ __all__ = [
     "dequantize_8bit_blocks",
     "linear_4bit",
     "uses_fused_kernel",
+    "softmax_cross_entropy_",
 ]
 
 
@@ -127,3 +128,24 @@ def linear_4bit(x: torch.Tensor, packed: torch.Tensor, scales: BlockScales, code
         return backend.fused_linear_4bit(x, packed, scales, code, blocksize, out_features, in_features)
     weight = backend.dequantize_4bit_blocks(packed, scales, code, blocksize, out_features * in_features, x.dtype)
     return torch.nn.functional.linear(x, weight.view(out_features, in_features))
+
+
+def softmax_cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, write_grad: bool = True) -> torch.Tensor:
+    """Per-row cross-entropy of ``logits`` [rows, vocab] against ``targets`` [rows], and with ``write_grad``
+    its gradient ``softmax - onehot`` written over ``logits`` (see
+    :func:`fourbit.kernels.reference.softmax_cross_entropy_`). The compiled CPU kernel reads each row three
+    times; other devices use the reference.
+
+    Raises:
+        ValueError: wrong shapes, or a target outside ``[0, vocab)`` (it would index past the row).
+    """
+    if logits.dim() != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(f"softmax_cross_entropy_ takes logits [rows, vocab] and targets [rows], got "
+                         f"{tuple(logits.shape)} and {tuple(targets.shape)}")
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= logits.shape[1]):
+        bad = targets[(targets < 0) | (targets >= logits.shape[1])][0]
+        raise ValueError(f"target {int(bad)} is out of bounds for a vocabulary of {logits.shape[1]}")
+    if not logits.shape[0]:
+        return logits.new_zeros(0, dtype=torch.float32)
+    kernel = getattr(backend_for(logits), "softmax_cross_entropy_", reference.softmax_cross_entropy_)
+    return kernel(logits, targets, write_grad)

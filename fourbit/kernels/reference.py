@@ -185,3 +185,24 @@ def can_fuse(dtype: torch.dtype, blocksize: int, in_features: int) -> bool:
 
 #: The reference has no fused kernel: its "fused" matmul is the definition itself.
 fused_linear_4bit = linear_4bit
+
+
+def softmax_cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, write_grad: bool) -> torch.Tensor:
+    """Per-row cross-entropy ``logsumexp(x) - x[target]`` of ``logits`` [rows, vocab] (float32 arithmetic),
+    and with ``write_grad`` the gradient ``softmax(x) - onehot(target)`` written over ``logits`` in place.
+
+    Args:
+        logits: [rows, vocab] float32 or bfloat16 (float16 too), contiguous.
+        targets: [rows] int64 in [0, vocab).
+
+    Returns:
+        [rows] float32 losses.
+    """
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)
+    losses = lse - x.gather(1, targets.view(-1, 1)).squeeze(1)
+    if write_grad:
+        grad = torch.exp(x - lse.unsqueeze(1))
+        grad[torch.arange(x.shape[0], device=x.device), targets] -= 1.0
+        logits.copy_(grad)
+    return losses

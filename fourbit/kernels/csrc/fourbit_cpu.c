@@ -467,3 +467,105 @@ void fb_gemv_4bit(const float *x, const uint8_t *packed, const fb_scales *scales
         gemv_scalar(FB_GEMV_PASS);
     }
 }
+
+/* ------------------------------------------------------------------ softmax cross-entropy, row by row
+ *
+ * For each row of logits x (one token's scores over the vocabulary) and its target t:
+ *     loss = logsumexp(x) - x[t],      dloss/dx = softmax(x) - onehot(t)
+ * in three passes over the row (max, sum of exponentials, gradient written over the logits), each row read
+ * from cache after the first pass. PyTorch's log_softmax + nll_loss + their backward make about eight passes
+ * over [tokens, vocab] in memory and allocate three tensors of that size; this is the heart of the fused
+ * linear cross-entropy (fourbit/train/loss.py), which never holds more than one chunk of logits. Float32
+ * arithmetic throughout; bf16 logits are read and the gradient written in bf16 (round to nearest even). */
+
+/* e^x for x <= 0 (x below -87 gives e^-87; NaN gives garbage: callers detect non-finite rows separately).
+ * Cody-Waite reduction x = n ln2 + f, |f| <= ln2/2, and e^f by its Taylor polynomial to degree 7
+ * (remainder < 2e-9 relative): about 1e-7 relative overall, the same as expf. Written out so that the
+ * compiler vectorizes the loops that call it. */
+FB_INLINE float exp_nonpos(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    const float n = (x * 1.44269504088896341f - 12582912.0f) + 12582912.0f; /* round(x / ln2), x <= 0 */
+    float f = x - n * 0.693359375f;
+    f = f - n * -2.12194440e-4f;
+    float p = 1.9841270e-4f;
+    p = p * f + 1.3888889e-3f;
+    p = p * f + 8.3333333e-3f;
+    p = p * f + 4.1666667e-2f;
+    p = p * f + 1.6666667e-1f;
+    p = p * f + 0.5f;
+    p = p * f + 1.0f;
+    p = p * f + 1.0f;
+    const int32_t e = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &e, 4);
+    return p * scale;
+}
+
+#define FB_XENT_ROW(NAME, T, LOAD, STORE)                                                                   \
+    FB_INLINE float NAME(T *row, int64_t vocab, int64_t target, int write_grad) {                       \
+        float m = -FLT_MAX, probe = 0.0f; /* probe: 0 for a finite row, NaN otherwise */                    \
+        _Pragma("omp simd reduction(max:m) reduction(+:probe)")                                             \
+        for (int64_t j = 0; j < vocab; ++j) {                                                               \
+            const float v = LOAD(row[j]);                                                                   \
+            m = v > m ? v : m;                                                                              \
+            probe += v * 0.0f;                                                                              \
+        }                                                                                                   \
+        double s = 0.0; /* float sums of 1024 terms, added in double: ~1e-7 relative at any vocabulary */   \
+        for (int64_t j0 = 0; j0 < vocab; j0 += 1024) {                                                      \
+            const int64_t j1 = j0 + 1024 < vocab ? j0 + 1024 : vocab;                                       \
+            float part = 0.0f;                                                                              \
+            _Pragma("omp simd reduction(+:part)")                                                           \
+            for (int64_t j = j0; j < j1; ++j) part += exp_nonpos(LOAD(row[j]) - m);                         \
+            s += part;                                                                                      \
+        }                                                                                                   \
+        const float lse = m + (float)log(s);                                                                \
+        const float x_target = LOAD(row[target]);                                                           \
+        if (write_grad) {                                                                                   \
+            _Pragma("omp simd")                                                                             \
+            for (int64_t j = 0; j < vocab; ++j) row[j] = STORE(exp_nonpos(LOAD(row[j]) - lse) + probe);     \
+            row[target] = STORE(exp_nonpos(x_target - lse) - 1.0f + probe);                                 \
+        }                                                                                                   \
+        return lse - x_target + probe;                                                                      \
+    }
+
+#define FB_F32_LOAD(v) (v)
+#define FB_F32_STORE(v) (v)
+FB_XENT_ROW(xent_row_f32, float, FB_F32_LOAD, FB_F32_STORE)
+FB_XENT_ROW(xent_row_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
+
+#define FB_XENT_ARGS void *logits, int dtype, int64_t r0, int64_t r1, int64_t vocab, const int64_t *targets, \
+                     float *losses, int write_grad
+#define FB_XENT_PASS logits, dtype, r0, r1, vocab, targets, losses, write_grad
+
+FB_INLINE void xent_rows(FB_XENT_ARGS) {
+    for (int64_t r = r0; r < r1; ++r) {
+        if (dtype == FB_BF16)
+            losses[r] = xent_row_bf16((uint16_t *)logits + r * vocab, vocab, targets[r], write_grad);
+        else
+            losses[r] = xent_row_f32((float *)logits + r * vocab, vocab, targets[r], write_grad);
+    }
+}
+
+static void xent_scalar(FB_XENT_ARGS) { xent_rows(FB_XENT_PASS); }
+#ifdef FB_X86
+FB_AVX2 static void xent_avx2(FB_XENT_ARGS) { xent_rows(FB_XENT_PASS); }
+#define FB_AVX512_WIDE __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c,prefer-vector-width=512")))
+FB_AVX512_WIDE static void xent_avx512(FB_XENT_ARGS) { xent_rows(FB_XENT_PASS); }
+#endif
+
+/* Per-row losses of ``rows`` x ``vocab`` logits (float32 or bf16, contiguous); with ``write_grad`` the
+ * logits are overwritten by softmax - onehot(target). Targets must lie in [0, vocab) (checked by the caller). */
+void fb_softmax_xent(void *logits, int dtype, int64_t rows, int64_t vocab, const int64_t *targets, float *losses,
+                     int write_grad, int nthreads) {
+    const int isa = fb_isa();
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+        const int64_t r0 = r, r1 = r + 1;
+#ifdef FB_X86
+        if (isa == FB_ISA_AVX512) { xent_avx512(FB_XENT_PASS); continue; }
+        if (isa == FB_ISA_AVX2) { xent_avx2(FB_XENT_PASS); continue; }
+#endif
+        (void)isa;
+        xent_scalar(FB_XENT_PASS);
+    }
+}
