@@ -12,10 +12,11 @@ peft so that adapters move between the two (see :mod:`fourbit.nn.adapters`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,7 @@ __all__ = [
     "LoRASpec",
     "dequantized_layer",
     "find_target_modules",
+    "fused_lora",
     "is_conv1d",
     "inject_lora",
     "is_linear_4bit",
@@ -118,6 +120,83 @@ def dequantized_layer(module: nn.Module, dtype: torch.dtype = torch.float32,
         if bias is not None:
             new.bias.copy_(bias.to(dtype))
     return new.requires_grad_(False)
+
+
+_fused_enabled = True
+
+
+@contextlib.contextmanager
+def fused_lora(enabled: bool = True) -> Iterator[None]:
+    """Turn the fused LoRA training path (:class:`_LoRAMatMul`) on or off inside the block (it is on by
+    default). Off, :class:`LoRALinear` runs the plain composition ``base(x) + s · lora_B(lora_A(x))`` of
+    PyTorch modules: the reference the fused path is tested against."""
+    global _fused_enabled
+    before, _fused_enabled = _fused_enabled, bool(enabled)
+    try:
+        yield
+    finally:
+        _fused_enabled = before
+
+
+def _dense_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The base layer's weight ``[out, in]`` in ``dtype``: a 4-bit one dequantized (a fresh tensor each call,
+    never kept), a plain one cast (a view when the dtype already matches)."""
+    if is_linear_4bit(base):
+        return base.dequantize(dtype).view(base.out_features, base.in_features)
+    weight = base.weight.t() if is_conv1d(base) else base.weight
+    return weight.to(dtype)
+
+
+class _LoRAMatMul(torch.autograd.Function):
+    """QLoRA's layer (Eq. 5) as one autograd node, for training:
+
+        y = x · W^T + b + (h · A^T) · (s B)^T          (h = x, or dropout(x))
+        dL/dx = g · W [+ (g · sB) · A when h is x]     dL/dh = (g · sB) · A
+        dL/dA = (g · sB)^T · h                          dL/dB = s · g^T · (h · A^T)
+
+    with every matmul in the compute dtype ``dtype``. The low-rank product is added into the base output by
+    ``addmm`` (no separate pass over ``[tokens, out]`` for the update or its scaling) and in backward the
+    low-rank input gradient into the base one likewise. It saves ``h`` (the base's input: nothing extra without
+    dropout), ``h · A^T`` (``[tokens, r]``) and nothing of W: a 4-bit W is dequantized again in backward
+    (QLoRA, section 3: the gradient flows through the frozen 4-bit weight, no 16-bit copy is stored).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, h: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                base: nn.Module, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(dtype)
+        h2 = x2 if h is x else h.reshape(-1, shape[-1]).to(dtype)
+        a = lora_a.to(dtype)
+        b = (lora_b * scaling).to(dtype)
+        out = torch.nn.functional.linear(x2, _dense_weight(base, dtype),
+                                         None if base.bias is None else base.bias.to(dtype))
+        xa = h2 @ a.t()
+        out.addmm_(xa, b.t())
+        ctx.base, ctx.scaling, ctx.dtype, ctx.same_input = base, scaling, dtype, h is x
+        ctx.shapes = (shape, h.shape)
+        ctx.save_for_backward(h2, xa, a, b)
+        return out.view(*shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        h2, xa, a, b = ctx.saved_tensors
+        x_shape, h_shape = ctx.shapes
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(ctx.dtype)
+        gb = g @ b  # [tokens, r]: the gradient at the low-rank bottleneck
+        grad_x = grad_h = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = g @ _dense_weight(ctx.base, ctx.dtype)
+            if ctx.same_input:
+                grad_x.addmm_(gb, a)
+            grad_x = grad_x.view(x_shape)
+        if ctx.needs_input_grad[1] and not ctx.same_input:
+            grad_h = (gb @ a).view(h_shape)
+        if ctx.needs_input_grad[2]:
+            grad_a = gb.t() @ h2
+        if ctx.needs_input_grad[3]:
+            grad_b = (g.t() @ xa) * ctx.scaling
+        return grad_x, grad_h, grad_a, grad_b, None, None, None
 
 
 @dataclass(frozen=True)
@@ -235,12 +314,32 @@ class LoRALinear(nn.Module):
             if self._unmerged_base is not None:  # 16-bit layer merged from a 4-bit base
                 return self.base(x.to(self.base.weight.dtype)).to(x.dtype)
             return self.base(x)
+        dtype = self._fused_dtype(x)
+        if dtype is not None:
+            h = self.lora_dropout(x)
+            out = _LoRAMatMul.apply(x, h, self.lora_A.weight, self.lora_B.weight, self.base, self.scaling, dtype)
+            return out if torch.is_autocast_enabled(x.device.type) else out.to(x.dtype)
         y = self.base(x)
         a = self.lora_A.weight
         # Under autocast the adapter matmuls run in the autocast dtype; otherwise cast x to the adapter dtype.
         h = self.lora_dropout(x if torch.is_autocast_enabled(x.device.type) else x.to(a.dtype))
         update = self.lora_B(self.lora_A(h)) * self.scaling
         return y + update.to(y.dtype)
+
+    def _fused_dtype(self, x: torch.Tensor) -> torch.dtype | None:
+        """The compute dtype of the fused training path for ``x``, or None for the plain path: fused when
+        autograd records (training) and the base is unmerged; the dtype is the autocast dtype under autocast
+        (as ``nn.Linear`` would compute), else ``x``'s dtype when the adapters (and a 4-bit base's compute
+        dtype) have it too. Mixed dtypes without autocast keep the plain path's per-part dtypes."""
+        if not (_fused_enabled and torch.is_grad_enabled() and not self.merged and x.is_floating_point()
+                and (x.requires_grad or self.lora_A.weight.requires_grad)):
+            return None
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        same = x.dtype == self.lora_A.weight.dtype
+        if is_linear_4bit(self.base):
+            same = same and self.base.compute_dtype == x.dtype
+        return x.dtype if same else None
 
     @torch.no_grad()
     def merge(self, *, safe: bool = True, dtype: torch.dtype = torch.bfloat16) -> None:

@@ -1,8 +1,12 @@
 """Preparing a (4-bit) model for adapter training (QLoRA, Section 3 and Appendix B).
 
 The base stays frozen; norms and other small parameters (1-D: norm weights, biases) are kept in float32
-for stable statistics; input embeddings require grad so that activation checkpointing has a graph to
-recompute into; checkpointing is the non-reentrant variant (it works with frozen inputs and keyword args).
+for stable statistics, unless training computes in bf16: then every frozen float parameter (embeddings,
+norms, a plain output head) is cast to bf16 so that activations stay bf16 end to end instead of being
+promoted to float32 by a float32 norm weight and cast back before every matmul (the norms still compute
+their statistics in float32 inside). Input embeddings require grad so that activation checkpointing has a
+graph to recompute into; checkpointing is the non-reentrant variant (it works with frozen inputs and
+keyword args).
 """
 
 from __future__ import annotations
@@ -14,10 +18,12 @@ __all__ = ["prepare_model_for_training"]
 
 
 def prepare_model_for_training(
-    model: nn.Module, *, gradient_checkpointing: bool = False, input_grads: bool | None = None
+    model: nn.Module, *, gradient_checkpointing: bool = False, input_grads: bool | None = None,
+    activation_dtype: torch.dtype | None = None,
 ) -> nn.Module:
-    """Freeze every parameter, upcast 1-D floating parameters to float32, enable input grads and (optionally)
-    non-reentrant gradient checkpointing. Modifies ``model`` in place and returns it.
+    """Freeze every parameter, upcast 1-D floating parameters to float32 (or cast every floating parameter to
+    ``activation_dtype``), enable input grads and (optionally) non-reentrant gradient checkpointing. Modifies
+    ``model`` in place and returns it.
 
     Call before :func:`fourbit.nn.lora.inject_lora` (which makes the adapters trainable again).
 
@@ -28,10 +34,17 @@ def prepare_model_for_training(
             which checkpointed segments need to have a graph. Default: on with gradient checkpointing, off
             without it, because it forces backward through every layer even when only the upper layers
             carry adapters.
+        activation_dtype: the dtype training computes in, when it is not float32 (bf16 under autocast): the
+            frozen float parameters are cast to it. Buffers (e.g. rotary frequencies) are left alone.
     """
     for p in model.parameters():
         p.requires_grad_(False)
-        if p.is_floating_point() and p.ndim <= 1 and p.dtype != torch.float32:
+        if not p.is_floating_point():
+            continue
+        if activation_dtype is not None and activation_dtype != torch.float32:
+            if p.dtype != activation_dtype:
+                p.data = p.data.to(activation_dtype)
+        elif p.ndim <= 1 and p.dtype != torch.float32:
             p.data = p.data.float()
     if input_grads is None:
         input_grads = gradient_checkpointing

@@ -138,7 +138,8 @@ def add_lora(model: nn.Module, config: TrainConfig) -> nn.Module:
         except ValueError as err:
             raise FieldError("target_modules", f"{err}; name linear layers of the model (e.g. q_proj,v_proj) "
                                                "or use all-linear") from None
-    prepare_model_for_training(model, gradient_checkpointing=config.gradient_checkpointing)
+    prepare_model_for_training(model, gradient_checkpointing=config.gradient_checkpointing,
+                               activation_dtype=torch.bfloat16 if _computes_bf16(config, model) else None)
     if lora_modules(model):  # adapters already there (e.g. loaded): train them as they are
         spec = lora_spec(model)
         mark_only_lora_trainable(model, spec.modules_to_save if spec else saved)
@@ -149,15 +150,19 @@ def add_lora(model: nn.Module, config: TrainConfig) -> nn.Module:
     return model
 
 
-def _autocast(config: TrainConfig, model: nn.Module):
-    device = next(model.parameters()).device
+def _computes_bf16(config: TrainConfig, model: nn.Module) -> bool:
+    """Whether training runs under bf16 autocast: ``compute_dtype`` bf16, or auto on a device with native bf16."""
     if config.compute_dtype == "auto":
         from fourbit.models import QuantConfig
 
-        use_bf16 = QuantConfig().resolved_compute_dtype(device) == torch.bfloat16
-    else:
-        use_bf16 = config.compute_dtype == "bf16"
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+        device = next(model.parameters()).device
+        return QuantConfig().resolved_compute_dtype(device) == torch.bfloat16
+    return config.compute_dtype == "bf16"
+
+
+def _autocast(config: TrainConfig, model: nn.Module):
+    device = next(model.parameters()).device
+    return torch.autocast(device.type, dtype=torch.bfloat16) if _computes_bf16(config, model) else nullcontext()
 
 
 def _to(batch: Batch, device: torch.device) -> Batch:
