@@ -1,22 +1,55 @@
 """Fine-tuning benchmark on the bundled SmolLM2-135M-Instruct (not a test).
 
-Part 1 (quality): QLoRA (NF4 + double quant base) vs LoRA (fp32 base) on the date -> ISO demo task, same
-data, seed and steps: held-out eval loss and exact match.
-Part 2 (speed/memory): fourbit QLoRA vs transformers + bitsandbytes + peft QLoRA, batch B x T tokens, LoRA
-r=16 on all linear layers, with and without gradient checkpointing, in each compute dtype: tokens/s (median
-over steps after one warm-up step), CPU seconds per step and peak RSS. Each speed configuration runs in its own
-process so that peak RSS is its own.
+Part ``quality``: QLoRA (NF4 + double quant base) vs LoRA (fp32 base) on the date -> ISO demo task, same data,
+seed and steps: held-out eval loss and exact match.
 
-Both sides compute the same loss: the mean cross-entropy over every position from the full logits (the
-peer's ``labels=`` path). fourbit's trainer computes it in chunks of the sequence, so it never holds the full
-[tokens, vocab] logits; that saving is reported as its own row ("fourbit, chunked loss"), not folded into the
-headline ratio.
+Part ``speed`` (issue 11): ``fourbit finetune`` itself, the real CLI in a subprocess on its default path, against
+transformers + bitsandbytes + peft, at batch B x T (default 4 x 256), in both compute dtypes (fp32, bf16) for
+both sides, with and without gradient checkpointing: tokens/s (real, non-padding tokens; median over the steps
+after one warm-up step), seconds per step, peak RSS and the first step's loss. Ratios are against the peer at its
+own faster compute dtype (by tokens/s) with the same gradient-checkpointing setting. Target: tokens/s ratio
+>= 1.5, peak-RSS ratio <= 0.8.
 
-    python benchmarks/bench_finetune.py                       # both parts, defaults below
+Part ``long``: batch 1 x 2048 (``--long-len``) with gradient checkpointing, both sides, at each side's faster
+compute dtype (taken from the speed part of the same run; without it, bf16 on CPUs with native bf16 (AMX /
+AVX512-BF16), else fp32), or ``--long-dtypes fp32|bf16|both``. Target: peak-RSS ratio <= 0.6.
+
+Workload: plain text, deterministic, no download: the help texts of ``pydoc_data.topics`` split into documents
+of at most ~3,000 characters (one JSONL record ``{"text": ...}`` each, written to ``--workdir``), which
+fourbit's packing (``packing: true``) bins into rows of ``--seq-len`` tokens.
+
+fourbit side: ``python -m fourbit finetune <fp32 export> --data topics.jsonl --out DIR --overwrite --format text
+--packing --max-length T --batch-size B --gradient-accumulation-steps 1 --max-steps steps+1 --lora-r 16
+--lora-alpha 16 --lora-dropout 0 --eval-fraction 0 --save-steps 0 --eval-steps 0 --no-progress --compute-dtype
+{fp32,bf16} [--gradient-checkpointing] --json``; everything else at its default (optimizer ``adamw``, fourbit's
+32-bit AdamW, lr 2e-4, weight decay 0, max_grad_norm 0.3, chunked loss). ``--gradient-accumulation-steps 1`` so
+that one optimizer step is one B x T batch, as on the peer side. tokens/s and the step time come from the run's
+``metrics.jsonl`` (``tokens_per_s`` of each step, as the trainer measures it: collation, forward, backward,
+clipping and the optimizer step). Peak RSS is that CLI process's ``ru_maxrss``, read by a small stdlib-only
+worker process that starts it (one worker per configuration, so each number belongs to one configuration).
+
+Peer side: transformers ``AutoModelForCausalLM`` (fp32), every linear but ``lm_head`` replaced by bitsandbytes
+``Linear4bit`` (NF4, double quant, the given compute dtype), ``peft.prepare_model_for_kbit_training`` and peft LoRA
+(r=16, alpha=16, dropout 0, all-linear), fed the same batches: the same argv parsed by fourbit's CLI parser into
+the same ``TrainConfig``, tokenized and packed by ``fourbit.train.trainer.prepare_data`` + ``BatchPlan`` (same
+seed, same order) + ``collate(packed=True)``, and the peer's own loss ``model(input_ids=, position_ids=,
+labels=).loss`` (transformers' mean cross-entropy), ``loss.backward()``, clipping at the same max_grad_norm and
+``torch.optim.AdamW`` with the same lr, betas, eps and weight decay (constant lr; fourbit warms up over its
+default warmup_ratio, which does not change the speed), bf16 autocast for bf16. Step time is timed the same way
+(collation to optimizer step). Peak RSS is the worker's own VmHWM.
+
+Fairness: same batches and tokens, same LoRA config, same clipping and optimizer hyper-parameters, threads pinned
+to ``--threads`` on both sides (``OMP_NUM_THREADS``/``MKL_NUM_THREADS``/``NUMBA_NUM_THREADS`` for the CLI,
+``torch.set_num_threads`` for the peer), each configuration in its own process, the peer compared at its faster
+compute dtype.
+
+    python benchmarks/bench_finetune.py                       # all parts, defaults below (slow: 16+ runs)
     python benchmarks/bench_finetune.py --part speed --steps 8 --batch 4 --seq-len 256 --json
+    python benchmarks/bench_finetune.py --part long --steps 2 --long-dtypes both
+    python benchmarks/bench_finetune.py --part speed --steps 1 --batch 1 --seq-len 64 --compute-dtype fp32  # smoke
 
-Threads are pinned (--threads, default 2). Other processes on the machine share the cores: compare ratios
-measured in the same run, not absolute numbers across runs.
+Other processes on the machine share the cores: compare ratios measured in the same run, not absolute numbers
+across runs.
 """
 
 from __future__ import annotations
@@ -24,15 +57,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from _machine import cpu_line, peak_rss_mb  # noqa: E402
+from _machine import cpu_info, cpu_line, peak_rss_mb  # noqa: E402
 
 CACHE = Path(os.environ.get("FOURBIT_BENCH_CACHE", "/tmp/fourbit_bench_cache")) / "smollm2-fp32"
+FOURBIT, PEER = "fourbit finetune", "bnb+peft"
+DOC_CHARS = 3000  # documents of the workload: help topics split into paragraph groups of at most this many characters
 
 
 def _export_fp32() -> Path:
@@ -53,20 +89,81 @@ def _export_fp32() -> Path:
     return CACHE
 
 
+# ------------------------------------------------------------------------------------------ workload
 
-# ------------------------------------------------------------------------------------------ speed worker
+def _documents() -> list[str]:
+    """The help topics of ``pydoc_data.topics`` (sorted by name), long ones split into groups of paragraphs of at
+    most ``DOC_CHARS`` characters (a single longer paragraph stays whole)."""
+    from pydoc_data.topics import topics
 
-def _fourbit_model(folder: Path, gc: bool, dtype: str):
-    import torch
+    docs = []
+    for name in sorted(topics):
+        cur = ""
+        for para in topics[name].split("\n\n"):
+            if not para.strip():
+                continue
+            if cur and len(cur) + 2 + len(para) > DOC_CHARS:
+                docs.append(cur)
+                cur = ""
+            cur = f"{cur}\n\n{para}" if cur else para
+        if cur.strip():
+            docs.append(cur)
+    return docs
 
-    from fourbit.models import QuantConfig, load_model
-    from fourbit.nn.lora import LoRASpec, inject_lora
-    from fourbit.train.prepare import prepare_model_for_training
 
-    model, tok = load_model(folder, quant=QuantConfig(compute_dtype=dtype), torch_dtype=torch.float32)
-    prepare_model_for_training(model, gradient_checkpointing=gc)
-    inject_lora(model, LoRASpec(r=16, alpha=16, dropout=0.0))
-    return model
+def _write_data(workdir: Path) -> Path:
+    path = workdir / "data" / "topics.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps({"text": d}) + "\n" for d in _documents())
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _finetune_argv(folder: Path, data: Path, out: Path, *, dtype: str, gc: bool, batch: int, seq_len: int,
+                   steps: int) -> list[str]:
+    """The ``fourbit finetune`` arguments of one configuration (both sides parse them into a TrainConfig)."""
+    return ["finetune", str(folder), "--data", str(data), "--out", str(out), "--overwrite", "--format", "text",
+            "--packing", "--max-length", str(seq_len), "--batch-size", str(batch),
+            "--gradient-accumulation-steps", "1", "--max-steps", str(steps + 1), "--lora-r", "16",
+            "--lora-alpha", "16", "--lora-dropout", "0", "--eval-fraction", "0", "--save-steps", "0",
+            "--eval-steps", "0", "--no-progress", "--compute-dtype", dtype,
+            "--gradient-checkpointing" if gc else "--no-gradient-checkpointing", "--json"]
+
+
+def _thread_env(threads: int) -> dict[str, str]:
+    n = str(threads)
+    return dict(os.environ, OMP_NUM_THREADS=n, MKL_NUM_THREADS=n, NUMBA_NUM_THREADS=n)
+
+
+# ------------------------------------------------------------------------------------------ workers
+
+def _fourbit_worker(args) -> dict:
+    """Run the CLI as this (small, torch-free) process's only child; its peak RSS is RUSAGE_CHILDREN's maxrss."""
+    folder, data = CACHE, Path(args.workdir) / "data" / "topics.jsonl"
+    out = Path(args.workdir) / "runs" / f"fourbit-{args.compute_dtype}-gc{int(args.gc)}-{args.batch}x{args.seq_len}"
+    argv = _finetune_argv(folder, data, out, dtype=args.compute_dtype, gc=args.gc, batch=args.batch,
+                          seq_len=args.seq_len, steps=args.steps)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "fourbit", *argv], capture_output=True, text=True,
+                          env=_thread_env(args.threads))
+    run_s = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    if proc.returncode != 0:
+        raise RuntimeError(f"fourbit finetune exited {proc.returncode}: {proc.stderr.strip()[-600:]}")
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    from fourbit.train.metrics import read_metrics
+
+    recs = [r for r in read_metrics(out / "metrics.jsonl") if r.get("tokens_per_s") is not None]
+    recs.sort(key=lambda r: r["step"])
+    step_tokens = [r["tokens"] - (recs[i - 1]["tokens"] if i else 0) for i, r in enumerate(recs)]
+    timed = [(n, r["tokens_per_s"]) for n, r in zip(step_tokens, recs, strict=True)][1:] or \
+        [(step_tokens[0], recs[0]["tokens_per_s"])]
+    return {"tokens_per_s": statistics.median(t for _, t in timed),
+            "step_s": statistics.median(n / t for n, t in timed),
+            "tokens_per_step": statistics.median(n for n, _ in timed), "peak_rss_mb": peak,
+            "first_loss": recs[0]["loss"], "steps_timed": len(recs) - 1, "n_docs": summary.get("n_train"),
+            "n_truncated": summary.get("n_truncated"), "run_s": run_s}
 
 
 def _bnb_model(folder: Path, gc: bool, dtype: str):
@@ -101,70 +198,123 @@ def _torch_dtype(name: str):
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
 
 
-def _speed_worker(impl: str, gc: bool, batch: int, seq_len: int, steps: int, dtype: str) -> dict:
+def _peer_worker(args) -> dict:
+    """The peer in this process, on the batches fourbit's data code makes from the same TrainConfig."""
     import contextlib
 
     import torch
+    from transformers import AutoTokenizer
 
-    folder = _export_fp32()
-    t_load = time.perf_counter()
-    fourbit_side = impl.startswith("fourbit")
-    model = _fourbit_model(folder, gc, dtype) if fourbit_side else _bnb_model(folder, gc, dtype)
-    load_s = time.perf_counter() - t_load
+    from fourbit.cli import build_parser
+    from fourbit.train.batching import BatchPlan, collate
+    from fourbit.train.config import config_from_args
+    from fourbit.train.trainer import prepare_data, seed_everything
+
+    torch.set_num_threads(args.threads)
+    folder, data = CACHE, Path(args.workdir) / "data" / "topics.jsonl"
+    out = Path(args.workdir) / "runs" / "peer-unused"
+    ns = build_parser().parse_args(_finetune_argv(folder, data, out, dtype=args.compute_dtype, gc=args.gc,
+                                                  batch=args.batch, seq_len=args.seq_len, steps=args.steps))
+    config = config_from_args(ns, config_file=None, model=ns.model_pos)
+    seed_everything(config.seed)
+    t0 = time.perf_counter()
+    model = _bnb_model(folder, config.gradient_checkpointing, config.compute_dtype)
+    load_s = time.perf_counter() - t0
+    tok = AutoTokenizer.from_pretrained(folder)
+    if tok.pad_token_id is None:  # as fourbit.train.loading.load_for_training
+        tok.pad_token = tok.eos_token
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    train_ds, _ = prepare_data(config, tok)
+    stream = BatchPlan(train_ds.examples, config.batch_size, seed=config.seed, max_length=config.max_length,
+                       packing=config.packing, group_by_length=config.group_by_length).iterate()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 49152, (batch, seq_len), generator=g)
-    walls, cpus, losses = [], [], []
-    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext())
-    for _ in range(steps + 1):
-        t0, c0 = time.perf_counter(), time.process_time()
+    opt = torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                            eps=config.adam_epsilon, weight_decay=config.weight_decay)
+    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if config.compute_dtype == "bf16"
+                else contextlib.nullcontext())
+    walls, tokens, losses = [], [], []
+    for _ in range(config.max_steps):
+        t0 = time.perf_counter()
+        _, _, rows = next(stream)
+        b = collate(rows, pad_id, packed=True)
         with autocast:
-            if impl == "fourbit, chunked loss":
-                from fourbit.train.batching import Batch
-                from fourbit.train.loss import causal_lm_loss
-
-                b = Batch(ids, ids, torch.ones_like(ids), None, ids.numel())
-                loss = causal_lm_loss(model, b, chunk_size=1024) / b.n_targets
-            else:  # the same loss on both sides: full logits, mean cross-entropy (transformers' labels= path)
-                loss = model(input_ids=ids, labels=ids).loss
+            loss = model(input_ids=b.input_ids, position_ids=b.position_ids, labels=b.labels).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 0.3)
+        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
         opt.step()
         opt.zero_grad(set_to_none=True)
         walls.append(time.perf_counter() - t0)
-        cpus.append(time.process_time() - c0)
+        tokens.append(b.n_tokens)
         losses.append(float(loss))
-    wall = statistics.median(walls[1:])
-    return {"impl": impl, "compute_dtype": dtype, "gradient_checkpointing": gc, "batch": batch, "seq_len": seq_len, "steps": steps,
-            "tokens_per_s": batch * seq_len / wall, "step_wall_s": wall, "step_cpu_s": statistics.median(cpus[1:]),
-            "peak_rss_mb": peak_rss_mb(), "load_s": load_s, "first_loss": losses[0]}
+    timed = list(zip(tokens, walls, strict=True))[1:] or [(tokens[0], walls[0])]
+    return {"tokens_per_s": statistics.median(n / w for n, w in timed), "step_s": statistics.median(w for _, w in timed),
+            "tokens_per_step": statistics.median(n for n, _ in timed), "peak_rss_mb": peak_rss_mb(),
+            "first_loss": losses[0], "steps_timed": len(timed) if len(walls) > 1 else 0,
+            "n_docs": len(train_ds), "n_truncated": train_ds.n_truncated, "load_s": load_s}
 
 
-IMPLS = ("fourbit", "fourbit, chunked loss", "bnb+peft")
+# ------------------------------------------------------------------------------------------ speed and long parts
+
+def _run_config(args, impl: str, dtype: str, gc: bool, batch: int, seq_len: int) -> dict:
+    """One configuration in its own worker process."""
+    cmd = [sys.executable, __file__, "--_worker", "fourbit" if impl == FOURBIT else "peer", "--compute-dtype", dtype,
+           "--batch", str(batch), "--seq-len", str(seq_len), "--steps", str(args.steps), "--threads",
+           str(args.threads), "--workdir", str(args.workdir)] + (["--gc"] if gc else [])
+    row = {"impl": impl, "dtype": dtype, "gc": gc, "batch x len": f"{batch}x{seq_len}"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_thread_env(args.threads))
+    if proc.returncode != 0:
+        row["error"] = proc.stderr.strip()[-600:]
+    else:
+        row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+    print(json.dumps(row), file=sys.stderr)
+    return row
 
 
-def run_speed(args) -> list[dict]:
-    _export_fp32()
-    rows = []
+def _faster(rows: list[dict], impl: str, gc: bool) -> dict | None:
+    """The row of ``impl`` with the given gc setting at its faster compute dtype (highest tokens/s)."""
+    return max((r for r in rows if r["impl"] == impl and r["gc"] == gc and "error" not in r),
+               key=lambda r: r["tokens_per_s"], default=None)
+
+
+def _ratio(ours: dict, peer: dict) -> dict:
+    return {"fourbit dtype": ours["dtype"], "gc": ours["gc"], "batch x len": ours["batch x len"],
+            "peer dtype (its faster)": peer["dtype"],
+            "tokens/s fourbit/peer": ours["tokens_per_s"] / peer["tokens_per_s"],
+            "peak RSS fourbit/peer": ours["peak_rss_mb"] / peer["peak_rss_mb"]}
+
+
+def run_speed(args) -> tuple[list[dict], list[dict]]:
     dtypes = ("fp32", "bf16") if args.compute_dtype == "both" else (args.compute_dtype,)
-    for dtype in dtypes:
-        for gc in (False, True):
-            for impl in IMPLS:
-                cmd = [sys.executable, __file__, "--_worker", impl, "--batch", str(args.batch), "--seq-len",
-                       str(args.seq_len), "--steps", str(args.steps), "--threads", str(args.threads),
-                       "--compute-dtype", dtype]
-                if gc:
-                    cmd.append("--gc")
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    rows.append({"impl": impl, "compute_dtype": dtype, "gradient_checkpointing": gc,
-                                 "error": proc.stderr.strip()[-400:]})
-                else:
-                    rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-                print(json.dumps(rows[-1]), file=sys.stderr)
-    return rows
+    rows = [_run_config(args, impl, dtype, gc, args.batch, args.seq_len)
+            for dtype in dtypes for gc in (False, True) for impl in (FOURBIT, PEER)]
+    ratios = []
+    for gc in (False, True):
+        peer = _faster(rows, PEER, gc)
+        ratios += [_ratio(r, peer) for r in rows
+                   if peer and r["impl"] == FOURBIT and r["gc"] == gc and "error" not in r]
+    return rows, ratios
+
+
+def _native_bf16() -> bool:
+    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_info()["simd_flags"]))
+
+
+def run_long(args, speed_rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """batch 1 x --long-len with gradient checkpointing, each side at its faster dtype (or --long-dtypes)."""
+    rows = []
+    for impl in (FOURBIT, PEER):
+        if args.long_dtypes == "both":
+            dtypes = ("fp32", "bf16")
+        elif args.long_dtypes in ("fp32", "bf16"):
+            dtypes = (args.long_dtypes,)
+        else:  # faster: from this run's speed part (gc on), else the CPU's native bf16
+            best = _faster(speed_rows, impl, True)
+            dtypes = (best["dtype"] if best else ("bf16" if _native_bf16() else "fp32"),)
+        rows += [_run_config(args, impl, dtype, True, 1, args.long_len) for dtype in dtypes]
+    peer = _faster(rows, PEER, True)
+    ratios = [_ratio(r, peer) for r in rows if peer and r["impl"] == FOURBIT and "error" not in r]
+    return rows, ratios
 
 
 # ------------------------------------------------------------------------------------------ quality part
@@ -208,67 +358,88 @@ def run_quality(args) -> list[dict]:
     return rows
 
 
-def _table(title: str, rows: list[dict]) -> None:
+SPEED_COLUMNS = (("impl", "impl"), ("dtype", "dtype"), ("gc", "gc"), ("batch x len", "batch x len"),
+                 ("tokens_per_s", "tokens/s"), ("step_s", "step s"), ("peak_rss_mb", "peak RSS MB"),
+                 ("first_loss", "first loss"), ("tokens_per_step", "tokens/step"), ("steps_timed", "timed steps"))
+
+
+def _table(title: str, rows: list[dict], columns: tuple[tuple[str, str], ...] | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
     if not rows:
         return
     table = Table(title=title)
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    for k in keys:
-        table.add_column(k, justify="right")
+    columns = columns or tuple((k, k) for k in dict.fromkeys(k for r in rows for k in r))
+    for _, label in columns:
+        table.add_column(label, justify="right")
     for r in rows:
-        table.add_row(*[f"{r[k]:.4g}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys])
+        cells = []
+        for k, _ in columns:
+            v = r.get(k, "error" if "error" in r and k not in ("impl", "dtype", "gc", "batch x len") else "")
+            cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
+        table.add_row(*cells)
     Console(width=200).print(table)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=("all", "quality", "speed"), default="all")
+    ap.add_argument("--part", choices=("all", "quality", "speed", "long"), default="all")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--steps", type=int, default=8, help="timed steps per speed configuration (+1 warm-up)")
-    ap.add_argument("--compute-dtype", choices=("fp32", "bf16", "both"), default="both")
+    ap.add_argument("--compute-dtype", choices=("fp32", "bf16", "both"), default="both",
+                    help="compute dtypes of the speed part (both sides)")
+    ap.add_argument("--long-len", type=int, default=2048, help="tokens of the long-context row (batch 1, gc on)")
+    ap.add_argument("--long-dtypes", choices=("faster", "fp32", "bf16", "both"), default="faster",
+                    help="long context: each side at its faster dtype (from the speed part of this run, else "
+                         "bf16 on CPUs with native bf16), or the given dtype(s)")
     ap.add_argument("--quality-steps", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workdir", default="/tmp/fourbit_bench_finetune")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--gc", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--_worker", choices=("fourbit", "peer"), default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    import torch
-
-    torch.set_num_threads(args.threads)
-    if args._worker:
-        print(json.dumps(_speed_worker(args._worker, args.gc, args.batch, args.seq_len, args.steps,
-                                       args.compute_dtype)))
+    if args._worker:  # the fourbit worker stays torch-free: the CLI child's ru_maxrss must be the CLI's own
+        worker = _fourbit_worker if args._worker == "fourbit" else _peer_worker
+        print(json.dumps(worker(args)))
         return 0
+    args.workdir = str(Path(args.workdir).resolve())
     result: dict = {"cpu": cpu_line(), "threads": args.threads, "load_average": os.getloadavg()}
     if args.part in ("all", "quality"):
+        import torch
+
+        torch.set_num_threads(args.threads)
         result["quality"] = run_quality(args)
+    if args.part in ("all", "speed", "long"):
+        _export_fp32()
+        data = _write_data(Path(args.workdir))
+        result["workload"] = {"data": str(data), "documents": sum(1 for _ in data.open(encoding="utf-8"))}
     if args.part in ("all", "speed"):
-        result["speed"] = run_speed(args)
-        by = {(r["impl"], r["compute_dtype"], r["gradient_checkpointing"]): r
-              for r in result["speed"] if "error" not in r}
-        peer_best = {gc: max((r for (impl, _, g), r in by.items() if impl == "bnb+peft" and g == gc),
-                             key=lambda r: r["tokens_per_s"], default=None) for gc in (False, True)}
-        for (impl, dtype, gc), ours in by.items():
-            peer = peer_best[gc]
-            if impl.startswith("fourbit") and peer:
-                result.setdefault("ratios", []).append(
-                    {"fourbit": impl, "compute_dtype": dtype, "gradient_checkpointing": gc,
-                     "peer (its faster dtype)": peer["compute_dtype"],
-                     "tokens_per_s fourbit/peer": ours["tokens_per_s"] / peer["tokens_per_s"],
-                     "peak_rss fourbit/peer": ours["peak_rss_mb"] / peer["peak_rss_mb"]})
+        result["speed"], result["ratios"] = run_speed(args)
+    if args.part in ("all", "long"):
+        result["long"], result["long_ratios"] = run_long(args, result.get("speed", []))
+    result["load_average_end"] = os.getloadavg()
     if args.json:
         print(json.dumps(result, indent=1))
-    else:
-        _table("QLoRA vs LoRA on dates -> ISO (same data, seed, steps)", result.get("quality", []))
-        _table(f"fine-tuning speed, batch {args.batch}x{args.seq_len}, r=16 all-linear", result.get("speed", []))
-        _table("ratios against the peer at its faster compute dtype (same run)", result.get("ratios", []))
-        print(f"CPU: {result['cpu']}")
-        print(f"threads={args.threads}, load average at start {result['load_average']} (shared machine)")
+        return 0
+    _table("QLoRA vs LoRA on dates -> ISO (same data, seed, steps)", result.get("quality", []))
+    _table(f"fine-tuning speed, batch {args.batch}x{args.seq_len} packed pydoc topics, r=16 all-linear, "
+           f"{args.steps} timed steps (+1 warm-up)", result.get("speed", []), SPEED_COLUMNS)
+    _table("ratios against the peer at its faster compute dtype, same gc (target: tokens/s >= 1.5, RSS <= 0.8)",
+           result.get("ratios", []))
+    _table(f"long context, batch 1x{args.long_len}, gradient checkpointing", result.get("long", []), SPEED_COLUMNS)
+    _table("long context ratios against the peer at its faster dtype (target: RSS <= 0.6)",
+           result.get("long_ratios", []))
+    for r in result.get("speed", []) + result.get("long", []):
+        if "error" in r:
+            print(f"error in {r['impl']} {r['dtype']} gc={r['gc']} {r['batch x len']}: {r['error']}")
+    if "workload" in result:
+        print(f"workload: {result['workload']['documents']} documents in {result['workload']['data']}")
+    print(f"CPU: {result['cpu']}")
+    print(f"threads={args.threads}, load average at start {result['load_average']}, at end "
+          f"{result['load_average_end']} (shared machine)")
     return 0
 
 
