@@ -49,6 +49,7 @@ SCHEDULES = ("constant", "cosine", "linear")
 _TASKS = ("causal", "classify")
 _QUANTS = (*QUANT_TYPES, "none")
 _DTYPES = ("auto", "bf16", "fp32")
+_CHECKPOINT_POLICIES = ("keep-matmuls", "full")  # fourbit.train.prepare.CHECKPOINT_POLICIES
 
 
 @dataclass
@@ -68,6 +69,12 @@ class TrainConfig:
         quant: base weights ``nf4`` (QLoRA), ``fp4``, ``int4`` or ``none`` (plain LoRA); ``double_quant`` for DQ.
         compute_dtype: ``auto`` (bf16 autocast on GPUs and CPUs with native bf16, else fp32), ``bf16`` or
             ``fp32``. On AVX2-only CPUs torch emulates bf16 matmuls and they run several times slower than fp32.
+    Memory and speed:
+        gradient_checkpointing: recompute each decoder layer's activations in backward instead of keeping them.
+        gradient_checkpointing_policy: ``keep-matmuls`` (default) keeps the LoRA layers' outputs and recomputes
+            only the cheap parts (norms, rotary embeddings, activations, attention); ``full`` recomputes
+            everything (least memory, slowest).
+        loss_chunk_size: tokens per chunk of the fused output-head cross-entropy; 0 computes the full logits.
 
     Raises:
         FieldError: naming the field, for a value of the wrong type, a number that is not finite or out of its
@@ -110,6 +117,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = 4
     max_grad_norm: float | None = 0.3
     gradient_checkpointing: bool = False
+    gradient_checkpointing_policy: str = "keep-matmuls"
     loss_chunk_size: int = 1024
     eval_steps: int = 50
     eval_batch_size: int = 8
@@ -180,7 +188,7 @@ _HINTS = {
     "loss_chunk_size": " (0: the model's full logits)", "max_grad_norm": " (null/None: no clipping)",
 }
 _CHOICES = {"task": _TASKS, "format": FORMATS, "quant": _QUANTS, "compute_dtype": _DTYPES,
-            "optim": OPTIMIZERS, "lr_scheduler": SCHEDULES}
+            "optim": OPTIMIZERS, "lr_scheduler": SCHEDULES, "gradient_checkpointing_policy": _CHECKPOINT_POLICIES}
 _NON_EMPTY = ("text_column", "label_column", "target_modules")
 _PATHS = ("model", "data", "out", "eval_data")
 

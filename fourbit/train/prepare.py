@@ -14,12 +14,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["prepare_model_for_training"]
+from fourbit._errors import FieldError
+
+__all__ = ["CHECKPOINT_POLICIES", "prepare_model_for_training"]
+
+#: Gradient-checkpointing policies: keep the matmul outputs and recompute the rest, or recompute everything.
+CHECKPOINT_POLICIES = ("keep-matmuls", "full")
 
 
 def prepare_model_for_training(
     model: nn.Module, *, gradient_checkpointing: bool = False, input_grads: bool | None = None,
-    activation_dtype: torch.dtype | None = None,
+    activation_dtype: torch.dtype | None = None, checkpoint_policy: str = "keep-matmuls",
 ) -> nn.Module:
     """Freeze every parameter, upcast 1-D floating parameters to float32 (or cast every floating parameter to
     ``activation_dtype``), enable input grads and (optionally) non-reentrant gradient checkpointing. Modifies
@@ -36,7 +41,13 @@ def prepare_model_for_training(
             carry adapters.
         activation_dtype: the dtype training computes in, when it is not float32 (bf16 under autocast): the
             frozen float parameters are cast to it. Buffers (e.g. rotary frequencies) are left alone.
+        checkpoint_policy: with gradient checkpointing, ``"keep-matmuls"`` keeps the LoRA layers' outputs and
+            recomputes only the cheap parts of each layer (:func:`fourbit.nn.lora.keep_matmul_outputs`);
+            ``"full"`` recomputes everything (least memory).
     """
+    if checkpoint_policy not in CHECKPOINT_POLICIES:
+        raise FieldError("checkpoint_policy", f"must be one of {', '.join(CHECKPOINT_POLICIES)}, got "
+                                              f"{checkpoint_policy!r}")
     for p in model.parameters():
         p.requires_grad_(False)
         if not p.is_floating_point():
@@ -54,7 +65,12 @@ def prepare_model_for_training(
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise NotImplementedError(f"{type(model).__name__} does not support gradient checkpointing; run "
                                       "without `gradient_checkpointing`")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if checkpoint_policy == "keep-matmuls":
+            from fourbit.nn.lora import keep_matmul_outputs
+
+            kwargs["context_fn"] = keep_matmul_outputs
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if hasattr(model, "config"):
             model.config.use_cache = False
     return model

@@ -139,7 +139,8 @@ def add_lora(model: nn.Module, config: TrainConfig) -> nn.Module:
             raise FieldError("target_modules", f"{err}; name linear layers of the model (e.g. q_proj,v_proj) "
                                                "or use all-linear") from None
     prepare_model_for_training(model, gradient_checkpointing=config.gradient_checkpointing,
-                               activation_dtype=torch.bfloat16 if _computes_bf16(config, model) else None)
+                               activation_dtype=torch.bfloat16 if _computes_bf16(config, model) else None,
+                               checkpoint_policy=config.gradient_checkpointing_policy)
     if lora_modules(model):  # adapters already there (e.g. loaded): train them as they are
         spec = lora_spec(model)
         mark_only_lora_trainable(model, spec.modules_to_save if spec else saved)
