@@ -218,7 +218,8 @@ class _LoRAMatMul(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, h: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                 base: nn.Module, scaling: float, dtype: torch.dtype) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(dtype)
+        xc = x.to(dtype)
+        x2 = xc.reshape(-1, shape[-1])
         h2 = x2 if h is x else h.reshape(-1, shape[-1]).to(dtype)
         a = lora_a.to(dtype)
         b = (lora_b * scaling).to(dtype)
@@ -226,22 +227,23 @@ class _LoRAMatMul(torch.autograd.Function):
         reused = None
         if kept is not None and kept.mode == "replay" and kept.kept:
             out, xa, version = kept.kept.popleft()
-            if out._version == version and out.shape[0] == x2.shape[0]:
+            if out._version == version and out.shape[:-1] == shape[:-1]:
                 reused = out, xa
         if reused is not None:
             out, xa = reused
         else:
-            out = torch.nn.functional.linear(x2, _dense_weight(base, dtype),
+            # computed in x's own shape, so that the output is not a view (models may add to it in place)
+            out = torch.nn.functional.linear(xc, _dense_weight(base, dtype),
                                              None if base.bias is None else base.bias.to(dtype))
             xa = h2 @ a.t()
-            out.addmm_(xa, b.t())
+            out.view(-1, out.shape[-1]).addmm_(xa, b.t())
             if kept is not None and kept.mode == "record":
                 # detached aliases (same storage and version counter, no autograd identity of their own)
                 kept.kept.append((out.detach(), xa.detach(), out._version))
         ctx.base, ctx.scaling, ctx.dtype, ctx.same_input = base, scaling, dtype, h is x
         ctx.shapes = (shape, h.shape)
         ctx.save_for_backward(h2, xa, a, b)
-        return out.view(*shape[:-1], out.shape[-1])
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):

@@ -102,3 +102,30 @@ def test_fused_path_works_under_gradient_checkpointing() -> None:
     layer(x).sum().backward()
     torch.testing.assert_close(g_ckpt[0], x.grad)
     torch.testing.assert_close(g_ckpt[1], layer.lora_A.weight.grad)
+
+
+def test_keep_matmuls_recomputes_an_output_the_model_changed_in_place() -> None:
+    """A kept output that the model modified in place (Falcon adds into its MLP output) is not reused."""
+    from torch.utils.checkpoint import checkpoint
+
+    from fourbit.nn.lora import keep_matmul_outputs
+
+    layer = _layer("4bit", 64, 64)
+    x = torch.randn(3, 64)
+
+    def block(inp):
+        y = layer(inp)
+        y += inp  # in place on the LoRA layer's output
+        return torch.tanh(layer(y))
+
+    grads = []
+    for context_fn in (None, keep_matmul_outputs):
+        xi = x.clone().requires_grad_()
+        layer.zero_grad(set_to_none=True)
+        if context_fn is None:
+            block(xi).sum().backward()
+        else:
+            checkpoint(block, xi, use_reentrant=False, context_fn=context_fn).sum().backward()
+        grads.append((xi.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
