@@ -4,6 +4,7 @@ import copy
 import errno
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -421,3 +422,19 @@ def test_loading_a_checkpoint_builds_no_float_weight(tmp_path, make_llama, monke
     ids = _ids()
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's memory maps (Linux)")
+def test_a_quantized_model_keeps_no_mapping_of_its_float_weight_files(tiny_llama_dir):
+    """transformers memory-maps the safetensors file and keeps unconverted tensors as views of it; after
+    quantization fourbit copies the float leftovers, so the file (and its resident pages) is released."""
+    import gc
+
+    from fourbit.models import QuantConfig, load_model
+
+    model, _ = load_model(tiny_llama_dir, quant=QuantConfig(compute_dtype="fp32"))
+    gc.collect()
+    maps = Path("/proc/self/maps").read_text()
+    assert str(tiny_llama_dir / "model.safetensors") not in maps
+    out = model(torch.tensor([[1, 2, 3]])).logits
+    assert torch.isfinite(out).all()

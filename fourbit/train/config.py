@@ -63,7 +63,8 @@ class TrainConfig:
             ``output``, Alpaca prompt) or ``chat`` (``messages``, rendered with the tokenizer's chat template).
         train_on_inputs: also put loss on prompt tokens (instruction/chat); default: responses only.
         packing: pack short examples into full ``max_length`` sequences (positions restart per example, so
-            attention does not cross examples). ``group_by_length`` instead batches examples of similar length.
+            attention does not cross examples); plain-text documents longer than ``max_length`` are split into
+            ``max_length`` pieces instead of truncated, so no text is lost. ``group_by_length`` instead batches examples of similar length.
     Model:
         model: model folder or GGUF file; ``None`` is the bundled SmolLM2-135M-Instruct.
         quant: base weights ``nf4`` (QLoRA), ``fp4``, ``int4`` or ``none`` (plain LoRA); ``double_quant`` for DQ.

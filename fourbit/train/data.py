@@ -257,11 +257,12 @@ class Encoded:
 @dataclass
 class EncodedDataset:
     """Tokenized examples plus the statistics: examples truncated, dropped (no response token left after
-    truncation) and skipped (no response at all; :func:`check_records`)."""
+    truncation), skipped (no response at all; :func:`check_records`) and plain-text documents split."""
 
     examples: list[Encoded]
     n_truncated: int = 0
     n_dropped: int = 0
+    n_split: int = 0  # plain-text documents cut into several max_length pieces (``split_long_text``)
     format: str = "text"
     label_names: list[str] = field(default_factory=list)
     n_skipped: int = 0
@@ -322,6 +323,7 @@ def encode_records(
     label_column: str | None = None,
     label_names: Sequence[str] | None = None,
     source: str = "data",
+    split_long_text: bool = False,
 ) -> EncodedDataset:
     """Check (:func:`check_records`) and tokenize records for causal-LM training (or classification when
     ``label_column`` is given).
@@ -337,6 +339,9 @@ def encode_records(
         label_column: classification: the label column; ``labels`` becomes ``[class_index]``.
         label_names: classification: fixed class order (default: sorted distinct labels).
         source: the name of the data in errors about plain dicts (records from files name their own).
+        split_long_text: plain text (``text`` format) longer than ``max_length`` is cut into consecutive
+            ``max_length`` pieces, each its own example (counted in ``n_split``), instead of being truncated:
+            language modelling on documents loses no text (the trainer sets this with ``packing``).
 
     Returns:
         An :class:`EncodedDataset`. Records without a response are skipped (``n_skipped``) with a warning
@@ -384,7 +389,13 @@ def encode_records(
             ex = _encode_prompt_response(tokenizer, prompt, str(row["output"]), train_on_inputs)
         else:
             ex = _encode_chat(tokenizer, row["messages"], train_on_inputs)
-        if len(ex) > max_length:
+        if len(ex) > max_length and fmt == "text" and split_long_text:
+            out.n_split += 1
+            pieces = [Encoded(ex.input_ids[s:s + max_length], ex.labels[s:s + max_length])
+                      for s in range(0, len(ex), max_length)]
+            out.examples.extend(p for p in pieces[:-1])
+            ex = pieces[-1]  # the last piece goes through the checks below (one token has no target)
+        elif len(ex) > max_length:
             out.n_truncated += 1
             ex = Encoded(ex.input_ids[:max_length], ex.labels[:max_length])
         # A causal LM predicts token t from tokens < t: the first label never counts.

@@ -116,6 +116,7 @@ def prepare_data(
     classify = config.task == "classify"
     kw = dict(format=config.format, max_length=config.max_length, train_on_inputs=config.train_on_inputs,
               text_column=config.text_column, label_column=config.label_column if classify else None)
+    kw["split_long_text"] = config.packing and not classify
     train_ds = encode_records(train_rows, tokenizer, source=str(config.data), **kw)
     eval_ds = None
     if eval_rows:
@@ -462,6 +463,8 @@ def train(
         return run_plan, train_ds, eval_ds, params, opt
 
     plan, train_ds, eval_ds, params, optimizer = world.agree(setup, "the setup of the run")
+    if train_ds.n_split:
+        log(f"split {train_ds.n_split} documents longer than max_length={config.max_length} into pieces")
     if train_ds.n_truncated or train_ds.n_dropped:
         log(f"truncated {train_ds.n_truncated} examples to max_length={config.max_length}; "
             f"dropped {train_ds.n_dropped} left without response tokens")

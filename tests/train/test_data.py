@@ -77,6 +77,12 @@ def test_missing_column_truncation_and_drop() -> None:
         encode_records([{"foo": 1}], tok)
     ds = encode_records([{"text": "x" * 50}, {"text": "short"}], tok, max_length=20)
     assert ds.n_truncated == 1 and max(len(e) for e in ds.examples) == 20
+    split = encode_records([{"text": "x" * 50}, {"text": "short"}], tok, max_length=20, split_long_text=True)
+    whole = encode_records([{"text": "x" * 50}], tok, max_length=1000)
+    # no token lost: the long document becomes consecutive max_length pieces
+    assert split.n_split == 1 and split.n_truncated == 0 and max(len(e) for e in split.examples) == 20
+    pieces = [e for e in split.examples if len(e) == 20 or e.input_ids[0] == whole.examples[0].input_ids[40]]
+    assert sum((e.input_ids for e in pieces), []) == whole.examples[0].input_ids
     long_prompt = [{"instruction": "y" * 300, "output": "z"}]
     with pytest.raises(ValueError, match="max_length.*no example of data has a response token left"):
         encode_records(long_prompt, tok, max_length=64)
