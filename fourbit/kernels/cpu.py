@@ -27,7 +27,7 @@ from fourbit.kernels import reference
 from fourbit.kernels.scales import BlockScales, check_output_dtype
 
 __all__ = ["ISA_NAMES", "available", "isa", "set_isa", "library_path", "quantize_4bit_blocks", "dequantize_4bit_blocks", "can_fuse",
-           "fused_linear_4bit", "softmax_cross_entropy_"]
+           "fused_linear_4bit", "softmax_cross_entropy_", "swiglu", "swiglu_backward"]
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,8 @@ def _library() -> ctypes.CDLL | None:
     lib.fb_dequantize_4bit.argtypes = [ptr, scales, ptr, i64, i64, ptr, i32, i32]
     lib.fb_gemv_4bit.argtypes = [ptr, ptr, scales, ptr, i64, i64, i64, i64, ptr, i32]
     lib.fb_softmax_xent.argtypes = [ptr, i32, i64, i64, ptr, ptr, i32, i32]
-    for fn in (lib.fb_quantize_4bit, lib.fb_dequantize_4bit, lib.fb_gemv_4bit, lib.fb_softmax_xent):
+    lib.fb_swiglu.argtypes = [ptr, ptr, ptr, ptr, ptr, i32, i64, i32]
+    for fn in (lib.fb_quantize_4bit, lib.fb_dequantize_4bit, lib.fb_gemv_4bit, lib.fb_softmax_xent, lib.fb_swiglu):
         fn.restype = None
     lib.fb_isa.argtypes = []
     lib.fb_set_isa.argtypes = [i32]
@@ -255,3 +256,30 @@ def softmax_cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, write_gr
     _library().fb_softmax_xent(logits.data_ptr(), _DTYPE_CODES[logits.dtype], rows, vocab, t.data_ptr(),
                                losses.data_ptr(), int(bool(write_grad)), _threads(logits.numel()))
     return losses
+
+
+def _swiglu_inputs(*tensors: torch.Tensor) -> bool:
+    first = tensors[0]
+    return (first.dtype in (torch.float32, torch.bfloat16)
+            and all(t.dtype == first.dtype and t.shape == first.shape and t.is_contiguous() for t in tensors))
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Same contract as :func:`fourbit.kernels.reference.swiglu` (``exp`` to ~1e-7 relative), in one pass.
+    float16, mixed dtypes or non-contiguous inputs go to the reference."""
+    if not _swiglu_inputs(gate, up):
+        return reference.swiglu(gate, up)
+    out = torch.empty_like(gate)
+    _library().fb_swiglu(gate.data_ptr(), up.data_ptr(), None, out.data_ptr(), None, _DTYPE_CODES[gate.dtype],
+                         gate.numel(), _threads(gate.numel()))
+    return out
+
+
+def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as :func:`fourbit.kernels.reference.swiglu_backward`, in one pass."""
+    if not _swiglu_inputs(gate, up, grad):
+        return reference.swiglu_backward(gate, up, grad)
+    d_gate, d_up = torch.empty_like(gate), torch.empty_like(up)
+    _library().fb_swiglu(gate.data_ptr(), up.data_ptr(), grad.data_ptr(), d_gate.data_ptr(), d_up.data_ptr(),
+                         _DTYPE_CODES[gate.dtype], gate.numel(), _threads(gate.numel()))
+    return d_gate, d_up

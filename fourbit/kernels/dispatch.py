@@ -37,6 +37,8 @@ __all__ = [
     "linear_4bit",
     "uses_fused_kernel",
     "softmax_cross_entropy_",
+    "swiglu",
+    "swiglu_backward",
 ]
 
 
@@ -149,3 +151,19 @@ def softmax_cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, write_gr
         return logits.new_zeros(0, dtype=torch.float32)
     kernel = getattr(backend_for(logits), "softmax_cross_entropy_", reference.softmax_cross_entropy_)
     return kernel(logits, targets, write_grad)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` in ``gate``'s dtype (float32 arithmetic): one compiled pass on the CPU.
+
+    Raises:
+        ValueError: ``gate`` and ``up`` of different shapes.
+    """
+    if gate.shape != up.shape:
+        raise ValueError(f"swiglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} differ in shape")
+    return getattr(backend_for(gate), "swiglu", reference.swiglu)(gate, up)
+
+
+def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of :func:`swiglu` for ``gate`` and ``up`` (see :func:`fourbit.kernels.reference.swiglu_backward`)."""
+    return getattr(backend_for(gate), "swiglu_backward", reference.swiglu_backward)(gate, up, grad)

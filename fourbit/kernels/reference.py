@@ -206,3 +206,17 @@ def softmax_cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, write_gr
         grad[torch.arange(x.shape[0], device=x.device), targets] -= 1.0
         logits.copy_(grad)
     return losses
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` (the gated MLP's activation), computed in float32 and returned in ``gate``'s dtype."""
+    g = gate.float()
+    return (torch.nn.functional.silu(g) * up.float()).to(gate.dtype)
+
+
+def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`swiglu` for ``gate`` and ``up`` given the output gradient ``grad``:
+    ``d_gate = grad · up · s · (1 + gate · (1 - s))`` and ``d_up = grad · gate · s`` with ``s = sigmoid(gate)``."""
+    g, u, d = gate.float(), up.float(), grad.float()
+    s = torch.sigmoid(g)
+    return (d * u * s * (1 + g * (1 - s))).to(gate.dtype), (d * g * s).to(up.dtype)

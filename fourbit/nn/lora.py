@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from fourbit._errors import FieldError
+from fourbit.nn import fused
 from fourbit.nn.info import fourbit_info
 
 __all__ = [
@@ -31,7 +32,6 @@ __all__ = [
     "LoRASpec",
     "dequantized_layer",
     "find_target_modules",
-    "fused_lora",
     "keep_matmul_outputs",
     "is_conv1d",
     "inject_lora",
@@ -122,22 +122,6 @@ def dequantized_layer(module: nn.Module, dtype: torch.dtype = torch.float32,
         if bias is not None:
             new.bias.copy_(bias.to(dtype))
     return new.requires_grad_(False)
-
-
-_fused_enabled = True
-
-
-@contextlib.contextmanager
-def fused_lora(enabled: bool = True) -> Iterator[None]:
-    """Turn the fused LoRA training path (:class:`_LoRAMatMul`) on or off inside the block (it is on by
-    default). Off, :class:`LoRALinear` runs the plain composition ``base(x) + s · lora_B(lora_A(x))`` of
-    PyTorch modules: the reference the fused path is tested against."""
-    global _fused_enabled
-    before, _fused_enabled = _fused_enabled, bool(enabled)
-    try:
-        yield
-    finally:
-        _fused_enabled = before
 
 
 class _MatmulOutputs:
@@ -398,7 +382,7 @@ class LoRALinear(nn.Module):
         autograd records (training) and the base is unmerged; the dtype is the autocast dtype under autocast
         (as ``nn.Linear`` would compute), else ``x``'s dtype when the adapters (and a 4-bit base's compute
         dtype) have it too. Mixed dtypes without autocast keep the plain path's per-part dtypes."""
-        if not (_fused_enabled and torch.is_grad_enabled() and not self.merged and x.is_floating_point()
+        if not (fused.enabled() and torch.is_grad_enabled() and not self.merged and x.is_floating_point()
                 and (x.requires_grad or self.lora_A.weight.requires_grad)):
             return None
         if torch.is_autocast_enabled(x.device.type):

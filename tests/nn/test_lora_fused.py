@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from fourbit.nn.fused import fused_kernels
 from fourbit.nn.linear4bit import Linear4bit
-from fourbit.nn.lora import LoRALinear, _LoRAMatMul, fused_lora
+from fourbit.nn.lora import LoRALinear, _LoRAMatMul
 
 
 def _layer(base_kind: str, in_f: int, out_f: int, dropout: float = 0.0, bias: bool = True) -> LoRALinear:
@@ -31,7 +32,7 @@ def _run(layer: LoRALinear, x: torch.Tensor, fused: bool, autocast: bool = False
     x = x.detach().clone().requires_grad_()
     layer.zero_grad(set_to_none=True)
     torch.manual_seed(seed)  # the same dropout mask on both paths
-    with fused_lora(fused), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with fused_kernels(fused), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         y = layer(x)
     upstream = torch.linspace(-1, 1, y.numel()).view_as(y).to(y.dtype)
     y.backward(upstream)
@@ -58,7 +59,7 @@ def test_the_fused_path_is_taken_in_training_and_not_at_inference() -> None:
     x = torch.randn(4, 64, requires_grad=True)
     y = layer(x)
     assert type(y.grad_fn).__name__ == "_LoRAMatMulBackward"
-    with fused_lora(False):
+    with fused_kernels(False):
         assert type(layer(x).grad_fn).__name__ != "_LoRAMatMulBackward"
     with torch.no_grad():
         assert layer(x).grad_fn is None

@@ -93,7 +93,8 @@ def test_without_grad_the_fused_path_gives_the_loss_only() -> None:
 
 def test_qlora_model_loss_and_adapter_gradients_equal_the_full_logits_path() -> None:
     from fourbit.models import QuantConfig, quantize_model
-    from fourbit.nn.lora import LoRASpec, fused_lora, inject_lora
+    from fourbit.nn.fused import fused_kernels
+    from fourbit.nn.lora import LoRASpec, inject_lora
     from fourbit.train.prepare import prepare_model_for_training
 
     torch.manual_seed(0)
@@ -111,7 +112,7 @@ def test_qlora_model_loss_and_adapter_gradients_equal_the_full_logits_path() -> 
     params = [p for p in model.parameters() if p.requires_grad]
     fused = causal_lm_loss(model, batch, chunk_size=8)
     g_fused = torch.autograd.grad(fused, params)
-    with fused_lora(False):
+    with fused_kernels(False):
         plain = causal_lm_loss(model, batch, chunk_size=0)
         g_plain = torch.autograd.grad(plain, params)
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-4)

@@ -157,12 +157,12 @@ def test_fused_training_path_gives_the_per_step_losses_of_the_plain_reference(
         tmp_path: Path, gradient_checkpointing: bool) -> None:
     """The default path (fused LoRA, fused output-head cross-entropy, keep-matmuls checkpointing) against the
     plain one (LoRA as separate PyTorch modules, full logits + F.cross_entropy), 4-bit base, fp32, dropout on."""
-    from fourbit.nn.lora import fused_lora
+    from fourbit.nn.fused import fused_kernels
 
     fast = _cfg(tmp_path, "fast", save_steps=0, loss_chunk_size=7, gradient_checkpointing=gradient_checkpointing)
     plain = _cfg(tmp_path, "plain", save_steps=0, loss_chunk_size=0)
     _run(fast)
-    with fused_lora(False):
+    with fused_kernels(False):
         _run(plain)
     fast_curve, plain_curve = _curve(fast.out), _curve(plain.out)
     assert len(fast_curve) == 4
@@ -173,12 +173,12 @@ def test_fused_training_path_gives_the_per_step_losses_of_the_plain_reference(
 
 
 def test_fused_bf16_training_tracks_the_plain_bf16_path(tmp_path: Path) -> None:
-    from fourbit.nn.lora import fused_lora
+    from fourbit.nn.fused import fused_kernels
 
     fast = _cfg(tmp_path, "fast", save_steps=0, compute_dtype="bf16", lora_dropout=0.0)
     plain = _cfg(tmp_path, "plain", save_steps=0, compute_dtype="bf16", lora_dropout=0.0, loss_chunk_size=0)
     _run(fast)
-    with fused_lora(False):
+    with fused_kernels(False):
         _run(plain)
     for a, b in zip(_curve(fast.out), _curve(plain.out), strict=True):
         # both run every matmul in bf16 but round at different points (the update added inside addmm vs after

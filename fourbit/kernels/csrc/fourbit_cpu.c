@@ -569,3 +569,77 @@ void fb_softmax_xent(void *logits, int dtype, int64_t rows, int64_t vocab, const
         xent_scalar(FB_XENT_PASS);
     }
 }
+
+/* ------------------------------------------------------------------ SwiGLU: silu(gate) * up, and its gradient
+ *
+ * The gated MLP of Llama-family models computes down(silu(gate) * up). PyTorch runs silu, the product and, in
+ * backward, silu's derivative and two more products as separate passes over [tokens, intermediate] (the widest
+ * activations of the model), each allocating its result; here forward is one pass and backward one pass:
+ *     s = sigmoid(g),  out = g s u,  d_up = grad g s,  d_gate = grad u s (1 + g (1 - s)).
+ * float32 arithmetic; bf16 tensors are read and written in bf16 (round to nearest even). */
+
+FB_INLINE float sigmoid_f32(float g) {
+    const float e = exp_nonpos(g < 0.0f ? g : -g); /* e^-|g|, never overflows */
+    const float r = 1.0f / (1.0f + e);
+    return g < 0.0f ? e * r : r;
+}
+
+#define FB_SWIGLU(NAME, T, LOAD, STORE)                                                                     \
+    FB_INLINE void NAME##_fwd(const T *gate, const T *up, T *out, int64_t i0, int64_t i1) {                 \
+        _Pragma("omp simd")                                                                                 \
+        for (int64_t i = i0; i < i1; ++i) {                                                                 \
+            const float g = LOAD(gate[i]);                                                                  \
+            out[i] = STORE(g * sigmoid_f32(g) * LOAD(up[i]));                                               \
+        }                                                                                                   \
+    }                                                                                                       \
+    FB_INLINE void NAME##_bwd(const T *gate, const T *up, const T *grad, T *d_gate, T *d_up, int64_t i0,    \
+                              int64_t i1) {                                                                 \
+        _Pragma("omp simd")                                                                                 \
+        for (int64_t i = i0; i < i1; ++i) {                                                                 \
+            const float g = LOAD(gate[i]), u = LOAD(up[i]), d = LOAD(grad[i]);                              \
+            const float s = sigmoid_f32(g);                                                                 \
+            d_up[i] = STORE(d * g * s);                                                                     \
+            d_gate[i] = STORE(d * u * s * (1.0f + g * (1.0f - s)));                                         \
+        }                                                                                                   \
+    }
+
+FB_SWIGLU(swiglu_f32, float, FB_F32_LOAD, FB_F32_STORE)
+FB_SWIGLU(swiglu_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
+
+#define FB_SWIGLU_ARGS const void *gate, const void *up, const void *grad, void *out, void *d_up, int dtype, \
+                       int64_t i0, int64_t i1
+#define FB_SWIGLU_PASS gate, up, grad, out, d_up, dtype, i0, i1
+
+/* grad == NULL: forward (out = silu(gate) * up); else backward (out = d_gate, d_up). */
+FB_INLINE void swiglu_range(FB_SWIGLU_ARGS) {
+    if (dtype == FB_BF16) {
+        if (grad) swiglu_bf16_bwd(gate, up, grad, out, d_up, i0, i1);
+        else swiglu_bf16_fwd(gate, up, out, i0, i1);
+    } else {
+        if (grad) swiglu_f32_bwd(gate, up, grad, out, d_up, i0, i1);
+        else swiglu_f32_fwd(gate, up, out, i0, i1);
+    }
+}
+
+static void swiglu_scalar(FB_SWIGLU_ARGS) { swiglu_range(FB_SWIGLU_PASS); }
+#ifdef FB_X86
+FB_AVX2 static void swiglu_avx2(FB_SWIGLU_ARGS) { swiglu_range(FB_SWIGLU_PASS); }
+FB_AVX512_WIDE static void swiglu_avx512(FB_SWIGLU_ARGS) { swiglu_range(FB_SWIGLU_PASS); }
+#endif
+
+void fb_swiglu(const void *gate, const void *up, const void *grad, void *out, void *d_up, int dtype, int64_t n,
+               int nthreads) {
+    const int64_t per = 16384;
+    const int64_t nchunks = (n + per - 1) / per;
+    const int isa = fb_isa();
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t c = 0; c < nchunks; ++c) {
+        const int64_t i0 = c * per, i1 = i0 + per < n ? i0 + per : n;
+#ifdef FB_X86
+        if (isa == FB_ISA_AVX512) { swiglu_avx512(FB_SWIGLU_PASS); continue; }
+        if (isa == FB_ISA_AVX2) { swiglu_avx2(FB_SWIGLU_PASS); continue; }
+#endif
+        (void)isa;
+        swiglu_scalar(FB_SWIGLU_PASS);
+    }
+}

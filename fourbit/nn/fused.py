@@ -1,0 +1,106 @@
+"""Fused training kernels and the switch that turns them off.
+
+Training a 4-bit model through PyTorch modules spends much of its time outside the matmuls: every elementwise
+step of every layer is its own pass over memory, with its own allocation and autograd node. fourbit fuses the
+pieces that cost most on the CPU, each tested against the plain PyTorch computation forward and backward:
+
+- LoRA over the frozen base as one autograd node (:class:`fourbit.nn.lora.LoRALinear`, ``_LoRAMatMul``);
+- the gated MLP's ``silu(gate) * up`` as one pass forward and one backward (:func:`swiglu`,
+  :func:`fuse_gated_mlps`);
+- the output head's cross-entropy with its gradient computed in forward (``fourbit.train.loss``).
+
+:func:`fused_kernels` turns the first two off inside a block (the plain reference path).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from fourbit.kernels import dispatch
+
+__all__ = ["enabled", "fuse_gated_mlps", "fused_kernels", "swiglu"]
+
+_enabled = True
+
+
+def enabled() -> bool:
+    """Whether the fused training paths are on (they are unless :func:`fused_kernels` turned them off)."""
+    return _enabled
+
+
+@contextlib.contextmanager
+def fused_kernels(on: bool = True) -> Iterator[None]:
+    """Turn the fused LoRA and gated-MLP paths on or off inside the block (on by default). Off, the layers run
+    the plain composition of PyTorch modules: the reference the fused paths are tested against."""
+    global _enabled
+    before, _enabled = _enabled, bool(on)
+    try:
+        yield
+    finally:
+        _enabled = before
+
+
+class _SwiGLU(torch.autograd.Function):
+    """``silu(gate) * up``; saves ``gate`` and ``up`` only (autograd's composition also keeps ``silu(gate)``)."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return dispatch.swiglu(gate, up)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        return dispatch.swiglu_backward(gate, up, grad.contiguous())
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` (Shazeer 2020, the SwiGLU of Llama-family MLPs) in float32 arithmetic, returned in the
+    inputs' common dtype; one pass forward and one backward on the CPU's compiled kernels.
+
+    Raises:
+        ValueError: ``gate`` and ``up`` of different shapes.
+    """
+    dtype = torch.promote_types(gate.dtype, up.dtype)
+    return _SwiGLU.apply(gate.to(dtype).contiguous(), up.to(dtype).contiguous())
+
+
+def _gated_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if not _enabled:
+        return type(self).forward(self, x)
+    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def _is_llama_mlp(module: nn.Module) -> bool:
+    """A module whose forward is exactly ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` with a SiLU: the code
+    of transformers' ``LlamaMLP.forward``, which Mistral, Qwen2/3, SmolLM and others copy. Compared as bytecode
+    (instructions and names), so a family with another forward keeps its own."""
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    forward = getattr(type(module), "forward", None)
+    code, ref = getattr(forward, "__code__", None), LlamaMLP.forward.__code__
+    if code is None or code.co_code != ref.co_code or code.co_names != ref.co_names:
+        return False
+    act = getattr(module, "act_fn", None)
+    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
+
+
+def fuse_gated_mlps(model: nn.Module) -> int:
+    """Make every Llama-style gated MLP of ``model`` compute ``silu(gate) * up`` with :func:`swiglu` (its
+    projections, LoRA or 4-bit, are untouched). The modules keep their class; only their ``forward`` changes,
+    and it falls back to the class's own inside ``fused_kernels(False)``.
+
+    Returns:
+        How many modules were changed.
+    """
+    count = 0
+    for module in model.modules():
+        if "forward" not in vars(module) and _is_llama_mlp(module):
+            module.forward = types.MethodType(_gated_mlp_forward, module)
+            count += 1
+    return count

@@ -1,0 +1,58 @@
+"""fuse_gated_mlps: Llama-style MLPs compute silu(gate) * up in one kernel, with the plain module's results."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from _tiny_models import make_llama
+from torch import nn
+
+from fourbit.nn.fused import fuse_gated_mlps, fused_kernels
+
+
+def test_llama_mlps_are_fused_and_give_the_plain_results_forward_and_backward() -> None:
+    model = make_llama(num_hidden_layers=2)
+    fused = copy.deepcopy(model)
+    assert fuse_gated_mlps(fused) == 2
+    assert fuse_gated_mlps(fused) == 0  # already fused: nothing changes twice
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    outs = []
+    for m in (model, fused):
+        out = m(input_ids=ids, labels=ids)
+        grads = torch.autograd.grad(out.loss, [p for p in m.parameters()])
+        outs.append((out.logits, grads))
+    # float32 arithmetic on both sides; the kernel's exp is a polynomial (~1e-7 relative)
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(outs[1][1], outs[0][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_the_fused_forward_is_the_one_that_runs_and_the_switch_turns_it_off() -> None:
+    model = make_llama(num_hidden_layers=1)
+    fuse_gated_mlps(model)
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(3, model.config.hidden_size, requires_grad=True)
+    assert type(mlp(x).grad_fn.next_functions[0][0]).__name__ == "_SwiGLUBackward"
+    with fused_kernels(False):
+        assert "SwiGLU" not in type(mlp(x).grad_fn.next_functions[0][0]).__name__
+
+
+@pytest.mark.parametrize("act", ["gelu", "relu"])
+def test_mlps_with_another_activation_are_left_alone(act: str) -> None:
+    model = make_llama(num_hidden_layers=1, hidden_act=act)
+    assert fuse_gated_mlps(model) == 0
+
+
+def test_a_module_with_another_forward_is_left_alone() -> None:
+    class Other(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate_proj, self.up_proj, self.down_proj = nn.Linear(4, 8), nn.Linear(4, 8), nn.Linear(8, 4)
+            self.act_fn = nn.SiLU()
+
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.gate_proj(x)) + self.up_proj(x))  # a sum, not a product
+
+    assert fuse_gated_mlps(nn.Sequential(Other())) == 0
