@@ -27,7 +27,8 @@ from fourbit.kernels import reference
 from fourbit.kernels.scales import BlockScales, check_output_dtype
 
 __all__ = ["ISA_NAMES", "available", "isa", "set_isa", "library_path", "quantize_4bit_blocks", "dequantize_4bit_blocks", "can_fuse",
-           "fused_linear_4bit", "softmax_cross_entropy_", "swiglu", "swiglu_backward"]
+           "fused_linear_4bit", "softmax_cross_entropy_", "swiglu", "swiglu_backward",
+           "rms_norm", "rms_norm_backward"]
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,9 @@ def _library() -> ctypes.CDLL | None:
     lib.fb_gemv_4bit.argtypes = [ptr, ptr, scales, ptr, i64, i64, i64, i64, ptr, i32]
     lib.fb_softmax_xent.argtypes = [ptr, i32, i64, i64, ptr, ptr, i32, i32]
     lib.fb_swiglu.argtypes = [ptr, ptr, ptr, ptr, ptr, i32, i64, i32]
-    for fn in (lib.fb_quantize_4bit, lib.fb_dequantize_4bit, lib.fb_gemv_4bit, lib.fb_softmax_xent, lib.fb_swiglu):
+    lib.fb_rmsnorm.argtypes = [ptr, ptr, ptr, ptr, ptr, i32, i64, i64, ctypes.c_float, i32]
+    for fn in (lib.fb_quantize_4bit, lib.fb_dequantize_4bit, lib.fb_gemv_4bit, lib.fb_softmax_xent, lib.fb_swiglu,
+               lib.fb_rmsnorm):
         fn.restype = None
     lib.fb_isa.argtypes = []
     lib.fb_set_isa.argtypes = [i32]
@@ -283,3 +286,35 @@ def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor) ->
     _library().fb_swiglu(gate.data_ptr(), up.data_ptr(), grad.data_ptr(), d_gate.data_ptr(), d_up.data_ptr(),
                          _DTYPE_CODES[gate.dtype], gate.numel(), _threads(gate.numel()))
     return d_gate, d_up
+
+
+def _rms_inputs(x: torch.Tensor, weight: torch.Tensor, *more: torch.Tensor) -> bool:
+    return (x.dim() >= 1 and x.dtype in (torch.float32, torch.bfloat16) and weight.dtype == x.dtype
+            and weight.shape == x.shape[-1:] and x.is_contiguous() and weight.is_contiguous()
+            and all(t.shape == x.shape and t.dtype == x.dtype and t.is_contiguous() for t in more))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as :func:`fourbit.kernels.reference.rms_norm`, one pass per row; other dtypes, a weight of
+    another dtype or non-contiguous inputs go to the reference."""
+    if not _rms_inputs(x, weight):
+        return reference.rms_norm(x, weight, eps)
+    cols = x.shape[-1]
+    rows = x.numel() // cols if cols else 0
+    out = torch.empty_like(x)
+    rstd = torch.empty(x.shape[:-1], dtype=torch.float32)
+    _library().fb_rmsnorm(x.data_ptr(), weight.data_ptr(), None, rstd.data_ptr(), out.data_ptr(),
+                          _DTYPE_CODES[x.dtype], rows, cols, float(eps), _threads(x.numel()))
+    return out, rstd
+
+
+def rms_norm_backward(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """Same contract as :func:`fourbit.kernels.reference.rms_norm_backward`, one pass per row."""
+    if not _rms_inputs(x, weight, grad) or rstd.dtype != torch.float32 or not rstd.is_contiguous():
+        return reference.rms_norm_backward(x, weight, grad, rstd)
+    cols = x.shape[-1]
+    rows = x.numel() // cols if cols else 0
+    dx = torch.empty_like(x)
+    _library().fb_rmsnorm(x.data_ptr(), weight.data_ptr(), grad.data_ptr(), rstd.data_ptr(), dx.data_ptr(),
+                          _DTYPE_CODES[x.dtype], rows, cols, 0.0, _threads(x.numel()))
+    return dx

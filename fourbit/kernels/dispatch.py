@@ -39,6 +39,8 @@ __all__ = [
     "softmax_cross_entropy_",
     "swiglu",
     "swiglu_backward",
+    "rms_norm",
+    "rms_norm_backward",
 ]
 
 
@@ -167,3 +169,21 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradients of :func:`swiglu` for ``gate`` and ``up`` (see :func:`fourbit.kernels.reference.swiglu_backward`)."""
     return getattr(backend_for(gate), "swiglu_backward", reference.swiglu_backward)(gate, up, grad)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Llama's RMSNorm over the last dimension of ``x`` [..., cols] and the reciprocal RMS of each row
+    ([...], float32; see :func:`fourbit.kernels.reference.rms_norm`): one compiled pass per row on the CPU.
+
+    Raises:
+        ValueError: a weight whose size is not ``x``'s last dimension.
+    """
+    if x.dim() == 0 or weight.shape != x.shape[-1:]:
+        raise ValueError(f"rms_norm takes x [..., cols] and weight [cols], got {tuple(x.shape)} and "
+                         f"{tuple(weight.shape)}")
+    return getattr(backend_for(x), "rms_norm", reference.rms_norm)(x, weight, eps)
+
+
+def rms_norm_backward(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """The input gradient of :func:`rms_norm` for a frozen weight."""
+    return getattr(backend_for(x), "rms_norm_backward", reference.rms_norm_backward)(x, weight, grad, rstd)

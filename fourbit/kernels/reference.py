@@ -220,3 +220,24 @@ def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor) ->
     g, u, d = gate.float(), up.float(), grad.float()
     s = torch.sigmoid(g)
     return (d * u * s * (1 + g * (1 - s))).to(gate.dtype), (d * g * s).to(up.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Llama's RMSNorm of the rows of ``x`` [..., cols]: ``weight * (x / sqrt(mean(x²) + eps))``, the
+    normalized row computed in float32 and rounded to ``x``'s dtype before the weight (as transformers does).
+
+    Returns:
+        (output in ``x``'s dtype, per-row ``1 / sqrt(mean(x²) + eps)`` in float32 for the backward pass).
+    """
+    xf = x.float()
+    rstd = torch.rsqrt(xf.pow(2).mean(-1) + eps)
+    return (weight.to(x.dtype) * (xf * rstd.unsqueeze(-1)).to(x.dtype)).to(x.dtype), rstd
+
+
+def rms_norm_backward(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """The input gradient of :func:`rms_norm` for a frozen weight:
+    ``rstd · (g - xhat · mean(g · xhat))`` with ``g = grad · weight`` and ``xhat = x · rstd``."""
+    r = rstd.unsqueeze(-1)
+    xhat = x.float() * r
+    g = grad.float() * weight.float()
+    return (r * (g - xhat * (g * xhat).mean(-1, keepdim=True))).to(x.dtype)

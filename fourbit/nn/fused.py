@@ -7,9 +7,10 @@ pieces that cost most on the CPU, each tested against the plain PyTorch computat
 - LoRA over the frozen base as one autograd node (:class:`fourbit.nn.lora.LoRALinear`, ``_LoRAMatMul``);
 - the gated MLP's ``silu(gate) * up`` as one pass forward and one backward (:func:`swiglu`,
   :func:`fuse_gated_mlps`);
+- Llama's RMSNorm as one pass per row each way (:func:`rms_norm`, :func:`fuse_rms_norms`);
 - the output head's cross-entropy with its gradient computed in forward (``fourbit.train.loss``).
 
-:func:`fused_kernels` turns the first two off inside a block (the plain reference path).
+:func:`fused_kernels` turns all but the last off inside a block (the plain reference path).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import nn
 
 from fourbit.kernels import dispatch
 
-__all__ = ["enabled", "fuse_gated_mlps", "fused_kernels", "swiglu"]
+__all__ = ["enabled", "fuse_gated_mlps", "fuse_rms_norms", "fused_kernels", "rms_norm", "swiglu"]
 
 _enabled = True
 
@@ -82,9 +83,7 @@ def _is_llama_mlp(module: nn.Module) -> bool:
     (instructions and names), so a family with another forward keeps its own."""
     from transformers.models.llama.modeling_llama import LlamaMLP
 
-    forward = getattr(type(module), "forward", None)
-    code, ref = getattr(forward, "__code__", None), LlamaMLP.forward.__code__
-    if code is None or code.co_code != ref.co_code or code.co_names != ref.co_names:
+    if not _has_forward_of(module, LlamaMLP.forward):
         return False
     act = getattr(module, "act_fn", None)
     return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
@@ -102,5 +101,57 @@ def fuse_gated_mlps(model: nn.Module) -> int:
     for module in model.modules():
         if "forward" not in vars(module) and _is_llama_mlp(module):
             module.forward = types.MethodType(_gated_mlp_forward, module)
+            count += 1
+    return count
+
+
+class _RMSNorm(torch.autograd.Function):
+    """RMSNorm with a frozen weight; saves the input and the per-row reciprocal RMS (autograd's composition
+    keeps four tensors of the input's size)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        out, rstd = dispatch.rms_norm(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        return dispatch.rms_norm_backward(x, weight, grad.contiguous(), rstd), None, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm (Zhang & Sennrich 2019): ``weight · x / sqrt(mean(x²) + eps)`` over the last dimension,
+    statistics in float32, result in ``x``'s dtype; ``weight`` is frozen (no gradient) and of ``x``'s dtype."""
+    return _RMSNorm.apply(x.contiguous(), weight.detach(), float(eps))
+
+
+def _rms_norm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    if not _enabled or self.weight.requires_grad or hidden_states.dtype != self.weight.dtype:
+        return type(self).forward(self, hidden_states)
+    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+def _has_forward_of(module: nn.Module, reference) -> bool:
+    forward = getattr(type(module), "forward", None)
+    code, ref = getattr(forward, "__code__", None), reference.__code__
+    return code is not None and code.co_code == ref.co_code and code.co_names == ref.co_names
+
+
+def fuse_rms_norms(model: nn.Module) -> int:
+    """Make every module whose forward is transformers' ``LlamaRMSNorm.forward`` (Mistral, Qwen2/3, SmolLM and
+    others copy it; Gemma's ``1 + weight`` form differs and is left alone) run :func:`rms_norm` while its
+    weight is frozen and of the input's dtype (training), else its own forward.
+
+    Returns:
+        How many modules were changed.
+    """
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    count = 0
+    for module in model.modules():
+        if "forward" not in vars(module) and _has_forward_of(module, LlamaRMSNorm.forward):
+            module.forward = types.MethodType(_rms_norm_forward, module)
             count += 1
     return count

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from fourbit._errors import FieldError
-from fourbit.nn.fused import fuse_gated_mlps
+from fourbit.nn.fused import fuse_gated_mlps, fuse_rms_norms
 
 __all__ = ["CHECKPOINT_POLICIES", "prepare_model_for_training"]
 
@@ -28,7 +28,7 @@ def prepare_model_for_training(
     activation_dtype: torch.dtype | None = None, checkpoint_policy: str = "keep-matmuls",
 ) -> nn.Module:
     """Freeze every parameter, upcast 1-D floating parameters to float32 (or cast every floating parameter to
-    ``activation_dtype``), give Llama-style gated MLPs the fused SwiGLU (:func:`fourbit.nn.fused.fuse_gated_mlps`),
+    ``activation_dtype``), give Llama-style gated MLPs and RMSNorms their fused kernels (:mod:`fourbit.nn.fused`),
     enable input grads and (optionally) non-reentrant gradient checkpointing. Modifies ``model`` in place and
     returns it.
 
@@ -60,6 +60,7 @@ def prepare_model_for_training(
         elif p.ndim <= 1 and p.dtype != torch.float32:
             p.data = p.data.float()
     fuse_gated_mlps(model)
+    fuse_rms_norms(model)
     if input_grads is None:
         input_grads = gradient_checkpointing
     if input_grads and hasattr(model, "enable_input_require_grads"):

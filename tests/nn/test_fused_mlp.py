@@ -56,3 +56,35 @@ def test_a_module_with_another_forward_is_left_alone() -> None:
             return self.down_proj(self.act_fn(self.gate_proj(x)) + self.up_proj(x))  # a sum, not a product
 
     assert fuse_gated_mlps(nn.Sequential(Other())) == 0
+
+
+def test_rms_norms_are_fused_and_give_the_plain_results_forward_and_backward() -> None:
+    from fourbit.nn.fused import fuse_rms_norms
+
+    model = make_llama(num_hidden_layers=2).requires_grad_(False)
+    for name, p in model.named_parameters():
+        if "proj" in name:
+            p.requires_grad_(True)  # gradients through every norm, as with adapters on every layer
+    fused = copy.deepcopy(model)
+    assert fuse_rms_norms(fused) == 2 * 2 + 1  # two per layer and the final norm
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    results = []
+    for m in (model, fused):
+        out = m(input_ids=ids, labels=ids)
+        params = [p for p in m.parameters() if p.requires_grad]
+        results.append((out.logits, torch.autograd.grad(out.loss, params)))
+    assert type(fused.model.norm(torch.randn(2, 64, requires_grad=True)).grad_fn).__name__ == "_RMSNormBackward"
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(results[1][1], results[0][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_a_trainable_norm_weight_keeps_the_modules_own_forward() -> None:
+    from fourbit.nn.fused import fuse_rms_norms
+
+    model = make_llama(num_hidden_layers=1)
+    fuse_rms_norms(model)
+    x = torch.randn(2, 64, requires_grad=True)
+    assert "RMSNorm" not in type(model.model.norm(x).grad_fn).__name__  # its weight trains: autograd's path
+    model.model.norm.weight.requires_grad_(False)
+    assert type(model.model.norm(x).grad_fn).__name__ == "_RMSNormBackward"
