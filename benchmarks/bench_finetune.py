@@ -12,7 +12,9 @@ own faster compute dtype (by tokens/s) with the same gradient-checkpointing sett
 
 Part ``long``: batch 1 x 2048 (``--long-len``) with gradient checkpointing, both sides, at each side's faster
 compute dtype (taken from the speed part of the same run; without it, bf16 on CPUs with native bf16 (AMX /
-AVX512-BF16), else fp32), or ``--long-dtypes fp32|bf16|both``. Target: peak-RSS ratio <= 0.6.
+AVX512-BF16), else fp32), or ``--long-dtypes fp32|bf16|both``; fourbit under each checkpointing policy of
+``--long-policies`` (default: ``keep-matmuls``, its default, and ``full``, its least-memory one). Target:
+peak-RSS ratio <= 0.6.
 
 Workload: plain text, deterministic, no download: the help texts of ``pydoc_data.topics`` split into documents
 of at most ~3,000 characters (one JSONL record ``{"text": ...}`` each, written to ``--workdir``), which
@@ -121,14 +123,15 @@ def _write_data(workdir: Path) -> Path:
 
 
 def _finetune_argv(folder: Path, data: Path, out: Path, *, dtype: str, gc: bool, batch: int, seq_len: int,
-                   steps: int) -> list[str]:
+                   steps: int, policy: str | None = None) -> list[str]:
     """The ``fourbit finetune`` arguments of one configuration (both sides parse them into a TrainConfig)."""
     return ["finetune", str(folder), "--data", str(data), "--out", str(out), "--overwrite", "--format", "text",
             "--packing", "--max-length", str(seq_len), "--batch-size", str(batch),
             "--gradient-accumulation-steps", "1", "--max-steps", str(steps + 1), "--lora-r", "16",
             "--lora-alpha", "16", "--lora-dropout", "0", "--eval-fraction", "0", "--save-steps", "0",
             "--eval-steps", "0", "--no-progress", "--compute-dtype", dtype,
-            "--gradient-checkpointing" if gc else "--no-gradient-checkpointing", "--json"]
+            "--gradient-checkpointing" if gc else "--no-gradient-checkpointing", "--json"] + (
+                ["--gradient-checkpointing-policy", policy] if policy else [])
 
 
 def _thread_env(threads: int) -> dict[str, str]:
@@ -141,9 +144,10 @@ def _thread_env(threads: int) -> dict[str, str]:
 def _fourbit_worker(args) -> dict:
     """Run the CLI as this (small, torch-free) process's only child; its peak RSS is RUSAGE_CHILDREN's maxrss."""
     folder, data = CACHE, Path(args.workdir) / "data" / "topics.jsonl"
-    out = Path(args.workdir) / "runs" / f"fourbit-{args.compute_dtype}-gc{int(args.gc)}-{args.batch}x{args.seq_len}"
+    out = Path(args.workdir) / "runs" / (f"fourbit-{args.compute_dtype}-gc{int(args.gc)}-{args.batch}x{args.seq_len}"
+                                         f"-{args.policy or 'default'}")
     argv = _finetune_argv(folder, data, out, dtype=args.compute_dtype, gc=args.gc, batch=args.batch,
-                          seq_len=args.seq_len, steps=args.steps)
+                          seq_len=args.seq_len, steps=args.steps, policy=args.policy)
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "fourbit", *argv], capture_output=True, text=True,
                           env=_thread_env(args.threads))
@@ -256,12 +260,15 @@ def _peer_worker(args) -> dict:
 
 # ------------------------------------------------------------------------------------------ speed and long parts
 
-def _run_config(args, impl: str, dtype: str, gc: bool, batch: int, seq_len: int) -> dict:
-    """One configuration in its own worker process."""
+def _run_config(args, impl: str, dtype: str, gc: bool, batch: int, seq_len: int, policy: str | None = None) -> dict:
+    """One configuration in its own worker process (``policy``: fourbit's gradient-checkpointing policy, None
+    for its default)."""
     cmd = [sys.executable, __file__, "--_worker", "fourbit" if impl == FOURBIT else "peer", "--compute-dtype", dtype,
            "--batch", str(batch), "--seq-len", str(seq_len), "--steps", str(args.steps), "--threads",
-           str(args.threads), "--workdir", str(args.workdir)] + (["--gc"] if gc else [])
-    row = {"impl": impl, "dtype": dtype, "gc": gc, "batch x len": f"{batch}x{seq_len}"}
+           str(args.threads), "--workdir", str(args.workdir)] + (["--gc"] if gc else []) + (
+               ["--policy", policy] if policy else [])
+    row = {"impl": impl if not policy else f"{impl} ({policy})", "dtype": dtype, "gc": gc,
+           "batch x len": f"{batch}x{seq_len}"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_thread_env(args.threads))
     if proc.returncode != 0:
         row["error"] = proc.stderr.strip()[-600:]
@@ -311,9 +318,12 @@ def run_long(args, speed_rows: list[dict]) -> tuple[list[dict], list[dict]]:
         else:  # faster: from this run's speed part (gc on), else the CPU's native bf16
             best = _faster(speed_rows, impl, True)
             dtypes = (best["dtype"] if best else ("bf16" if _native_bf16() else "fp32"),)
-        rows += [_run_config(args, impl, dtype, True, 1, args.long_len) for dtype in dtypes]
+        policies = args.long_policies.split(",") if impl == FOURBIT else [None]
+        rows += [_run_config(args, impl, dtype, True, 1, args.long_len, policy) for dtype in dtypes
+                 for policy in policies]
     peer = _faster(rows, PEER, True)
-    ratios = [_ratio(r, peer) for r in rows if peer and r["impl"] == FOURBIT and "error" not in r]
+    ratios = [dict(_ratio(r, peer), fourbit=r["impl"]) for r in rows
+              if peer and r["impl"].startswith(FOURBIT) and "error" not in r]
     return rows, ratios
 
 
@@ -394,11 +404,14 @@ def main() -> int:
     ap.add_argument("--long-dtypes", choices=("faster", "fp32", "bf16", "both"), default="faster",
                     help="long context: each side at its faster dtype (from the speed part of this run, else "
                          "bf16 on CPUs with native bf16), or the given dtype(s)")
+    ap.add_argument("--long-policies", default="keep-matmuls,full",
+                    help="long context: fourbit's --gradient-checkpointing-policy values to run, comma-separated")
     ap.add_argument("--quality-steps", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workdir", default="/tmp/fourbit_bench_finetune")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--gc", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--policy", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_worker", choices=("fourbit", "peer"), default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._worker:  # the fourbit worker stays torch-free: the CLI child's ru_maxrss must be the CLI's own
