@@ -13,7 +13,8 @@ own faster compute dtype (by tokens/s) with the same gradient-checkpointing sett
 Part ``long``: batch 1 x 2048 (``--long-len``) with gradient checkpointing, both sides, at each side's faster
 compute dtype (taken from the speed part of the same run; without it, bf16 on CPUs with native bf16 (AMX /
 AVX512-BF16), else fp32), or ``--long-dtypes fp32|bf16|both``; fourbit under each checkpointing policy of
-``--long-policies`` (default: ``keep-matmuls``, its default, and ``full``, its least-memory one). Target:
+``--long-policies`` (default: ``auto``, its default, which recomputes rows this long in full, and
+``keep-matmuls``). Target:
 peak-RSS ratio <= 0.6.
 
 Workload: plain text, deterministic, no download: the help texts of ``pydoc_data.topics`` split into documents
@@ -404,7 +405,7 @@ def main() -> int:
     ap.add_argument("--long-dtypes", choices=("faster", "fp32", "bf16", "both"), default="faster",
                     help="long context: each side at its faster dtype (from the speed part of this run, else "
                          "bf16 on CPUs with native bf16), or the given dtype(s)")
-    ap.add_argument("--long-policies", default="keep-matmuls,full",
+    ap.add_argument("--long-policies", default="auto,keep-matmuls",
                     help="long context: fourbit's --gradient-checkpointing-policy values to run, comma-separated")
     ap.add_argument("--quality-steps", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)

@@ -32,7 +32,9 @@ __all__ = [
     "LoRASpec",
     "dequantized_layer",
     "find_target_modules",
+    "AUTO_KEEP_MAX_SEQ_LEN",
     "keep_matmul_outputs",
+    "keep_matmul_outputs_up_to",
     "is_conv1d",
     "inject_lora",
     "is_linear_4bit",
@@ -128,9 +130,15 @@ class _MatmulOutputs:
     """What the forward pass of a checkpointed segment kept of its LoRA layers, in call order: each layer's
     output and its ``h · A^T``, with the output's version counter (an output changed in place is not reused)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_seq_len: int | None = None) -> None:
         self.kept: deque[tuple[torch.Tensor, torch.Tensor, int]] = deque()
         self.mode: str | None = None
+        self.max_seq_len = max_seq_len
+
+    def keeps(self, x: torch.Tensor) -> bool:
+        """Whether to keep the output for input ``x`` ([batch, seq, features] or [tokens, features])."""
+        seq = x.shape[-2] if x.dim() >= 3 else x.shape[0]
+        return self.max_seq_len is None or seq <= self.max_seq_len
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[None]:
@@ -154,6 +162,22 @@ class _MatmulOutputs:
 
 
 _active_outputs: _MatmulOutputs | None = None
+
+
+#: Sequence length up to which the ``auto`` checkpointing policy keeps matmul outputs. Beyond it attention, which
+#: is recomputed anyway and grows with the square of the length, dominates the recomputation: at 2,048 tokens
+#: keeping the outputs saved 5% of the step for 1.5 GB more memory (SmolLM2-135M, fp32; benchmarks/RESULTS.md).
+AUTO_KEEP_MAX_SEQ_LEN = 1024
+
+
+def keep_matmul_outputs_up_to(max_seq_len: int | None):
+    """:func:`keep_matmul_outputs` for sequences of at most ``max_seq_len`` tokens (None: any length); longer
+    ones are recomputed in full."""
+    def context_fn():
+        outputs = _MatmulOutputs(max_seq_len)
+        return outputs.recording(), outputs.replaying()
+
+    return context_fn
 
 
 def keep_matmul_outputs() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
@@ -221,7 +245,7 @@ class _LoRAMatMul(torch.autograd.Function):
                                              None if base.bias is None else base.bias.to(dtype))
             xa = h2 @ a.t()
             out.view(-1, out.shape[-1]).addmm_(xa, b.t())
-            if kept is not None and kept.mode == "record":
+            if kept is not None and kept.mode == "record" and kept.keeps(x):
                 # detached aliases (same storage and version counter, no autograd identity of their own)
                 kept.kept.append((out.detach(), xa.detach(), out._version))
         ctx.base, ctx.scaling, ctx.dtype, ctx.same_input = base, scaling, dtype, h is x

@@ -49,7 +49,7 @@ SCHEDULES = ("constant", "cosine", "linear")
 _TASKS = ("causal", "classify")
 _QUANTS = (*QUANT_TYPES, "none")
 _DTYPES = ("auto", "bf16", "fp32")
-_CHECKPOINT_POLICIES = ("keep-matmuls", "full")  # fourbit.train.prepare.CHECKPOINT_POLICIES
+_CHECKPOINT_POLICIES = ("auto", "keep-matmuls", "full")  # fourbit.train.prepare.CHECKPOINT_POLICIES
 
 
 @dataclass
@@ -72,9 +72,10 @@ class TrainConfig:
             ``fp32``. On AVX2-only CPUs torch emulates bf16 matmuls and they run several times slower than fp32.
     Memory and speed:
         gradient_checkpointing: recompute each decoder layer's activations in backward instead of keeping them.
-        gradient_checkpointing_policy: ``keep-matmuls`` (default) keeps the LoRA layers' outputs and recomputes
-            only the cheap parts (norms, rotary embeddings, activations, attention); ``full`` recomputes
-            everything (least memory, slowest).
+        gradient_checkpointing_policy: ``keep-matmuls`` keeps the LoRA layers' outputs and recomputes only the
+            cheap parts (norms, rotary embeddings, activations, attention); ``full`` recomputes everything
+            (least memory); ``auto`` (default) is keep-matmuls for sequences of up to 1,024 tokens and full
+            beyond, where attention dominates the recomputation and kept outputs would cost much memory.
         loss_chunk_size: tokens per chunk of the fused output-head cross-entropy; 0 computes the full logits.
 
     Raises:
@@ -118,7 +119,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = 4
     max_grad_norm: float | None = 0.3
     gradient_checkpointing: bool = False
-    gradient_checkpointing_policy: str = "keep-matmuls"
+    gradient_checkpointing_policy: str = "auto"
     loss_chunk_size: int = 1024
     eval_steps: int = 50
     eval_batch_size: int = 8

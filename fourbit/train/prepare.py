@@ -19,13 +19,14 @@ from fourbit.nn.fused import fuse_gated_mlps, fuse_rms_norms
 
 __all__ = ["CHECKPOINT_POLICIES", "prepare_model_for_training"]
 
-#: Gradient-checkpointing policies: keep the matmul outputs and recompute the rest, or recompute everything.
-CHECKPOINT_POLICIES = ("keep-matmuls", "full")
+#: Gradient-checkpointing policies: keep the matmul outputs for sequences up to 1,024 tokens (auto), always
+#: (keep-matmuls), or never (full: recompute everything).
+CHECKPOINT_POLICIES = ("auto", "keep-matmuls", "full")
 
 
 def prepare_model_for_training(
     model: nn.Module, *, gradient_checkpointing: bool = False, input_grads: bool | None = None,
-    activation_dtype: torch.dtype | None = None, checkpoint_policy: str = "keep-matmuls",
+    activation_dtype: torch.dtype | None = None, checkpoint_policy: str = "auto",
 ) -> nn.Module:
     """Freeze every parameter, upcast 1-D floating parameters to float32 (or cast every floating parameter to
     ``activation_dtype``), give Llama-style gated MLPs and RMSNorms their fused kernels (:mod:`fourbit.nn.fused`),
@@ -45,7 +46,9 @@ def prepare_model_for_training(
             frozen float parameters are cast to it. Buffers (e.g. rotary frequencies) are left alone.
         checkpoint_policy: with gradient checkpointing, ``"keep-matmuls"`` keeps the LoRA layers' outputs and
             recomputes only the cheap parts of each layer (:func:`fourbit.nn.lora.keep_matmul_outputs`);
-            ``"full"`` recomputes everything (least memory).
+            ``"full"`` recomputes everything (least memory); ``"auto"`` keeps them for sequences of up to
+            :data:`fourbit.nn.lora.AUTO_KEEP_MAX_SEQ_LEN` tokens, where the matmuls dominate the
+            recomputation, and recomputes longer ones in full, where attention does.
     """
     if checkpoint_policy not in CHECKPOINT_POLICIES:
         raise FieldError("checkpoint_policy", f"must be one of {', '.join(CHECKPOINT_POLICIES)}, got "
@@ -70,10 +73,11 @@ def prepare_model_for_training(
             raise NotImplementedError(f"{type(model).__name__} does not support gradient checkpointing; run "
                                       "without `gradient_checkpointing`")
         kwargs = {"use_reentrant": False}
-        if checkpoint_policy == "keep-matmuls":
-            from fourbit.nn.lora import keep_matmul_outputs
+        if checkpoint_policy != "full":
+            from fourbit.nn.lora import AUTO_KEEP_MAX_SEQ_LEN, keep_matmul_outputs_up_to
 
-            kwargs["context_fn"] = keep_matmul_outputs
+            limit = AUTO_KEEP_MAX_SEQ_LEN if checkpoint_policy == "auto" else None
+            kwargs["context_fn"] = keep_matmul_outputs_up_to(limit)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if hasattr(model, "config"):
             model.config.use_cache = False

@@ -64,7 +64,7 @@ def _qlora_grads(policy: str | None, dtype: str = "fp32", count: list | None = N
 
 def test_checkpoint_policies_give_the_gradients_of_no_checkpointing() -> None:
     plain = _qlora_grads(None)
-    for policy in ("keep-matmuls", "full"):
+    for policy in ("auto", "keep-matmuls", "full"):
         grads = _qlora_grads(policy)
         assert grads.keys() == plain.keys()
         for name in plain:
@@ -81,6 +81,16 @@ def test_keep_matmuls_reuses_the_forward_matmuls_instead_of_recomputing_them() -
     assert len(plain) == 2 * layers  # forward + backward, one dequantization each per 4-bit layer
     assert len(keep) == 2 * layers  # nothing dequantized again for the recomputation
     assert len(full) == 3 * layers  # forward, recomputation, backward
+
+
+def test_auto_keeps_matmuls_of_short_sequences_and_recomputes_long_ones(monkeypatch) -> None:
+    from fourbit.nn import lora as lora_mod
+
+    short, long = [], []
+    _qlora_grads("auto", count=short)  # 12 tokens <= AUTO_KEEP_MAX_SEQ_LEN: like keep-matmuls
+    monkeypatch.setattr(lora_mod, "AUTO_KEEP_MAX_SEQ_LEN", 8)  # now 12 tokens are "long": like full
+    _qlora_grads("auto", count=long)
+    assert len(short) == 2 * 21 and len(long) == 3 * 21
 
 
 def test_bf16_training_casts_frozen_float_parameters_but_not_buffers() -> None:
