@@ -12,17 +12,6 @@ from fourbit.quant import get_code
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="no C compiler: the reference kernels are used")
 
 
-@pytest.fixture(params=[2, 1, 0], ids=lambda level: cpu.ISA_NAMES[level])
-def isa(request):
-    """Run the test on one vector path of the one build (AVX-512, AVX2, plain C), where the CPU has it."""
-    best = cpu.set_isa(2)
-    if request.param > best:
-        pytest.skip(f"this CPU has no {cpu.ISA_NAMES[request.param]}")
-    assert cpu.set_isa(request.param) == request.param
-    yield request.param
-    cpu.set_isa(best)
-
-
 def test_the_best_vector_path_of_this_cpu_is_chosen():
     import platform
 

@@ -5,19 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fourbit.kernels import cpu, dispatch
-
-
-@pytest.fixture(params=[2, 1, 0], ids=lambda level: cpu.ISA_NAMES[level])
-def isa(request):
-    if not cpu.available():
-        pytest.skip("no C compiler: the compiled kernels are not built")
-    best = cpu.set_isa(2)
-    if request.param > best:
-        pytest.skip(f"this CPU has no {cpu.ISA_NAMES[request.param]}")
-    assert cpu.set_isa(request.param) == request.param
-    yield request.param
-    cpu.set_isa(best)
+from fourbit.kernels import dispatch
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (3, 7), (2, 5, 576), (9, 4099)])

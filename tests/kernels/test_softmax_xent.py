@@ -9,18 +9,6 @@ import torch.nn.functional as F
 from fourbit.kernels import cpu, dispatch, reference
 
 
-@pytest.fixture(params=[2, 1, 0], ids=lambda level: cpu.ISA_NAMES[level])
-def isa(request):
-    if not cpu.available():
-        pytest.skip("no C compiler: the compiled kernels are not built")
-    best = cpu.set_isa(2)
-    if request.param > best:
-        pytest.skip(f"this CPU has no {cpu.ISA_NAMES[request.param]}")
-    assert cpu.set_isa(request.param) == request.param
-    yield request.param
-    cpu.set_isa(best)
-
-
 def _float64_reference(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss and gradient from F.cross_entropy in float64 (an independent computation)."""
     z = logits.double().requires_grad_()

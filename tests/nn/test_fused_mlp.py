@@ -12,21 +12,26 @@ from torch import nn
 from fourbit.nn.fused import fuse_gated_mlps, fused_kernels
 
 
+def _assert_same_training_step(model: nn.Module, fused: nn.Module) -> None:
+    """Logits and the gradients of the trainable parameters of one step agree between the two models."""
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    results = []
+    for m in (model, fused):
+        out = m(input_ids=ids, labels=ids)
+        params = [p for p in m.parameters() if p.requires_grad]
+        results.append((out.logits, torch.autograd.grad(out.loss, params)))
+    # float32 arithmetic on both sides; the kernels' exp is a polynomial (~1e-7 relative)
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(results[1][1], results[0][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_llama_mlps_are_fused_and_give_the_plain_results_forward_and_backward() -> None:
     model = make_llama(num_hidden_layers=2)
     fused = copy.deepcopy(model)
     assert fuse_gated_mlps(fused) == 2
     assert fuse_gated_mlps(fused) == 0  # already fused: nothing changes twice
-    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
-    outs = []
-    for m in (model, fused):
-        out = m(input_ids=ids, labels=ids)
-        grads = torch.autograd.grad(out.loss, [p for p in m.parameters()])
-        outs.append((out.logits, grads))
-    # float32 arithmetic on both sides; the kernel's exp is a polynomial (~1e-7 relative)
-    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-5)
-    for a, b in zip(outs[1][1], outs[0][1], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    _assert_same_training_step(model, fused)
 
 
 def test_the_fused_forward_is_the_one_that_runs_and_the_switch_turns_it_off() -> None:
@@ -67,16 +72,8 @@ def test_rms_norms_are_fused_and_give_the_plain_results_forward_and_backward() -
             p.requires_grad_(True)  # gradients through every norm, as with adapters on every layer
     fused = copy.deepcopy(model)
     assert fuse_rms_norms(fused) == 2 * 2 + 1  # two per layer and the final norm
-    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
-    results = []
-    for m in (model, fused):
-        out = m(input_ids=ids, labels=ids)
-        params = [p for p in m.parameters() if p.requires_grad]
-        results.append((out.logits, torch.autograd.grad(out.loss, params)))
     assert type(fused.model.norm(torch.randn(2, 64, requires_grad=True)).grad_fn).__name__ == "_RMSNormBackward"
-    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
-    for a, b in zip(results[1][1], results[0][1], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    _assert_same_training_step(model, fused)
 
 
 def test_a_trainable_norm_weight_keeps_the_modules_own_forward() -> None:

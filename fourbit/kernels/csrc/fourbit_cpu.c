@@ -39,6 +39,30 @@ enum { FB_ISA_SCALAR = 0, FB_ISA_AVX2 = 1, FB_ISA_AVX512 = 2 };
 
 /* ------------------------------------------------------------------------------------ run-time choice */
 
+/* The plain, AVX2 and AVX-512 builds of one inline range function, for FB_RUN_ISA to choose from. */
+#ifdef FB_X86
+#define FB_AVX512_WIDE __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c,prefer-vector-width=512")))
+#define FB_ISA_VARIANTS(NAME, BODY, ARGS, PASS)                                                             \
+    static void NAME##_scalar(ARGS) { BODY(PASS); }                                                         \
+    FB_AVX2 static void NAME##_avx2(ARGS) { BODY(PASS); }                                                   \
+    FB_AVX512_WIDE static void NAME##_avx512(ARGS) { BODY(PASS); }
+#else
+#define FB_ISA_VARIANTS(NAME, BODY, ARGS, PASS) static void NAME##_scalar(ARGS) { BODY(PASS); }
+#endif
+
+/* Inside a parallel loop over units of work: run the unit with the vector code chosen at run time. */
+#ifdef FB_X86
+#define FB_RUN_ISA(isa, NAME, PASS)                                                                         \
+    do {                                                                                                    \
+        if ((isa) == FB_ISA_AVX512) NAME##_avx512(PASS);                                                    \
+        else if ((isa) == FB_ISA_AVX2) NAME##_avx2(PASS);                                                   \
+        else NAME##_scalar(PASS);                                                                           \
+    } while (0)
+#else
+#define FB_RUN_ISA(isa, NAME, PASS) ((void)(isa), NAME##_scalar(PASS))
+#endif
+
+
 static int fb_detect_isa(void) {
 #ifdef FB_X86
     __builtin_cpu_init();
@@ -192,12 +216,7 @@ void fb_quantize_4bit(const void *x, int dtype, int64_t n, int64_t blocksize, co
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t c = 0; c < nchunks; ++c) {
         const int64_t b0 = c * per, b1 = b0 + per < nblocks ? b0 + per : nblocks;
-#ifdef FB_X86
-        if (isa == FB_ISA_AVX512) { quantize_avx512(FB_QUANT_PASS); continue; }
-        if (isa == FB_ISA_AVX2) { quantize_avx2(FB_QUANT_PASS); continue; }
-#endif
-        (void)isa;
-        quantize_scalar(FB_QUANT_PASS);
+        FB_RUN_ISA(isa, quantize, FB_QUANT_PASS);
     }
 }
 
@@ -546,12 +565,7 @@ FB_INLINE void xent_rows(FB_XENT_ARGS) {
     }
 }
 
-static void xent_scalar(FB_XENT_ARGS) { xent_rows(FB_XENT_PASS); }
-#ifdef FB_X86
-FB_AVX2 static void xent_avx2(FB_XENT_ARGS) { xent_rows(FB_XENT_PASS); }
-#define FB_AVX512_WIDE __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c,prefer-vector-width=512")))
-FB_AVX512_WIDE static void xent_avx512(FB_XENT_ARGS) { xent_rows(FB_XENT_PASS); }
-#endif
+FB_ISA_VARIANTS(xent, xent_rows, FB_XENT_ARGS, FB_XENT_PASS)
 
 /* Per-row losses of ``rows`` x ``vocab`` logits (float32 or bf16, contiguous); with ``write_grad`` the
  * logits are overwritten by softmax - onehot(target). Targets must lie in [0, vocab) (checked by the caller). */
@@ -561,12 +575,7 @@ void fb_softmax_xent(void *logits, int dtype, int64_t rows, int64_t vocab, const
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
         const int64_t r0 = r, r1 = r + 1;
-#ifdef FB_X86
-        if (isa == FB_ISA_AVX512) { xent_avx512(FB_XENT_PASS); continue; }
-        if (isa == FB_ISA_AVX2) { xent_avx2(FB_XENT_PASS); continue; }
-#endif
-        (void)isa;
-        xent_scalar(FB_XENT_PASS);
+        FB_RUN_ISA(isa, xent, FB_XENT_PASS);
     }
 }
 
@@ -621,11 +630,7 @@ FB_INLINE void swiglu_range(FB_SWIGLU_ARGS) {
     }
 }
 
-static void swiglu_scalar(FB_SWIGLU_ARGS) { swiglu_range(FB_SWIGLU_PASS); }
-#ifdef FB_X86
-FB_AVX2 static void swiglu_avx2(FB_SWIGLU_ARGS) { swiglu_range(FB_SWIGLU_PASS); }
-FB_AVX512_WIDE static void swiglu_avx512(FB_SWIGLU_ARGS) { swiglu_range(FB_SWIGLU_PASS); }
-#endif
+FB_ISA_VARIANTS(swiglu, swiglu_range, FB_SWIGLU_ARGS, FB_SWIGLU_PASS)
 
 void fb_swiglu(const void *gate, const void *up, const void *grad, void *out, void *d_up, int dtype, int64_t n,
                int nthreads) {
@@ -635,12 +640,7 @@ void fb_swiglu(const void *gate, const void *up, const void *grad, void *out, vo
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t c = 0; c < nchunks; ++c) {
         const int64_t i0 = c * per, i1 = i0 + per < n ? i0 + per : n;
-#ifdef FB_X86
-        if (isa == FB_ISA_AVX512) { swiglu_avx512(FB_SWIGLU_PASS); continue; }
-        if (isa == FB_ISA_AVX2) { swiglu_avx2(FB_SWIGLU_PASS); continue; }
-#endif
-        (void)isa;
-        swiglu_scalar(FB_SWIGLU_PASS);
+        FB_RUN_ISA(isa, swiglu, FB_SWIGLU_PASS);
     }
 }
 
@@ -702,11 +702,7 @@ FB_INLINE void rmsnorm_range(FB_RMS_ARGS) {
     }
 }
 
-static void rmsnorm_scalar(FB_RMS_ARGS) { rmsnorm_range(FB_RMS_PASS); }
-#ifdef FB_X86
-FB_AVX2 static void rmsnorm_avx2(FB_RMS_ARGS) { rmsnorm_range(FB_RMS_PASS); }
-FB_AVX512_WIDE static void rmsnorm_avx512(FB_RMS_ARGS) { rmsnorm_range(FB_RMS_PASS); }
-#endif
+FB_ISA_VARIANTS(rmsnorm, rmsnorm_range, FB_RMS_ARGS, FB_RMS_PASS)
 
 void fb_rmsnorm(const void *x, const void *w, const void *dy, float *rstd, void *out, int dtype, int64_t rows,
                 int64_t cols, float eps, int nthreads) {
@@ -716,11 +712,6 @@ void fb_rmsnorm(const void *x, const void *w, const void *dy, float *rstd, void 
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t c = 0; c < nchunks; ++c) {
         const int64_t r0 = c * per, r1 = r0 + per < rows ? r0 + per : rows;
-#ifdef FB_X86
-        if (isa == FB_ISA_AVX512) { rmsnorm_avx512(FB_RMS_PASS); continue; }
-        if (isa == FB_ISA_AVX2) { rmsnorm_avx2(FB_RMS_PASS); continue; }
-#endif
-        (void)isa;
-        rmsnorm_scalar(FB_RMS_PASS);
+        FB_RUN_ISA(isa, rmsnorm, FB_RMS_PASS);
     }
 }
