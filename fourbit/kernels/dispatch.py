@@ -134,6 +134,11 @@ def linear_4bit(x: torch.Tensor, packed: torch.Tensor, scales: BlockScales, code
     return torch.nn.functional.linear(x, weight.view(out_features, in_features))
 
 
+def _kernel(t: torch.Tensor, name: str):
+    """The backend's ``name`` for tensor ``t``, or the reference's where that backend has none (Triton)."""
+    return getattr(backend_for(t), name, getattr(reference, name))
+
+
 def softmax_cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, write_grad: bool = True) -> torch.Tensor:
     """Per-row cross-entropy of ``logits`` [rows, vocab] against ``targets`` [rows], and with ``write_grad``
     its gradient ``softmax - onehot`` written over ``logits`` (see
@@ -151,8 +156,7 @@ def softmax_cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, write_gr
         raise ValueError(f"target {int(bad)} is out of bounds for a vocabulary of {logits.shape[1]}")
     if not logits.shape[0]:
         return logits.new_zeros(0, dtype=torch.float32)
-    kernel = getattr(backend_for(logits), "softmax_cross_entropy_", reference.softmax_cross_entropy_)
-    return kernel(logits, targets, write_grad)
+    return _kernel(logits, "softmax_cross_entropy_")(logits, targets, write_grad)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -163,12 +167,12 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """
     if gate.shape != up.shape:
         raise ValueError(f"swiglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} differ in shape")
-    return getattr(backend_for(gate), "swiglu", reference.swiglu)(gate, up)
+    return _kernel(gate, "swiglu")(gate, up)
 
 
 def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradients of :func:`swiglu` for ``gate`` and ``up`` (see :func:`fourbit.kernels.reference.swiglu_backward`)."""
-    return getattr(backend_for(gate), "swiglu_backward", reference.swiglu_backward)(gate, up, grad)
+    return _kernel(gate, "swiglu_backward")(gate, up, grad)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,9 +185,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.T
     if x.dim() == 0 or weight.shape != x.shape[-1:]:
         raise ValueError(f"rms_norm takes x [..., cols] and weight [cols], got {tuple(x.shape)} and "
                          f"{tuple(weight.shape)}")
-    return getattr(backend_for(x), "rms_norm", reference.rms_norm)(x, weight, eps)
+    return _kernel(x, "rms_norm")(x, weight, eps)
 
 
 def rms_norm_backward(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
     """The input gradient of :func:`rms_norm` for a frozen weight."""
-    return getattr(backend_for(x), "rms_norm_backward", reference.rms_norm_backward)(x, weight, grad, rstd)
+    return _kernel(x, "rms_norm_backward")(x, weight, grad, rstd)

@@ -36,8 +36,8 @@ def enabled() -> bool:
 
 @contextlib.contextmanager
 def fused_kernels(on: bool = True) -> Iterator[None]:
-    """Turn the fused LoRA and gated-MLP paths on or off inside the block (on by default). Off, the layers run
-    the plain composition of PyTorch modules: the reference the fused paths are tested against."""
+    """Turn the fused LoRA, gated-MLP and RMSNorm paths on or off inside the block (on by default). Off, the
+    layers run the plain composition of PyTorch modules: the reference the fused paths are tested against."""
     global _enabled
     before, _enabled = _enabled, bool(on)
     try:
@@ -97,12 +97,7 @@ def fuse_gated_mlps(model: nn.Module) -> int:
     Returns:
         How many modules were changed.
     """
-    count = 0
-    for module in model.modules():
-        if "forward" not in vars(module) and _is_llama_mlp(module):
-            module.forward = types.MethodType(_gated_mlp_forward, module)
-            count += 1
-    return count
+    return _install_forward(model, _is_llama_mlp, _gated_mlp_forward)
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -149,9 +144,15 @@ def fuse_rms_norms(model: nn.Module) -> int:
     """
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
+    return _install_forward(model, lambda m: _has_forward_of(m, LlamaRMSNorm.forward), _rms_norm_forward)
+
+
+def _install_forward(model: nn.Module, matches, forward) -> int:
+    """Give every module of ``model`` that ``matches`` (and has no forward of its own yet) ``forward`` as its
+    instance forward; return how many."""
     count = 0
     for module in model.modules():
-        if "forward" not in vars(module) and _has_forward_of(module, LlamaRMSNorm.forward):
-            module.forward = types.MethodType(_rms_norm_forward, module)
+        if "forward" not in vars(module) and matches(module):
+            module.forward = types.MethodType(forward, module)
             count += 1
     return count

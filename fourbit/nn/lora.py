@@ -34,7 +34,6 @@ __all__ = [
     "find_target_modules",
     "AUTO_KEEP_MAX_SEQ_LEN",
     "keep_matmul_outputs",
-    "keep_matmul_outputs_up_to",
     "is_conv1d",
     "inject_lora",
     "is_linear_4bit",
@@ -170,17 +169,9 @@ _active_outputs: _MatmulOutputs | None = None
 AUTO_KEEP_MAX_SEQ_LEN = 1024
 
 
-def keep_matmul_outputs_up_to(max_seq_len: int | None):
-    """:func:`keep_matmul_outputs` for sequences of at most ``max_seq_len`` tokens (None: any length); longer
-    ones are recomputed in full."""
-    def context_fn():
-        outputs = _MatmulOutputs(max_seq_len)
-        return outputs.recording(), outputs.replaying()
-
-    return context_fn
-
-
-def keep_matmul_outputs() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+def keep_matmul_outputs(
+    max_seq_len: int | None = None,
+) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
     """A selective activation-checkpointing policy: the ``context_fn`` of ``torch.utils.checkpoint.checkpoint``
     (non-reentrant), also given by :func:`fourbit.train.prepare.prepare_model_for_training`.
 
@@ -192,10 +183,14 @@ def keep_matmul_outputs() -> tuple[contextlib.AbstractContextManager, contextlib
     (for SmolLM2-135M, 5,184 × tokens × 2 bytes in bf16) on top of plain checkpointing, still far below no
     checkpointing.
 
+    Args:
+        max_seq_len: keep outputs only for sequences of at most this many tokens (None: any length); longer
+            ones are recomputed in full (bind it with ``functools.partial`` to make a ``context_fn``).
+
     Returns:
         (forward context, recomputation context), sharing what the forward kept.
     """
-    outputs = _MatmulOutputs()
+    outputs = _MatmulOutputs(max_seq_len)
     return outputs.recording(), outputs.replaying()
 
 
@@ -232,14 +227,12 @@ class _LoRAMatMul(torch.autograd.Function):
         a = lora_a.to(dtype)
         b = (lora_b * scaling).to(dtype)
         kept = _active_outputs
-        reused = None
+        out = None
         if kept is not None and kept.mode == "replay" and kept.kept:
             out, xa, version = kept.kept.popleft()
-            if out._version == version and out.shape[:-1] == shape[:-1]:
-                reused = out, xa
-        if reused is not None:
-            out, xa = reused
-        else:
+            if out._version != version or out.shape[:-1] != shape[:-1]:
+                out = None  # changed in place by the model since, or another input: recompute
+        if out is None:
             # computed in x's own shape, so that the output is not a view (models may add to it in place)
             out = torch.nn.functional.linear(xc, _dense_weight(base, dtype),
                                              None if base.bias is None else base.bias.to(dtype))

@@ -33,6 +33,7 @@ from fourbit.optim import OPTIMIZER_NAMES
 from fourbit.quant import QUANT_TYPES
 
 from .data import FORMATS
+from .prepare import CHECKPOINT_POLICIES
 
 __all__ = [
     "OPTIMIZERS",
@@ -49,7 +50,6 @@ SCHEDULES = ("constant", "cosine", "linear")
 _TASKS = ("causal", "classify")
 _QUANTS = (*QUANT_TYPES, "none")
 _DTYPES = ("auto", "bf16", "fp32")
-_CHECKPOINT_POLICIES = ("auto", "keep-matmuls", "full")  # fourbit.train.prepare.CHECKPOINT_POLICIES
 
 
 @dataclass
@@ -64,7 +64,8 @@ class TrainConfig:
         train_on_inputs: also put loss on prompt tokens (instruction/chat); default: responses only.
         packing: pack short examples into full ``max_length`` sequences (positions restart per example, so
             attention does not cross examples); plain-text documents longer than ``max_length`` are split into
-            ``max_length`` pieces instead of truncated, so no text is lost. ``group_by_length`` instead batches examples of similar length.
+            ``max_length`` pieces instead of truncated, so no text is lost. ``group_by_length`` instead batches
+            examples of similar length.
     Model:
         model: model folder or GGUF file; ``None`` is the bundled SmolLM2-135M-Instruct.
         quant: base weights ``nf4`` (QLoRA), ``fp4``, ``int4`` or ``none`` (plain LoRA); ``double_quant`` for DQ.
@@ -190,7 +191,7 @@ _HINTS = {
     "loss_chunk_size": " (0: the model's full logits)", "max_grad_norm": " (null/None: no clipping)",
 }
 _CHOICES = {"task": _TASKS, "format": FORMATS, "quant": _QUANTS, "compute_dtype": _DTYPES,
-            "optim": OPTIMIZERS, "lr_scheduler": SCHEDULES, "gradient_checkpointing_policy": _CHECKPOINT_POLICIES}
+            "optim": OPTIMIZERS, "lr_scheduler": SCHEDULES, "gradient_checkpointing_policy": CHECKPOINT_POLICIES}
 _NON_EMPTY = ("text_column", "label_column", "target_modules")
 _PATHS = ("model", "data", "out", "eval_data")
 

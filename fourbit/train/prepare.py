@@ -11,6 +11,8 @@ keyword args).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -74,10 +76,10 @@ def prepare_model_for_training(
                                       "without `gradient_checkpointing`")
         kwargs = {"use_reentrant": False}
         if checkpoint_policy != "full":
-            from fourbit.nn.lora import AUTO_KEEP_MAX_SEQ_LEN, keep_matmul_outputs_up_to
+            from fourbit.nn.lora import AUTO_KEEP_MAX_SEQ_LEN, keep_matmul_outputs
 
             limit = AUTO_KEEP_MAX_SEQ_LEN if checkpoint_policy == "auto" else None
-            kwargs["context_fn"] = keep_matmul_outputs_up_to(limit)
+            kwargs["context_fn"] = functools.partial(keep_matmul_outputs, limit)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if hasattr(model, "config"):
             model.config.use_cache = False

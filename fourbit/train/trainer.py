@@ -115,8 +115,8 @@ def prepare_data(
         train_rows, eval_rows = split_records(records, config.eval_fraction, config.seed)
     classify = config.task == "classify"
     kw = dict(format=config.format, max_length=config.max_length, train_on_inputs=config.train_on_inputs,
-              text_column=config.text_column, label_column=config.label_column if classify else None)
-    kw["split_long_text"] = config.packing and not classify
+              text_column=config.text_column, label_column=config.label_column if classify else None,
+              split_long_text=config.packing and not classify)
     train_ds = encode_records(train_rows, tokenizer, source=str(config.data), **kw)
     eval_ds = None
     if eval_rows:
