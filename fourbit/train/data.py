@@ -389,20 +389,20 @@ def encode_records(
             ex = _encode_prompt_response(tokenizer, prompt, str(row["output"]), train_on_inputs)
         else:
             ex = _encode_chat(tokenizer, row["messages"], train_on_inputs)
+        pieces = [ex]
         if len(ex) > max_length and fmt == "text" and split_long_text:
             out.n_split += 1
             pieces = [Encoded(ex.input_ids[s:s + max_length], ex.labels[s:s + max_length])
                       for s in range(0, len(ex), max_length)]
-            out.examples.extend(p for p in pieces[:-1])
-            ex = pieces[-1]  # the last piece goes through the checks below (one token has no target)
         elif len(ex) > max_length:
             out.n_truncated += 1
-            ex = Encoded(ex.input_ids[:max_length], ex.labels[:max_length])
-        # A causal LM predicts token t from tokens < t: the first label never counts.
-        if all(t == IGNORE_INDEX for t in ex.labels[1:]):
-            out.n_dropped += 1
-            continue
-        out.examples.append(ex)
+            pieces = [Encoded(ex.input_ids[:max_length], ex.labels[:max_length])]
+        for piece in pieces:
+            # A causal LM predicts token t from tokens < t: the first label never counts.
+            if all(t == IGNORE_INDEX for t in piece.labels[1:]):
+                out.n_dropped += 1
+            else:
+                out.examples.append(piece)
     if not out.examples:
         raise FieldError("max_length", f"no example of {_file_of(records, source)} has a response token left "
                                        f"after truncation to {max_length} tokens ({out.n_dropped} dropped); "

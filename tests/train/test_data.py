@@ -83,6 +83,9 @@ def test_missing_column_truncation_and_drop() -> None:
     assert split.n_split == 1 and split.n_truncated == 0 and max(len(e) for e in split.examples) == 20
     pieces = [e for e in split.examples if len(e) == 20 or e.input_ids[0] == whole.examples[0].input_ids[40]]
     assert sum((e.input_ids for e in pieces), []) == whole.examples[0].input_ids
+    # every piece passes the same check as a whole example: one token has no target, so max_length 1 keeps none
+    with pytest.raises(ValueError, match="max_length.*no example of data has a response token left"):
+        encode_records([{"text": "x" * 50}], tok, max_length=1, split_long_text=True)
     long_prompt = [{"instruction": "y" * 300, "output": "z"}]
     with pytest.raises(ValueError, match="max_length.*no example of data has a response token left"):
         encode_records(long_prompt, tok, max_length=64)
