@@ -53,8 +53,12 @@ def test_compiled_kernel_agrees_with_the_pytorch_reference(isa: int) -> None:
     logits = torch.randn(64, 4099, generator=g) * 3
     targets = torch.randint(0, 4099, (64,), generator=g)
     a, b = logits.clone(), logits.clone()
-    torch.testing.assert_close(cpu.softmax_cross_entropy_(a, targets, True),
-                               reference.softmax_cross_entropy_(b, targets, True), rtol=1e-6, atol=1e-5)
+    ours, theirs = cpu.softmax_cross_entropy_(a, targets, True), reference.softmax_cross_entropy_(b, targets, True)
+    # first each side against float64, so that a disagreement names the side that moved
+    exact = _float64_reference(logits, targets)[0]
+    torch.testing.assert_close(ours.double(), exact, rtol=2e-6, atol=2e-5, msg=lambda m: f"compiled kernel vs float64: {m}")
+    torch.testing.assert_close(theirs.double(), exact, rtol=2e-6, atol=2e-5, msg=lambda m: f"PyTorch reference vs float64: {m}")
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
