@@ -34,7 +34,7 @@ from fourbit.models import QuantConfig, load_model, quantize_model, save_quantiz
 from fourbit.nn.adapters import save_adapter
 from fourbit.nn.experts import Experts4bit
 from fourbit.nn.linear4bit import Linear4bit
-from fourbit.nn.lora import LoRASpec, dequantized_layer, inject_lora, lora_modules, merge_and_unload
+from fourbit.nn.lora import LoRASpec, inject_lora, lora_modules, merge_and_unload
 
 _COMMON = dict(vocab_size=259, num_hidden_layers=2, num_attention_heads=4, hidden_size=64,
                max_position_embeddings=256, pad_token_id=256, bos_token_id=256, eos_token_id=256)
@@ -80,8 +80,10 @@ def dequantized_copy(model: nn.Module) -> nn.Module:
     """A float copy of a 4-bit model: every 4-bit layer replaced by its dequantized original-class layer."""
     out = copy.deepcopy(model)
     for name, m in list(out.named_modules()):
-        if isinstance(m, Linear4bit | Experts4bit):
-            out.set_submodule(name, dequantized_layer(m, torch.float32))
+        if isinstance(m, Linear4bit):
+            out.set_submodule(name, m.to_float(torch.float32))
+        elif isinstance(m, Experts4bit):
+            out.set_submodule(name, m.dequantized_module(torch.float32))
     return out
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fourbit.nn.linear4bit import Linear4bit
 from fourbit.train.config import TrainConfig
 from fourbit.train.tasks import DATE_INSTRUCTION, TaskExample, date_examples, exact_match, to_chat_records
 
@@ -102,6 +103,25 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
+def _print_results(console: Any, shown: list, before: list[str], after: list[str],
+                   accuracy: tuple[float, float], result: Any, train_s: float) -> None:
+    """The held-out answers before and after fine-tuning, and the summary table."""
+    from rich.table import Table
+
+    table = Table(title="answers to held-out prompts")
+    for col in ("prompt", "expected", "before", "after"):
+        table.add_column(col)
+    for ex, b, a in zip(shown, before, after, strict=True):
+        table.add_row(ex.prompt.removeprefix(DATE_INSTRUCTION), ex.answer, _mark(b, ex.answer), _mark(a, ex.answer))
+    console.print(table)
+    summary = Table(title="held-out exact match")
+    for col in ("before", "after", "steps", "train time", "tokens/s", "eval loss"):
+        summary.add_column(col, justify="right")
+    summary.add_row(f"{accuracy[0]:.1%}", f"{accuracy[1]:.1%}", str(result.steps), f"{train_s:.0f} s",
+                    f"{result.tokens_per_s:.0f}", f"{result.eval.get('eval_loss', float('nan')):.3f}")
+    console.print(summary)
+
+
 def run_finetune_demo(
     model: nn.Module,
     tokenizer: Any,
@@ -132,7 +152,6 @@ def run_finetune_demo(
         ``train_seconds``, ``tokens_per_s``, ``samples`` (prompt, expected, before, after) and ``adapter_dir``.
     """
     from rich.console import Console
-    from rich.table import Table
 
     from fourbit.train.trainer import train
 
@@ -143,10 +162,9 @@ def run_finetune_demo(
     _write_jsonl(workdir / "data" / "dates_train.jsonl", to_chat_records(train_ex))
     _write_jsonl(workdir / "data" / "dates_eval.jsonl", to_chat_records(held))
     # bf16 matmuls are slower than fp32 on CPUs without AMX/AVX512-BF16; the 4-bit weights stay 4-bit.
-    device = next(model.parameters()).device
-    if device.type == "cpu":
+    if next(model.parameters()).device.type == "cpu":
         for m in model.modules():
-            if hasattr(m, "quant_state") and hasattr(m, "compute_dtype"):
+            if isinstance(m, Linear4bit):
                 m.compute_dtype = torch.float32
     shown = held[:show]
     console.rule("[bold]QLoRA demo: dates in words -> ISO 8601")
@@ -173,20 +191,7 @@ def run_finetune_demo(
     after = generate_batch(model, tokenizer, [e.prompt for e in shown])
     acc_after = sum(greedy_exact_match(model, tokenizer, held)) / len(held)
 
-    table = Table(title="answers to held-out prompts")
-    table.add_column("prompt")
-    table.add_column("expected")
-    table.add_column("before")
-    table.add_column("after")
-    for ex, b, a in zip(shown, before, after, strict=True):
-        table.add_row(ex.prompt.removeprefix(DATE_INSTRUCTION), ex.answer, _mark(b, ex.answer), _mark(a, ex.answer))
-    console.print(table)
-    summary = Table(title="held-out exact match")
-    for col in ("before", "after", "steps", "train time", "tokens/s", "eval loss"):
-        summary.add_column(col, justify="right")
-    summary.add_row(f"{acc_before:.1%}", f"{acc_after:.1%}", str(result.steps), f"{train_s:.0f} s",
-                    f"{result.tokens_per_s:.0f}", f"{result.eval.get('eval_loss', float('nan')):.3f}")
-    console.print(summary)
+    _print_results(console, shown, before, after, (acc_before, acc_after), result, train_s)
     return {
         "accuracy_before": acc_before, "accuracy_after": acc_after, "n_eval": len(held), "steps": result.steps,
         "train_seconds": train_s, "tokens_per_s": result.tokens_per_s, "eval_loss": result.eval.get("eval_loss"),

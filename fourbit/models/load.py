@@ -235,9 +235,9 @@ def _load_quantized_checkpoint(folder: Path, compute_dtype: str | None) -> tuple
         if layer.shape != (out_features, in_features):
             raise InputFileError(files[0], f"4-bit layer {layer.name!r} has shape {layer.shape}, the model "
                                            f"needs {(out_features, in_features)}")
-        shell = Linear4bit._empty(in_features, out_features, linear.bias is not None, compute)
-        if is_conv1d(linear):
-            shell.source_cls = type(linear)
+        # a meta skeleton: loading assigns the checkpoint's tensors (and quantization settings) to it
+        shell = Linear4bit(in_features, out_features, linear.bias is not None, compute, device="meta",
+                           layout="conv1d" if is_conv1d(linear) else "linear")
         model.set_submodule(layer.name, shell)
     keys = _checkpoint_keys(files)
     for name, module in list(model.named_modules()):

@@ -37,22 +37,12 @@ def quantize_layer(module: nn.Module, config: QuantConfig, compute_dtype: torch.
 
     A ``Conv1D`` (weight ``[in, out]``) is quantized transposed, as transformers' bitsandbytes integration
     does, so the 4-bit weight is ``[out, in]`` like every ``Linear4bit`` and its checkpoint keys and bytes are
-    bitsandbytes'; the layer is marked with ``source_cls`` (as transformers marks it) so that a float copy of
-    it is a ``Conv1D`` again.
+    bitsandbytes'; the layer's ``layout`` is ``"conv1d"``, so that a float copy of it is a ``Conv1D`` again.
     """
     kwargs = dict(quant_type=config.quant_type, blocksize=config.blocksize, double_quant=config.double_quant,
                   compute_dtype=compute_dtype)
     if is_fused_experts(module):
         return Experts4bit.from_experts(module, **kwargs)
-    if is_conv1d(module):
-        in_features, out_features = module.weight.shape
-        view = nn.Linear(in_features, out_features, bias=module.bias is not None, device="meta")
-        view.weight = nn.Parameter(module.weight.detach().t().contiguous(), requires_grad=False)
-        if module.bias is not None:
-            view.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
-        q = Linear4bit.from_linear(view, **kwargs)
-        q.source_cls = type(module)
-        return q
     return Linear4bit.from_linear(module, **kwargs)
 
 

@@ -57,14 +57,21 @@ def adapter_state_dict(model: nn.Module, modules_to_save: Sequence[str] | None =
     spec = lora_spec(model)
     saved = tuple(modules_to_save if modules_to_save is not None else (spec.modules_to_save if spec else ()))
     out: dict[str, torch.Tensor] = {}
-    for name, m in lora_modules(model).items():
-        out[f"{_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().contiguous().clone()
-        out[f"{_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().contiguous().clone()
+    adapter = _adapter_tensors(model)
+    for key, t in adapter.items():
+        out[_PREFIX + key] = t.detach().contiguous().clone()
     if saved:
+        ids = {id(t) for t in adapter.values()}
         for pname, p in model.named_parameters():
-            if _is_saved_module(pname.rpartition(".")[0], saved) and ".lora_" not in pname:
+            if _is_saved_module(pname.rpartition(".")[0], saved) and id(p) not in ids:
                 out[_PREFIX + pname] = p.detach().contiguous().clone()
     return out
+
+
+def _adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every LoRA layer's adapter tensors (:meth:`fourbit.nn.lora.LoRALinear.adapter_params`) by their full
+    name in the model (``<module path>.lora_A.weight``)."""
+    return {f"{name}.{key}": t for name, m in lora_modules(model).items() for key, t in m.adapter_params().items()}
 
 
 def _target_names_for_config(model: nn.Module, wrapped: list[str]) -> list[str]:
@@ -217,12 +224,10 @@ def load_adapter_weights(model: nn.Module, folder: str | os.PathLike) -> None:
     """
     file = Path(folder) / ADAPTER_WEIGHTS
     tensors = {_strip_key(k): v for k, v in load_safetensors(file).items()}
-    expected: dict[str, torch.Tensor] = {}
-    for name, m in lora_modules(model).items():
-        expected[f"{name}.lora_A.weight"] = m.lora_A.weight
-        expected[f"{name}.lora_B.weight"] = m.lora_B.weight
+    expected = _adapter_tensors(model)
+    ids = {id(t) for t in expected.values()}
     params = dict(model.named_parameters())
-    extra = {k: params[k] for k in tensors if k not in expected and k in params and ".lora_" not in k}
+    extra = {k: params[k] for k in tensors if k not in expected and k in params and id(params[k]) not in ids}
     expected.update(extra)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))

@@ -7,8 +7,10 @@ and its ``forward(hidden_states, top_k_index, top_k_weights)`` runs each routed 
 tensor with double-quantized constants -- exactly what :func:`fourbit.quant.quantize_4bit` gives for that
 ``[2I, H]`` or ``[H, I]`` matrix, a last partial block padded as the flat blockwise layout does -- and its
 forward groups the tokens by expert and dequantizes only the experts the batch routes to (a grouped 4-bit
-expert matmul). As in :class:`fourbit.nn.Linear4bit`, backward returns the input gradient only and autograd
-keeps the packed weight, not a dequantized copy.
+expert matmul). Each matmul is :class:`fourbit.nn.linear4bit.FrozenMatMul4bit`, as in
+:class:`fourbit.nn.Linear4bit`: backward returns the input gradient only and reads the expert's packed weight
+from the module again, so autograd keeps no copy of it. The float32 constants are held as their int32 bits,
+like Linear4bit's, and saved as float32 values.
 
 Saved format (fourbit's own: bitsandbytes has no format for 3-D expert weights). For each of ``gate_up_proj``
 and ``down_proj`` the per-expert states are stacked along a leading expert axis, under the module's prefix:
@@ -28,6 +30,7 @@ import copy
 import torch
 from torch import nn
 
+from fourbit.nn.linear4bit import FrozenMatMul4bit, _as_bits, _as_float
 from fourbit.quant import QuantState, dequantize_4bit, quantize_4bit
 
 __all__ = ["EXPERT_WEIGHTS", "Experts4bit", "is_fused_experts"]
@@ -54,22 +57,16 @@ def is_fused_experts(module: nn.Module) -> bool:
     return tuple(down.shape) == (e, h, two_i // 2) and two_i % 2 == 0 and hasattr(module, "act_fn")
 
 
-class _ExpertMatMul(torch.autograd.Function):
-    """y = x · dequant(W_e)^T for one expert; grad_x = grad_y · dequant(W_e). Saves only the packed codes."""
+class _ExpertWeight:
+    """One expert's matrix as a :class:`fourbit.nn.linear4bit.FrozenMatMul4bit` source: read from the module
+    when the matmul needs it (forward and again in backward), never kept."""
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.Tensor:
-        ctx.state = state
-        ctx.save_for_backward(packed)
-        return nn.functional.linear(x, dequantize_4bit(packed, state, dtype=x.dtype))
+    def __init__(self, experts: Experts4bit, name: str, index: int) -> None:
+        self.experts, self.name, self.index = experts, name, index
 
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
-        (packed,) = ctx.saved_tensors
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_output @ dequantize_4bit(packed, ctx.state, dtype=grad_output.dtype)
-        return grad_x, None, None
+    def frozen_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        e = self.experts
+        return dequantize_4bit(getattr(e, self.name)[self.index], e.expert_state(self.name, self.index), dtype)
 
 
 class Experts4bit(nn.Module):
@@ -108,19 +105,23 @@ class Experts4bit(nn.Module):
         self.act_fn = act_fn
         self.compute_dtype = compute_dtype
         self.quant_type, self.blocksize, self.double_quant, self.dtype = quant_type, blocksize, double_quant, dtype
+        self._float_constants: set[str] = set()
         for name, shape in self.matrix_shapes().items():
             n = shape[0] * shape[1]
             blocks = -(-n // blocksize)
             self.register_parameter(name, nn.Parameter(torch.zeros(num_experts, (n + 1) // 2, dtype=torch.uint8),
                                                        requires_grad=False))
-            self.register_buffer(f"{name}_absmax", torch.zeros(num_experts, blocks,
-                                                               dtype=torch.uint8 if double_quant else torch.float32))
-            self.register_buffer(f"{name}_quant_map", torch.zeros(16))
+            constants = {"_absmax": torch.zeros(num_experts, blocks), "_quant_map": torch.zeros(16)}
             if double_quant:
-                self.register_buffer(f"{name}_offset", torch.zeros(num_experts))
-                self.register_buffer(f"{name}_nested_absmax",
-                                     torch.zeros(num_experts, -(-blocks // _NESTED_BLOCKSIZE)))
-                self.register_buffer(f"{name}_nested_quant_map", torch.zeros(256))
+                constants.update({"_offset": torch.zeros(num_experts),
+                                  "_nested_absmax": torch.zeros(num_experts, -(-blocks // _NESTED_BLOCKSIZE)),
+                                  "_nested_quant_map": torch.zeros(256)})
+            for suffix, value in constants.items():
+                if suffix == "_absmax" and double_quant:
+                    self.register_buffer(name + suffix, value.to(torch.uint8))
+                else:  # float32 held as its int32 bits: a dtype conversion of the model never rounds it
+                    self.register_buffer(name + suffix, _as_bits(value))
+                    self._float_constants.add(name + suffix)
         self._set_template(None)
 
     def _set_template(self, experts: nn.Module | None) -> None:
@@ -148,16 +149,24 @@ class Experts4bit(nn.Module):
         module._modules = dict(module._modules)
         return module
 
-    def _apply(self, fn, recurse: bool = True):
-        # ``model.to(bfloat16)`` must not round the quantization constants: they keep their dtype (as
-        # Linear4bit keeps its quant state) and only follow the device; the packed codes stay uint8.
-        kept = {n: b for n, b in self._buffers.items() if b is not None and b.is_floating_point()}
-        super()._apply(fn, recurse)
-        for name, old in kept.items():
-            new = self._buffers[name]
-            if new.dtype != old.dtype:
-                self._buffers[name] = old.to(new.device)
-        return self
+    def _constant(self, name: str) -> torch.Tensor:
+        """A registered quantization constant as its values (float32 ones are viewed back from their bits)."""
+        t = getattr(self, name)
+        return _as_float(t) if name in self._float_constants else t
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name in self._float_constants:  # the saved format holds the float32 values
+            destination[prefix + name] = _as_float(destination[prefix + name])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        for name in self._float_constants:
+            key = prefix + name
+            if key in state_dict and state_dict[key].is_floating_point():
+                state_dict[key] = _as_bits(state_dict[key])
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def matrix_shapes(self) -> dict[str, tuple[int, int]]:
         """The shape of one expert's matrix, per fused weight."""
@@ -200,22 +209,22 @@ class Experts4bit(nn.Module):
 
     def _store(self, name: str, i: int, packed: torch.Tensor, state: QuantState) -> None:
         getattr(self, name)[i].copy_(packed.view(-1))
-        getattr(self, f"{name}_absmax")[i].copy_(state.absmax)
-        getattr(self, f"{name}_quant_map").copy_(state.code)
+        self._constant(f"{name}_absmax")[i].copy_(state.absmax)
+        self._constant(f"{name}_quant_map").copy_(state.code)
         if self.double_quant:
-            getattr(self, f"{name}_offset")[i] = state.offset
-            getattr(self, f"{name}_nested_absmax")[i].copy_(state.state2.absmax)
-            getattr(self, f"{name}_nested_quant_map").copy_(state.state2.code)
+            self._constant(f"{name}_offset")[i] = state.offset
+            self._constant(f"{name}_nested_absmax")[i].copy_(state.state2.absmax)
+            self._constant(f"{name}_nested_quant_map").copy_(state.state2.code)
 
     def expert_state(self, name: str, i: int) -> QuantState:
         """The :class:`QuantState` of expert ``i``'s ``name`` matrix (views of the stacked tensors)."""
         state2 = offset = None
         if self.double_quant:
-            offset = getattr(self, f"{name}_offset")[i]
-            state2 = QuantState(absmax=getattr(self, f"{name}_nested_absmax")[i], blocksize=_NESTED_BLOCKSIZE,
-                                code=getattr(self, f"{name}_nested_quant_map"), dtype=torch.float32)
-        return QuantState(absmax=getattr(self, f"{name}_absmax")[i], shape=torch.Size(self.matrix_shapes()[name]),
-                          code=getattr(self, f"{name}_quant_map"), blocksize=self.blocksize,
+            offset = self._constant(f"{name}_offset")[i]
+            state2 = QuantState(absmax=self._constant(f"{name}_nested_absmax")[i], blocksize=_NESTED_BLOCKSIZE,
+                                code=self._constant(f"{name}_nested_quant_map"), dtype=torch.float32)
+        return QuantState(absmax=self._constant(f"{name}_absmax")[i], shape=torch.Size(self.matrix_shapes()[name]),
+                          code=self._constant(f"{name}_quant_map"), blocksize=self.blocksize,
                           quant_type=self.quant_type, dtype=self.dtype, offset=offset, state2=state2)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,7 +234,7 @@ class Experts4bit(nn.Module):
                      for name in EXPERT_WEIGHTS)
 
     def _matmul(self, x: torch.Tensor, name: str, i: int) -> torch.Tensor:
-        return _ExpertMatMul.apply(x, getattr(self, name)[i], self.expert_state(name, i))
+        return FrozenMatMul4bit.apply(x, _ExpertWeight(self, name, i))
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:

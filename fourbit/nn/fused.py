@@ -4,7 +4,7 @@ Training a 4-bit model through PyTorch modules spends much of its time outside t
 step of every layer is its own pass over memory, with its own allocation and autograd node. fourbit fuses the
 pieces that cost most on the CPU, each tested against the plain PyTorch computation forward and backward:
 
-- LoRA over the frozen base as one autograd node (:class:`fourbit.nn.lora.LoRALinear`, ``_LoRAMatMul``);
+- LoRA over the frozen base as one autograd node (:class:`fourbit.nn.lora.LoRALinear`, :class:`fourbit.nn.lora_matmul.LoRAMatMul`);
 - the gated MLP's ``silu(gate) * up`` as one pass forward and one backward (:func:`swiglu`,
   :func:`fuse_gated_mlps`);
 - Llama's RMSNorm as one pass per row each way (:func:`rms_norm`, :func:`fuse_rms_norms`);
@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import types
 from collections.abc import Iterator
+from contextvars import ContextVar
 
 import torch
 from torch import nn
@@ -26,24 +27,27 @@ from fourbit.kernels import dispatch
 
 __all__ = ["enabled", "fuse_gated_mlps", "fuse_rms_norms", "fused_kernels", "rms_norm", "swiglu"]
 
-_enabled = True
+#: Whether the fused paths are on in this context (the trainer sets it from ``TrainConfig.fused_kernels``).
+_FUSED: ContextVar[bool] = ContextVar("fourbit_fused_kernels", default=True)
 
 
 def enabled() -> bool:
     """Whether the fused training paths are on (they are unless :func:`fused_kernels` turned them off)."""
-    return _enabled
+    return _FUSED.get()
 
 
 @contextlib.contextmanager
 def fused_kernels(on: bool = True) -> Iterator[None]:
     """Turn the fused LoRA, gated-MLP and RMSNorm paths on or off inside the block (on by default). Off, the
-    layers run the plain composition of PyTorch modules: the reference the fused paths are tested against."""
-    global _enabled
-    before, _enabled = _enabled, bool(on)
+    layers run the plain composition of PyTorch modules: the reference the fused paths are tested against.
+
+    A context variable, not a global: it holds for this thread (and task) only, so two models trained side by
+    side keep their own setting. Backward and checkpoint recomputation on the CPU run in the calling thread."""
+    token = _FUSED.set(bool(on))
     try:
         yield
     finally:
-        _enabled = before
+        _FUSED.reset(token)
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -72,7 +76,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def _gated_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    if not _enabled:
+    if not _FUSED.get():
         return type(self).forward(self, x)
     return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
@@ -123,12 +127,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _rms_norm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    if not _enabled or self.weight.requires_grad or hidden_states.dtype != self.weight.dtype:
+    if not _FUSED.get() or self.weight.requires_grad or hidden_states.dtype != self.weight.dtype:
         return type(self).forward(self, hidden_states)
     return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
 def _has_forward_of(module: nn.Module, reference) -> bool:
+    """Whether ``module``'s class computes exactly ``reference`` (same bytecode and names).
+
+    Why bytecode and nothing sturdier: transformers copies ``LlamaMLP`` and ``LlamaRMSNorm`` into each family
+    as new classes ("Copied from"), with no common base class, marker or registry, so neither ``isinstance``
+    nor a class-name list finds them all, and a name list would also catch the families whose forward differs
+    (Gemma's ``1 + weight`` norm, GELU MLPs). Equal bytecode and names is the one test that says "this forward
+    computes what the fused kernel computes"; a new copy is fused without a change here, and a changed one falls
+    back to its own forward, which is always correct."""
     forward = getattr(type(module), "forward", None)
     code, ref = getattr(forward, "__code__", None), reference.__code__
     return code is not None and code.co_code == ref.co_code and code.co_names == ref.co_names

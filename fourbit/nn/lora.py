@@ -15,8 +15,6 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-import sys
-from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -26,13 +24,15 @@ from torch import nn
 from fourbit._errors import FieldError
 from fourbit.nn import fused
 from fourbit.nn.info import fourbit_info
+from fourbit.nn.linear4bit import Linear4bit, float_layer, is_conv1d
+from fourbit.nn.lora_matmul import AUTO_KEEP_MAX_SEQ_LEN, LoRAMatMul, keep_matmul_outputs
 
 __all__ = [
     "LoRALinear",
     "LoRASpec",
-    "dequantized_layer",
     "find_target_modules",
     "AUTO_KEEP_MAX_SEQ_LEN",
+    "adapters_disabled",
     "keep_matmul_outputs",
     "is_conv1d",
     "inject_lora",
@@ -51,35 +51,13 @@ ALL_LINEAR = "all-linear"
 
 
 def is_linear_4bit(module: nn.Module) -> bool:
-    """True for a frozen 4-bit linear layer (``fourbit.nn.Linear4bit`` or anything shaped like it).
-
-    Duck-typed on ``quant_state`` + ``dequantize`` + ``in_features`` so that this module does not import the
-    quantization code at import time.
-    """
-    return all(hasattr(module, a) for a in ("quant_state", "dequantize", "in_features", "out_features"))
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """True for transformers' ``Conv1D`` (GPT-2 style: ``y = x @ W + b`` with ``W`` stored ``[in, out]``).
-
-    Checked without importing transformers: a model holding a ``Conv1D`` has imported it already.
-    """
-    utils = sys.modules.get("transformers.pytorch_utils")
-    return utils is not None and isinstance(module, utils.Conv1D)
-
-
-def from_conv1d(module: nn.Module) -> bool:
-    """True for a 4-bit layer quantized from a ``Conv1D`` (its ``source_cls``, as transformers' bitsandbytes
-    integration marks it): its weight is stored ``[out, in]`` like every 4-bit layer, but a float copy of it
-    must be a ``Conv1D`` again so that the model's checkpoints keep their ``[in, out]`` layout."""
-    utils = sys.modules.get("transformers.pytorch_utils")
-    source = getattr(module, "source_cls", None)
-    return utils is not None and isinstance(source, type) and issubclass(source, utils.Conv1D)
+    """True for a frozen 4-bit linear layer (:class:`fourbit.nn.Linear4bit`)."""
+    return isinstance(module, Linear4bit)
 
 
 def is_linear_like(module: nn.Module) -> bool:
     """True for ``nn.Linear``, transformers' ``Conv1D`` and 4-bit linear layers: the layers LoRA wraps."""
-    return isinstance(module, nn.Linear) or is_conv1d(module) or is_linear_4bit(module)
+    return isinstance(module, nn.Linear | Linear4bit) or is_conv1d(module)
 
 
 def _features(base: nn.Module) -> tuple[int, int]:
@@ -87,184 +65,6 @@ def _features(base: nn.Module) -> tuple[int, int]:
     if is_conv1d(base):
         return int(base.weight.shape[0]), int(base.weight.shape[1])
     return int(base.in_features), int(base.out_features)
-
-
-def dequantized_layer(module: nn.Module, dtype: torch.dtype = torch.float32,
-                      delta: torch.Tensor | None = None) -> nn.Module:
-    """A float copy of a linear-like layer (a 4-bit one dequantized), plus ``delta`` (``[out, in]``) if given.
-
-    The copy has the layer's original class and layout: ``Conv1D`` (weight ``[in, out]``) for a ``Conv1D``
-    or a 4-bit layer quantized from one (:func:`from_conv1d`), else ``nn.Linear`` (weight ``[out, in]``); for
-    4-bit experts (:class:`fourbit.nn.experts.Experts4bit`) the original experts module.
-    """
-    if hasattr(module, "dequantized_module"):  # 4-bit experts (fourbit.nn.experts): no LoRA delta there
-        return module.dequantized_module(dtype)
-    with torch.no_grad():
-        if is_linear_4bit(module):
-            w = module.dequantize(torch.float32)
-        elif is_conv1d(module):
-            w = module.weight.detach().float().t()
-        else:
-            w = module.weight.detach().float()
-        if delta is not None:
-            w = w + delta.to(w.device)
-        out_features, in_features = w.shape
-        bias = module.bias
-        if is_conv1d(module) or from_conv1d(module):
-            from transformers.pytorch_utils import Conv1D
-
-            new = Conv1D(out_features, in_features).to(device=w.device, dtype=dtype)
-            new.weight.copy_(w.t().to(dtype))
-            if bias is None:
-                new.bias = None  # Conv1D always has one; keep the layer's own structure
-        else:
-            new = nn.Linear(in_features, out_features, bias=bias is not None, device=w.device, dtype=dtype)
-            new.weight.copy_(w.to(dtype))
-        if bias is not None:
-            new.bias.copy_(bias.to(dtype))
-    return new.requires_grad_(False)
-
-
-class _MatmulOutputs:
-    """What the forward pass of a checkpointed segment kept of its LoRA layers, in call order: each layer's
-    output and its ``h · A^T``, with the output's version counter (an output changed in place is not reused)."""
-
-    def __init__(self, max_seq_len: int | None = None) -> None:
-        self.kept: deque[tuple[torch.Tensor, torch.Tensor, int]] = deque()
-        self.mode: str | None = None
-        self.max_seq_len = max_seq_len
-
-    def keeps(self, x: torch.Tensor) -> bool:
-        """Whether to keep the output for input ``x`` ([batch, seq, features] or [tokens, features])."""
-        seq = x.shape[-2] if x.dim() >= 3 else x.shape[0]
-        return self.max_seq_len is None or seq <= self.max_seq_len
-
-    @contextlib.contextmanager
-    def recording(self) -> Iterator[None]:
-        with self._as("record"):
-            yield
-
-    @contextlib.contextmanager
-    def replaying(self) -> Iterator[None]:
-        with self._as("replay"):
-            yield
-        self.kept.clear()  # whatever the recomputation did not reach (it may stop early) is not needed again
-
-    @contextlib.contextmanager
-    def _as(self, mode: str) -> Iterator[None]:
-        global _active_outputs
-        before, _active_outputs, self.mode = _active_outputs, self, mode
-        try:
-            yield
-        finally:
-            _active_outputs, self.mode = before, None
-
-
-_active_outputs: _MatmulOutputs | None = None
-
-
-#: Sequence length up to which the ``auto`` checkpointing policy keeps matmul outputs. Beyond it attention, which
-#: is recomputed anyway and grows with the square of the length, dominates the recomputation: at 2,048 tokens
-#: keeping the outputs saved 5% of the step for 1.5 GB more memory (SmolLM2-135M, fp32; benchmarks/RESULTS.md).
-AUTO_KEEP_MAX_SEQ_LEN = 1024
-
-
-def keep_matmul_outputs(
-    max_seq_len: int | None = None,
-) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-    """A selective activation-checkpointing policy: the ``context_fn`` of ``torch.utils.checkpoint.checkpoint``
-    (non-reentrant), also given by :func:`fourbit.train.prepare.prepare_model_for_training`.
-
-    Plain checkpointing recomputes a whole decoder layer in backward, its matmuls included, which costs about a
-    third of the step. Under this policy the forward pass keeps the output of every LoRA layer of the segment
-    (``[tokens, out]`` in the compute dtype, and ``h · A^T``), and the recomputation takes them back instead of
-    dequantizing and multiplying again: only the cheap parts (norms, rotary embeddings, activation functions,
-    attention) run twice. It keeps about ``(q + k + v + o + gate + up + down widths) × tokens`` values per layer
-    (for SmolLM2-135M, 5,184 × tokens × 2 bytes in bf16) on top of plain checkpointing, still far below no
-    checkpointing.
-
-    Args:
-        max_seq_len: keep outputs only for sequences of at most this many tokens (None: any length); longer
-            ones are recomputed in full (bind it with ``functools.partial`` to make a ``context_fn``).
-
-    Returns:
-        (forward context, recomputation context), sharing what the forward kept.
-    """
-    outputs = _MatmulOutputs(max_seq_len)
-    return outputs.recording(), outputs.replaying()
-
-
-def _dense_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """The base layer's weight ``[out, in]`` in ``dtype``: a 4-bit one dequantized (a fresh tensor each call,
-    never kept), a plain one cast (a view when the dtype already matches)."""
-    if is_linear_4bit(base):
-        return base.dequantize(dtype).view(base.out_features, base.in_features)
-    weight = base.weight.t() if is_conv1d(base) else base.weight
-    return weight.to(dtype)
-
-
-class _LoRAMatMul(torch.autograd.Function):
-    """QLoRA's layer (Eq. 5) as one autograd node, for training:
-
-        y = x · W^T + b + (h · A^T) · (s B)^T          (h = x, or dropout(x))
-        dL/dx = g · W [+ (g · sB) · A when h is x]     dL/dh = (g · sB) · A
-        dL/dA = (g · sB)^T · h                          dL/dB = s · g^T · (h · A^T)
-
-    with every matmul in the compute dtype ``dtype``. The low-rank product is added into the base output by
-    ``addmm`` (no separate pass over ``[tokens, out]`` for the update or its scaling) and in backward the
-    low-rank input gradient into the base one likewise. It saves ``h`` (the base's input: nothing extra without
-    dropout), ``h · A^T`` (``[tokens, r]``) and nothing of W: a 4-bit W is dequantized again in backward
-    (QLoRA, section 3: the gradient flows through the frozen 4-bit weight, no 16-bit copy is stored).
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, h: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                base: nn.Module, scaling: float, dtype: torch.dtype) -> torch.Tensor:
-        shape = x.shape
-        xc = x.to(dtype)
-        x2 = xc.reshape(-1, shape[-1])
-        h2 = x2 if h is x else h.reshape(-1, shape[-1]).to(dtype)
-        a = lora_a.to(dtype)
-        b = (lora_b * scaling).to(dtype)
-        kept = _active_outputs
-        out = None
-        if kept is not None and kept.mode == "replay" and kept.kept:
-            out, xa, version = kept.kept.popleft()
-            if out._version != version or out.shape[:-1] != shape[:-1]:
-                out = None  # changed in place by the model since, or another input: recompute
-        if out is None:
-            # computed in x's own shape, so that the output is not a view (models may add to it in place)
-            out = torch.nn.functional.linear(xc, _dense_weight(base, dtype),
-                                             None if base.bias is None else base.bias.to(dtype))
-            xa = h2 @ a.t()
-            out.view(-1, out.shape[-1]).addmm_(xa, b.t())
-            if kept is not None and kept.mode == "record" and kept.keeps(x):
-                # detached aliases (same storage and version counter, no autograd identity of their own)
-                kept.kept.append((out.detach(), xa.detach(), out._version))
-        ctx.base, ctx.scaling, ctx.dtype, ctx.same_input = base, scaling, dtype, h is x
-        ctx.shapes = (shape, h.shape)
-        ctx.save_for_backward(h2, xa, a, b)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        h2, xa, a, b = ctx.saved_tensors
-        x_shape, h_shape = ctx.shapes
-        g = grad_out.reshape(-1, grad_out.shape[-1]).to(ctx.dtype)
-        gb = g @ b  # [tokens, r]: the gradient at the low-rank bottleneck
-        grad_x = grad_h = grad_a = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = g @ _dense_weight(ctx.base, ctx.dtype)
-            if ctx.same_input:
-                grad_x.addmm_(gb, a)
-            grad_x = grad_x.view(x_shape)
-        if ctx.needs_input_grad[1] and not ctx.same_input:
-            grad_h = (gb @ a).view(h_shape)
-        if ctx.needs_input_grad[2]:
-            grad_a = gb.t() @ h2
-        if ctx.needs_input_grad[3]:
-            grad_b = (xa.t() @ g).t().contiguous() * ctx.scaling  # 2x faster than g^T @ xa in BLAS, same sums
-        return grad_x, grad_h, grad_a, grad_b, None, None, None
 
 
 @dataclass(frozen=True)
@@ -305,15 +105,24 @@ class LoRASpec:
 
 
 class LoRALinear(nn.Module):
-    """``y = base(x) + scaling · lora_B(lora_A(dropout(x)))`` with a frozen ``base``.
+    """``y = base(x) + scaling · lora_B(lora_A(dropout(x)))`` with a frozen ``base``: the one LoRA layer.
 
     ``lora_A`` is initialised like peft (Kaiming-uniform with ``a = sqrt(5)``, i.e. ``nn.Linear``'s default)
     and ``lora_B`` with zeros, so a fresh adapter leaves the model's output unchanged.
 
+    The adapter protocol: :meth:`adapter_params` names the trainable tensors (nothing finds them by name), and
+    ``disabled`` (or :func:`adapters_disabled` for a whole model) switches the adapter off for a forward pass,
+    giving the base model's output (the reference model of preference training).
+
+    Mixed-adapter batches are a mode of the same layer (as peft's ``adapter_names``): :meth:`add_row_adapter`
+    registers further adapters by index, and while ``rows`` holds one index per batch row (-1: none) each row
+    gets ``base(x) + scaling_a · B_a(A_a(x))`` of its own adapter only. A layer built with ``r=0`` has no
+    trainable adapter of its own and serves such batches only.
+
     Args:
         base: the frozen layer: ``nn.Linear``, transformers' ``Conv1D`` (GPT-2; weight ``[in, out]``, peft's
             ``fan_in_fan_out=True``) or ``Linear4bit``.
-        r: rank; ``lora_A`` is ``[r, in_features]`` and ``lora_B`` is ``[out_features, r]``.
+        r: rank; ``lora_A`` is ``[r, in_features]`` and ``lora_B`` is ``[out_features, r]``; 0 for none.
         alpha: scaling numerator.
         dropout: dropout probability applied to the adapter's input only.
         use_rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
@@ -324,38 +133,32 @@ class LoRALinear(nn.Module):
         x: ``[..., in_features]`` -> ``[..., out_features]`` in the base output's dtype.
     """
 
-    def __init__(
-        self,
-        base: nn.Module,
-        r: int,
-        alpha: float,
-        dropout: float = 0.0,
-        *,
-        use_rslora: bool = False,
-        dtype: torch.dtype = torch.float32,
-    ) -> None:
+    def __init__(self, base: nn.Module, r: int, alpha: float = 1.0, dropout: float = 0.0, *,
+                 use_rslora: bool = False, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         if not is_linear_like(base):
             raise TypeError(f"LoRALinear base must be nn.Linear, Conv1D or Linear4bit, got {type(base).__name__}")
-        if r <= 0:
-            raise FieldError("r", f"the LoRA rank must be > 0, got {r}")
+        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            raise FieldError("r", f"the LoRA rank must be a positive integer, got {r!r}")
         self.base = base
         self.in_features, self.out_features = _features(base)
         # peft's fan_in_fan_out: the base stores its weight [in, out] (Conv1D), so merging adds the update
         # transposed. A 4-bit layer quantized from a Conv1D stores [out, in] like every 4-bit layer.
         self.fan_in_fan_out = is_conv1d(base)
-        self.r = int(r)
-        self.alpha = float(alpha)
-        self.use_rslora = bool(use_rslora)
-        self.scaling = self.alpha / (math.sqrt(self.r) if use_rslora else self.r)
+        self.r, self.alpha, self.use_rslora = int(r), float(alpha), bool(use_rslora)
+        self.scaling = self.alpha / (math.sqrt(self.r) if use_rslora else self.r) if r else 0.0
         device = next((p.device for p in base.parameters()), torch.device("cpu"))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_A = nn.Linear(self.in_features, self.r, bias=False, device=device, dtype=dtype)
-        self.lora_B = nn.Linear(self.r, self.out_features, bias=False, device=device, dtype=dtype)
-        self.reset_lora_parameters()
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype) if r else None
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype) if r else None
+        if r:
+            self.reset_lora_parameters()
         for p in self.base.parameters():
             p.requires_grad_(False)
         self.merged = False
+        self.disabled = False
+        self.rows: torch.Tensor | None = None
+        self.row_scaling: dict[int, float] = {}
         self._set_unmerged_base(None)
 
     def _set_unmerged_base(self, base: nn.Module | None) -> None:
@@ -368,6 +171,13 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
+    # ------------------------------------------------------------------------------------ adapter protocol
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        """The adapter's trainable tensors by their name inside this layer (peft's key suffixes)."""
+        if self.lora_A is None:
+            return {}
+        return {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
+
     @property
     def is_4bit(self) -> bool:
         """True when the (unmerged) base is a 4-bit layer."""
@@ -377,15 +187,22 @@ class LoRALinear(nn.Module):
         """The low-rank update ``scaling · B @ A`` in float32, shape ``[out_features, in_features]``."""
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
 
+    # ---------------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rows is not None:
+            return self._forward_rows(x)
         if self.merged:
+            if self.disabled:
+                raise RuntimeError("a merged LoRA layer cannot switch its adapter off; unmerge it first")
             if self._unmerged_base is not None:  # 16-bit layer merged from a 4-bit base
                 return self.base(x.to(self.base.weight.dtype)).to(x.dtype)
+            return self.base(x)
+        if self.disabled or self.lora_A is None:
             return self.base(x)
         dtype = self._fused_dtype(x)
         if dtype is not None:
             h = self.lora_dropout(x)
-            out = _LoRAMatMul.apply(x, h, self.lora_A.weight, self.lora_B.weight, self.base, self.scaling, dtype)
+            out = LoRAMatMul.apply(x, h, self.lora_A.weight, self.lora_B.weight, self.base, self.scaling, dtype)
             return out if torch.is_autocast_enabled(x.device.type) else out.to(x.dtype)
         y = self.base(x)
         a = self.lora_A.weight
@@ -399,7 +216,7 @@ class LoRALinear(nn.Module):
         autograd records (training) and the base is unmerged; the dtype is the autocast dtype under autocast
         (as ``nn.Linear`` would compute), else ``x``'s dtype when the adapters (and a 4-bit base's compute
         dtype) have it too. Mixed dtypes without autocast keep the plain path's per-part dtypes."""
-        if not (fused.enabled() and torch.is_grad_enabled() and not self.merged and x.is_floating_point()
+        if not (fused.enabled() and torch.is_grad_enabled() and x.is_floating_point()
                 and (x.requires_grad or self.lora_A.weight.requires_grad)):
             return None
         if torch.is_autocast_enabled(x.device.type):
@@ -409,15 +226,56 @@ class LoRALinear(nn.Module):
             same = same and self.base.compute_dtype == x.dtype
         return x.dtype if same else None
 
+    # -------------------------------------------------------------------------------- mixed-adapter batches
+    def add_row_adapter(self, index: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
+        """Register adapter ``index`` (``A [r, in]``, ``B [out, r]``, its scaling) for mixed batches; its
+        tensors are buffers of this layer (they follow ``.to()``), outside the state dict.
+
+        Raises:
+            ValueError: shapes that do not fit this layer, or a negative index.
+        """
+        if index < 0:
+            raise ValueError(f"adapter indices are >= 0 (-1 selects the base model), got {index}")
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != self.in_features or b.shape[0] != self.out_features \
+                or a.shape[0] != b.shape[1]:
+            raise ValueError(f"adapter shapes {tuple(a.shape)}/{tuple(b.shape)} do not fit "
+                             f"[{self.out_features}, {self.in_features}]")
+        self.register_buffer(f"row_A_{index}", a, persistent=False)
+        self.register_buffer(f"row_B_{index}", b, persistent=False)
+        self.row_scaling[index] = float(scaling)
+
+    def remove_row_adapter(self, index: int) -> None:
+        """Forget adapter ``index`` of the mixed-batch mode (nothing when it is not registered here)."""
+        if self.row_scaling.pop(index, None) is not None:
+            del self._buffers[f"row_A_{index}"], self._buffers[f"row_B_{index}"]
+
+    def _forward_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Each batch row through the adapter ``rows`` names for it: the update is computed on that adapter's
+        rows only and added onto the base output (``index_add``), so a row never sees another's adapter."""
+        rows = self.rows
+        y = self.base(x)
+        if rows.shape[0] != x.shape[0]:
+            raise RuntimeError(f"row adapters set for {rows.shape[0]} rows, batch has {x.shape[0]}")
+        for index, scaling in self.row_scaling.items():
+            selected = (rows == index).nonzero().flatten()
+            if selected.numel() == 0:
+                continue
+            a, b = self._buffers[f"row_A_{index}"], self._buffers[f"row_B_{index}"]
+            h = x.index_select(0, selected).to(a.dtype)
+            update = (h @ a.t()) @ b.t() * scaling
+            y = y.index_add(0, selected, update.to(y.dtype))
+        return y
+
+    # ------------------------------------------------------------------------------------------------ merge
     @torch.no_grad()
     def merge(self, *, safe: bool = True, dtype: torch.dtype = torch.bfloat16) -> None:
         """Fold the update into the base weight so that ``forward`` is one matmul.
 
         For an ``nn.Linear`` base the weight is updated in place (``unmerge`` subtracts it again, exact up
         to float rounding). For a 4-bit base the update cannot go into the 4 bits without re-quantizing
-        (which rounds the small update away and loses quality), so the base is dequantized to ``dtype``
-        and replaced by a 16-bit ``nn.Linear`` holding ``W + scaling·B·A``; the 4-bit layer is kept and
-        ``unmerge`` restores it exactly.
+        (which rounds the small update away and loses quality), so the base is replaced by its float copy
+        (:func:`fourbit.nn.linear4bit.float_layer`, ``dtype``) holding ``W + scaling·B·A``; the 4-bit layer is
+        kept and ``unmerge`` restores it exactly.
 
         Args:
             safe: check the merged weight for NaN/Inf before committing it (like peft's ``safe_merge``).
@@ -426,19 +284,13 @@ class LoRALinear(nn.Module):
         Raises:
             ValueError: if ``safe`` and the merged weight is not finite.
         """
-        if self.merged:
+        if self.merged or self.lora_A is None:
             return
         delta = self.delta_weight()
         if is_linear_4bit(self.base):
-            w = self.base.dequantize(torch.float32) + delta
-            if safe and not torch.isfinite(w).all():
+            merged = float_layer(self.base, dtype, delta)
+            if safe and not torch.isfinite(merged.weight).all():
                 raise ValueError("merging the adapter gave NaN/Inf weights; the adapter is broken")
-            merged = nn.Linear(self.in_features, self.out_features, bias=self.base.bias is not None,
-                               device=w.device, dtype=dtype)
-            merged.weight.copy_(w.to(dtype))
-            if self.base.bias is not None:
-                merged.bias.copy_(self.base.bias.to(dtype))
-            merged.requires_grad_(False)
             self._set_unmerged_base(self.base)
             self.base = merged
         else:
@@ -466,22 +318,43 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def merged_linear(self, dtype: torch.dtype | None = None) -> nn.Module:
-        """A standalone layer computing base + update (the base is dequantized if 4-bit).
-
-        It has the base's original class (:func:`dequantized_layer`): ``nn.Linear``, or ``Conv1D`` for a
-        GPT-2-style layer (also when its base is 4-bit), so a merged model saves in its architecture's layout.
+        """A standalone frozen layer computing base + update (:func:`fourbit.nn.linear4bit.float_layer`: the
+        base dequantized if 4-bit, in its layout, ``nn.Linear`` or ``Conv1D``), so a merged model saves in its
+        architecture's layout.
 
         Args:
             dtype: dtype of the result; default the base weight's dtype, bfloat16 for a 4-bit base.
         """
         base = self._unmerged_base if self._unmerged_base is not None else self.base
         dtype = dtype or (torch.bfloat16 if is_linear_4bit(base) else base.weight.dtype)
-        delta = None if (self.merged and self._unmerged_base is None) else self.delta_weight()
-        return dequantized_layer(base, dtype, delta)
+        no_delta = self.lora_A is None or (self.merged and self._unmerged_base is None)
+        return float_layer(base, dtype, None if no_delta else self.delta_weight())
 
     def extra_repr(self) -> str:
         fifo = ", fan_in_fan_out=True" if self.fan_in_fan_out else ""
-        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, merged={self.merged}{fifo}"
+        rows = f", row_adapters={sorted(self.row_scaling)}" if self.row_scaling else ""
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, merged={self.merged}{fifo}{rows}"
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Inside the block every LoRA layer of ``model`` computes its base layer only (the model as it was before
+    injection, without copying it): the reference model of DPO is the same 4-bit base with the adapter off.
+
+    Raises:
+        RuntimeError: a layer is merged (its update is inside the weight and cannot be switched off).
+    """
+    layers = list(lora_modules(model).values())
+    if any(m.merged for m in layers):
+        raise RuntimeError("a merged adapter cannot be switched off; unmerge it first")
+    before = [m.disabled for m in layers]
+    for m in layers:
+        m.disabled = True
+    try:
+        yield
+    finally:
+        for m, was in zip(layers, before, strict=True):
+            m.disabled = was
 
 
 def _matches(name: str, targets: str | Sequence[str]) -> bool:
@@ -525,7 +398,11 @@ def find_target_modules(
                 )
             names.append(name)
     if not names:
-        raise FieldError("target_modules", f"{target_modules!r} matched no linear module of {type(model).__name__}")
+        shown = target_modules if isinstance(target_modules, str) else ", ".join(target_modules)
+        have = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                       if n and is_linear_like(m) and m is not head and not n.endswith("lm_head")})
+        raise FieldError("target_modules", f"{shown} matched no linear module of {type(model).__name__}; its linear "
+                                           f"modules are named {', '.join(have) or '(none)'}")
     return names
 
 
@@ -572,10 +449,12 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def mark_only_lora_trainable(model: nn.Module, modules_to_save: Iterable[str] = ()) -> None:
-    """Freeze everything but the LoRA A/B weights and the named ``modules_to_save``."""
+    """Freeze everything but the adapters' tensors (:meth:`LoRALinear.adapter_params`) and the named
+    ``modules_to_save``."""
     saved = tuple(modules_to_save)
+    adapter = {id(p) for m in lora_modules(model).values() for p in m.adapter_params().values()}
     for name, p in model.named_parameters():
-        p.requires_grad_(".lora_A." in name or ".lora_B." in name or _is_saved_module(name, saved))
+        p.requires_grad_(id(p) in adapter or _is_saved_module(name, saved))
 
 
 def _logical_numel(module: nn.Module, name: str, p: torch.Tensor) -> int:
@@ -640,6 +519,7 @@ def unload_lora(model: nn.Module) -> nn.Module:
     for name, m in list(lora_modules(model).items()):
         if m.merged:
             m.unmerge()
+        m.rows = None
         model.set_submodule(name, m.base)
     fourbit_info(model).lora_spec = None
     return model

@@ -126,11 +126,14 @@ def _dequantize_rest(model: Any) -> None:
     own class and layout (``nn.Linear`` [out, in], GPT-2's ``Conv1D`` [in, out], the original experts module)."""
     import torch
 
-    from fourbit.nn.lora import dequantized_layer, is_linear_4bit
+    from fourbit.nn.experts import Experts4bit
+    from fourbit.nn.linear4bit import Linear4bit, float_layer
 
     for name, m in list(model.named_modules()):
-        if is_linear_4bit(m) or hasattr(m, "dequantized_module"):
-            model.set_submodule(name, dequantized_layer(m, torch.float32).requires_grad_(False))
+        if isinstance(m, Experts4bit):
+            model.set_submodule(name, m.dequantized_module(torch.float32).requires_grad_(False))
+        elif isinstance(m, Linear4bit):
+            model.set_submodule(name, float_layer(m, torch.float32))
 
 
 def merge_adapter(

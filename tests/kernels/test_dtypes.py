@@ -187,4 +187,4 @@ def test_other_dtypes_are_refused_by_name(dtype):
     with pytest.raises(TypeError, match=name):
         fourbit.dequantize_4bit(packed, state, dtype)
     with pytest.raises(TypeError, match=name):
-        layer.to_linear(dtype)
+        layer.to_float(dtype)

@@ -270,3 +270,43 @@ def test_merged_4bit_layer_state_dict_holds_no_old_base() -> None:
     merge_and_unload(q, dtype=torch.float32)
     assert sorted(q.state_dict()) == sorted(plain.state_dict()), "merged: exactly a plain model's keys"
     assert all(type(m) is not type(original) for m in q.modules())
+
+
+def test_adapter_params_are_the_protocol_for_the_trainable_tensors() -> None:
+    from fourbit.nn.lora import mark_only_lora_trainable
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+    inject_lora(model, LoRASpec(r=2, alpha=4, dropout=0.0))
+    layers = lora_modules(model)
+    expected = {id(p) for m in layers.values() for p in m.adapter_params().values()}
+    assert len(expected) == 4 and set(next(iter(layers.values())).adapter_params()) == {"lora_A.weight",
+                                                                                        "lora_B.weight"}
+    for p in model.parameters():
+        p.requires_grad_(True)
+    mark_only_lora_trainable(model)
+    assert {id(p) for p in model.parameters() if p.requires_grad} == expected
+
+
+def test_adapters_disabled_gives_the_base_model_and_comes_back() -> None:
+    from fourbit.nn.lora import adapters_disabled
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    x = torch.randn(3, 8)
+    base_out = model(x)
+    inject_lora(model, LoRASpec(r=2, alpha=4, dropout=0.0))
+    for m in lora_modules(model).values():
+        torch.nn.init.normal_(m.lora_B.weight)
+    adapted = model(x)
+    assert not torch.allclose(adapted, base_out)
+    with adapters_disabled(model):
+        assert torch.equal(model(x), base_out)
+        with torch.enable_grad():  # the training path too: no adapter term, no adapter gradient
+            x2 = x.clone().requires_grad_(True)
+            model(x2).sum().backward()
+        assert all(p.grad is None for m in lora_modules(model).values() for p in m.adapter_params().values())
+    assert torch.equal(model(x), adapted)
+    next(iter(lora_modules(model).values())).merge()
+    with pytest.raises(RuntimeError, match="unmerge"):
+        with adapters_disabled(model):
+            pass

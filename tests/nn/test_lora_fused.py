@@ -8,7 +8,8 @@ from torch import nn
 
 from fourbit.nn.fused import fused_kernels
 from fourbit.nn.linear4bit import Linear4bit
-from fourbit.nn.lora import LoRALinear, _LoRAMatMul
+from fourbit.nn.lora import LoRALinear
+from fourbit.nn.lora_matmul import LoRAMatMul
 
 
 def _layer(base_kind: str, in_f: int, out_f: int, dropout: float = 0.0, bias: bool = True) -> LoRALinear:
@@ -48,7 +49,7 @@ def test_fused_equals_plain_in_float32_forward_and_backward(base_kind: str, shap
     x = torch.randn(*shape)
     fused = _run(layer, x, True)
     plain = _run(layer, x, False)
-    assert _LoRAMatMul is not None and fused[0].dtype == torch.float32
+    assert LoRAMatMul is not None and fused[0].dtype == torch.float32
     # the same float32 products; only the summation order of the update differs (addmm vs a separate add)
     for a, b in zip(fused, plain, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -58,9 +59,9 @@ def test_the_fused_path_is_taken_in_training_and_not_at_inference() -> None:
     layer = _layer("4bit", 64, 32)
     x = torch.randn(4, 64, requires_grad=True)
     y = layer(x)
-    assert type(y.grad_fn).__name__ == "_LoRAMatMulBackward"
+    assert type(y.grad_fn).__name__ == "LoRAMatMulBackward"
     with fused_kernels(False):
-        assert type(layer(x).grad_fn).__name__ != "_LoRAMatMulBackward"
+        assert type(layer(x).grad_fn).__name__ != "LoRAMatMulBackward"
     with torch.no_grad():
         assert layer(x).grad_fn is None
 

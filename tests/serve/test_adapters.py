@@ -27,27 +27,37 @@ def reference_ids(model_dir, adapter_dir, prompt_ids: list[int], n: int, end_ids
     return ids[: next((i for i, t in enumerate(ids) if t in end_ids), len(ids))]
 
 
-def test_multi_lora_layer_picks_the_adapter_per_row():
+@pytest.mark.parametrize("base_kind", ["linear", "conv1d", "4bit"])
+def test_the_lora_layer_in_mixed_batch_mode_picks_the_adapter_per_row(base_kind):
+    from transformers.pytorch_utils import Conv1D
+
+    from fourbit.nn import Linear4bit
     from fourbit.nn.lora import LoRALinear
-    from fourbit.serve.adapters import MultiLoRALinear
 
     torch.manual_seed(0)
-    base = torch.nn.Linear(64, 96)
+    base = {"linear": lambda: torch.nn.Linear(64, 96), "conv1d": lambda: Conv1D(96, 64),
+            "4bit": lambda: Linear4bit.from_linear(torch.nn.Linear(64, 96), compute_dtype="fp32")}[base_kind]()
     one, two = LoRALinear(base, 4, 8.0), LoRALinear(base, 2, 4.0)
     for lora in (one, two):
         torch.nn.init.normal_(lora.lora_B.weight)
-    multi = MultiLoRALinear(base)
-    multi.add(0, one.lora_A.weight.detach(), one.lora_B.weight.detach(), one.scaling)
-    multi.add(1, two.lora_A.weight.detach(), two.lora_B.weight.detach(), two.scaling)
+    multi = LoRALinear(base, r=0)  # the same layer type, serving only: no trainable adapter of its own
+    assert multi.adapter_params() == {}
+    multi.add_row_adapter(0, one.lora_A.weight.detach(), one.lora_B.weight.detach(), one.scaling)
+    multi.add_row_adapter(1, two.lora_A.weight.detach(), two.lora_B.weight.detach(), two.scaling)
     x = torch.randn(5, 3, 64)
     multi.rows = torch.tensor([1, -1, 0, 1, -1])
     with torch.no_grad():
         y = multi(x)
         torch.testing.assert_close(y[[0, 3]], two(x[[0, 3]]), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(y[2], one(x[2:3])[0], rtol=1e-5, atol=1e-5)
-        assert torch.equal(y[[1, 4]], base(x[[1, 4]]))  # the base rows get exactly the base layer
+        assert torch.equal(y[[1, 4]], base(x)[[1, 4]])  # the base rows get exactly the base layer
         multi.rows = None
         assert torch.equal(multi(x), base(x))
+    assert set(multi.state_dict()) == {f"base.{k}" for k in base.state_dict()}  # row adapters are not saved
+    with pytest.raises(ValueError, match="do not fit"):
+        multi.add_row_adapter(2, torch.zeros(4, 63), torch.zeros(96, 4), 1.0)
+    multi.remove_row_adapter(1)
+    assert sorted(multi.row_scaling) == [0] and not hasattr(multi, "row_A_1")
 
 
 def test_one_batch_of_mixed_adapters_matches_one_adapter_runs(engine, model_dir, adapter_dirs):

@@ -37,7 +37,7 @@ def _qlora_grads(policy: str | None, dtype: str = "fp32", count: list | None = N
     from unittest import mock
 
     from fourbit.models import QuantConfig, quantize_model
-    from fourbit.nn import lora as lora_mod
+    from fourbit.nn import lora_matmul
 
     torch.manual_seed(0)
     model = make_llama(num_hidden_layers=3)
@@ -50,14 +50,14 @@ def _qlora_grads(policy: str | None, dtype: str = "fp32", count: list | None = N
             torch.nn.init.normal_(p, std=0.05)
     model.train()
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
-    real = lora_mod._dense_weight
+    real = lora_matmul.frozen_weight
 
     def counting(base, dt):
         if count is not None:
             count.append(base)
         return real(base, dt)
 
-    with mock.patch.object(lora_mod, "_dense_weight", counting):
+    with mock.patch.object(lora_matmul, "frozen_weight", counting):
         model(input_ids=ids, labels=ids).loss.backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
