@@ -192,7 +192,7 @@ def _library() -> ctypes.CDLL | None:
 
 
 def _declare(lib: ctypes.CDLL) -> None:
-    """The C signatures of ABI version 1 (``csrc/fourbit_cpu.h``), for ctypes to convert the arguments."""
+    """The C signatures of :data:`ABI_VERSION` (``csrc/fourbit_cpu.h``), for ctypes to convert the arguments."""
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     scales = ctypes.POINTER(_Scales)
     signatures = {
@@ -347,8 +347,8 @@ def fused_linear_4bit(x: torch.Tensor, packed: torch.Tensor, scales: BlockScales
     if not can_fuse(x.dtype, blocksize, in_features):
         if x.dtype not in _DTYPE_CODES:
             raise TypeError(f"the fused CPU kernel takes float32, float16 or bfloat16 inputs, got {x.dtype}")
-        raise ValueError(f"the fused CPU kernel needs in_features ({in_features}) to be a multiple of the "
-                         f"blocksize ({blocksize})")
+        raise ValueError(f"the fused CPU kernel needs an even blocksize and in_features ({in_features}) a multiple "
+                         f"of the blocksize ({blocksize})")
     rows = x.numel() // in_features
     x32 = x.reshape(rows, in_features)
     if x32.dtype != torch.float32 or not x32.is_contiguous():
