@@ -1,11 +1,23 @@
-"""Compiled CPU kernels (``csrc/fourbit_cpu.c``), built on first use and called through ctypes.
+"""Compiled CPU kernels (``csrc/``), built on first use into one shared library and called through ctypes.
 
-The shared library is compiled once per source version and machine type into ``$FOURBIT_CACHE``
-(default ``~/.cache/fourbit``) with the system C compiler (``$CC``, default ``cc``). On x86-64 one build serves
-every CPU: the C code holds AVX-512, AVX2 and plain C versions of its loops and picks one at run time
-(:func:`isa`; :func:`set_isa` lowers it, for tests and benchmarks). If no compiler is found or
-the build fails, :func:`available` returns False and the dispatcher falls back to the PyTorch reference, with
-one warning. Nothing happens at import time.
+The sources (``csrc/fourbit_cpu.h``, the shared header; ``csrc/quant4.c``, 4-bit quantization,
+dequantization and the fused matmul; ``csrc/train_rows.c``, the softmax cross-entropy, SwiGLU and RMSNorm row
+kernels; ``csrc/fourbit_cpu.c``, the ABI version and vector-code choice) are compiled together with the system
+C compiler (``$CC``, default ``cc``) into ``$FOURBIT_CACHE/kernels`` (default ``~/.cache/fourbit``), under a
+name keyed by the hash of every source, the flags, the machine type and :data:`ABI_VERSION`.
+
+Before any kernel is called, the library's ``fb_abi_version()`` must equal :data:`ABI_VERSION`: a cached file
+that reports another version, none, or does not load is rebuilt, and a fresh build that still disagrees is
+refused, so no kernel is ever called with a signature it was not built for.
+
+On x86-64 one build serves every CPU: the C code holds AVX-512, AVX2 and plain C versions of each kernel's
+inner loop and picks one at run time (:func:`isa`; :func:`set_isa` lowers it, for tests and benchmarks). If
+no compiler is found or the build fails, :func:`available` returns False and the dispatcher falls back to
+the PyTorch reference, with one warning. Nothing happens at import time.
+
+Each kernel here has the contract of its namesake in :mod:`fourbit.kernels.reference`; inputs a compiled
+kernel does not take (float16 training rows, non-contiguous tensors, odd or over-4096 quantization blocks)
+run that reference function, as each docstring says.
 """
 
 from __future__ import annotations
@@ -26,15 +38,28 @@ import torch
 from fourbit.kernels import reference
 from fourbit.kernels.scales import BlockScales, check_output_dtype
 
-__all__ = ["ISA_NAMES", "available", "isa", "set_isa", "library_path", "quantize_4bit_blocks", "dequantize_4bit_blocks", "can_fuse",
-           "fused_linear_4bit", "softmax_cross_entropy_", "swiglu", "swiglu_backward",
-           "rms_norm", "rms_norm_backward"]
+__all__ = ["ABI_VERSION", "ISA_NAMES", "MAX_QUANT_BLOCKSIZE", "available", "isa", "set_isa", "library_path",
+           "quantize_4bit_blocks", "dequantize_4bit_blocks", "can_fuse", "fused_linear_4bit",
+           "softmax_cross_entropy_", "swiglu", "swiglu_backward", "rms_norm", "rms_norm_backward"]
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).parent / "csrc" / "fourbit_cpu.c"
+_CSRC = Path(__file__).parent / "csrc"
+#: Compiled into the one library; the header is part of the cache key too.
+_SOURCES = ("fourbit_cpu.c", "quant4.c", "train_rows.c")
+_HEADERS = ("fourbit_cpu.h",)
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _X86 = ("x86_64", "amd64")
+
+#: The library interface this module calls (signatures, ``fb_scales``, status codes): must equal
+#: ``FB_ABI_VERSION`` in ``csrc/fourbit_cpu.h``; bump both together.
+ABI_VERSION = 1
+
+#: The largest block the compiled quantizer takes (``FB_MAX_QUANT_BLOCKSIZE``); larger ones run the reference.
+MAX_QUANT_BLOCKSIZE = 4096
+
+#: Status codes of the compiled kernels (``FB_OK``, ``FB_ERR_DTYPE``, ``FB_ERR_BLOCKSIZE``).
+_OK, _ERR_DTYPE, _ERR_BLOCKSIZE = 0, 1, 2
 
 #: Vector code paths of the compiled kernels (``isa()``): chosen at run time on x86-64.
 ISA_NAMES = {0: "plain C", 1: "AVX2", 2: "AVX-512"}
@@ -65,28 +90,84 @@ def _cpu_signature() -> str:
 
 
 def library_path() -> Path:
-    """Where the compiled library for this source and machine lives (it may not be built yet)."""
-    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_flags()).encode() + _cpu_signature().encode())
+    """Where the compiled library for these sources, flags, machine and ABI version lives (it may not be
+    built yet)."""
+    digest = hashlib.sha256()
+    for name in (*_HEADERS, *_SOURCES):
+        digest.update(name.encode() + b"\0" + (_CSRC / name).read_bytes() + b"\0")
+    digest.update(" ".join(_flags()).encode() + _cpu_signature().encode() + f"abi{ABI_VERSION}".encode())
     cache = Path(os.environ.get("FOURBIT_CACHE", Path.home() / ".cache" / "fourbit"))
     return cache / "kernels" / f"fourbit_cpu-{digest.hexdigest()[:16]}.so"
 
 
-def _build(target: Path) -> None:
+def _compile(out: Path) -> None:
+    """Compile every source into the shared library ``out``.
+
+    Raises:
+        RuntimeError: no compiler, or the compiler failed (its last output quoted).
+    """
     compiler = os.environ.get("CC", "cc")
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C compiler {compiler!r} on PATH")
+    sources = [str(_CSRC / name) for name in _SOURCES]
+    try:
+        subprocess.run([compiler, *_flags(), *sources, "-o", str(out), "-lm"], check=True, capture_output=True,
+                       text=True, timeout=300)
+    except subprocess.CalledProcessError as err:
+        raise RuntimeError(f"compiling {', '.join(_SOURCES)} failed:\n{err.stderr[-2000:]}") from None
+
+
+def _open_checked(path: Path) -> tuple[ctypes.CDLL | None, int | None]:
+    """Load ``path`` and ask its ABI version: (the library, version) when it is :data:`ABI_VERSION`, else
+    (None, the version it reports, or None when it reports none or does not load). Only ``fb_abi_version``
+    is ever called on a library that fails the check."""
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError:
+        return None, None
+    if not hasattr(lib, "fb_abi_version"):
+        return None, None
+    lib.fb_abi_version.argtypes = []
+    lib.fb_abi_version.restype = ctypes.c_int
+    version = int(lib.fb_abi_version())
+    return (lib if version == ABI_VERSION else None), version
+
+
+def _build(target: Path) -> ctypes.CDLL:
+    """Compile into a fresh file beside ``target``, load and check it there, then move it into place.
+
+    The fresh file is loaded under its own name: a stale library already loaded from ``target`` would be
+    returned again by the dynamic loader, whatever the file now holds.
+
+    Raises:
+        RuntimeError: the build failed, or the fresh build reports another ABI version than this module's
+            (the sources and cpu.py disagree: a rebuild cannot help).
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *_flags(), str(_SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True,
-                       text=True, timeout=300)
+        _compile(Path(tmp))
+        lib, version = _open_checked(Path(tmp))
+        if lib is None:
+            raise RuntimeError(f"the freshly built kernels report ABI version {version}, but {__name__} "
+                               f"expects {ABI_VERSION}: csrc/fourbit_cpu.h and cpu.py disagree")
         os.replace(tmp, target)
-    except subprocess.CalledProcessError as err:
-        raise RuntimeError(f"compiling {_SOURCE.name} failed:\n{err.stderr[-2000:]}") from None
+        return lib
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _load_or_build(path: Path) -> ctypes.CDLL:
+    """The cached library at ``path`` if it passes the ABI check, else a fresh build put in its place."""
+    if path.exists():
+        lib, version = _open_checked(path)
+        if lib is not None:
+            return lib
+        log.warning("fourbit: the cached CPU kernels %s are stale (ABI version %s, expected %s); rebuilding",
+                    path, version, ABI_VERSION)
+    return _build(path)
 
 
 class _Scales(ctypes.Structure):
@@ -98,31 +179,56 @@ class _Scales(ctypes.Structure):
 
 @lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
+    """The loaded library, ABI-checked and declared; None (after one warning) when it cannot be had."""
     if os.environ.get("FOURBIT_KERNELS", "auto").lower() == "reference":
         return None
     try:
-        path = library_path()
-        if not path.exists():
-            _build(path)
-        lib = ctypes.CDLL(str(path))
+        lib = _load_or_build(library_path())
     except (OSError, RuntimeError, subprocess.TimeoutExpired) as err:
         log.warning("fourbit: compiled CPU kernels unavailable (%s); using the PyTorch reference kernels", err)
         return None
-    i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
-    lib.fb_quantize_4bit.argtypes = [ptr, i32, i64, i64, ptr, ptr, ptr, ptr, i32]
-    scales = ctypes.POINTER(_Scales)
-    lib.fb_dequantize_4bit.argtypes = [ptr, scales, ptr, i64, i64, ptr, i32, i32]
-    lib.fb_gemv_4bit.argtypes = [ptr, ptr, scales, ptr, i64, i64, i64, i64, ptr, i32]
-    lib.fb_softmax_xent.argtypes = [ptr, i32, i64, i64, ptr, ptr, i32, i32]
-    lib.fb_swiglu.argtypes = [ptr, ptr, ptr, ptr, ptr, i32, i64, i32]
-    lib.fb_rmsnorm.argtypes = [ptr, ptr, ptr, ptr, ptr, i32, i64, i64, ctypes.c_float, i32]
-    for fn in (lib.fb_quantize_4bit, lib.fb_dequantize_4bit, lib.fb_gemv_4bit, lib.fb_softmax_xent, lib.fb_swiglu,
-               lib.fb_rmsnorm):
-        fn.restype = None
-    lib.fb_isa.argtypes = []
-    lib.fb_set_isa.argtypes = [i32]
-    lib.fb_isa.restype = lib.fb_set_isa.restype = i32
+    _declare(lib)
     return lib
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    """The C signatures of :data:`ABI_VERSION` (``csrc/fourbit_cpu.h``), for ctypes to convert the arguments."""
+    i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+    scales = ctypes.POINTER(_Scales)
+    signatures = {
+        "fb_quantize_4bit": [ptr, i32, i64, i64, ptr, ptr, ptr, ptr, i32],
+        "fb_dequantize_4bit": [ptr, scales, ptr, i64, i64, ptr, i32, i32],
+        "fb_gemv_4bit": [ptr, ptr, scales, ptr, i64, i64, i64, i64, ptr, i32],
+        "fb_softmax_xent": [ptr, i32, i64, i64, ptr, ptr, i32, i32],
+        "fb_swiglu": [ptr, ptr, ptr, ptr, ptr, i32, i64, i32],
+        "fb_rmsnorm": [ptr, ptr, ptr, ptr, ptr, i32, i64, i64, ctypes.c_float, i32],
+        "fb_isa": [],
+        "fb_set_isa": [i32],
+    }
+    for name, argtypes in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, i32
+
+
+def _call(kernel: str, *args, blocksize: int | None = None) -> None:
+    """Run the C function ``kernel`` and turn a refusal into the caller's error.
+
+    Raises:
+        ValueError: the kernel refused the block size (``FB_ERR_BLOCKSIZE``: odd, below 2, over
+            :data:`MAX_QUANT_BLOCKSIZE` for quantization, not dividing the row for the fused matmul, or a
+            nested ``blocksize2`` below 1).
+        TypeError: the kernel refused the dtype (``FB_ERR_DTYPE``).
+    """
+    status = getattr(_library(), kernel)(*args)
+    if status == _OK:
+        return
+    if status == _ERR_BLOCKSIZE:
+        raise ValueError(f"{kernel}: the compiled kernel refused blocksize={blocksize} (it takes an even blocksize "
+                         f">= 2, at most {MAX_QUANT_BLOCKSIZE} to quantize, dividing in_features for the fused "
+                         f"matmul, and a nested blocksize2 >= 1)")
+    if status == _ERR_DTYPE:
+        raise TypeError(f"{kernel}: the compiled kernel refused the dtype code it was given")
+    raise RuntimeError(f"{kernel}: the compiled kernel returned an unknown status {status}")
 
 
 def _scales(scales: BlockScales) -> tuple[_Scales, list[torch.Tensor]]:
@@ -161,6 +267,8 @@ _PARALLEL_MIN_ELEMENTS = 1 << 18
 
 
 def _threads(elements: int) -> int:
+    """Threads for a kernel over ``elements`` values: torch's thread count from
+    :data:`_PARALLEL_MIN_ELEMENTS` up, else one."""
     return max(1, torch.get_num_threads()) if elements >= _PARALLEL_MIN_ELEMENTS else 1
 
 
@@ -172,16 +280,20 @@ def _bounds_and_order(code_bytes: bytes) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize_4bit_blocks(flat: torch.Tensor, code: torch.Tensor, blocksize: int):
-    """Same contract and bytes as :func:`fourbit.kernels.reference.quantize_4bit_blocks`."""
+    """Same contract and bytes as :func:`fourbit.kernels.reference.quantize_4bit_blocks`.
+
+    Float64 inputs, and block sizes the kernel cannot pack in place (odd) or hold (over
+    :data:`MAX_QUANT_BLOCKSIZE`), run the reference.
+    """
     x = flat.reshape(-1).contiguous()
-    if x.dtype not in _DTYPE_CODES or blocksize > 4096:
+    if x.dtype not in _DTYPE_CODES or blocksize % 2 or blocksize > MAX_QUANT_BLOCKSIZE:
         return reference.quantize_4bit_blocks(flat, code, blocksize)
     n = x.numel()
     bounds, order = _bounds_and_order(code.float().cpu().contiguous().numpy().tobytes())
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32)
-    _library().fb_quantize_4bit(x.data_ptr(), _DTYPE_CODES[x.dtype], n, blocksize, bounds.data_ptr(),
-                                order.data_ptr(), packed.data_ptr(), absmax.data_ptr(), _threads(n))
+    _call("fb_quantize_4bit", x.data_ptr(), _DTYPE_CODES[x.dtype], n, blocksize, bounds.data_ptr(),
+          order.data_ptr(), packed.data_ptr(), absmax.data_ptr(), _threads(n), blocksize=blocksize)
     return packed, absmax
 
 
@@ -189,24 +301,30 @@ def dequantize_4bit_blocks(packed: torch.Tensor, scales: BlockScales, code: torc
                            dtype: torch.dtype) -> torch.Tensor:
     """Same contract and bytes as :func:`fourbit.kernels.reference.dequantize_4bit_blocks`.
 
-    float64 output: the float32 result widened (exact, as the reference does).
+    float64 output: the float32 result widened (exact, as the reference does). An odd block size (whose
+    blocks start mid-byte, which the vector code does not read) runs the reference.
+
+    Raises:
+        TypeError: an output dtype outside float32/float16/bfloat16/float64. ValueError: a block size below 2.
     """
     check_output_dtype(dtype)
     if dtype not in _DTYPE_CODES:
         return dequantize_4bit_blocks(packed, scales, code, blocksize, n, torch.float32).to(dtype)
+    if blocksize % 2:
+        return reference.dequantize_4bit_blocks(packed, scales, code, blocksize, n, dtype)
     p = packed.reshape(-1).contiguous()
     c_scales, keep = _scales(scales)
     c = code if code.dtype == torch.float32 and code.is_contiguous() else code.float().contiguous()
     out = torch.empty(n, dtype=dtype)
-    _library().fb_dequantize_4bit(p.data_ptr(), ctypes.byref(c_scales), c.data_ptr(), n, blocksize,
-                                  out.data_ptr(), _DTYPE_CODES[dtype], _threads(n))
+    _call("fb_dequantize_4bit", p.data_ptr(), ctypes.byref(c_scales), c.data_ptr(), n, blocksize,
+          out.data_ptr(), _DTYPE_CODES[dtype], _threads(n), blocksize=blocksize)
     del keep
     return out
 
 
 def can_fuse(dtype: torch.dtype, blocksize: int, in_features: int) -> bool:
     """The fused kernel reads float32/float16/bfloat16 inputs of whole blocks per row (no block spans rows)."""
-    return dtype in _DTYPE_CODES and blocksize % 2 == 0 and in_features % blocksize == 0
+    return dtype in _DTYPE_CODES and blocksize >= 2 and blocksize % 2 == 0 and in_features % blocksize == 0
 
 
 def fused_linear_4bit(x: torch.Tensor, packed: torch.Tensor, scales: BlockScales, code: torch.Tensor,
@@ -229,8 +347,8 @@ def fused_linear_4bit(x: torch.Tensor, packed: torch.Tensor, scales: BlockScales
     if not can_fuse(x.dtype, blocksize, in_features):
         if x.dtype not in _DTYPE_CODES:
             raise TypeError(f"the fused CPU kernel takes float32, float16 or bfloat16 inputs, got {x.dtype}")
-        raise ValueError(f"the fused CPU kernel needs in_features ({in_features}) to be a multiple of the "
-                         f"blocksize ({blocksize})")
+        raise ValueError(f"the fused CPU kernel needs an even blocksize and in_features ({in_features}) a multiple "
+                         f"of the blocksize ({blocksize})")
     rows = x.numel() // in_features
     x32 = x.reshape(rows, in_features)
     if x32.dtype != torch.float32 or not x32.is_contiguous():
@@ -238,9 +356,9 @@ def fused_linear_4bit(x: torch.Tensor, packed: torch.Tensor, scales: BlockScales
     out = torch.empty(rows, out_features, dtype=torch.float32)
     c_scales, keep = _scales(scales)
     c = code if code.dtype == torch.float32 and code.is_contiguous() else code.float().contiguous()
-    _library().fb_gemv_4bit(x32.data_ptr(), packed.reshape(-1).contiguous().data_ptr(), ctypes.byref(c_scales),
-                            c.data_ptr(), rows, out_features, in_features, blocksize, out.data_ptr(),
-                            _threads(out_features * in_features))
+    _call("fb_gemv_4bit", x32.data_ptr(), packed.reshape(-1).contiguous().data_ptr(), ctypes.byref(c_scales),
+          c.data_ptr(), rows, out_features, in_features, blocksize, out.data_ptr(),
+          _threads(out_features * in_features), blocksize=blocksize)
     del keep
     if x.dtype != torch.float32:
         out = out.to(x.dtype)
@@ -256,8 +374,8 @@ def softmax_cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, write_gr
     rows, vocab = logits.shape
     t = targets.to(torch.int64).contiguous()
     losses = torch.empty(rows, dtype=torch.float32)
-    _library().fb_softmax_xent(logits.data_ptr(), _DTYPE_CODES[logits.dtype], rows, vocab, t.data_ptr(),
-                               losses.data_ptr(), int(bool(write_grad)), _threads(logits.numel()))
+    _call("fb_softmax_xent", logits.data_ptr(), _DTYPE_CODES[logits.dtype], rows, vocab, t.data_ptr(),
+          losses.data_ptr(), int(bool(write_grad)), _threads(logits.numel()))
     return losses
 
 
@@ -273,8 +391,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if not _swiglu_inputs(gate, up):
         return reference.swiglu(gate, up)
     out = torch.empty_like(gate)
-    _library().fb_swiglu(gate.data_ptr(), up.data_ptr(), None, out.data_ptr(), None, _DTYPE_CODES[gate.dtype],
-                         gate.numel(), _threads(gate.numel()))
+    _call("fb_swiglu", gate.data_ptr(), up.data_ptr(), None, out.data_ptr(), None, _DTYPE_CODES[gate.dtype],
+          gate.numel(), _threads(gate.numel()))
     return out
 
 
@@ -283,8 +401,8 @@ def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor) ->
     if not _swiglu_inputs(gate, up, grad):
         return reference.swiglu_backward(gate, up, grad)
     d_gate, d_up = torch.empty_like(gate), torch.empty_like(up)
-    _library().fb_swiglu(gate.data_ptr(), up.data_ptr(), grad.data_ptr(), d_gate.data_ptr(), d_up.data_ptr(),
-                         _DTYPE_CODES[gate.dtype], gate.numel(), _threads(gate.numel()))
+    _call("fb_swiglu", gate.data_ptr(), up.data_ptr(), grad.data_ptr(), d_gate.data_ptr(), d_up.data_ptr(),
+          _DTYPE_CODES[gate.dtype], gate.numel(), _threads(gate.numel()))
     return d_gate, d_up
 
 
@@ -303,8 +421,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.T
     rows = x.numel() // cols if cols else 0
     out = torch.empty_like(x)
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32)
-    _library().fb_rmsnorm(x.data_ptr(), weight.data_ptr(), None, rstd.data_ptr(), out.data_ptr(),
-                          _DTYPE_CODES[x.dtype], rows, cols, float(eps), _threads(x.numel()))
+    _call("fb_rmsnorm", x.data_ptr(), weight.data_ptr(), None, rstd.data_ptr(), out.data_ptr(),
+          _DTYPE_CODES[x.dtype], rows, cols, float(eps), _threads(x.numel()))
     return out, rstd
 
 
@@ -315,6 +433,6 @@ def rms_norm_backward(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor,
     cols = x.shape[-1]
     rows = x.numel() // cols if cols else 0
     dx = torch.empty_like(x)
-    _library().fb_rmsnorm(x.data_ptr(), weight.data_ptr(), grad.data_ptr(), rstd.data_ptr(), dx.data_ptr(),
-                          _DTYPE_CODES[x.dtype], rows, cols, 0.0, _threads(x.numel()))
+    _call("fb_rmsnorm", x.data_ptr(), weight.data_ptr(), grad.data_ptr(), rstd.data_ptr(), dx.data_ptr(),
+          _DTYPE_CODES[x.dtype], rows, cols, 0.0, _threads(x.numel()))
     return dx

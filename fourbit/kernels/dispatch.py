@@ -4,15 +4,25 @@ Each function here picks an implementation for its inputs: the Triton kernels (`
 for CUDA tensors when Triton is importable, the compiled CPU kernels (``fourbit.kernels.cpu``, built on first
 use with the system C compiler) for CPU tensors, else the PyTorch reference (``fourbit.kernels.reference``),
 which defines the results. Set ``FOURBIT_KERNELS=reference`` to force the reference path everywhere (the fast
-kernels are tested to give identical bytes).
+kernels are tested to give identical bytes, or float32 results to rounding where they sum in another order).
 
-Every backend module has the same four functions with the same signatures, so nothing here depends on which
-one was picked:
+There are ten kernels (:data:`KERNELS`), each a function of that name with the reference's signature in every
+backend module that has it (and listed in the module's ``__all__``):
 
     quantize_4bit_blocks(flat, code, blocksize) -> (packed, absmax)
     dequantize_4bit_blocks(packed, scales, code, blocksize, n, dtype) -> [n] dtype
-    can_fuse(dtype, blocksize, in_features) -> bool
     fused_linear_4bit(x, packed, scales, code, blocksize, out_features, in_features) -> [..., out_features]
+        (with its predicate can_fuse(dtype, blocksize, in_features) -> bool)
+    quantize_8bit_blocks(flat, code, blocksize) -> (codes, absmax)
+    dequantize_8bit_blocks(codes, absmax, code, blocksize, dtype) -> [n] dtype
+    softmax_cross_entropy_(logits, targets, write_grad) -> [rows] float32
+    swiglu(gate, up) -> gate's shape;  swiglu_backward(gate, up, grad) -> (d_gate, d_up)
+    rms_norm(x, weight, eps) -> (y, rstd);  rms_norm_backward(x, weight, grad, rstd) -> dx
+
+The reference has all ten, the compiled CPU backend the 4-bit three and the five training-row kernels, Triton
+the 4-bit three. Where a backend lacks a kernel, :data:`REFERENCE_FALLBACKS` -- the one place this is
+decided -- says whether the reference runs on that backend's tensors instead (PyTorch ops on the same device);
+any other missing kernel raises ``NotImplementedError`` naming the backend and the kernel.
 
 ``scales`` is a :class:`fourbit.kernels.scales.BlockScales`. Nothing is probed or compiled at import time.
 """
@@ -21,6 +31,7 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
+from types import ModuleType
 
 import torch
 
@@ -28,8 +39,11 @@ from fourbit.kernels import reference
 from fourbit.kernels.scales import OUTPUT_DTYPES, SMALL_BATCH_ROWS, BlockScales, check_output_dtype
 
 __all__ = [
+    "KERNELS",
+    "REFERENCE_FALLBACKS",
     "SMALL_BATCH_ROWS",
     "backend_for",
+    "kernel",
     "quantize_4bit_blocks",
     "dequantize_4bit",
     "quantize_8bit_blocks",
@@ -43,13 +57,40 @@ __all__ = [
     "rms_norm_backward",
 ]
 
+#: Every kernel a backend module may implement, by name.
+KERNELS = (
+    "quantize_4bit_blocks",
+    "dequantize_4bit_blocks",
+    "fused_linear_4bit",
+    "quantize_8bit_blocks",
+    "dequantize_8bit_blocks",
+    "softmax_cross_entropy_",
+    "swiglu",
+    "swiglu_backward",
+    "rms_norm",
+    "rms_norm_backward",
+)
+
+_TRAINING_ROWS = frozenset({"softmax_cross_entropy_", "swiglu", "swiglu_backward", "rms_norm", "rms_norm_backward"})
+_EIGHT_BIT = frozenset({"quantize_8bit_blocks", "dequantize_8bit_blocks"})
+
+#: Backend (module name after ``fourbit.kernels.``) -> the kernels it lacks for which the PyTorch reference
+#: runs instead, on that backend's tensors: the 8-bit block quantization (optimizer states, small) everywhere,
+#: and on GPUs the training rows (PyTorch's fused GPU ops serve; no Triton versions written yet).
+REFERENCE_FALLBACKS: dict[str, frozenset[str]] = {
+    "cpu": _EIGHT_BIT,
+    "triton_kernels": _EIGHT_BIT | _TRAINING_ROWS,
+}
+
 
 def _forced() -> str:
+    """``FOURBIT_KERNELS``: "reference" forces the PyTorch reference everywhere; anything else picks by device."""
     return os.environ.get("FOURBIT_KERNELS", "auto").lower()
 
 
-def backend_for(t: torch.Tensor):
-    """The kernel module for tensor ``t``: triton_kernels (CUDA), cpu (compiled), or reference."""
+def backend_for(t: torch.Tensor) -> ModuleType:
+    """The kernel module for tensor ``t``: triton_kernels (CUDA), cpu (compiled), or reference (forced, other
+    devices, no Triton, or no C compiler; the compiled backend warns once when it cannot be built)."""
     if _forced() == "reference":
         return reference
     if t.is_cpu:
@@ -71,9 +112,30 @@ def _compiled_cpu():
     return cpu
 
 
+def kernel(backend: ModuleType, name: str):
+    """The function ``name`` (one of :data:`KERNELS`) of ``backend``, or the reference's where
+    :data:`REFERENCE_FALLBACKS` names it for that backend.
+
+    Raises:
+        NotImplementedError: ``backend`` lacks ``name`` and no fallback is declared for it.
+    """
+    if name in getattr(backend, "__all__", ()):
+        return getattr(backend, name)
+    short = backend.__name__.rpartition(".")[2]
+    if name in REFERENCE_FALLBACKS.get(short, ()):
+        return getattr(reference, name)
+    raise NotImplementedError(f"the {short} kernels have no {name} (and dispatch.REFERENCE_FALLBACKS names no "
+                              f"fallback for it)")
+
+
+def _kernel(t: torch.Tensor, name: str):
+    """:func:`kernel` ``name`` of the backend for tensor ``t``."""
+    return kernel(backend_for(t), name)
+
+
 def quantize_4bit_blocks(flat: torch.Tensor, code: torch.Tensor, blocksize: int):
     """Blockwise absmax 4-bit codes of ``flat`` (see :func:`fourbit.kernels.reference.quantize_4bit_blocks`)."""
-    return backend_for(flat).quantize_4bit_blocks(flat, code, blocksize)
+    return _kernel(flat, "quantize_4bit_blocks")(flat, code, blocksize)
 
 
 def dequantize_4bit(packed: torch.Tensor, scales: BlockScales, code: torch.Tensor, blocksize: int, n: int,
@@ -84,15 +146,17 @@ def dequantize_4bit(packed: torch.Tensor, scales: BlockScales, code: torch.Tenso
         TypeError: for any other ``dtype``.
     """
     check_output_dtype(dtype)
-    return backend_for(packed).dequantize_4bit_blocks(packed, scales, code, blocksize, n, dtype)
+    return _kernel(packed, "dequantize_4bit_blocks")(packed, scales, code, blocksize, n, dtype)
 
 
 def quantize_8bit_blocks(flat: torch.Tensor, code: torch.Tensor, blocksize: int):
-    return reference.quantize_8bit_blocks(flat, code, blocksize)
+    """Blockwise 8-bit codes of ``flat`` (see :func:`fourbit.kernels.reference.quantize_8bit_blocks`)."""
+    return _kernel(flat, "quantize_8bit_blocks")(flat, code, blocksize)
 
 
 def dequantize_8bit_blocks(codes, absmax, code, blocksize: int, dtype: torch.dtype):
-    return reference.dequantize_8bit_blocks(codes, absmax, code, blocksize, dtype)
+    """``code[q] * absmax[block]`` as ``dtype`` (see :func:`fourbit.kernels.reference.dequantize_8bit_blocks`)."""
+    return _kernel(codes, "dequantize_8bit_blocks")(codes, absmax, code, blocksize, dtype)
 
 
 def uses_fused_kernel(x: torch.Tensor, blocksize: int, in_features: int) -> bool:
@@ -129,14 +193,11 @@ def linear_4bit(x: torch.Tensor, packed: torch.Tensor, scales: BlockScales, code
         raise ValueError(f"x has shape {tuple(x.shape)}, expected a last dimension of in_features={in_features}")
     backend = backend_for(x)
     if _fuses(backend, x, blocksize, in_features):
-        return backend.fused_linear_4bit(x, packed, scales, code, blocksize, out_features, in_features)
-    weight = backend.dequantize_4bit_blocks(packed, scales, code, blocksize, out_features * in_features, x.dtype)
+        fused = kernel(backend, "fused_linear_4bit")
+        return fused(x, packed, scales, code, blocksize, out_features, in_features)
+    dequantize = kernel(backend, "dequantize_4bit_blocks")
+    weight = dequantize(packed, scales, code, blocksize, out_features * in_features, x.dtype)
     return torch.nn.functional.linear(x, weight.view(out_features, in_features))
-
-
-def _kernel(t: torch.Tensor, name: str):
-    """The backend's ``name`` for tensor ``t``, or the reference's where that backend has none (Triton)."""
-    return getattr(backend_for(t), name, getattr(reference, name))
 
 
 def softmax_cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, write_grad: bool = True) -> torch.Tensor:

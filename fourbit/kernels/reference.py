@@ -1,4 +1,10 @@
-"""Reference kernels in plain PyTorch: the definition every fast path must reproduce bit for bit.
+"""Reference kernels in plain PyTorch: the definition every fast path must reproduce (bit for bit for the
+4-bit and 8-bit block quantization; to float32 rounding for the matmul and the training rows).
+
+All ten kernels of :data:`fourbit.kernels.dispatch.KERNELS` are here: 4-bit quantization, dequantization and
+the (unfused) 4-bit matmul; 8-bit block quantization and dequantization; the softmax cross-entropy, SwiGLU and
+RMSNorm rows, forward and backward. They run on any device, and are what the dispatcher runs where
+``dispatch.REFERENCE_FALLBACKS`` says a backend lacks a kernel.
 
 The arithmetic follows bitsandbytes' CPU code step by step (reciprocal-multiply for whole blocks, division
 for a last partial block, absmax clamped at 1e-38 before taking the reciprocal, ties at a midpoint going to
@@ -16,11 +22,17 @@ from fourbit.kernels.scales import OUTPUT_DTYPES, BlockScales, check_output_dtyp
 __all__ = [
     "quantize_4bit_blocks",
     "dequantize_4bit_blocks",
-    "quantize_8bit_blocks",
-    "dequantize_8bit_blocks",
-    "linear_4bit",
     "fused_linear_4bit",
     "can_fuse",
+    "linear_4bit",
+    "quantize_8bit_blocks",
+    "dequantize_8bit_blocks",
+    "softmax_cross_entropy_",
+    "swiglu",
+    "swiglu_backward",
+    "rms_norm",
+    "rms_norm_backward",
+    "sorted_bounds",
 ]
 
 _TINY = 1e-38  # bitsandbytes clamps absmax to this before taking the reciprocal (all-zero blocks)

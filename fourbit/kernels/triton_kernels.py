@@ -11,6 +11,9 @@ Same contract as :mod:`fourbit.kernels.cpu` (and, bit for bit, :mod:`fourbit.ker
   too few programs to fill the GPU). The dispatcher sends larger batches to :func:`dequantize_4bit_blocks`
   and ``torch.nn.functional.linear``.
 
+These are the three kernels this backend has (its ``__all__``); for the others (8-bit blocks, the training
+rows) the dispatcher runs the PyTorch reference on the GPU, as ``dispatch.REFERENCE_FALLBACKS`` declares.
+
 Why Triton: one source compiles for NVIDIA and AMD GPUs, and Triton's interpreter (``TRITON_INTERPRET=1``,
 set before Triton is first imported) runs the very same kernels on CPU tensors with NumPy, so the kernels are
 tested for exactness on machines without a GPU (tests/kernels/test_triton.py). The kernels are in
@@ -28,8 +31,7 @@ import torch
 from fourbit.kernels import reference
 from fourbit.kernels.scales import SMALL_BATCH_ROWS, BlockScales, check_output_dtype
 
-__all__ = ["available", "quantize_4bit_blocks", "dequantize_4bit_blocks", "can_fuse", "fused_linear_4bit",
-           "SPLIT_K"]
+__all__ = ["available", "quantize_4bit_blocks", "dequantize_4bit_blocks", "can_fuse", "fused_linear_4bit"]
 
 _KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _DEQUANT_BYTES = 1024  # bytes per dequantization program (whole blocks: one block when blocksize > 2048)
@@ -233,10 +235,6 @@ def fused_linear_4bit(x: torch.Tensor, packed: torch.Tensor, scales: BlockScales
     return out.view(*x.shape[:-1], out_features)
 
 
-#: Force the number of K splits of the fused matmul (tests); None: chosen from the GPU's SM count.
-SPLIT_K: int | None = None
-
-
 @lru_cache(maxsize=8)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -244,9 +242,8 @@ def _sm_count(index: int) -> int:
 
 def _split_k(out_features: int, k_tiles: int, device: torch.device) -> int:
     """How many K ranges to split the fused matmul into: enough programs for ~8 per SM (decoding reads each
-    weight byte once, so the kernel is bound by how many loads are in flight), at least 4 tiles each."""
-    if SPLIT_K is not None:
-        return max(1, min(SPLIT_K, k_tiles))
+    weight byte once, so the kernel is bound by how many loads are in flight), at least 4 tiles each.
+    One range off CUDA (the interpreter). Returns a count in [1, k_tiles]."""
     if device.type != "cuda" or _interpreting():
         return 1
     programs = _cdiv(out_features, _LINEAR_BLOCK_N)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from fourbit.kernels import cpu
 
@@ -19,3 +20,13 @@ def isa(request):
     assert cpu.set_isa(request.param) == request.param
     yield request.param
     cpu.set_isa(best)
+
+
+@pytest.fixture
+def two_threads():
+    """torch, and so the compiled kernels (which take torch's thread count from 2^18 elements up), on two
+    threads for the test; the count before is restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)

@@ -45,3 +45,29 @@ def test_nan_propagates_and_large_gates_saturate(isa: int) -> None:
 def test_mismatched_shapes_are_refused() -> None:
     with pytest.raises(ValueError, match="gate .* and up .* differ in shape"):
         dispatch.swiglu(torch.randn(3, 4), torch.randn(3, 5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_threaded_path_matches_float64_and_the_one_thread_bytes(dtype: torch.dtype, isa: int,
+                                                                     two_threads) -> None:
+    # From 2^18 elements the kernel runs on torch's threads, in chunks of 16384 elements: 257 x 1031 gives 17
+    # chunks, the last one partial, split over 2 threads. Each element is computed alone, so the bytes are
+    # those of one thread.
+    from fourbit.kernels import cpu
+
+    shape = (257, 1031)
+    assert cpu._threads(shape[0] * shape[1]) == 2
+    gen = torch.Generator().manual_seed(7)
+    gate = (torch.randn(shape, generator=gen) * 6).to(dtype)
+    up, grad = torch.randn(shape, generator=gen).to(dtype), torch.randn(shape, generator=gen).to(dtype)
+    out = dispatch.swiglu(gate, up)
+    d_gate, d_up = dispatch.swiglu_backward(gate, up, grad)
+    want, want_dg, want_du = _float64(gate, up, grad)
+    rtol, atol = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (8e-3, 1e-5)}[dtype]
+    for got, ref in ((out, want), (d_gate, want_dg), (d_up, want_du)):
+        torch.testing.assert_close(got.double(), ref, rtol=rtol, atol=atol)
+    torch.set_num_threads(1)
+    assert cpu._threads(gate.numel()) == 1
+    assert torch.equal(dispatch.swiglu(gate, up), out)
+    one_dg, one_du = dispatch.swiglu_backward(gate, up, grad)
+    assert torch.equal(one_dg, d_gate) and torch.equal(one_du, d_up)

@@ -120,8 +120,9 @@ def _tolerance(x: torch.Tensor, weight: torch.Tensor) -> tuple[float, float]:
 def test_fused_matmul_matches_reference(shape, blocksize, split_k, dtype, nested, monkeypatch):
     # (40, 256): K a multiple of the block size (one scale per row per tile). (19, 75): odd K, blocks that
     # span rows and bytes that hold the end of one row and the start of the next. (24, 192) in 3 K ranges:
-    # float32 partial sums added on the host.
-    monkeypatch.setattr(tk, "SPLIT_K", split_k)
+    # float32 partial sums added on the host. The chooser (by SM count on a GPU, 1 under the interpreter) is
+    # replaced so that the interpreter runs the split path too.
+    monkeypatch.setattr(tk, "_split_k", lambda out_features, k_tiles, device: min(split_k, k_tiles))
     out_features, in_features = shape
     w = torch.randn(out_features, in_features)
     packed, state = fourbit.quantize_4bit(w, "nf4", blocksize, double_quant=nested)
@@ -256,3 +257,17 @@ def test_kernels_compile_for_h100_with_separate_rounding_and_ieee_division(tmp_p
     if result.returncode and "ptxas" in result.stderr and "not found" in result.stderr.lower():
         pytest.skip("Triton's bundled ptxas is missing")
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+def test_split_k_is_chosen_from_the_sm_count_on_a_gpu_and_is_one_elsewhere(monkeypatch):
+    # ~8 programs per SM: 4096 outputs in tiles of 16 give 256 programs; 132 SMs want 5 K ranges, each of at
+    # least 4 K tiles, at most 16 ranges. Under the interpreter (or off CUDA): one range.
+    assert tk._split_k(4096, 128, torch.device("cpu")) == 1
+    monkeypatch.setattr(tk, "_interpreting", lambda: False)
+    monkeypatch.setattr(tk, "_sm_count", lambda index: 132)
+    cuda = torch.device("cuda", 0)
+    assert tk._split_k(4096, 128, cuda) == 5
+    assert tk._split_k(4096, 8, cuda) == 2  # 8 tiles: at least 4 per range
+    assert tk._split_k(64, 1024, cuda) == 16  # 4 programs would want 264 ranges: at most 16
+    assert tk._split_k(1 << 20, 128, cuda) == 1  # enough programs from the outputs alone
+    assert tk._split_k(4096, 3, cuda) == 1
