@@ -151,7 +151,7 @@ def save_adapter(
         "fan_in_fan_out": any(m.fan_in_fan_out for m in layers.values()),
         "init_lora_weights": True,
         "inference_mode": True,
-        "use_dora": False,
+        "use_dora": first.use_dora,
         "rank_pattern": {},
         "alpha_pattern": {},
     }
@@ -171,7 +171,7 @@ def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any]:
 
     Raises:
         InputFileError: not an adapter folder, missing weights, a malformed or non-LoRA config (naming the file).
-        NotImplementedError: peft options fourbit does not implement (DoRA, bias, rank/alpha patterns...).
+        NotImplementedError: peft options fourbit does not implement (bias, rank/alpha patterns...).
     """
     folder = Path(folder)
     path = folder / ADAPTER_CONFIG
@@ -188,7 +188,7 @@ def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any]:
     if cfg.get("peft_type", "LORA") != "LORA":
         raise InputFileError(path, f"peft_type {cfg.get('peft_type')!r} is not LORA")
     unsupported = {
-        "use_dora": lambda v: bool(v), "bias": lambda v: v not in (None, "none"),
+        "bias": lambda v: v not in (None, "none"),
         "rank_pattern": lambda v: bool(v),
         "alpha_pattern": lambda v: bool(v), "layers_to_transform": lambda v: v is not None,
         "lora_bias": lambda v: bool(v),
@@ -273,7 +273,8 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     try:
         spec = LoRASpec(r=int(cfg["r"]), alpha=float(cfg["lora_alpha"]),
                         dropout=float(cfg.get("lora_dropout") or 0.0), target_modules=targets,
-                        use_rslora=bool(cfg.get("use_rslora", False)), modules_to_save=saved)
+                        use_rslora=bool(cfg.get("use_rslora", False)), modules_to_save=saved,
+                        use_dora=bool(cfg.get("use_dora", False)))
     except (FieldError, TypeError, ValueError) as e:
         raise InputFileError(Path(folder) / ADAPTER_CONFIG, f"not a usable LoRA config: {e}") from None
     try:
@@ -293,11 +294,13 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
         base = model.get_submodule(n)
         in_features, out_features = _features(base)
         want = {f"{n}.lora_A.weight": (spec.r, in_features), f"{n}.lora_B.weight": (out_features, spec.r)}
+        if spec.use_dora:
+            want[f"{n}.lora_magnitude_vector"] = (out_features,)
         for k, shape in want.items():
             if k not in shapes:
                 problems.append(f"missing {k}")
             elif shapes[k] != shape:
-                problems.append(f"module {n!r} {k.rsplit('.', 2)[-2]}: file {shapes[k]} vs model {shape}")
+                problems.append(f"module {n!r} {k[len(n) + 1:]}: file {shapes[k]} vs model {shape}")
     if problems:
         raise InputFileError(weights, f"the adapter does not fit the model: {'; '.join(problems[:4])}"
                                       f"{' ...' if len(problems) > 4 else ''}; was it trained on another model?")

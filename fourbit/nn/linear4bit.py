@@ -131,33 +131,39 @@ def is_conv1d(module: nn.Module) -> bool:
 
 def frozen_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """A frozen linear-like layer's weight ``[out, in]`` in ``dtype``: a 4-bit one dequantized (a fresh tensor
-    each call, never kept), a plain ``nn.Linear``/``Conv1D`` one cast (a view when the dtype matches)."""
+    each call, never kept), a plain ``nn.Linear``/``Conv1D`` one cast (a view when the dtype matches); any other
+    source answers through its own ``frozen_weight(dtype)``."""
     if isinstance(layer, Linear4bit):
         return layer.dequantize(dtype).view(layer.out_features, layer.in_features)
-    weight = layer.weight.t() if is_conv1d(layer) else layer.weight
-    return weight.to(dtype)
+    if isinstance(layer, nn.Linear) or is_conv1d(layer):
+        weight = layer.weight.t() if is_conv1d(layer) else layer.weight
+        return weight.to(dtype)
+    return layer.frozen_weight(dtype)  # another source of a frozen weight (one expert of Experts4bit)
 
 
 class FrozenMatMul4bit(torch.autograd.Function):
     """The frozen 4-bit matmul: ``y = x · W^T``, ``dL/dx = g · W``, no gradient for W.
 
-    ``source`` is anything with ``frozen_weight(dtype) -> [out, in]`` (a :class:`Linear4bit`, one expert of
-    :class:`fourbit.nn.experts.Experts4bit`). W is read from it in forward and read again in backward, never
-    saved: autograd keeps no copy of the weight, not even the packed one, and under FSDP2 backward uses
-    whatever weight FSDP2 has gathered into the module by then (QLoRA, section 3).
+    ``source`` is a frozen linear layer or anything with ``frozen_weight(dtype) -> [out, in]`` (one expert of
+    :class:`fourbit.nn.experts.Experts4bit`); W is :func:`frozen_weight` of it. W is read from it in forward and
+    read again in backward, never saved: autograd keeps no copy of the weight, not even the packed one, and under
+    FSDP2 backward uses whatever weight FSDP2 has gathered into the module by then (QLoRA, section 3).
+    ``weight``, if given, is W already dequantized by the caller for another use in the same forward (DoRA's
+    norm), so that forward does not dequantize twice; it is not kept either.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, source) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, source, weight: torch.Tensor | None = None) -> torch.Tensor:
         ctx.source = source
-        return torch.nn.functional.linear(x, source.frozen_weight(x.dtype))
+        w = frozen_weight(source, x.dtype) if weight is None else weight.to(x.dtype)
+        return torch.nn.functional.linear(x, w)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_output @ ctx.source.frozen_weight(grad_output.dtype)
-        return grad_x, None
+            grad_x = grad_output @ frozen_weight(ctx.source, grad_output.dtype)
+        return grad_x, None, None
 
 
 class Linear4bit(nn.Module):

@@ -24,7 +24,7 @@ from torch import nn
 from fourbit._errors import FieldError
 from fourbit.nn import fused
 from fourbit.nn.info import fourbit_info
-from fourbit.nn.linear4bit import Linear4bit, float_layer, is_conv1d
+from fourbit.nn.linear4bit import FrozenMatMul4bit, Linear4bit, float_layer, frozen_weight, is_conv1d
 from fourbit.nn.lora_matmul import AUTO_KEEP_MAX_SEQ_LEN, LoRAMatMul, keep_matmul_outputs
 
 __all__ = [
@@ -81,6 +81,8 @@ class LoRASpec:
         use_rslora: scale by ``alpha / sqrt(r)`` (Kalajdzievski 2023) instead of ``alpha / r``.
         modules_to_save: extra modules (e.g. a classification ``score`` head) that are trained in full and
             saved with the adapter; never wrapped by LoRA.
+        use_dora: weight-decomposed LoRA (DoRA, Liu et al. 2024): a trainable magnitude per output row times the
+            direction ``W + s·B·A`` normalised per row.
     """
 
     r: int = 64
@@ -89,6 +91,7 @@ class LoRASpec:
     target_modules: str | tuple[str, ...] = ALL_LINEAR
     use_rslora: bool = False
     modules_to_save: tuple[str, ...] = ()
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
@@ -126,6 +129,8 @@ class LoRALinear(nn.Module):
         alpha: scaling numerator.
         dropout: dropout probability applied to the adapter's input only.
         use_rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
+        use_dora: DoRA (Liu et al. 2024, eq. 5): ``W' = m · (W + s·B·A) / ||W + s·B·A||_row`` with a trainable
+            magnitude ``lora_magnitude_vector`` ``[out_features]``, initialised to the row norms of W.
         dtype: dtype of the adapter weights (float32 by default: the adapters are tiny and fp32 keeps
             the optimizer update exact; the forward casts the input to it).
 
@@ -134,7 +139,7 @@ class LoRALinear(nn.Module):
     """
 
     def __init__(self, base: nn.Module, r: int, alpha: float = 1.0, dropout: float = 0.0, *,
-                 use_rslora: bool = False, dtype: torch.dtype = torch.float32) -> None:
+                 use_rslora: bool = False, use_dora: bool = False, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         if not is_linear_like(base):
             raise TypeError(f"LoRALinear base must be nn.Linear, Conv1D or Linear4bit, got {type(base).__name__}")
@@ -155,11 +160,21 @@ class LoRALinear(nn.Module):
             self.reset_lora_parameters()
         for p in self.base.parameters():
             p.requires_grad_(False)
+        if use_dora and not r:
+            raise FieldError("use_dora", "DoRA needs an adapter of rank > 0")
+        self.use_dora = bool(use_dora)
+        self.lora_magnitude_vector = None
+        if use_dora:
+            with torch.no_grad():  # ||W||² per row, kept: the frozen part of DoRA's norm (see _dora_norm)
+                norm_sq = frozen_weight(base, torch.float32).square().sum(dim=1)
+            self.register_buffer("dora_base_norm_sq", norm_sq, persistent=False)
+            self.lora_magnitude_vector = nn.Parameter(norm_sq.sqrt().to(dtype))
         self.merged = False
         self.disabled = False
         self.rows: torch.Tensor | None = None
         self.row_scaling: dict[int, float] = {}
         self._set_unmerged_base(None)
+        object.__setattr__(self, "_dora_merged_delta", None)
 
     def _set_unmerged_base(self, base: nn.Module | None) -> None:
         # The 4-bit layer a merge replaced, kept for an exact ``unmerge``. A plain attribute, not a submodule:
@@ -176,7 +191,10 @@ class LoRALinear(nn.Module):
         """The adapter's trainable tensors by their name inside this layer (peft's key suffixes)."""
         if self.lora_A is None:
             return {}
-        return {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
+        params = {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
+        if self.use_dora:
+            params["lora_magnitude_vector"] = self.lora_magnitude_vector
+        return params
 
     @property
     def is_4bit(self) -> bool:
@@ -184,8 +202,33 @@ class LoRALinear(nn.Module):
         return is_linear_4bit(self._unmerged_base if self._unmerged_base is not None else self.base)
 
     def delta_weight(self) -> torch.Tensor:
-        """The low-rank update ``scaling · B @ A`` in float32, shape ``[out_features, in_features]``."""
-        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+        """What the adapter adds to the base weight, in float32, ``[out_features, in_features]``: ``s · B @ A``;
+        with DoRA ``m / ||W + s·B·A||_row · (W + s·B·A) - W`` (the merged weight minus W)."""
+        update = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+        if not self.use_dora:
+            return update
+        if self.merged and self._unmerged_base is None:  # W holds the merge: the delta used then
+            return self._dora_merged_delta
+        with torch.no_grad():
+            w = frozen_weight(self._unmerged_base if self._unmerged_base is not None else self.base, torch.float32)
+            scale = self.lora_magnitude_vector.detach().float() / self._dora_norm(w)
+            return scale[:, None] * (w + update) - w
+
+    def _dora_norm(self, w: torch.Tensor) -> torch.Tensor:
+        """DoRA's ``||W + s·B·A||`` per output row, float32 ``[out]``, from the dequantized W ``[out, in]``.
+
+        Not recomputed from scratch: ``||W + sBA||² = ||W||² + 2s·Σ_k B_ik (W Aᵀ)_ik + s²·Σ_k (B AAᵀ)_ik B_ik``.
+        ``||W||²`` of the frozen base is computed once (at injection); per step only ``W Aᵀ`` (``[out, r]``, a
+        matmul by the thin A on the W the forward has dequantized anyway) and r×r products remain, and no second
+        ``[out, in]`` matrix is formed. It is a constant for autograd (DoRA, section 4.3; peft detaches it too).
+        """
+        with torch.no_grad():
+            a, b = self.lora_A.weight, self.lora_B.weight
+            wa = (w @ a.t().to(w.dtype)).float()
+            a, b = a.float(), b.float()
+            s = self.scaling
+            norm_sq = self.dora_base_norm_sq + 2 * s * (b * wa).sum(dim=1) + s * s * ((b @ (a @ a.t())) * b).sum(1)
+            return norm_sq.clamp_min(0).sqrt()
 
     # ---------------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -199,6 +242,8 @@ class LoRALinear(nn.Module):
             return self.base(x)
         if self.disabled or self.lora_A is None:
             return self.base(x)
+        if self.use_dora:
+            return self._dora_forward(x)
         dtype = self._fused_dtype(x)
         if dtype is not None:
             h = self.lora_dropout(x)
@@ -210,6 +255,34 @@ class LoRALinear(nn.Module):
         h = self.lora_dropout(x if torch.is_autocast_enabled(x.device.type) else x.to(a.dtype))
         update = self.lora_B(self.lora_A(h)) * self.scaling
         return y + update.to(y.dtype)
+
+    def _dora_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """DoRA (Liu et al. 2024, eq. 5): ``y = m/n ⊙ (W h + s·B A h) + (W (x - h)) + b`` with ``n`` the row norms of
+        ``W + s·B·A`` (constant for autograd) and ``h`` the adapter's input (``x``, or dropout of it in training):
+        peft's computation, ``base(x) + (m/n - 1) ⊙ W h + m/n ⊙ s·B A h``. W is dequantized once in forward (for
+        the matmul and the norm) and once in backward; autograd keeps no copy of it."""
+        base = self.base
+        dtype = base.compute_dtype if is_linear_4bit(base) else base.weight.dtype
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+        with torch.no_grad():
+            w = frozen_weight(base, dtype)
+            norm = self._dora_norm(w)
+        scale = (self.lora_magnitude_vector.float() / norm).to(dtype)
+        xc = x.to(dtype)
+        wx = FrozenMatMul4bit.apply(xc, base, w)
+        del w
+        a = self.lora_A.weight
+        dropped = self.training and not isinstance(self.lora_dropout, nn.Identity)
+        h = self.lora_dropout(x) if dropped else x
+        lora = (self.lora_B(self.lora_A(h.to(a.dtype))) * self.scaling).to(dtype)
+        if dropped:  # the direction term sees the dropped input, the base term the whole one (as peft)
+            y = wx + (scale - 1) * FrozenMatMul4bit.apply(h.to(dtype), base) + scale * lora
+        else:
+            y = scale * (wx + lora)
+        if base.bias is not None:
+            y = y + base.bias.to(dtype)
+        return y.to(x.dtype)
 
     def _fused_dtype(self, x: torch.Tensor) -> torch.dtype | None:
         """The compute dtype of the fused training path for ``x``, or None for the plain path: fused when
@@ -299,6 +372,8 @@ class LoRALinear(nn.Module):
             if safe and not torch.isfinite(new).all():
                 raise ValueError("merging the adapter gave NaN/Inf weights; the adapter is broken")
             w.copy_(new.to(w.dtype))
+            # DoRA's delta depends on W, which now holds the merge: unmerge subtracts the delta used here
+            object.__setattr__(self, "_dora_merged_delta", delta if self.use_dora else None)
         self.merged = True
 
     @torch.no_grad()
@@ -333,7 +408,9 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         fifo = ", fan_in_fan_out=True" if self.fan_in_fan_out else ""
         rows = f", row_adapters={sorted(self.row_scaling)}" if self.row_scaling else ""
-        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, merged={self.merged}{fifo}{rows}"
+        dora = ", use_dora=True" if self.use_dora else ""
+        return (f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, merged={self.merged}{fifo}{dora}"
+                f"{rows}")
 
 
 @contextlib.contextmanager
@@ -426,7 +503,8 @@ def inject_lora(model: nn.Module, spec: LoRASpec) -> list[str]:
         p.requires_grad_(False)
     for name in names:
         base = model.get_submodule(name)
-        model.set_submodule(name, LoRALinear(base, spec.r, spec.alpha, spec.dropout, use_rslora=spec.use_rslora))
+        model.set_submodule(name, LoRALinear(base, spec.r, spec.alpha, spec.dropout, use_rslora=spec.use_rslora,
+                                             use_dora=spec.use_dora))
     for m in spec.modules_to_save:
         found = [n for n, _ in model.named_modules() if n == m or n.endswith("." + m)]
         if not found:

@@ -57,6 +57,9 @@ def read_adapter(model: nn.Module, name: str, folder: str | os.PathLike) -> Adap
     except ValueError as err:
         raise FieldError("adapters", f"adapter {name!r}: {err}") from None
     try:
+        if any(m.use_dora for m in lora_modules(model).values()):
+            raise FieldError("adapters", f"adapter {name!r}: DoRA adapters are not served in mixed batches yet; "
+                                         "merge it (`fourbit merge`) and serve the merged model")
         layers = {
             n: (m.lora_A.weight.detach().clone(), m.lora_B.weight.detach().clone(), float(m.scaling))
             for n, m in lora_modules(model).items()
