@@ -319,7 +319,6 @@ def _tiny_gpt2(seed: int = 0, model_class=None):
 
 
 def test_conv1d_is_quantized_transposed_like_bitsandbytes():
-    from transformers.pytorch_utils import Conv1D
 
     from fourbit.quant import quantize_4bit
 
@@ -329,7 +328,7 @@ def test_conv1d_is_quantized_transposed_like_bitsandbytes():
     fp = quantize_model(model, QuantConfig(compute_dtype="fp32"))
     q = model.transformer.h[0].attn.c_attn
     assert isinstance(q, Linear4bit) and (q.in_features, q.out_features) == (64, 192)
-    assert q.source_cls is Conv1D
+    assert q.layout == "conv1d"
     assert torch.equal(q.weight, expected), "the bytes of quantize_4bit(W.T), as transformers' bnb path makes them"
     assert fp.quantized_layers == 8 and fp.full_precision == {}
 
@@ -352,7 +351,6 @@ def test_fourbit_gpt2_checkpoint_loads_in_transformers_with_bitsandbytes(tmp_pat
 def test_bitsandbytes_gpt2_checkpoint_loads_in_fourbit(tmp_path):
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-    from transformers.pytorch_utils import Conv1D
 
     _tiny_gpt2().save_pretrained(tmp_path / "base")
     bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -361,7 +359,7 @@ def test_bitsandbytes_gpt2_checkpoint_loads_in_fourbit(tmp_path):
     theirs.save_pretrained(tmp_path / "bnb")
     ours, _ = load_model(tmp_path / "bnb", quant=QuantConfig(compute_dtype="fp32"))
     layers = [m for m in ours.modules() if isinstance(m, Linear4bit)]
-    assert len(layers) == 8 and all(m.source_cls is Conv1D for m in layers)
+    assert len(layers) == 8 and all(m.layout == "conv1d" for m in layers)
     # the same 4-bit weights: fourbit quantizing the float GPT-2 gives bitsandbytes' bytes
     mine = _tiny_gpt2()
     quantize_model(mine, QuantConfig(compute_dtype="fp32"))

@@ -31,11 +31,13 @@ __all__ = ["ShardReport", "decoder_layers", "shard_4bit_base"]
 @dataclass
 class ShardReport:
     """Bytes of the sharded base: ``local`` on this rank, ``total`` over all ranks (both without the adapter and
-    the parts left whole: embeddings, final norm, output head)."""
+    the parts left whole: embeddings, final norm, output head); ``replicated``: the decoder layers' buffers (the
+    4-bit quantization constants, about 3 % of the base), which every rank keeps whole."""
 
     local: int
     total: int
     layers: int
+    replicated: int = 0
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -91,13 +93,11 @@ def shard_4bit_base(model: nn.Module, *, param_dtype: torch.dtype | None = None,
         ignored = {p for p in layer.parameters() if p.requires_grad}
         fully_shard(layer, mesh=mesh, reshard_after_forward=True, ignored_params=ignored,
                     mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype))
-    local = total = 0
+    local = total = replicated = 0
     for layer in layers:
         for p in layer.parameters():
             if not p.requires_grad:
                 local += _local_bytes(p)
                 total += p.numel() * p.element_size()
-        for b in layer.buffers():  # kept whole on every rank
-            local += _local_bytes(b)
-            total += b.numel() * b.element_size()
-    return ShardReport(local, total, len(layers))
+        replicated += sum(b.numel() * b.element_size() for b in layer.buffers())
+    return ShardReport(local, total, len(layers), replicated)
