@@ -20,7 +20,7 @@ from fourbit.models.footprint import Footprint, full_precision_weights, model_fo
 from fourbit.nn.experts import Experts4bit, is_fused_experts
 from fourbit.nn.info import fourbit_info
 from fourbit.nn.linear4bit import Linear4bit
-from fourbit.nn.lora import is_conv1d
+from fourbit.nn.lora import LoRALinear, is_conv1d
 
 __all__ = ["UNQUANTIZED_WARN_FRACTION", "UnquantizedWeightsWarning", "quantize_layer", "quantize_model"]
 
@@ -91,9 +91,14 @@ def quantize_model(
     before = tensor_bytes(model)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     # Names only: holding the modules would keep every float weight alive until the end.
+    # A LoRA layer's insides are never quantized: its adapter trains in float, and its base is 4-bit already
+    # (LoftQ quantizes the targets itself before the rest of the model is quantized).
+    inside_lora = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, LoRALinear))
     candidates = [name for name, m in model.named_modules()
-                  if isinstance(m, nn.Linear) or is_conv1d(m) or is_fused_experts(m)]
-    if not [n for n in candidates if model.get_submodule(n) is not head]:
+                  if (isinstance(m, nn.Linear) or is_conv1d(m) or is_fused_experts(m))
+                  and not (inside_lora and name.startswith(inside_lora))]
+    already = any(isinstance(m, Linear4bit | Experts4bit) for m in model.modules())
+    if not already and not [n for n in candidates if model.get_submodule(n) is not head]:
         kind = getattr(getattr(model, "config", None), "model_type", None)
         raise NotImplementedError(f"fourbit cannot quantize a {type(model).__name__}"
                                   f"{f' ({kind!r} model)' if kind else ''}: it has no linear, Conv1D or "
