@@ -1,5 +1,5 @@
-"""Fast paths for the ten heavy kernels (4-bit and 8-bit block quantization, the 4-bit matmul, and the softmax
-cross-entropy, SwiGLU and RMSNorm training rows) behind one dispatch point (``fourbit.kernels.dispatch``):
+"""Fast paths for the eleven heavy kernels (4-bit and 8-bit block quantization, the 4-bit matmul, and the softmax
+cross-entropy, SwiGLU, RMSNorm and dropout training rows) behind one dispatch point (``fourbit.kernels.dispatch``):
 the PyTorch reference, the compiled CPU kernels (``cpu``, ``csrc/``) and the Triton GPU kernels.
 
 ``scales.BlockScales`` describes a tensor's block scales to every backend; ``scales.SMALL_BATCH_ROWS`` is the

@@ -40,7 +40,7 @@ from fourbit.kernels.scales import BlockScales, check_output_dtype
 
 __all__ = ["ABI_VERSION", "ISA_NAMES", "MAX_QUANT_BLOCKSIZE", "available", "isa", "set_isa", "library_path",
            "quantize_4bit_blocks", "dequantize_4bit_blocks", "can_fuse", "fused_linear_4bit",
-           "softmax_cross_entropy_", "swiglu", "swiglu_backward", "rms_norm", "rms_norm_backward"]
+           "softmax_cross_entropy_", "swiglu", "swiglu_backward", "rms_norm", "rms_norm_backward", "dropout"]
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ _X86 = ("x86_64", "amd64")
 
 #: The library interface this module calls (signatures, ``fb_scales``, status codes): must equal
 #: ``FB_ABI_VERSION`` in ``csrc/fourbit_cpu.h``; bump both together.
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 #: The largest block the compiled quantizer takes (``FB_MAX_QUANT_BLOCKSIZE``); larger ones run the reference.
 MAX_QUANT_BLOCKSIZE = 4096
@@ -202,6 +202,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "fb_softmax_xent": [ptr, i32, i64, i64, ptr, ptr, i32, i32],
         "fb_swiglu": [ptr, ptr, ptr, ptr, ptr, i32, i64, i32],
         "fb_rmsnorm": [ptr, ptr, ptr, ptr, ptr, i32, i64, i64, ctypes.c_float, i32],
+        "fb_dropout": [ptr, ptr, i32, i64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float, i32],
         "fb_isa": [],
         "fb_set_isa": [i32],
     }
@@ -436,3 +437,14 @@ def rms_norm_backward(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor,
     _call("fb_rmsnorm", x.data_ptr(), weight.data_ptr(), grad.data_ptr(), rstd.data_ptr(), dx.data_ptr(),
           _DTYPE_CODES[x.dtype], rows, cols, 0.0, _threads(x.numel()))
     return dx
+
+
+def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """Same contract and bytes as :func:`fourbit.kernels.reference.dropout`, in one pass. float16, float64 or
+    non-contiguous inputs go to the reference."""
+    if x.dtype not in (torch.float32, torch.bfloat16) or not x.is_contiguous():
+        return reference.dropout(x, p, seed)
+    out = torch.empty_like(x)
+    _call("fb_dropout", x.data_ptr(), out.data_ptr(), _DTYPE_CODES[x.dtype], x.numel(), seed & (2**64 - 1),
+          reference.dropout_threshold(p), 1.0 / (1.0 - p), _threads(x.numel()))
+    return out

@@ -6,7 +6,7 @@ use with the system C compiler) for CPU tensors, else the PyTorch reference (``f
 which defines the results. Set ``FOURBIT_KERNELS=reference`` to force the reference path everywhere (the fast
 kernels are tested to give identical bytes, or float32 results to rounding where they sum in another order).
 
-There are ten kernels (:data:`KERNELS`), each a function of that name with the reference's signature in every
+There are eleven kernels (:data:`KERNELS`), each a function of that name with the reference's signature in every
 backend module that has it (and listed in the module's ``__all__``):
 
     quantize_4bit_blocks(flat, code, blocksize) -> (packed, absmax)
@@ -18,8 +18,9 @@ backend module that has it (and listed in the module's ``__all__``):
     softmax_cross_entropy_(logits, targets, write_grad) -> [rows] float32
     swiglu(gate, up) -> gate's shape;  swiglu_backward(gate, up, grad) -> (d_gate, d_up)
     rms_norm(x, weight, eps) -> (y, rstd);  rms_norm_backward(x, weight, grad, rstd) -> dx
+    dropout(x, p, seed) -> x's shape (a mask made from the seed: the same seed, the same mask)
 
-The reference has all ten, the compiled CPU backend the 4-bit three and the five training-row kernels, Triton
+The reference has all eleven, the compiled CPU backend the 4-bit three and the six training-row kernels, Triton
 the 4-bit three. Where a backend lacks a kernel, :data:`REFERENCE_FALLBACKS` -- the one place this is
 decided -- says whether the reference runs on that backend's tensors instead (PyTorch ops on the same device);
 any other missing kernel raises ``NotImplementedError`` naming the backend and the kernel.
@@ -55,6 +56,7 @@ __all__ = [
     "swiglu_backward",
     "rms_norm",
     "rms_norm_backward",
+    "dropout",
 ]
 
 #: Every kernel a backend module may implement, by name.
@@ -69,9 +71,11 @@ KERNELS = (
     "swiglu_backward",
     "rms_norm",
     "rms_norm_backward",
+    "dropout",
 )
 
-_TRAINING_ROWS = frozenset({"softmax_cross_entropy_", "swiglu", "swiglu_backward", "rms_norm", "rms_norm_backward"})
+_TRAINING_ROWS = frozenset({"softmax_cross_entropy_", "swiglu", "swiglu_backward", "rms_norm", "rms_norm_backward",
+                            "dropout"})
 _EIGHT_BIT = frozenset({"quantize_8bit_blocks", "dequantize_8bit_blocks"})
 
 #: Backend (module name after ``fourbit.kernels.``) -> the kernels it lacks for which the PyTorch reference
@@ -252,3 +256,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.T
 def rms_norm_backward(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
     """The input gradient of :func:`rms_norm` for a frozen weight."""
     return _kernel(x, "rms_norm_backward")(x, weight, grad, rstd)
+
+
+def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """Inverted dropout whose mask is made from ``seed`` (:func:`fourbit.kernels.reference.dropout`): the same
+    ``(x.shape, p, seed)`` gives the same mask on every backend, so backward makes it again from the seed.
+
+    Raises:
+        ValueError: ``p`` outside [0, 1).
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout: p must be in [0, 1), got {p!r}")
+    return _kernel(x, "dropout")(x, p, seed)

@@ -1,9 +1,9 @@
 """Reference kernels in plain PyTorch: the definition every fast path must reproduce (bit for bit for the
 4-bit and 8-bit block quantization; to float32 rounding for the matmul and the training rows).
 
-All ten kernels of :data:`fourbit.kernels.dispatch.KERNELS` are here: 4-bit quantization, dequantization and
-the (unfused) 4-bit matmul; 8-bit block quantization and dequantization; the softmax cross-entropy, SwiGLU and
-RMSNorm rows, forward and backward. They run on any device, and are what the dispatcher runs where
+All eleven kernels of :data:`fourbit.kernels.dispatch.KERNELS` are here: 4-bit quantization, dequantization
+and the (unfused) 4-bit matmul; 8-bit block quantization and dequantization; the softmax cross-entropy, SwiGLU
+and RMSNorm rows, forward and backward; and dropout with a counter-based mask. They run on any device, and are what the dispatcher runs where
 ``dispatch.REFERENCE_FALLBACKS`` says a backend lacks a kernel.
 
 The arithmetic follows bitsandbytes' CPU code step by step (reciprocal-multiply for whole blocks, division
@@ -30,6 +30,7 @@ __all__ = [
     "softmax_cross_entropy_",
     "swiglu",
     "swiglu_backward",
+    "dropout",
     "rms_norm",
     "rms_norm_backward",
     "sorted_bounds",
@@ -253,3 +254,45 @@ def rms_norm_backward(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor,
     xhat = x.float() * r
     g = grad.float() * weight.float()
     return (r * (g - xhat * (g * xhat).mean(-1, keepdim=True))).to(x.dtype)
+
+
+def dropout_threshold(p: float) -> int:
+    """The 32-bit threshold below which a hashed element is dropped: ``round(p · 2^32)``."""
+    return min(int(round(p * 2**32)), 2**32 - 1)
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finalizer on int64 tensors holding uint32 values (products wrap; the low 32 bits
+    are kept)."""
+    mask = 0xFFFFFFFF
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & mask
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & mask
+    return h ^ (h >> 16)
+
+
+def dropout_mask(n: int, p: float, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The keep mask of :func:`dropout` for ``n`` elements: element ``i`` is kept when
+    ``fmix32(fmix32(i ^ seed_lo) ^ seed_hi ^ (i >> 32)) >= dropout_threshold(p)`` (a counter-based mask: the
+    same seed gives the same mask, so backward makes it again instead of keeping it)."""
+    seed &= 2**64 - 1
+    i = torch.arange(n, dtype=torch.int64, device=device)
+    h = _fmix32((i & 0xFFFFFFFF) ^ (seed & 0xFFFFFFFF))
+    h = _fmix32(h ^ (seed >> 32) ^ (i >> 32))
+    return h >= dropout_threshold(p)
+
+
+def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """Inverted dropout with a mask made from ``seed`` (:func:`dropout_mask` over ``x``'s elements in row-major
+    order): ``x · mask / (1 - p)``, the product in float32 (float64 for float64 inputs), in ``x``'s dtype.
+
+    Raises:
+        ValueError: ``p`` outside [0, 1).
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout: p must be in [0, 1), got {p!r}")
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    keep = dropout_mask(x.numel(), p, seed, x.device).view(x.shape)
+    scale = torch.tensor(1.0 / (1.0 - p), dtype=torch.float32).to(work)
+    return (x.to(work) * torch.where(keep, scale, torch.zeros((), dtype=work))).to(x.dtype)

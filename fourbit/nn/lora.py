@@ -25,7 +25,7 @@ from fourbit._errors import FieldError
 from fourbit.nn import fused
 from fourbit.nn.info import fourbit_info
 from fourbit.nn.linear4bit import FrozenMatMul4bit, Linear4bit, float_layer, frozen_weight, is_conv1d
-from fourbit.nn.lora_matmul import AUTO_KEEP_MAX_SEQ_LEN, LoRAMatMul, keep_matmul_outputs
+from fourbit.nn.lora_matmul import AUTO_KEEP_MAX_SEQ_LEN, LoRADropout, LoRAMatMul, keep_matmul_outputs
 
 __all__ = [
     "LoRALinear",
@@ -153,7 +153,7 @@ class LoRALinear(nn.Module):
         self.r, self.alpha, self.use_rslora = int(r), float(alpha), bool(use_rslora)
         self.scaling = self.alpha / (math.sqrt(self.r) if use_rslora else self.r) if r else 0.0
         device = next((p.device for p in base.parameters()), torch.device("cpu"))
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout = LoRADropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype) if r else None
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype) if r else None
         if r:
@@ -246,8 +246,9 @@ class LoRALinear(nn.Module):
             return self._dora_forward(x)
         dtype = self._fused_dtype(x)
         if dtype is not None:
-            h = self.lora_dropout(x)
-            out = LoRAMatMul.apply(x, h, self.lora_A.weight, self.lora_B.weight, self.base, self.scaling, dtype)
+            p, seed = self.lora_dropout.draw() if isinstance(self.lora_dropout, LoRADropout) else (0.0, 0)
+            out = LoRAMatMul.apply(x, self.lora_A.weight, self.lora_B.weight, self.base, self.scaling, dtype, p,
+                                   seed)
             return out if torch.is_autocast_enabled(x.device.type) else out.to(x.dtype)
         y = self.base(x)
         a = self.lora_A.weight
@@ -273,8 +274,8 @@ class LoRALinear(nn.Module):
         wx = FrozenMatMul4bit.apply(xc, base, w)
         del w
         a = self.lora_A.weight
-        dropped = self.training and not isinstance(self.lora_dropout, nn.Identity)
-        h = self.lora_dropout(x) if dropped else x
+        h = self.lora_dropout(x)
+        dropped = h is not x
         lora = (self.lora_B(self.lora_A(h.to(a.dtype))) * self.scaling).to(dtype)
         if dropped:  # the direction term sees the dropped input, the base term the whole one (as peft)
             y = wx + (scale - 1) * FrozenMatMul4bit.apply(h.to(dtype), base) + scale * lora

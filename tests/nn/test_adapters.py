@@ -108,9 +108,13 @@ def test_mismatched_adapters_fail_and_leave_model_untouched(tmp_path: Path) -> N
         load_adapter(_tiny(), tmp_path / "a")
     with pytest.raises(ValueError, match="not an adapter folder"):
         load_adapter(_tiny(), tmp_path)
-    cfg["target_modules"], cfg["use_dora"] = ["q_proj"], True
+    cfg["target_modules"], cfg["use_dora"] = ["q_proj"], True  # a DoRA config without magnitude vectors
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(NotImplementedError, match="use_dora"):
+    with pytest.raises(InputFileError, match="missing model.layers.0.self_attn.q_proj.lora_magnitude_vector"):
+        load_adapter(_tiny(), tmp_path / "a")
+    cfg["use_dora"], cfg["bias"] = False, "all"
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(NotImplementedError, match="bias"):
         load_adapter(_tiny(), tmp_path / "a")
 
 

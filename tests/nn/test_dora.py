@@ -18,6 +18,7 @@ from fourbit.nn import Linear4bit
 from fourbit.nn.adapters import load_adapter, save_adapter
 from fourbit.nn.linear4bit import frozen_weight
 from fourbit.nn.lora import LoRALinear, LoRASpec, inject_lora, lora_modules, merge_and_unload
+from fourbit.nn.lora_matmul import LoRADropout
 
 
 def _base(kind: str) -> nn.Module:
@@ -132,6 +133,9 @@ def test_training_path_with_dropout_equals_peft() -> None:
             peft_layer.lora_A["default"].weight.copy_(m.lora_A.weight)
             peft_layer.lora_B["default"].weight.copy_(m.lora_B.weight)
             peft_layer.lora_magnitude_vector["default"].weight.copy_(m.lora_magnitude_vector)
+            # fourbit's dropout (its mask made from a seed drawn from torch's generator) in peft's layer too: with
+            # the same draws in the same order, both drop the same elements
+            peft_layer.lora_dropout["default"] = LoRADropout(0.2)
     ours.train()
     theirs.train()
     ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(2))

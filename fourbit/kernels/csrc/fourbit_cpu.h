@@ -4,7 +4,7 @@
  *
  * Written by hand because no maintained library offers these on the CPU with bitsandbytes' exact byte layout
  * (PyTorch needs several full passes, and int64 index tensors, for each; bitsandbytes' own CPU kernels are
- * slower than memory bandwidth allows), nor the fused training rows in one pass each. The library exports six
+ * slower than memory bandwidth allows), nor the fused training rows in one pass each. The library exports seven
  * kernels and three functions about itself:
  *
  *   quant4.c      fb_quantize_4bit    blockwise absmax 4-bit quantization (NF4/FP4/INT4 codes, two per byte)
@@ -13,6 +13,7 @@
  *   train_rows.c  fb_softmax_xent     per-row cross-entropy, and softmax - onehot written over the logits
  *                 fb_swiglu           silu(gate) * up, or its two gradients
  *                 fb_rmsnorm          RMSNorm of each row, or its input gradient
+ *                 fb_dropout          x * mask / (1 - p) with a mask made again from a seed, never stored
  *   fourbit_cpu.c fb_abi_version      FB_ABI_VERSION, which cpu.py checks before any other call
  *                 fb_isa, fb_set_isa  the vector code in use, and a lower one for tests and benchmarks
  *
@@ -43,7 +44,7 @@
 
 /* Bump on any change of an exported signature, of fb_scales or of a status code; cpu.py's ABI_VERSION must
  * match, and a cached build reporting another version is rebuilt, never called. */
-#define FB_ABI_VERSION 1
+#define FB_ABI_VERSION 2
 
 /* The largest block quantize can take: it holds one block in two stack buffers of this size. */
 #define FB_MAX_QUANT_BLOCKSIZE 4096
@@ -122,6 +123,8 @@ int fb_swiglu(const void *gate, const void *up, const void *grad, void *out, voi
               int nthreads);
 int fb_rmsnorm(const void *x, const void *w, const void *dy, float *rstd, void *out, int dtype, int64_t rows,
                int64_t cols, float eps, int nthreads);
+int fb_dropout(const void *x, void *out, int dtype, int64_t n, uint64_t seed, uint32_t threshold, float scale,
+               int nthreads);
 
 /* ------------------------------------------------------------------------------------------- scalars */
 
