@@ -24,13 +24,12 @@ from typing import Any
 import torch
 
 from fourbit._errors import FieldError
+from fourbit.models.chat import render_chat, stop_token_ids
 from fourbit.serve.adapters import install_adapters, read_adapter, set_row_adapters
 
 __all__ = ["Engine", "GenRequest", "QueueFull", "Sampling", "UnknownModel"]
 
 log = logging.getLogger(__name__)
-
-_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end|>")
 
 
 class QueueFull(RuntimeError):
@@ -205,7 +204,7 @@ class Engine:
         weights = [read_adapter(model, name, folder) for name, folder in adapters.items()]
         self.adapter_names = install_adapters(model, weights)
         self.adapter_folders = {w.name: w.folder for w in weights}
-        self.end_ids = self._end_ids()
+        self.end_ids = set(stop_token_ids(tokenizer, model))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.end_ids, default=0)
         self.device = next(model.parameters()).device
         self._cache_kw = self._cache_arg()
@@ -236,23 +235,10 @@ class Engine:
             return self.adapter_names.index(name)
         raise UnknownModel(name, self.models)
 
-    def _end_ids(self) -> set[int]:
-        ids = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
-        for token in _END_TOKENS:
-            tid = self.tokenizer.convert_tokens_to_ids(token)
-            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id:
-                ids.add(tid)
-        return ids
-
-    def chat_prompt(self, messages: list[dict]) -> list[int]:
-        """Token ids of chat ``messages`` rendered with the model's chat template (plain text without one)."""
-        from fourbit.generate import build_prompt
-
-        if getattr(self.tokenizer, "chat_template", None):
-            text = build_prompt(self.tokenizer, messages)
-        else:
-            text = "\n\n".join(m["content"] for m in messages) + "\n\n"
-        return self.encode(text)
+    def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """Token ids of chat ``messages`` rendered by :func:`fourbit.models.chat.render_chat` (as ``generate``
+        and ``rag query`` render them)."""
+        return self.encode(render_chat(self.tokenizer, messages, tools=tools))
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
