@@ -59,7 +59,8 @@ def build_engine(args: argparse.Namespace) -> Any:
 # The serve extra's packages, by import name (python-multipart imports as python_multipart, before 0.0.13 only
 # as multipart): checked before anything loads, so a missing one is one line, not a traceback after the model.
 _SERVE_EXTRA = (("fastapi", ("fastapi",)), ("uvicorn", ("uvicorn",)),
-                ("python-multipart", ("python_multipart", "multipart")))
+                ("python-multipart", ("python_multipart", "multipart")), ("llguidance", ("llguidance",)),
+                ("jsonschema", ("jsonschema",)))
 
 
 def _check_serve_extra() -> None:

@@ -4,7 +4,10 @@ Endpoints (the official ``openai`` client uses the /v1 ones unchanged), by route
 
 * :mod:`.routes_openai`: ``GET /v1/models`` (the base model and each adapter), ``POST /v1/chat/completions``
   and ``POST /v1/completions`` (``stream: true`` answers with server-sent events in OpenAI's chunk format,
-  ending with ``data: [DONE]``), ``POST /v1/embeddings`` (the index's sentence-transformers model);
+  ending with ``data: [DONE]``; the options ``stop``, ``n``, ``seed``, ``logprobs``/``top_logprobs``,
+  ``stream_options``, ``response_format`` (:mod:`.options`, :mod:`.constrain`) and ``tools``/``tool_choice``
+  (:mod:`.tools`); any other option is a 400 naming it), ``POST /v1/embeddings`` (the index's
+  sentence-transformers model);
 * :mod:`.routes_documents`: ``POST /v1/answers`` (grounded document QA) and ``POST /v1/documents`` (upload
   into the index);
 * here: ``GET /health`` (never needs the key) and ``GET /`` the web page (files under ``static/``, nothing

@@ -10,7 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from fourbit.rag.retrieval import RETRIEVERS
 from fourbit.serve.errors import APIError
 
-__all__ = ["AnswerRequest", "ChatRequest", "CompletionRequest", "EmbeddingRequest", "validation_error"]
+__all__ = ["AnswerRequest", "ChatRequest", "CompletionRequest", "EmbeddingRequest", "NamedToolChoice", "ResponseFormat",
+           "Tool", "validation_error"]
 
 
 class _Body(BaseModel):
@@ -18,6 +19,10 @@ class _Body(BaseModel):
 
 
 class _Generation(_Body):
+    # Fields fourbit does not know are kept (not ignored) so that the route can refuse them by name:
+    # fourbit.serve.options.reject_unsupported.
+    model_config = ConfigDict(extra="allow")
+
     model: str
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
@@ -27,7 +32,7 @@ class _Generation(_Body):
     seed: int | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1, le=128)
 
 
 class _Part(_Body):
@@ -35,9 +40,23 @@ class _Part(_Body):
     text: str = ""
 
 
+class _CalledFunction(_Body):
+    name: str
+    arguments: str = "{}"  # JSON text, as OpenAI sends it
+
+
+class _ToolCall(_Body):
+    id: str
+    type: Literal["function"] = "function"
+    function: _CalledFunction
+
+
 class _Message(_Body):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[_Part] | None = None
+    name: str | None = None
+    tool_calls: list[_ToolCall] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -47,12 +66,52 @@ class _Message(_Body):
         return "".join(p.text for p in self.content if p.type == "text")
 
 
+class _Function(_Body):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: _Function
+
+
+class _FunctionName(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: _FunctionName
+
+
+class _JSONSchemaFormat(_Body):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: Any = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: _JSONSchemaFormat | None = None
+
+
 class ChatRequest(_Generation):
     messages: list[_Message] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
 
 class CompletionRequest(_Generation):
     prompt: str | list[str]
+    logprobs: int | None = Field(None, ge=0, le=5)
 
 
 class EmbeddingRequest(_Body):
@@ -78,7 +137,8 @@ def _loc_name(loc: tuple) -> str | None:
     for p in parts:
         if isinstance(p, int):
             name += f"[{p}]"
-        elif p in ("str", "list[str]", "list[_Part]", "int", "float", "function-after", "literal"):
+        elif p in ("str", "list[str]", "list[_Part]", "int", "float", "function-after", "literal") or \
+                p.startswith(("literal[", "NamedToolChoice", "_")):
             continue  # union member names pydantic adds to the location
         else:
             name += f".{p}" if name else str(p)

@@ -26,6 +26,7 @@ import torch
 from fourbit._errors import FieldError
 from fourbit.models.chat import render_chat, stop_token_ids
 from fourbit.serve.adapters import install_adapters, read_adapter, set_row_adapters
+from fourbit.serve.constrain import GrammarTokenizer
 
 __all__ = ["Engine", "GenRequest", "QueueFull", "Sampling", "UnknownModel"]
 
@@ -49,21 +50,30 @@ class UnknownModel(LookupError):
 
 @dataclass
 class Sampling:
-    """Per-request decoding settings (OpenAI's names). ``temperature`` 0 is greedy."""
+    """Per-request decoding settings (OpenAI's names). ``temperature`` 0 is greedy.
+
+    ``logprobs``: None for none; k >= 0 to report each token's log-probability and its k most likely
+    alternatives (the model's own distribution, before temperature, top_p and any grammar), as ("logprob",
+    entry) events. ``constraint``: an object with ``mask(logits) -> logits`` and ``consume(token)`` (see
+    :class:`fourbit.serve.constrain.Constraint`) that restricts each step to the tokens a grammar allows.
+    """
 
     max_tokens: int = 256
     temperature: float = 1.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    logprobs: int | None = None
+    constraint: Any = None
 
 
 @dataclass
 class GenRequest:
     """One generation: the prompt's token ids, the adapter row index (-1: base), and where events go.
 
-    ``sink(kind, value)`` is called from the worker thread with ("delta", text) pieces, then exactly one
-    ("done", finish_reason) or ("error", message).
+    ``sink(kind, value)`` is called from the worker thread with ("delta", text) pieces (and, when the sampling
+    asks for them, a ("logprob", entry) before each token's text; none for the token that ends the reply),
+    then exactly one ("done", finish_reason) or ("error", message).
     """
 
     prompt_ids: list[int]
@@ -94,6 +104,21 @@ class _Row:
         seed = req.sampling.seed if req.sampling.seed is not None else random.getrandbits(63)
         self.generator = torch.Generator().manual_seed(int(seed))
         self.hold = max((len(s) for s in req.sampling.stop), default=1) - 1
+
+    def choose(self, logits: torch.Tensor) -> int:
+        """The next token from a row of logits ``[vocab]``: within what the constraint allows, picked, and its
+        log-probability reported when asked for."""
+        s = self.req.sampling
+        token = self.pick(logits if s.constraint is None else s.constraint.mask(logits))
+        if s.constraint is not None:
+            s.constraint.consume(token)
+        if s.logprobs is not None and token not in self.end_ids:
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            top = torch.topk(logprobs, s.logprobs) if s.logprobs else None
+            self.req.sink("logprob", {"token": token, "logprob": float(logprobs[token]),
+                                      "top": [] if top is None else list(zip(top.indices.tolist(),
+                                                                             top.values.tolist(), strict=True))})
+        return token
 
     def pick(self, logits: torch.Tensor) -> int:
         """The next token from a row of logits ``[vocab]``: argmax, or a top-p sample at the temperature."""
@@ -205,6 +230,8 @@ class Engine:
         self.adapter_names = install_adapters(model, weights)
         self.adapter_folders = {w.name: w.folder for w in weights}
         self.end_ids = set(stop_token_ids(tokenizer, model))
+        vocab = getattr(model.config, "vocab_size", None) or len(tokenizer)
+        self.grammar_tokens = GrammarTokenizer(tokenizer, int(vocab), sorted(self.end_ids))  # built on first use
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.end_ids, default=0)
         self.device = next(model.parameters()).device
         self._cache_kw = self._cache_arg()
@@ -293,7 +320,7 @@ class Engine:
         def sink(kind: str, value: Any) -> None:
             if kind == "delta":
                 pieces.append(value)
-            else:
+            elif kind in ("done", "error"):
                 if kind == "error":
                     errors.append(value)
                 done.set()
@@ -420,7 +447,7 @@ class Engine:
                 row.req.finish_reason = "cancelled"
                 row.req.sink("done", "cancelled")
                 continue
-            token = row.pick(logits[i])
+            token = row.choose(logits[i])
             if row.push(token):
                 row.req.sink("done", row.req.finish_reason)
                 continue

@@ -34,12 +34,12 @@ async def answers(body: AnswerRequest, request: Request):
     prompt_ids, evidence, sources = await run_in_threadpool(prepare_answer, engine, body.question,
                                                             body.retriever, body.top_k, max_tokens)
     sampling = engine.sampling(len(prompt_ids), max_tokens=max_tokens, field_name="question", temperature=0.0)
-    stream = Stream(engine, prompt_ids, sampling, adapter)
+    stream = Stream(engine, prompt_ids, [sampling], adapter)
     found = {"evidence": evidence, "sources": sources}
     if not body.stream:
-        text = "".join([v async for k, v in stream.events(request) if k == "delta"])
+        text = "".join([v async for _, k, v in stream.events(request) if k == "delta"])
         return {"answer": text.strip(), **found, "model": body.model or engine.model_name,
-                "finish_reason": stream.req.finish_reason, "usage": usage(stream.req)}
+                "finish_reason": stream.reqs[0].finish_reason, "usage": usage(stream.reqs)}
     return sse_response(_answer_events(stream, found), stream)
 
 
@@ -48,12 +48,12 @@ async def _answer_events(stream: Stream, found: dict[str, Any]) -> AsyncIterator
     yield sse({"type": "sources", **found})
     pieces = []
     try:
-        async for kind, value in stream.events():
+        async for _, kind, value in stream.events():
             if kind == "delta":
                 pieces.append(value)
                 yield sse({"type": "delta", "text": value})
         yield sse({"type": "done", "answer": "".join(pieces).strip(),
-                   "finish_reason": stream.req.finish_reason, "usage": usage(stream.req)})
+                   "finish_reason": stream.reqs[0].finish_reason, "usage": usage(stream.reqs)})
     except APIError as err:
         yield sse(error_body(err.message, err.type, None, None))
     yield sse("[DONE]")

@@ -18,50 +18,74 @@ POLL_S = 0.25  # how often a waiting non-streamed request checks that its client
 
 
 class Stream:
-    """Bridge from the engine's worker thread to the event loop: the request's events in an asyncio queue."""
+    """Bridge from the engine's worker thread to the event loop: the events of one request's choices (one
+    generation per :class:`Sampling`, ``n`` of them for OpenAI's ``n``) in one asyncio queue.
 
-    def __init__(self, engine: Engine, prompt_ids: list[int], sampling: Sampling, adapter: int) -> None:
+    Raises:
+        QueueFull: the engine's queue has no room for every choice (those already queued are cancelled).
+    """
+
+    def __init__(self, engine: Engine, prompt_ids: list[int], samplings: list[Sampling], adapter: int) -> None:
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.req = engine.submit(GenRequest(prompt_ids, adapter, sampling, self._sink))
-
-    def _sink(self, kind: str, value: Any) -> None:
+        self.reqs: list[GenRequest] = []
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, value))
-        except RuntimeError:  # the loop is gone (server shutting down)
-            self.req.cancel()
+            for i, sampling in enumerate(samplings):
+                self.reqs.append(engine.submit(GenRequest(prompt_ids, adapter, sampling, self._sink_for(i))))
+        except BaseException:
+            self.cancel()
+            raise
 
-    async def events(self, request: Any | None = None) -> AsyncIterator[tuple[str, Any]]:
-        """("delta", text) ... then ("done", reason); raises APIError on a failed generation. When
-        ``request`` is given, a client that disconnected cancels the generation."""
-        checked = time.monotonic()
+    def _sink_for(self, index: int) -> Any:
+        def sink(kind: str, value: Any) -> None:
+            try:
+                self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, kind, value))
+            except RuntimeError:  # the loop is gone (server shutting down)
+                self.cancel()
+
+        return sink
+
+    @property
+    def finished(self) -> bool:
+        return all(req.finish_reason is not None for req in self.reqs)
+
+    def cancel(self) -> None:
+        """Cancel every choice that has not finished."""
+        for req in self.reqs:
+            if req.finish_reason is None:
+                req.cancel()
+
+    async def events(self, request: Any | None = None) -> AsyncIterator[tuple[int, str, Any]]:
+        """(choice, "delta", text), (choice, "logprob", entry) ... and one (choice, "done", reason) per choice;
+        raises APIError on a failed generation. When ``request`` is given, a client that disconnected cancels
+        the generation."""
+        checked, open_ = time.monotonic(), len(self.reqs)
         try:
-            while True:
+            while open_:
                 try:
-                    kind, value = await asyncio.wait_for(self.queue.get(), POLL_S if request else None)
+                    index, kind, value = await asyncio.wait_for(self.queue.get(), POLL_S if request else None)
                 except asyncio.TimeoutError:
-                    kind = value = None
+                    kind = None
                 if request is not None and time.monotonic() - checked >= POLL_S:
                     # Checked on a clock, not only when no token came for a while: tokens may keep coming.
                     checked = time.monotonic()
                     if await request.is_disconnected():
-                        self.req.cancel()
+                        self.cancel()
                         return
                 if kind is None:
                     continue
                 if kind == "error":
                     raise APIError(500, value, type_="server_error")
-                yield kind, value
-                if kind == "done":
-                    return
+                yield index, kind, value
+                open_ -= kind == "done"
         finally:
-            if self.req.finish_reason is None:
-                self.req.cancel()
+            self.cancel()
 
 
-def usage(req: GenRequest) -> dict[str, int]:
-    return {"prompt_tokens": req.prompt_tokens, "completion_tokens": req.completion_tokens,
-            "total_tokens": req.prompt_tokens + req.completion_tokens}
+def usage(reqs: list[GenRequest]) -> dict[str, int]:
+    """OpenAI's usage: the prompt counted once, the completions of every choice summed."""
+    prompt, completion = reqs[0].prompt_tokens, sum(req.completion_tokens for req in reqs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def sse(data: Any) -> str:
@@ -72,9 +96,6 @@ def sse_response(gen: AsyncIterator[str], stream: Stream):
     from starlette.background import BackgroundTask
     from starlette.responses import StreamingResponse
 
-    def cancel_unfinished() -> None:  # runs after the response, also when the client left before it began
-        if stream.req.finish_reason is None:
-            stream.req.cancel()
-
-    return StreamingResponse(gen, media_type="text/event-stream", background=BackgroundTask(cancel_unfinished),
+    # runs after the response, also when the client left before it began
+    return StreamingResponse(gen, media_type="text/event-stream", background=BackgroundTask(stream.cancel),
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
