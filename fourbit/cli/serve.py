@@ -60,7 +60,7 @@ def build_engine(args: argparse.Namespace) -> Any:
 # as multipart): checked before anything loads, so a missing one is one line, not a traceback after the model.
 _SERVE_EXTRA = (("fastapi", ("fastapi",)), ("uvicorn", ("uvicorn",)),
                 ("python-multipart", ("python_multipart", "multipart")), ("llguidance", ("llguidance",)),
-                ("jsonschema", ("jsonschema",)))
+                ("jsonschema", ("jsonschema",)), ("prometheus-client", ("prometheus_client",)))
 
 
 def _check_serve_extra() -> None:

@@ -10,8 +10,8 @@ Endpoints (the official ``openai`` client uses the /v1 ones unchanged), by route
   sentence-transformers model);
 * :mod:`.routes_documents`: ``POST /v1/answers`` (grounded document QA) and ``POST /v1/documents`` (upload
   into the index);
-* here: ``GET /health`` (never needs the key) and ``GET /`` the web page (files under ``static/``, nothing
-  fetched from elsewhere).
+* here: ``GET /health`` (never needs the key), ``GET /metrics`` (Prometheus, :mod:`.metrics`) and ``GET /``
+  the web page (files under ``static/``, nothing fetched from elsewhere).
 
 Every error is a 4xx with OpenAI's body ``{"error": {"message", "type", "param", "code"}}`` whose
 ``param`` names the request field at fault; an unexpected failure is a 500 with the same body and no
@@ -59,14 +59,18 @@ def create_app(
 
     from fourbit.serve import routes_documents, routes_openai
     from fourbit.serve.guard import Guard
+    from fourbit.serve.metrics import MetricsMiddleware, ServeMetrics
 
     app = FastAPI(title="fourbit", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.engine, app.state.max_upload = engine, max_upload
+    metrics = ServeMetrics(engine)
+    engine.metrics = metrics
+    app.state.engine, app.state.max_upload, app.state.metrics = engine, max_upload, metrics
     _add_error_handlers(app)
-    _add_page_routes(app, engine)
+    _add_page_routes(app, engine, metrics)
     app.include_router(routes_openai.router)
     app.include_router(routes_documents.router)
     app.add_middleware(Guard, api_key=api_key, max_body=max_body, max_upload=max_upload)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # the outermost: it counts the Guard's refusals too
     return app
 
 
@@ -119,14 +123,20 @@ def _add_error_handlers(app: Any) -> None:
         app.add_exception_handler(kind, handler)
 
 
-def _add_page_routes(app: Any, engine: Engine) -> None:
-    """``GET /health``, the web page at ``/`` and its files under ``/static/``."""
-    from starlette.responses import FileResponse
+def _add_page_routes(app: Any, engine: Engine, metrics: Any) -> None:
+    """``GET /health``, ``GET /metrics`` (Prometheus; behind the API key when there is one), the web page at
+    ``/`` and its files under ``/static/``."""
+    from starlette.responses import FileResponse, Response
     from starlette.staticfiles import StaticFiles
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "models": engine.models, "documents": engine.store is not None}
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
 
     @app.get("/")
     async def page():

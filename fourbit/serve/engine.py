@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -84,6 +85,8 @@ class GenRequest:
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = 0.0  # time.monotonic() when queued
+    last_token_at: float | None = None  # when its latest token came (time to first token, per-token latency)
 
     @property
     def prompt_tokens(self) -> int:
@@ -236,6 +239,9 @@ class Engine:
         self.device = next(model.parameters()).device
         self._cache_kw = self._cache_arg()
         self.stats = {"requests": 0, "batches": 0, "max_rows": 0, "cancelled": 0, "steps": 0}
+        # An observer of the engine's work (fourbit.serve.metrics.ServeMetrics, set by create_app): told of
+        # each generated token (token(req, now)) and each request that ends (done(req, kind, value)).
+        self.metrics: Any = None
         self.index_lock = threading.Lock()  # one upload re-indexes at a time
         self._waiting: list[GenRequest] = []
         self._running: list[GenRequest] = []
@@ -298,6 +304,9 @@ class Engine:
                 raise RuntimeError("the engine is closed")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(len(self._waiting))
+            req.submitted = time.monotonic()
+            if self.metrics is not None:
+                req.sink = self.metrics.observe(req, req.sink)
             self._waiting.append(req)
             self.stats["requests"] += 1
             self._cond.notify()
@@ -448,6 +457,8 @@ class Engine:
                 row.req.sink("done", "cancelled")
                 continue
             token = row.choose(logits[i])
+            if self.metrics is not None and token not in self.end_ids:
+                self.metrics.token(row.req, time.monotonic())
             if row.push(token):
                 row.req.sink("done", row.req.finish_reason)
                 continue
@@ -462,6 +473,16 @@ class Engine:
         state.positions = state.positions[:, -1:] + 1
         return state
 
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for a place in a batch."""
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        """Requests being decoded."""
+        return len(self._running)
 
     # ---- documents --------------------------------------------------------------------------------
     def require_index(self) -> None:
