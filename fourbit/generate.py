@@ -9,28 +9,40 @@ from collections.abc import Callable
 import torch
 
 from fourbit._errors import FieldError
+from fourbit.models.chat import render_chat, stop_token_ids
 
 __all__ = ["build_prompt", "generate", "perplexity", "reference_text"]
 
 
 def build_prompt(tokenizer, prompt: str | list[dict], system: str | None = None) -> str:
-    """Render ``prompt`` (a string or chat messages) with the tokenizer's chat template when it has one.
+    """The prompt text for ``prompt``: :func:`fourbit.models.chat.render_chat` (kept under this name for callers)."""
+    return render_chat(tokenizer, prompt, system)
 
-    Raises:
-        FieldError: chat messages for a tokenizer without a chat template (field ``prompt``).
-    """
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(prompt, str):
-        if not template:
-            return prompt if system is None else f"{system}\n\n{prompt}"
-        messages = [{"role": "user", "content": prompt}]
-    else:
-        messages = list(prompt)
-        if not template:
-            raise FieldError("prompt", "the tokenizer has no chat template: pass a plain string instead of messages")
-    if system is not None and (not messages or messages[0].get("role") != "system"):
-        messages = [{"role": "system", "content": system}, *messages]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+def _streamer(tokenizer, sink: Callable[[str], None]):
+    """A transformers streamer that decodes incrementally and hands each new piece of text to ``sink``
+    (transformers' TextStreamer prints whole words only, and only to stdout)."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class _Printer(BaseStreamer):
+        def __init__(self) -> None:
+            self.ids, self.printed, self.first = [], 0, True
+
+        def put(self, value: torch.Tensor) -> None:
+            if self.first:  # the prompt
+                self.first = False
+                return
+            self.ids.extend(value.reshape(-1).tolist())
+            decoded = tokenizer.decode(self.ids, skip_special_tokens=True)
+            if not decoded.endswith("\ufffd"):
+                sink(decoded[self.printed:])
+                self.printed = len(decoded)
+
+        def end(self) -> None:
+            decoded = tokenizer.decode(self.ids, skip_special_tokens=True)
+            sink(decoded[self.printed:])
+
+    return _Printer()
 
 
 @torch.inference_mode()
@@ -47,7 +59,9 @@ def generate(
     system: str | None = None,
     return_num_tokens: bool = False,
 ) -> str | tuple[str, int]:
-    """Generate a reply to ``prompt``; greedy by default.
+    """Generate a reply to ``prompt``; greedy by default. The prompt is rendered by
+    :func:`fourbit.models.chat.render_chat` and the reply ends at :func:`fourbit.models.chat.stop_token_ids`,
+    as in ``rag query`` and ``fourbit serve``.
 
     Args:
         prompt: a user message (string) or a list of chat messages ``{"role", "content"}``.
@@ -55,57 +69,37 @@ def generate(
         stream: True prints tokens to stdout as they come; a callable receives each new piece of text.
         do_sample, temperature, top_p: sampling settings (ignored when greedy).
         system: an optional system message.
-        return_num_tokens: also return the number of generated tokens.
+        return_num_tokens: also return the number of generated tokens (an end token included: it was computed).
 
     Returns:
         The generated text (without the prompt); with ``return_num_tokens``, (text, tokens).
 
     Raises:
-        FieldError: ``max_new_tokens`` is not positive; chat messages without a chat template (``prompt``).
+        FieldError: ``max_new_tokens`` is not positive.
     """
-    from transformers.generation.streamers import BaseStreamer
-
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise FieldError("max_new_tokens", f"must be a positive integer, got {max_new_tokens!r}")
-    text = build_prompt(tokenizer, prompt, system)
+    text = render_chat(tokenizer, prompt, system)
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in inputs.items()}
-
-    class _Printer(BaseStreamer):
-        """Decode incrementally and hand out the new text (transformers' TextStreamer prints whole words)."""
-
-        def __init__(self, sink: Callable[[str], None]) -> None:
-            self.sink, self.ids, self.printed, self.first = sink, [], 0, True
-
-        def put(self, value: torch.Tensor) -> None:
-            if self.first:  # the prompt
-                self.first = False
-                return
-            self.ids.extend(value.reshape(-1).tolist())
-            decoded = tokenizer.decode(self.ids, skip_special_tokens=True)
-            if not decoded.endswith("\ufffd"):
-                self.sink(decoded[self.printed:])
-                self.printed = len(decoded)
-
-        def end(self) -> None:
-            decoded = tokenizer.decode(self.ids, skip_special_tokens=True)
-            self.sink(decoded[self.printed:])
-
     streamer = None
     if stream:
         sink = stream if callable(stream) else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
-        streamer = _Printer(sink)
-    gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, streamer=streamer,
-                      pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+        streamer = _streamer(tokenizer, sink)
+    stops = stop_token_ids(tokenizer, model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else None)
+    gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, streamer=streamer, pad_token_id=pad,
+                      eos_token_id=stops)
     if do_sample:
         gen_kwargs.update(temperature=temperature, top_p=top_p)
     else:
         gen_kwargs.update(temperature=None, top_p=None, top_k=None)
     out = model.generate(**inputs, **gen_kwargs)
-    new_ids = out[0, inputs["input_ids"].shape[1]:]
-    text = tokenizer.decode(new_ids, skip_special_tokens=True)
-    return (text, int(new_ids.numel())) if return_num_tokens else text
+    new_ids = out[0, inputs["input_ids"].shape[1]:].tolist()
+    end = next((i for i, t in enumerate(new_ids) if t in stops), len(new_ids))
+    text = tokenizer.decode(new_ids[:end], skip_special_tokens=True)
+    return (text, len(new_ids)) if return_num_tokens else text
 
 
 def reference_text(chars: int = 40_000) -> str:

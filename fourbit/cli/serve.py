@@ -56,6 +56,30 @@ def build_engine(args: argparse.Namespace) -> Any:
                   store=store, model_name=name, max_batch=args.max_batch, max_queue=args.max_queue)
 
 
+# The serve extra's packages, by import name (python-multipart imports as python_multipart, before 0.0.13 only
+# as multipart): checked before anything loads, so a missing one is one line, not a traceback after the model.
+_SERVE_EXTRA = (("fastapi", ("fastapi",)), ("uvicorn", ("uvicorn",)),
+                ("python-multipart", ("python_multipart", "multipart")), ("llguidance", ("llguidance",)),
+                ("jsonschema", ("jsonschema",)), ("prometheus-client", ("prometheus_client",)))
+
+
+def _check_serve_extra() -> None:
+    """Raise NotImplementedError naming the extra to install when a package of the serve extra is missing."""
+    from importlib.util import find_spec
+
+    for package, modules in _SERVE_EXTRA:
+        if not any(_importable(m, find_spec) for m in modules):
+            raise NotImplementedError(f"the server needs the serve extra ({package} is not installed): "
+                                      "pip install 'fourbit[serve]'")
+
+
+def _importable(module: str, find_spec: Any) -> bool:
+    try:
+        return find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package that fails to import, or a None entry in sys.modules
+        return False
+
+
 def _bind(host: str, port: int) -> socket.socket:
     """Bind the listening socket before loading anything, so a taken port fails fast and clearly."""
     if not 0 <= port <= 65535:
@@ -81,13 +105,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     QA (/v1/answers, /v1/documents), /health, and a web page at /. Binds 127.0.0.1 unless --host says
     otherwise; --api-key (or FOURBIT_API_KEY) requires `Authorization: Bearer KEY` on all but /health.
     """
-    try:
-        import uvicorn
+    _check_serve_extra()
+    import uvicorn
 
-        from fourbit.serve import create_app
-    except ImportError as err:
-        raise NotImplementedError(f"`fourbit serve` needs fastapi and uvicorn ({err.name} is missing): "
-                                  "pip install 'fourbit[serve]'") from None
+    from fourbit.serve import create_app
+
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if args.threads is not None and args.threads < 1:
         raise FieldError("threads", f"must be >= 1, got {args.threads}")

@@ -78,21 +78,15 @@ class HFChatLLM:
         return len(self.tokenizer(text, add_special_tokens=False).input_ids)
 
     def render(self, prompt: Prompt) -> str:
-        """The prompt as text: through the chat template when the tokenizer has one."""
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        if self.system and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": self.system}, *messages]
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return "\n\n".join(m["content"] for m in messages) + "\n\n"
+        """The prompt as text: :func:`fourbit.models.chat.render_chat`, as ``generate`` and ``serve`` render it."""
+        from fourbit.models.chat import render_chat
+
+        return render_chat(self.tokenizer, prompt, self.system)
 
     def _stop_ids(self) -> list[int]:
-        ids = {self.tokenizer.eos_token_id}
-        for token in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>"):
-            tid = self.tokenizer.convert_tokens_to_ids(token)
-            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id:
-                ids.add(tid)
-        return sorted(i for i in ids if i is not None)
+        from fourbit.models.chat import stop_token_ids
+
+        return stop_token_ids(self.tokenizer, self.model)
 
     def _encode(self, texts: list[str]) -> dict[str, Any]:
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,13 +25,13 @@ from typing import Any
 import torch
 
 from fourbit._errors import FieldError
+from fourbit.models.chat import render_chat, stop_token_ids
 from fourbit.serve.adapters import install_adapters, read_adapter, set_row_adapters
+from fourbit.serve.constrain import GrammarTokenizer
 
 __all__ = ["Engine", "GenRequest", "QueueFull", "Sampling", "UnknownModel"]
 
 log = logging.getLogger(__name__)
-
-_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end|>")
 
 
 class QueueFull(RuntimeError):
@@ -50,21 +51,30 @@ class UnknownModel(LookupError):
 
 @dataclass
 class Sampling:
-    """Per-request decoding settings (OpenAI's names). ``temperature`` 0 is greedy."""
+    """Per-request decoding settings (OpenAI's names). ``temperature`` 0 is greedy.
+
+    ``logprobs``: None for none; k >= 0 to report each token's log-probability and its k most likely
+    alternatives (the model's own distribution, before temperature, top_p and any grammar), as ("logprob",
+    entry) events. ``constraint``: an object with ``mask(logits) -> logits`` and ``consume(token)`` (see
+    :class:`fourbit.serve.constrain.Constraint`) that restricts each step to the tokens a grammar allows.
+    """
 
     max_tokens: int = 256
     temperature: float = 1.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    logprobs: int | None = None
+    constraint: Any = None
 
 
 @dataclass
 class GenRequest:
     """One generation: the prompt's token ids, the adapter row index (-1: base), and where events go.
 
-    ``sink(kind, value)`` is called from the worker thread with ("delta", text) pieces, then exactly one
-    ("done", finish_reason) or ("error", message).
+    ``sink(kind, value)`` is called from the worker thread with ("delta", text) pieces (and, when the sampling
+    asks for them, a ("logprob", entry) before each token's text; none for the token that ends the reply),
+    then exactly one ("done", finish_reason) or ("error", message).
     """
 
     prompt_ids: list[int]
@@ -75,6 +85,8 @@ class GenRequest:
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = 0.0  # time.monotonic() when queued
+    last_token_at: float | None = None  # when its latest token came (time to first token, per-token latency)
 
     @property
     def prompt_tokens(self) -> int:
@@ -95,6 +107,21 @@ class _Row:
         seed = req.sampling.seed if req.sampling.seed is not None else random.getrandbits(63)
         self.generator = torch.Generator().manual_seed(int(seed))
         self.hold = max((len(s) for s in req.sampling.stop), default=1) - 1
+
+    def choose(self, logits: torch.Tensor) -> int:
+        """The next token from a row of logits ``[vocab]``: within what the constraint allows, picked, and its
+        log-probability reported when asked for."""
+        s = self.req.sampling
+        token = self.pick(logits if s.constraint is None else s.constraint.mask(logits))
+        if s.constraint is not None:
+            s.constraint.consume(token)
+        if s.logprobs is not None and token not in self.end_ids:
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            top = torch.topk(logprobs, s.logprobs) if s.logprobs else None
+            self.req.sink("logprob", {"token": token, "logprob": float(logprobs[token]),
+                                      "top": [] if top is None else list(zip(top.indices.tolist(),
+                                                                             top.values.tolist(), strict=True))})
+        return token
 
     def pick(self, logits: torch.Tensor) -> int:
         """The next token from a row of logits ``[vocab]``: argmax, or a top-p sample at the temperature."""
@@ -205,11 +232,16 @@ class Engine:
         weights = [read_adapter(model, name, folder) for name, folder in adapters.items()]
         self.adapter_names = install_adapters(model, weights)
         self.adapter_folders = {w.name: w.folder for w in weights}
-        self.end_ids = self._end_ids()
+        self.end_ids = set(stop_token_ids(tokenizer, model))
+        vocab = getattr(model.config, "vocab_size", None) or len(tokenizer)
+        self.grammar_tokens = GrammarTokenizer(tokenizer, int(vocab), sorted(self.end_ids))  # built on first use
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.end_ids, default=0)
         self.device = next(model.parameters()).device
         self._cache_kw = self._cache_arg()
         self.stats = {"requests": 0, "batches": 0, "max_rows": 0, "cancelled": 0, "steps": 0}
+        # An observer of the engine's work (fourbit.serve.metrics.ServeMetrics, set by create_app): told of
+        # each generated token (token(req, now)) and each request that ends (done(req, kind, value)).
+        self.metrics: Any = None
         self.index_lock = threading.Lock()  # one upload re-indexes at a time
         self._waiting: list[GenRequest] = []
         self._running: list[GenRequest] = []
@@ -236,23 +268,10 @@ class Engine:
             return self.adapter_names.index(name)
         raise UnknownModel(name, self.models)
 
-    def _end_ids(self) -> set[int]:
-        ids = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
-        for token in _END_TOKENS:
-            tid = self.tokenizer.convert_tokens_to_ids(token)
-            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id:
-                ids.add(tid)
-        return ids
-
-    def chat_prompt(self, messages: list[dict]) -> list[int]:
-        """Token ids of chat ``messages`` rendered with the model's chat template (plain text without one)."""
-        from fourbit.generate import build_prompt
-
-        if getattr(self.tokenizer, "chat_template", None):
-            text = build_prompt(self.tokenizer, messages)
-        else:
-            text = "\n\n".join(m["content"] for m in messages) + "\n\n"
-        return self.encode(text)
+    def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """Token ids of chat ``messages`` rendered by :func:`fourbit.models.chat.render_chat` (as ``generate``
+        and ``rag query`` render them)."""
+        return self.encode(render_chat(self.tokenizer, messages, tools=tools))
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -285,6 +304,9 @@ class Engine:
                 raise RuntimeError("the engine is closed")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(len(self._waiting))
+            req.submitted = time.monotonic()
+            if self.metrics is not None:
+                req.sink = self.metrics.observe(req, req.sink)
             self._waiting.append(req)
             self.stats["requests"] += 1
             self._cond.notify()
@@ -307,7 +329,7 @@ class Engine:
         def sink(kind: str, value: Any) -> None:
             if kind == "delta":
                 pieces.append(value)
-            else:
+            elif kind in ("done", "error"):
                 if kind == "error":
                     errors.append(value)
                 done.set()
@@ -434,7 +456,9 @@ class Engine:
                 row.req.finish_reason = "cancelled"
                 row.req.sink("done", "cancelled")
                 continue
-            token = row.pick(logits[i])
+            token = row.choose(logits[i])
+            if self.metrics is not None and token not in self.end_ids:
+                self.metrics.token(row.req, time.monotonic())
             if row.push(token):
                 row.req.sink("done", row.req.finish_reason)
                 continue
@@ -449,6 +473,16 @@ class Engine:
         state.positions = state.positions[:, -1:] + 1
         return state
 
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for a place in a batch."""
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        """Requests being decoded."""
+        return len(self._running)
 
     # ---- documents --------------------------------------------------------------------------------
     def require_index(self) -> None:

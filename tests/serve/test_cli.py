@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from _cli import assert_clean_error, run_cli
 
 import fourbit.cli
 from fourbit.cli.serve import add_parser
@@ -27,16 +28,17 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def console_script() -> Path:
+    """The installed ``fourbit`` executable beside this Python: a missing one is a broken install, a failure."""
+    path = Path(sys.executable).parent / "fourbit"
+    assert path.is_file(), f"no `fourbit` console script at {path}: install the package (pip install -e .)"
+    return path
+
+
 def run(*argv: str) -> tuple[int, str]:
-    """What ``fourbit.cli.main`` does with our subcommand (until the lead registers it there)."""
-    p = parser()
-    args = p.parse_args(list(argv))
-    try:
-        return int(args.func(args) or 0), ""
-    except (ValueError, NotImplementedError, OSError) as err:
-        return 1, f"fourbit serve: error: {fourbit.cli.user_message(err, fourbit.cli._flags(p))}"
-    except KeyboardInterrupt:
-        return 130, "fourbit serve: interrupted"
+    """``fourbit ARGV...`` in this process: (exit code, stderr)."""
+    result = run_cli(*argv)
+    return result.code, result.err
 
 
 def test_flags_and_defaults():
@@ -66,22 +68,18 @@ def test_taken_port_names_the_flag(model_dir):
 
 
 def test_registered_in_the_fourbit_command(model_dir, tmp_path):
-    from _cli import assert_clean_error, run_cli
-
-    if "fourbit.cli.serve" not in fourbit.cli._COMMAND_MODULES:
-        pytest.skip("fourbit.cli.serve is not registered in fourbit.cli._COMMAND_MODULES yet (the lead does it)")
+    assert "fourbit.cli.serve" in fourbit.cli._COMMAND_MODULES
     assert_clean_error(run_cli("serve", str(model_dir), "--port", "0", "--adapter", f"x={tmp_path}/nope"),
                        "--adapter")
+    done = subprocess.run([str(console_script()), "serve", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "--api-key" in done.stdout and "OpenAI-compatible" in done.stdout
 
 
 def test_ctrl_c_stops_the_server_cleanly(model_dir, tmp_path):
-    script = ("import sys; from tests.serve.test_cli import run; "
-              "code, err = run('serve', sys.argv[1], '--port', '0', '--name', 'tiny', '--db', sys.argv[2]); "
-              "print(err, file=sys.stderr); "
-              "sys.exit(code)")
     env = {**os.environ, "PYTHONPATH": str(REPO), "FOURBIT_API_KEY": "k"}
-    proc = subprocess.Popen([sys.executable, "-c", script, str(model_dir), str(tmp_path / "db")], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    argv = [str(console_script()), "serve", str(model_dir), "--port", "0", "--name", "tiny", "--db", str(tmp_path / "db")]
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()  # "serving tiny on http://127.0.0.1:PORT/ (API key required); ..."
         match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
@@ -107,3 +105,13 @@ def test_ctrl_c_stops_the_server_cleanly(model_dir, tmp_path):
     assert proc.returncode in (0, 130, -signal.SIGINT), stderr
     assert "Traceback" not in stderr
     assert (tmp_path / "db" / "chroma.sqlite3").is_file()  # --db created an empty index to upload into
+
+
+@pytest.mark.parametrize("missing, package", [(("fastapi",), "fastapi"), (("uvicorn",), "uvicorn"),
+                                              (("python_multipart", "multipart"), "python-multipart")])
+def test_without_the_serve_extra_one_line_names_it(model_dir, monkeypatch, missing, package):
+    for module in missing:  # a None entry makes `import module` fail as if it were not installed
+        monkeypatch.setitem(sys.modules, module, None)
+    message = assert_clean_error(run_cli("serve", str(model_dir), "--port", "0"), package,
+                                 "pip install 'fourbit[serve]'")
+    assert message.startswith("fourbit serve: error: the server needs the serve extra")

@@ -46,7 +46,8 @@ def still_serving(http: httpx.Client) -> None:
         ({**CHAT, "messages": []}, 400, "messages"),
         ({**CHAT, "messages": [{"role": "user", "content": "x" * 5000}]}, 400, "messages"),  # over the context
         ({**CHAT, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
-        ({**CHAT, "n": 3}, 400, "n"),
+        ({**CHAT, "n": 0}, 400, "n"),
+        ({**CHAT, "n": 9}, 400, "n"),  # over the server's --max-batch (8)
     ],
 )
 def test_bad_chat_requests_are_named_4xx_and_the_server_keeps_serving(http, body, status, param):

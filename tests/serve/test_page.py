@@ -57,6 +57,19 @@ def test_page_chats_asks_documents_and_uploads(server, browser_page, tmp_path):
         page.wait_for_selector(".msg.assistant[data-done='true']")
         assert page.locator(".msg.user").inner_text() == "Hello!"
         assert page.locator("#error").inner_text() == ""
+
+        # Shift+Enter starts a new line and sends nothing; Enter sends the two lines as one message.
+        box = page.locator("#chat-input")
+        box.click()
+        page.keyboard.type("line one")
+        page.keyboard.press("Shift+Enter")
+        page.keyboard.type("line two")
+        assert box.input_value() == "line one\nline two"
+        assert page.locator(".msg.user").count() == 1
+        page.keyboard.press("Enter")
+        page.wait_for_function("document.querySelectorAll(\".msg.assistant[data-done='true']\").length === 2")
+        assert page.locator(".msg.user").nth(1).text_content() == "line one\nline two"
+        assert box.input_value() == ""
         assert all(url.startswith(server.url) for url in requested), requested  # nothing from elsewhere
     except BaseException:
         page.screenshot(path=str(shot), full_page=True)

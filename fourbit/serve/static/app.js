@@ -97,6 +97,13 @@ $("chat-form").addEventListener("submit", async (event) => {
   }
 });
 
+// Enter sends, Shift+Enter starts a new line (and Enter while an input method composes a word does neither).
+$("chat-input").addEventListener("keydown", (event) => {
+  if (event.key !== "Enter" || event.shiftKey || event.isComposing) return;
+  event.preventDefault();
+  if (!$("chat-send").disabled) $("chat-form").requestSubmit();
+});
+
 // ---- ask your documents ----
 // The parent's text with each evidence sentence wrapped in <mark> (built as DOM nodes, never as HTML).
 function highlighted(text, sentences) {

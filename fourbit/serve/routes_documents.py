@@ -1,0 +1,68 @@
+"""The document routes: ``POST /v1/answers`` (a grounded answer from the index, with its evidence and
+sources; ``stream: true`` sends the sources first, then the answer piece by piece) and ``POST /v1/documents``
+(upload one document into the index). The work itself is in :mod:`fourbit.serve.documents`."""
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, File, Request, UploadFile
+from starlette.concurrency import run_in_threadpool
+
+from fourbit.serve.bodies import AnswerRequest
+from fourbit.serve.documents import ingest_upload, prepare_answer
+from fourbit.serve.engine import Engine
+from fourbit.serve.errors import APIError, error_body
+from fourbit.serve.streaming import Stream, sse, sse_response, usage
+
+__all__ = ["ANSWER_MAX_TOKENS", "router"]
+
+# An answer's default length (a request's max_tokens overrides it). The evidence sentences carry the facts; the
+# 135M model's answer past a few sentences mostly repeats them, and each token costs a decoding step on a
+# 2-core CPU: the answer length is what decides whether a question answers within 5 s (see
+# benchmarks/RESULTS.md, "Answers through the server").
+ANSWER_MAX_TOKENS = 48
+
+router = APIRouter()
+
+
+@router.post("/v1/answers")
+async def answers(body: AnswerRequest, request: Request):
+    engine: Engine = request.app.state.engine
+    engine.require_index()
+    adapter = engine.adapter_index(body.model)
+    max_tokens = body.max_tokens if body.max_tokens is not None else ANSWER_MAX_TOKENS
+    prompt_ids, evidence, sources = await run_in_threadpool(prepare_answer, engine, body.question,
+                                                            body.retriever, body.top_k, max_tokens)
+    sampling = engine.sampling(len(prompt_ids), max_tokens=max_tokens, field_name="question", temperature=0.0)
+    stream = Stream(engine, prompt_ids, [sampling], adapter)
+    found = {"evidence": evidence, "sources": sources}
+    if not body.stream:
+        text = "".join([v async for _, k, v in stream.events(request) if k == "delta"])
+        return {"answer": text.strip(), **found, "model": body.model or engine.model_name,
+                "finish_reason": stream.reqs[0].finish_reason, "usage": usage(stream.reqs)}
+    return sse_response(_answer_events(stream, found), stream)
+
+
+async def _answer_events(stream: Stream, found: dict[str, Any]) -> AsyncIterator[str]:
+    """The sources and evidence, each piece of the answer, then the whole answer with its usage."""
+    yield sse({"type": "sources", **found})
+    pieces = []
+    try:
+        async for _, kind, value in stream.events():
+            if kind == "delta":
+                pieces.append(value)
+                yield sse({"type": "delta", "text": value})
+        yield sse({"type": "done", "answer": "".join(pieces).strip(),
+                   "finish_reason": stream.reqs[0].finish_reason, "usage": usage(stream.reqs)})
+    except APIError as err:
+        yield sse(error_body(err.message, err.type, None, None))
+    yield sse("[DONE]")
+
+
+@router.post("/v1/documents")
+async def documents(request: Request, file: UploadFile = File(...)):  # noqa: B008 - FastAPI's declaration style
+    engine: Engine = request.app.state.engine
+    max_upload: int = request.app.state.max_upload
+    engine.require_index()
+    data = await file.read(max_upload + 1)
+    return await run_in_threadpool(ingest_upload, engine, file.filename or "", data, max_upload)
