@@ -23,8 +23,9 @@ fourbit's packing (``packing: true``) bins into rows of ``--seq-len`` tokens.
 
 fourbit side: ``python -m fourbit finetune <fp32 export> --data topics.jsonl --out DIR --overwrite --format text
 --packing --max-length T --batch-size B --gradient-accumulation-steps 1 --max-steps steps+1 --lora-r 16
---lora-alpha 16 --lora-dropout 0 --eval-fraction 0 --save-steps 0 --eval-steps 0 --no-progress --compute-dtype
-{fp32,bf16} [--gradient-checkpointing] --json``; everything else at its default (optimizer ``adamw``, fourbit's
+--lora-alpha 16 --eval-fraction 0 --save-steps 0 --eval-steps 0 --no-progress --compute-dtype
+{fp32,bf16} [--gradient-checkpointing] --json``; everything else at its default (LoRA dropout 0.1, the QLoRA
+paper's, on both sides unless ``--lora-dropout`` says otherwise; optimizer ``adamw``, fourbit's
 32-bit AdamW, lr 2e-4, weight decay 0, max_grad_norm 0.3, chunked loss). ``--gradient-accumulation-steps 1`` so
 that one optimizer step is one B x T batch, as on the peer side. tokens/s and the step time come from the run's
 ``metrics.jsonl`` (``tokens_per_s`` of each step, as the trainer measures it: collation, forward, backward,
@@ -33,7 +34,7 @@ worker process that starts it (one worker per configuration, so each number belo
 
 Peer side: transformers ``AutoModelForCausalLM`` (fp32), every linear but ``lm_head`` replaced by bitsandbytes
 ``Linear4bit`` (NF4, double quant, the given compute dtype), ``peft.prepare_model_for_kbit_training`` and peft LoRA
-(r=16, alpha=16, dropout 0, all-linear), fed the same batches: the same argv parsed by fourbit's CLI parser into
+(r=16, alpha=16, the same dropout, all-linear), fed the same batches: the same argv parsed by fourbit's CLI parser into
 the same ``TrainConfig``, tokenized and packed by ``fourbit.train.trainer.prepare_data`` + ``BatchPlan`` (same
 seed, same order) + ``collate(packed=True)``, and the peer's own loss ``model(input_ids=, position_ids=,
 labels=).loss`` (transformers' mean cross-entropy), ``loss.backward()``, clipping at the same max_grad_norm and
@@ -124,15 +125,17 @@ def _write_data(workdir: Path) -> Path:
 
 
 def _finetune_argv(folder: Path, data: Path, out: Path, *, dtype: str, gc: bool, batch: int, seq_len: int,
-                   steps: int, policy: str | None = None) -> list[str]:
-    """The ``fourbit finetune`` arguments of one configuration (both sides parse them into a TrainConfig)."""
+                   steps: int, policy: str | None = None, dropout: str | None = None) -> list[str]:
+    """The ``fourbit finetune`` arguments of one configuration (both sides parse them into a TrainConfig).
+    ``dropout`` None leaves LoRA dropout at fourbit's default (the QLoRA paper's 0.1): the number users get."""
     return ["finetune", str(folder), "--data", str(data), "--out", str(out), "--overwrite", "--format", "text",
             "--packing", "--max-length", str(seq_len), "--batch-size", str(batch),
             "--gradient-accumulation-steps", "1", "--max-steps", str(steps + 1), "--lora-r", "16",
-            "--lora-alpha", "16", "--lora-dropout", "0", "--eval-fraction", "0", "--save-steps", "0",
+            "--lora-alpha", "16", "--eval-fraction", "0", "--save-steps", "0",
             "--eval-steps", "0", "--no-progress", "--compute-dtype", dtype,
             "--gradient-checkpointing" if gc else "--no-gradient-checkpointing", "--json"] + (
-                ["--gradient-checkpointing-policy", policy] if policy else [])
+                ["--gradient-checkpointing-policy", policy] if policy else []) + (
+                ["--lora-dropout", dropout] if dropout is not None else [])
 
 
 def _thread_env(threads: int) -> dict[str, str]:
@@ -148,7 +151,7 @@ def _fourbit_worker(args) -> dict:
     out = Path(args.workdir) / "runs" / (f"fourbit-{args.compute_dtype}-gc{int(args.gc)}-{args.batch}x{args.seq_len}"
                                          f"-{args.policy or 'default'}")
     argv = _finetune_argv(folder, data, out, dtype=args.compute_dtype, gc=args.gc, batch=args.batch,
-                          seq_len=args.seq_len, steps=args.steps, policy=args.policy)
+                          seq_len=args.seq_len, steps=args.steps, policy=args.policy, dropout=args.lora_dropout)
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "fourbit", *argv], capture_output=True, text=True,
                           env=_thread_env(args.threads))
@@ -171,7 +174,7 @@ def _fourbit_worker(args) -> dict:
             "n_truncated": summary.get("n_truncated"), "run_s": run_s}
 
 
-def _bnb_model(folder: Path, gc: bool, dtype: str):
+def _bnb_model(folder: Path, gc: bool, dtype: str, dropout: float):
     """transformers + bitsandbytes Linear4bit (NF4, DQ, the given compute dtype) + peft LoRA, on CPU."""
     import bitsandbytes as bnb
     import peft
@@ -193,7 +196,7 @@ def _bnb_model(folder: Path, gc: bool, dtype: str):
                                                  gradient_checkpointing_kwargs={"use_reentrant": False})
     if gc:  # peft only enables it for models transformers itself loaded in k-bit; the layers were swapped here
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0,
+    return peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=16, lora_dropout=dropout,
                                                       target_modules="all-linear"))
 
 
@@ -219,11 +222,12 @@ def _peer_worker(args) -> dict:
     folder, data = CACHE, Path(args.workdir) / "data" / "topics.jsonl"
     out = Path(args.workdir) / "runs" / "peer-unused"
     ns = build_parser().parse_args(_finetune_argv(folder, data, out, dtype=args.compute_dtype, gc=args.gc,
-                                                  batch=args.batch, seq_len=args.seq_len, steps=args.steps))
+                                                  batch=args.batch, seq_len=args.seq_len, steps=args.steps,
+                                                  dropout=args.lora_dropout))
     config = config_from_args(ns, config_file=None, model=ns.model_pos)
     seed_everything(config.seed)
     t0 = time.perf_counter()
-    model = _bnb_model(folder, config.gradient_checkpointing, config.compute_dtype)
+    model = _bnb_model(folder, config.gradient_checkpointing, config.compute_dtype, config.lora_dropout)
     load_s = time.perf_counter() - t0
     tok = AutoTokenizer.from_pretrained(folder)
     if tok.pad_token_id is None:  # as fourbit.train.loading.load_for_training
@@ -267,7 +271,8 @@ def _run_config(args, impl: str, dtype: str, gc: bool, batch: int, seq_len: int,
     cmd = [sys.executable, __file__, "--_worker", "fourbit" if impl == FOURBIT else "peer", "--compute-dtype", dtype,
            "--batch", str(batch), "--seq-len", str(seq_len), "--steps", str(args.steps), "--threads",
            str(args.threads), "--workdir", str(args.workdir)] + (["--gc"] if gc else []) + (
-               ["--policy", policy] if policy else [])
+               ["--policy", policy] if policy else []) + (
+               ["--lora-dropout", args.lora_dropout] if args.lora_dropout is not None else [])
     row = {"impl": impl if not policy else f"{impl} ({policy})", "dtype": dtype, "gc": gc,
            "batch x len": f"{batch}x{seq_len}"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_thread_env(args.threads))
@@ -410,6 +415,9 @@ def main() -> int:
     ap.add_argument("--quality-steps", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workdir", default="/tmp/fourbit_bench_finetune")
+    ap.add_argument("--lora-dropout", default=None,
+                    help="LoRA dropout on both sides (default: fourbit's default, 0.1, what users get; give 0 for "
+                         "the no-dropout configuration, labelled as such)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--gc", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--policy", default=None, help=argparse.SUPPRESS)
@@ -420,7 +428,8 @@ def main() -> int:
         print(json.dumps(worker(args)))
         return 0
     args.workdir = str(Path(args.workdir).resolve())
-    result: dict = {"cpu": cpu_line(), "threads": args.threads, "load_average": os.getloadavg()}
+    result: dict = {"cpu": cpu_line(), "threads": args.threads, "load_average": os.getloadavg(),
+                    "lora_dropout": "default" if args.lora_dropout is None else args.lora_dropout}
     if args.part in ("all", "quality"):
         import torch
 
@@ -439,8 +448,9 @@ def main() -> int:
         print(json.dumps(result, indent=1))
         return 0
     _table("QLoRA vs LoRA on dates -> ISO (same data, seed, steps)", result.get("quality", []))
-    _table(f"fine-tuning speed, batch {args.batch}x{args.seq_len} packed pydoc topics, r=16 all-linear, "
-           f"{args.steps} timed steps (+1 warm-up)", result.get("speed", []), SPEED_COLUMNS)
+    dropout = "0.1 (default)" if args.lora_dropout is None else args.lora_dropout
+    _table(f"fine-tuning speed, batch {args.batch}x{args.seq_len} packed pydoc topics, r=16 all-linear, LoRA "
+           f"dropout {dropout}, {args.steps} timed steps (+1 warm-up)", result.get("speed", []), SPEED_COLUMNS)
     _table("ratios against the peer at its faster compute dtype, same gc (target: tokens/s >= 1.5, RSS <= 0.8)",
            result.get("ratios", []))
     _table(f"long context, batch 1x{args.long_len}, gradient checkpointing", result.get("long", []), SPEED_COLUMNS)

@@ -29,6 +29,7 @@ from typing import Any
 from fourbit._errors import FieldError, InputFileError
 
 __all__ = [
+    "SafetensorsStreamWriter",
     "TEMP_PREFIX",
     "atomic_dir",
     "atomic_write_bytes",
@@ -314,3 +315,85 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+_SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64",
+                       "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+class SafetensorsStreamWriter:
+    """Write a safetensors file one tensor at a time, so that no more than one tensor is in memory.
+
+    The format (a little-endian u64 header size, a JSON header giving each tensor's dtype, shape and byte range,
+    then the bytes) needs every tensor's dtype and shape before the first byte: they are given up front, the
+    header is written, and each tensor's bytes follow in that order as :meth:`write` receives them. The file is
+    written under a temporary name and renamed by :meth:`close` only when every tensor was written.
+
+    Args:
+        path: the final file.
+        entries: ``(name, torch dtype, shape)`` in the order the tensors will be written.
+        metadata: string metadata for the header (transformers reads ``{"format": "pt"}``).
+
+    Raises:
+        ValueError: (``write``) a tensor out of order or of another dtype or shape than announced.
+    """
+
+    def __init__(self, path: str | os.PathLike, entries: list, metadata: dict[str, str] | None = None) -> None:
+        import json
+
+        self.path = Path(path)
+        self.entries = list(entries)
+        header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
+        offset = 0
+        for name, dtype, shape in self.entries:
+            size = _numel(shape) * _element_size(dtype)
+            header[name] = {"dtype": _SAFETENSORS_DTYPES[str(dtype).removeprefix("torch.")],
+                            "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        blob += b" " * (-len(blob) % 8)
+        self._tmp = self.path.with_name(_temp_name(self.path.name))
+        self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed by close() or abort()
+        self._file.write(len(blob).to_bytes(8, "little") + blob)
+        self._next = 0
+
+    def write(self, name: str, tensor) -> None:
+        """Append the next tensor's bytes (contiguous, on the CPU)."""
+        want_name, dtype, shape = self.entries[self._next]
+        if name != want_name or tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+            raise ValueError(f"{self.path.name}: expected {want_name} {dtype} {tuple(shape)}, got {name} "
+                             f"{tensor.dtype} {tuple(tensor.shape)}")
+        import torch
+
+        data = tensor.detach().to("cpu").contiguous()
+        self._file.write(memoryview(data.view(-1).view(torch.uint8).numpy()))
+        self._next += 1
+
+    def close(self) -> Path:
+        """Finish: every announced tensor must have been written; the file is synced and renamed into place."""
+        if self._next != len(self.entries):
+            self.abort()
+            raise ValueError(f"{self.path.name}: {len(self.entries) - self._next} announced tensors were not written")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self._tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the unfinished file."""
+        self._file.close()
+        self._tmp.unlink(missing_ok=True)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _element_size(dtype) -> int:
+    import torch
+
+    return torch.empty((), dtype=dtype).element_size()

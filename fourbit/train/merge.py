@@ -12,6 +12,7 @@ The base model and its quantization come from the run that trained the adapter; 
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +22,14 @@ from fourbit._errors import FieldError
 from fourbit._io import atomic_dir, check_output_dir
 from fourbit.models import clear_fourbit_info
 
-__all__ = ["MERGE_DTYPES", "MergeBase", "merge_adapter", "merge_base", "plain_for_saving"]
+__all__ = ["MAX_SHARD_BYTES", "MERGE_DTYPES", "MergeBase", "merge_adapter", "merge_base", "plain_for_saving",
+           "write_merged_shards"]
 
 MERGE_DTYPES = ("bf16", "fp16", "fp32")
+
+#: The largest merged shard (transformers' default is 5 GB); each tensor is computed and written in turn, so
+#: the shard size bounds the files, not the memory.
+MAX_SHARD_BYTES = 5 * 10**9
 _QUANTS = ("nf4", "fp4", "none")
 
 
@@ -136,6 +142,116 @@ def _dequantize_rest(model: Any) -> None:
             model.set_submodule(name, float_layer(m, torch.float32))
 
 
+def _merged_entries(model: Any, dtype: Any) -> list[tuple[str, Any, tuple[int, ...], Any]]:
+    """What ``save_pretrained`` of the merged model would write, computed one tensor at a time: ``(key, dtype,
+    shape, produce)`` in state-dict order, where ``produce()`` makes that tensor (a LoRA layer merged and a 4-bit
+    layer dequantized through :func:`fourbit.nn.linear4bit.float_layer`, in the layer's layout). A tied
+    parameter is written once, under its first name (as transformers drops ``lm_head.weight`` tied to the input
+    embeddings)."""
+    from fourbit.nn.linear4bit import Linear4bit, float_layer, is_conv1d
+    from fourbit.nn.lora import LoRALinear
+
+    entries, seen, inside = [], set(), ()
+    for name, module in model.named_modules():
+        if inside and name.startswith(inside):
+            continue
+        prefix = f"{name}." if name else ""
+        if isinstance(module, LoRALinear | Linear4bit):
+            inside = (prefix,)
+            make = (lambda m=module: m.merged_linear(dtype)) if isinstance(module, LoRALinear) else \
+                (lambda m=module: float_layer(m, dtype))
+            base = module.base if isinstance(module, LoRALinear) else module
+            base = getattr(module, "_unmerged_base", None) or base
+            conv = is_conv1d(base) or getattr(base, "layout", "linear") == "conv1d"
+            out_f, in_f = module.out_features, module.in_features
+            entries.append((prefix + "weight", dtype, (in_f, out_f) if conv else (out_f, in_f),
+                            lambda make=make: make().weight))
+            if base.bias is not None:
+                entries.append((prefix + "bias", dtype, (out_f,), lambda make=make: make().bias))
+            continue
+        tensors = dict(module._parameters)
+        tensors.update({k: v for k, v in module._buffers.items() if k not in module._non_persistent_buffers_set})
+        for key, t in tensors.items():
+            if t is None or id(t) in seen:
+                continue
+            seen.add(id(t))
+            out_dtype = dtype if t.is_floating_point() else t.dtype
+            entries.append((prefix + key, out_dtype, tuple(t.shape), lambda t=t, d=out_dtype: t.detach().to(d)))
+    return entries
+
+
+def write_merged_shards(model: Any, folder: str | os.PathLike, dtype: Any,
+                        max_shard_bytes: int = MAX_SHARD_BYTES) -> list[Path]:
+    """Write the merged weights of a 4-bit model with LoRA layers as transformers' sharded safetensors, one tensor
+    in memory at a time: peak memory is the 4-bit model plus one layer's float weight, whatever the model's size.
+
+    The files are ``model.safetensors`` (one shard) or ``model-0000i-of-0000n.safetensors`` with
+    ``model.safetensors.index.json``, each at most ``max_shard_bytes`` (a larger single tensor gets a shard of
+    its own), each written under a temporary name and renamed when complete.
+
+    Returns:
+        The shard files.
+    """
+    from fourbit._io import SafetensorsStreamWriter, atomic_write_text
+
+    entries = _merged_entries(model, dtype)
+    shards: list[list] = [[]]
+    size = 0
+    for entry in entries:
+        nbytes = _numel(entry[2]) * _element_size(entry[1])
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    folder = Path(folder)
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for shard, file in zip(shards, names, strict=True):
+        writer = SafetensorsStreamWriter(folder / file, [(k, d, s) for k, d, s, _ in shard])
+        try:
+            for key, _, _, produce in shard:
+                writer.write(key, produce())
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
+    if len(shards) > 1:
+        total = sum(_numel(s) * _element_size(d) for _, d, s, _ in entries)
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {k: file for shard, file in zip(shards, names, strict=True) for k, *_ in shard}}
+        atomic_write_text(folder / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
+    return [folder / n for n in names]
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _element_size(dtype: Any) -> int:
+    import torch
+
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _streamable(model: Any) -> bool:
+    """Whether transformers saves this model's state dict under its own keys (no weight conversion on save, no
+    4-bit experts, whose float form is the original module's): then :func:`write_merged_shards` writes what
+    ``save_pretrained`` would, without building the float model."""
+    from fourbit.nn.experts import Experts4bit
+
+    if any(isinstance(m, Experts4bit) for m in model.modules()):
+        return False
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:
+        return True
+    return not get_checkpoint_conversion_mapping(getattr(model.config, "model_type", None))
+
+
 def merge_adapter(
     adapter_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -145,8 +261,12 @@ def merge_adapter(
     dtype: str = "bf16",
     overwrite: bool = False,
     force: bool = False,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> Path:
     """Merge the adapter in ``adapter_dir`` into its base and write the model (with tokenizer) to ``out_dir``.
+
+    A 4-bit base is merged and written one layer at a time (:func:`write_merged_shards`): peak memory is the
+    4-bit model plus one layer, so an 8B merges on a machine that cannot hold it in 16 bits.
 
     Everything that can be checked (adapter files, output folder, base and quantization, dtype) is checked
     before the model is loaded; the folder is written beside ``out_dir`` and swapped in whole, so an older
@@ -160,6 +280,7 @@ def merge_adapter(
         dtype: ``bf16``, ``fp16`` or ``fp32`` for the merged weights.
         overwrite: replace an existing, non-empty ``out_dir``.
         force: merge onto another ``model``/``quant`` than the run's.
+        max_shard_bytes: the largest weight file (transformers' sharded layout beyond it).
 
     Returns:
         ``out_dir``.
@@ -184,14 +305,23 @@ def merge_adapter(
     base = merge_base(adapter_dir, model=model, quant=quant, force=force)
     qc = None if base.quant == "none" else QuantConfig(quant_type=base.quant, double_quant=base.double_quant,
                                                        compute_dtype="fp32")
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     merged, tokenizer = load_model(base.model, quant=qc, torch_dtype=torch.float32)
     load_adapter(merged, adapter_dir)
-    merge_and_unload(merged, dtype=torch.float32)
-    _dequantize_rest(merged)  # 4-bit layers the adapter did not target
-    merged = merged.to({"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype])
-    plain_for_saving(merged)
     with atomic_dir(out_dir) as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True)
+        if qc is not None and _streamable(merged):  # one layer's float weights at a time
+            write_merged_shards(merged, tmp, torch_dtype, max_shard_bytes)
+            plain_for_saving(merged)
+            merged.config.torch_dtype = torch_dtype
+            merged.config.save_pretrained(tmp)
+            if getattr(merged, "generation_config", None) is not None:
+                merged.generation_config.save_pretrained(tmp)
+        else:
+            merge_and_unload(merged, dtype=torch.float32)
+            _dequantize_rest(merged)  # 4-bit layers the adapter did not target
+            merged = merged.to(torch_dtype)
+            plain_for_saving(merged)
+            merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return out_dir

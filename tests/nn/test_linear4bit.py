@@ -109,7 +109,7 @@ def test_state_dict_uses_bitsandbytes_keys_and_round_trips():
 
 
 def test_loads_into_and_from_bitsandbytes_modules():
-    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
     # in_features 128, a multiple of the block size: bitsandbytes' AVX-512/AMX path repacks the weight per row
     # of blocks and raises on other widths, and its AVX-512 dequantize is wrong where blocks cross a row.
     layer = _layer(in_features=128)

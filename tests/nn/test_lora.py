@@ -27,7 +27,9 @@ from fourbit.nn.lora import (
 
 def _peft():
     """peft is a test oracle (the dev extra): imported only by the tests that compare against it."""
-    return pytest.importorskip("peft")
+    import peft
+
+    return peft
 
 
 def _tiny_llama(seed: int = 0):

@@ -158,7 +158,7 @@ def test_8bit_equals_independent_reference() -> None:
 
 @pytest.mark.parametrize("n", [256 * 3, 5000, 70_003])
 def test_8bit_backends_are_bit_identical(n: int) -> None:
-    pytest.importorskip("numba")
+    import numba  # noqa: F401 - the fast 8-bit path (dev extra)
     results = []
     for backend in ("torch", "numba"):
         g = torch.Generator().manual_seed(n)
@@ -247,7 +247,7 @@ def test_8bit_tracks_torch_on_tiny_llama_finetune() -> None:
 
 
 def test_8bit_agrees_with_bitsandbytes_adamw8bit() -> None:
-    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
     params = _params([(64, 128), (300,)])
     ours = [p.detach().clone().requires_grad_() for p in params]
     theirs = [p.detach().clone().requires_grad_() for p in params]
@@ -445,7 +445,7 @@ def test_packed_small_tensors_equal_one_by_one(backend: str) -> None:
     # Batched updates must be byte-identical to the unbatched torch path: the torch backend concatenates the
     # small tensors (padded to whole blocks), the numba backend updates them all in one kernel call.
     if backend == "numba":
-        pytest.importorskip("numba")
+        import numba  # noqa: F401 - the fast 8-bit path (dev extra)
     from fourbit.optim.functional import adamw_step_8bit_packed
 
     def fresh():
@@ -504,7 +504,8 @@ def test_unknown_backend_names_the_argument() -> None:
 def test_numba_parallel_run_equals_serial() -> None:
     # Over 2^20 elements with two threads the kernel runs its tasks in parallel; blocks are independent, so
     # the bytes must equal a one-thread (serial) run.
-    pytest.importorskip("numba")
+    import numba  # noqa: F401 - the fast 8-bit path (dev extra)
+
     from fourbit.optim.functional import adamw_step_8bit_packed
 
     results = []
@@ -531,7 +532,8 @@ def test_numba_parallel_run_equals_serial() -> None:
 
 def test_numba_kernel_refuses_a_wrong_layout() -> None:
     # The kernel writes through raw addresses: a state of the wrong size must be refused, not written past.
-    pytest.importorskip("numba")
+    import numba  # noqa: F401 - the fast 8-bit path (dev extra)
+
     from fourbit.optim._numba_8bit import adamw_8bit_numba, numba_available
 
     assert numba_available()

@@ -135,7 +135,7 @@ def test_zero_block_and_unsigned_map() -> None:
 def test_layout_matches_bitsandbytes_dequantize(signed: bool) -> None:
     # Byte compatibility: bitsandbytes' own dequantize_blockwise reads the optimizer's codes and absmax to the
     # same float32 values as code[codes] * absmax (exact), so states can be exchanged with bitsandbytes.
-    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
     cb = state_codebook(signed)
     assert torch.equal(cb.code, bnb.functional.create_dynamic_map(signed=signed))
     g = torch.Generator().manual_seed(1)

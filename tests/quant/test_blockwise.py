@@ -1,5 +1,6 @@
 """Blockwise 4-bit and 8-bit quantization: byte-compatibility with bitsandbytes, error bounds, bad input."""
 
+import bitsandbytes.functional as bnbf  # the oracle (dev extra): a missing one fails the module, never skips it
 import pytest
 import torch
 from hypothesis import given, settings
@@ -7,8 +8,6 @@ from hypothesis import strategies as st
 
 import fourbit
 from fourbit.quant import QuantState, dequantize_blockwise, get_code, quantize_blockwise
-
-bnbf = pytest.importorskip("bitsandbytes.functional")
 
 SHAPES = [(64, 96), (7, 13), (1000,), (3, 5, 129), (1, 1), (257, 31), (2, 4096)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

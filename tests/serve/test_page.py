@@ -14,7 +14,7 @@ CHROMIUM = os.environ.get("FOURBIT_CHROMIUM", "/usr/bin/chromium")
 def browser_page(server):
     if not Path(CHROMIUM).exists():
         pytest.skip(f"no chromium at {CHROMIUM} (apt install chromium, or set FOURBIT_CHROMIUM)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the page test needs playwright (dev extra)")
+    from playwright import sync_api  # the dev extra
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
         try:
