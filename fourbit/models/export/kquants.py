@@ -50,18 +50,18 @@ def _make_qkx2_quants(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float
     lo = np.minimum(x.min(axis=1), f32(0))
     hi = x.max(axis=1)
     flat = hi == lo
-    span = np.where(flat, f32(1), hi - lo)
     sum_w = weights.sum(axis=1)
     sum_x = (weights * x).sum(axis=1)
-    iscale = f32(nmax) / span
+    iscale = f32(nmax) / np.where(flat, f32(1), hi - lo)
     scale = f32(1) / iscale
     levels = np.clip(_nearest_int(iscale[:, None] * (x - lo[:, None])), 0, nmax)
     diff = scale[:, None] * levels + lo[:, None] - x
     best = (weights * diff * diff).sum(axis=1)
-    the_min = lo.copy()
+    the_min = lo.copy()  # as in C, a better min found by one grid moves the grids after it
     for step in range(nstep + 1):
+        span = np.where(flat | (hi == the_min), f32(1), hi - the_min)
         iscale = (f32(rmin) + f32(rdelta) * f32(step) + f32(nmax)) / span
-        aux = np.clip(_nearest_int(iscale[:, None] * (x - lo[:, None])), 0, nmax).astype(np.float32)
+        aux = np.clip(_nearest_int(iscale[:, None] * (x - the_min[:, None])), 0, nmax).astype(np.float32)
         sum_l = (weights * aux).sum(axis=1)
         sum_l2 = (weights * aux * aux).sum(axis=1)
         sum_xl = (weights * aux * x).sum(axis=1)
@@ -75,13 +75,12 @@ def _make_qkx2_quants(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float
         this_scale = np.where(positive, sum_xl / np.where(sum_l2 > 0, sum_l2, f32(1)), this_scale)
         diff = this_scale[:, None] * aux + this_min[:, None] - x
         err = (weights * diff * diff).sum(axis=1)
-        better = ok & (err < best)
+        better = ok & (err < best) & ~flat
         levels = np.where(better[:, None], aux.astype(np.int32), levels)
         best = np.where(better, err, best)
         scale = np.where(better, this_scale, scale)
         the_min = np.where(better, this_min, the_min)
     scale = np.where(flat, f32(0), scale)
-    the_min = np.where(flat, lo, the_min)
     levels = np.where(flat[:, None], 0, levels)
     return scale.astype(np.float32), (-the_min).astype(np.float32), levels.astype(np.uint8)
 
