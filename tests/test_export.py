@@ -29,9 +29,16 @@ from fourbit.models import QuantConfig, load_model
 from fourbit.models.export import FOUR_BIT_TYPES, GGUF_TYPES, chat_family, export_gguf, modelfile_for
 from fourbit.models.export.kquants import quantize_q4_k, quantize_q6_k
 from fourbit.nn.adapters import save_adapter
-from fourbit.nn.lora import LoRASpec, dequantized_layer, inject_lora, is_linear_4bit, lora_modules, merge_and_unload
+from fourbit.nn.lora import (
+    LoRASpec,
+    dequantized_layer,
+    inject_lora,
+    is_linear_4bit,
+    lora_modules,
+    merge_and_unload,
+)
 
-HELD_OUT = reference_text(60_000)[40_000:46_000]  # the model and tokenizer are trained on the first 40,000
+HELD_OUT = reference_text(60_000)[40_000:44_000]  # the model and tokenizer are trained on the first 40,000
 
 
 def _train_tokenizer(text: str):
@@ -51,8 +58,17 @@ def _train_tokenizer(text: str):
     return fast
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: these matrices are small, and on a shared 2-core machine more threads only wait."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, _one_thread):
     """A float model folder (trained tiny llama + tokenizer), its NF4 + LoRA model and the adapter folder."""
     text = reference_text(40_000)
     tokenizer = _train_tokenizer(text)
@@ -78,7 +94,7 @@ def trained(tmp_path_factory):
             layer.lora_B.weight.normal_(0, 0.02, generator=gen)
     adapter = tmp_path_factory.mktemp("adapter")
     save_adapter(lm, adapter, base_model_name_or_path=str(folder))
-    return {"folder": folder, "adapter": adapter, "model": lm, "tokenizer": tok, "loss": float(loss)}
+    return {"folder": folder, "adapter": adapter, "model": lm, "tokenizer": tok, "loss": float(loss.detach())}
 
 
 @pytest.fixture(scope="module")
@@ -243,30 +259,29 @@ def _ref_q4_k_block(x: np.ndarray) -> bytes:
     for j in range(8):
         xs = x[32 * j: 32 * j + 32]
         av = f(np.sqrt(f(sum(f(v * v) for v in xs)) / f(32)))
-        w = [f(av + abs(v)) for v in xs]
+        w = (av + np.abs(xs)).astype(f)
         lo, hi = min(f(0), xs.min()), xs.max()
         if hi == lo:
             scales.append(f(0)), mins.append(f(-lo)), levels.append([0] * 32)
             continue
-        sum_w, sum_x = f(sum(w)), f(sum(f(wi * v) for wi, v in zip(w, xs)))
+        sum_w, sum_x = f(w.sum()), f((w * xs).sum())
         iscale = f(15) / (hi - lo)
         scale = f(1) / iscale
-        lv = [max(0, min(15, _nearest(iscale * (v - lo)))) for v in xs]
-        best = f(sum(wi * (scale * li + lo - v) ** 2 for wi, li, v in zip(w, lv, xs)))
+        lv = np.array([max(0, min(15, _nearest(iscale * (v - lo)))) for v in xs], dtype=f)
+        best = f((w * (scale * lv + lo - xs) ** 2).sum())
         for step in range(21):
             iscale = (f(-1) + f(0.1) * f(step) + f(15)) / (hi - lo)
-            aux = [max(0, min(15, _nearest(iscale * (v - lo)))) for v in xs]
-            sl, sl2 = f(sum(wi * a for wi, a in zip(w, aux))), f(sum(wi * a * a for wi, a in zip(w, aux)))
-            sxl = f(sum(wi * a * v for wi, a, v in zip(w, aux, xs)))
+            aux = np.array([max(0, min(15, _nearest(iscale * (v - lo)))) for v in xs], dtype=f)
+            sl, sl2, sxl = f((w * aux).sum()), f((w * aux * aux).sum()), f((w * aux * xs).sum())
             det = sum_w * sl2 - sl * sl
             if det > 0:
                 ts, tm = (sum_w * sxl - sum_x * sl) / det, (sl2 * sum_x - sl * sxl) / det
                 if tm > 0:
                     tm, ts = f(0), sxl / sl2
-                err = f(sum(wi * (ts * a + tm - v) ** 2 for wi, a, v in zip(w, aux, xs)))
+                err = f((w * (ts * aux + tm - xs) ** 2).sum())
                 if err < best:
                     lv, best, scale, lo = aux, err, ts, tm
-        scales.append(f(scale)), mins.append(f(-lo)), levels.append(lv)
+        scales.append(f(scale)), mins.append(f(-lo)), levels.append([int(v) for v in lv])
     max_scale, max_min = max(scales), max(mins)
     ls = [min(63, _nearest(f(63) / max_scale * s)) if max_scale > 0 else 0 for s in scales]
     lm = [min(63, _nearest(f(63) / max_min * m)) if max_min > 0 else 0 for m in mins]
@@ -303,7 +318,7 @@ def test_q4_k_matches_the_scalar_reference_and_decodes_with_gguf():
     q4_0 = quants.dequantize(quants.quantize(wide, GGMLQuantizationType.Q4_0), GGMLQuantizationType.Q4_0)
     rel = np.linalg.norm(decoded - wide) / np.linalg.norm(wide)
     assert rel < 0.9 * np.linalg.norm(q4_0 - wide) / np.linalg.norm(wide)  # better than Q4_0, as in llama.cpp
-    assert 0.02 < rel < 0.05
+    assert 0.05 < rel < 0.08  # 15 levels over each 32 values' range: about 0.07 of a Gaussian's norm
 
 
 def test_q6_k_decodes_with_gguf_and_keeps_zero_blocks():
@@ -315,7 +330,7 @@ def test_q6_k_decodes_with_gguf_and_keeps_zero_blocks():
     decoded = quants.dequantize(quantize_q6_k(x), GGMLQuantizationType.Q6_K)
     assert np.all(decoded[3, :256] == 0)
     rel = np.linalg.norm(decoded - x) / np.linalg.norm(x)
-    assert 0.003 < rel < 0.012
+    assert 0.01 < rel < 0.025  # a 6-bit step of the largest of 16 Gaussian values, over sqrt(12)
     # one level of a 6-bit grid per 16 values: no value moves more than half a step of its sub-block's scale
     step = np.abs(x).reshape(-1, 16).max(axis=1, keepdims=True) / 31
     assert np.all(np.abs(decoded - x).reshape(-1, 16) <= 0.75 * step + 1e-6)
@@ -356,8 +371,10 @@ def test_bad_flags_are_named_before_loading(tmp_path, argv, names):
 def test_output_that_is_a_folder_is_refused(tmp_path):
     (tmp_path / "m.gguf").mkdir()
     assert "is a folder" in assert_clean_error(run_cli("export", "--gguf", str(tmp_path / "m.gguf")), "--gguf")
+    (tmp_path / "in.gguf").write_bytes(b"GGUF")
     assert "is the input" in assert_clean_error(
-        run_cli("export", str(tmp_path / "m.gguf"), "--gguf", str(tmp_path / "m.gguf")), "--gguf")
+        run_cli("export", str(tmp_path / "in.gguf"), "--gguf", str(tmp_path / "in.gguf")), "--gguf")
+    assert (tmp_path / "in.gguf").read_bytes() == b"GGUF"
 
 
 @pytest.mark.parametrize("fault", ["disk_full", "interrupt"])
@@ -395,7 +412,7 @@ def test_library_export_writes_json_report_and_stale_temp_is_cleared(trained, tm
     assert sorted(_no_outputs(tmp_path)) == ["m.gguf"]
     cli = run_cli("export", str(trained["folder"]), "--gguf", str(tmp_path / "n.gguf"), "--json")
     report = json.loads(cli.out)
-    assert report["type"] == "f16" and report["source_4bit"] is None and report["tensor_types"]["F16"] == 19
+    assert report["type"] == "f16" and report["source_4bit"] is None and report["tensor_types"]["F16"] == 16
 
 
 @pytest.mark.slow
