@@ -410,6 +410,10 @@ def test_library_export_writes_json_report_and_stale_temp_is_cleared(trained, tm
                          modelfile=False)
     assert result.from_4bit and not result.requantized and result.modelfile is None
     assert sorted(_no_outputs(tmp_path)) == ["m.gguf"]
+    again = export_gguf(trained["model"], trained["tokenizer"], tmp_path / "m2.gguf", gguf_type="q8_0",
+                        modelfile=False)  # a rerun (after a killed export, say) gives the same bytes
+    assert again.path.read_bytes() == result.path.read_bytes()
+    again.path.unlink()
     cli = run_cli("export", str(trained["folder"]), "--gguf", str(tmp_path / "n.gguf"), "--json")
     report = json.loads(cli.out)
     assert report["type"] == "f16" and report["source_4bit"] is None and report["tensor_types"]["F16"] == 16
