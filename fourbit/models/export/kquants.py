@@ -1,0 +1,208 @@
+"""llama.cpp's Q4_K and Q6_K block quantization, in numpy, for the GGUF files ``fourbit export`` writes.
+
+The ``gguf`` package reads every llama.cpp type but quantizes only the simple ones (Q4_0, Q5_0, Q8_0, ...).
+These follow llama.cpp's reference quantizers (``ggml-quants.c``: ``quantize_row_q4_K_ref``, which calls
+``make_qkx2_quants``, and ``quantize_row_q6_K_ref``, which calls ``make_qx_quants`` with ``rmse_type`` 1), the
+functions llama-quantize uses when it has no importance matrix, vectorized over blocks. Float32 arithmetic
+and round-half-to-even (``nearest_int``) as in C; sums are added in another order, so a rare value may land on
+the next level. The bytes decode with ``gguf.quants.dequantize`` (the test suite checks that round trip).
+
+Super-blocks hold 256 values (``QK_K``):
+
+- Q4_K (144 bytes): fp16 ``d``, fp16 ``dmin``, 12 bytes of eight 6-bit scales and eight 6-bit mins, 128 bytes
+  of 4-bit levels; value = d·scale_j·q − dmin·min_j for sub-block j of 32.
+- Q6_K (210 bytes): 128 bytes low 4 bits, 64 bytes high 2 bits, sixteen int8 scales, fp16 ``d``;
+  value = d·scale_j·(q − 32) for sub-block j of 16.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["QK_K", "Q4_K_BYTES", "Q6_K_BYTES", "quantize_q4_k", "quantize_q6_k"]
+
+QK_K = 256
+Q4_K_BYTES = 144
+Q6_K_BYTES = 210
+_GROUP_MAX_EPS = np.float32(1e-15)
+_CHUNK_BLOCKS = 16384  # super-blocks per vectorized step: bounds the temporaries at ~100 MB
+
+
+def _nearest_int(v: np.ndarray) -> np.ndarray:
+    """C's ``nearest_int``: round half to even (the magic-number trick rounds in the FPU's default mode)."""
+    return np.rint(v).astype(np.int32)
+
+
+def _f16(v: np.ndarray) -> np.ndarray:
+    """The value an fp16 field stores, back as float32 (``GGML_FP16_TO_FP32(GGML_FP32_TO_FP16(v))``)."""
+    return v.astype(np.float16).astype(np.float32)
+
+
+def _make_qkx2_quants(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float, rdelta: float,
+                      nstep: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``make_qkx2_quants`` over rows of ``x`` [n, 32]: the (scale, min) pair of least weighted squared
+    error among ``nstep + 1`` candidate grids, found by least squares per grid.
+
+    Returns:
+        (scale [n], the_min [n] (>= 0, subtracted), levels [n, 32] uint8 in 0..nmax)
+    """
+    f32 = np.float32
+    lo = np.minimum(x.min(axis=1), f32(0))
+    hi = x.max(axis=1)
+    flat = hi == lo
+    sum_w = weights.sum(axis=1)
+    sum_x = (weights * x).sum(axis=1)
+    iscale = f32(nmax) / np.where(flat, f32(1), hi - lo)
+    scale = f32(1) / iscale
+    levels = np.clip(_nearest_int(iscale[:, None] * (x - lo[:, None])), 0, nmax)
+    diff = scale[:, None] * levels + lo[:, None] - x
+    best = (weights * diff * diff).sum(axis=1)
+    the_min = lo.copy()  # as in C, a better min found by one grid moves the grids after it
+    for step in range(nstep + 1):
+        span = np.where(flat | (hi == the_min), f32(1), hi - the_min)
+        iscale = (f32(rmin) + f32(rdelta) * f32(step) + f32(nmax)) / span
+        aux = np.clip(_nearest_int(iscale[:, None] * (x - the_min[:, None])), 0, nmax).astype(np.float32)
+        sum_l = (weights * aux).sum(axis=1)
+        sum_l2 = (weights * aux * aux).sum(axis=1)
+        sum_xl = (weights * aux * x).sum(axis=1)
+        det = sum_w * sum_l2 - sum_l * sum_l
+        ok = det > 0
+        safe_det = np.where(ok, det, f32(1))
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / safe_det
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / safe_det
+        positive = this_min > 0
+        this_min = np.where(positive, f32(0), this_min)
+        this_scale = np.where(positive, sum_xl / np.where(sum_l2 > 0, sum_l2, f32(1)), this_scale)
+        diff = this_scale[:, None] * aux + this_min[:, None] - x
+        err = (weights * diff * diff).sum(axis=1)
+        better = ok & (err < best) & ~flat
+        levels = np.where(better[:, None], aux.astype(np.int32), levels)
+        best = np.where(better, err, best)
+        scale = np.where(better, this_scale, scale)
+        the_min = np.where(better, this_min, the_min)
+    scale = np.where(flat, f32(0), scale)
+    levels = np.where(flat[:, None], 0, levels)
+    return scale.astype(np.float32), (-the_min).astype(np.float32), levels.astype(np.uint8)
+
+
+def _pack_q4_k_scales(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
+    """Eight 6-bit scales and eight 6-bit mins per block ([n, 8] each) into llama.cpp's 12 bytes."""
+    out = np.zeros((ls.shape[0], 12), dtype=np.uint8)
+    out[:, 0:4] = ls[:, 0:4] | ((ls[:, 4:8] >> 4) << 6)
+    out[:, 4:8] = lm[:, 0:4] | ((lm[:, 4:8] >> 4) << 6)
+    out[:, 8:12] = (ls[:, 4:8] & 0xF) | ((lm[:, 4:8] & 0xF) << 4)
+    return out
+
+
+def _q4_k_blocks(x: np.ndarray) -> np.ndarray:
+    """``quantize_row_q4_K_ref`` on super-blocks ``x`` [n, 256] -> [n, 144] bytes."""
+    n = x.shape[0]
+    sub = x.reshape(n * 8, 32)
+    av_x = np.sqrt((sub * sub).sum(axis=1) / np.float32(32))
+    weights = av_x[:, None] + np.abs(sub)
+    scales, mins, levels = _make_qkx2_quants(sub, weights, 15, -1.0, 0.1, 20)
+    scales, mins, levels = scales.reshape(n, 8), mins.reshape(n, 8), levels.reshape(n, 8, 32)
+    max_scale, max_min = scales.max(axis=1), mins.max(axis=1)
+    inv_scale = np.where(max_scale > 0, np.float32(63) / np.where(max_scale > 0, max_scale, 1), 0)
+    inv_min = np.where(max_min > 0, np.float32(63) / np.where(max_min > 0, max_min, 1), 0)
+    ls = np.clip(_nearest_int(inv_scale[:, None] * scales), 0, 63).astype(np.uint8)
+    lm = np.clip(_nearest_int(inv_min[:, None] * mins), 0, 63).astype(np.uint8)
+    d = (max_scale / np.float32(63)).astype(np.float16)
+    dmin = (max_min / np.float32(63)).astype(np.float16)
+    # requantize every value against the scales as stored (6-bit, times fp16 d), as the reference does
+    dl = d.astype(np.float32)[:, None] * ls.astype(np.float32)
+    ml = dmin.astype(np.float32)[:, None] * lm.astype(np.float32)
+    nonzero = dl != 0
+    safe = np.where(nonzero, dl, 1)[:, :, None]
+    requant = np.clip(_nearest_int((x.reshape(n, 8, 32) + ml[:, :, None]) / safe), 0, 15).astype(np.uint8)
+    levels = np.where(nonzero[:, :, None], requant, levels).reshape(n, 4, 2, 32)
+    qs = (levels[:, :, 0, :] | (levels[:, :, 1, :] << 4)).reshape(n, 128)
+    out = np.empty((n, Q4_K_BYTES), dtype=np.uint8)
+    out[:, 0:2] = d.reshape(n, 1).view(np.uint8)
+    out[:, 2:4] = dmin.reshape(n, 1).view(np.uint8)
+    out[:, 4:16] = _pack_q4_k_scales(ls, lm)
+    out[:, 16:] = qs
+    return out
+
+
+def _make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """``make_qx_quants(n, nmax, x, L, rmse_type=1, NULL)`` over rows of ``x`` [n, 16]: a symmetric scale
+    searched over 19 grids, weighted by x².
+
+    Returns:
+        (scale [n], levels [n, 16] int32 in 0..2·nmax-1)
+    """
+    f32 = np.float32
+    rows = np.arange(x.shape[0])
+    pick = np.abs(x).argmax(axis=1)  # first index of the largest magnitude, as the strict ``>`` in C
+    peak = x[rows, pick]
+    zero = np.abs(peak) < _GROUP_MAX_EPS
+    peak = np.where(zero, f32(1), peak)
+    w = x * x
+
+    def grid(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        lv = np.clip(_nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
+        lf = lv.astype(np.float32)
+        return lv, (w * x * lf).sum(axis=1), (w * lf * lf).sum(axis=1)
+
+    levels, sumlx, suml2 = grid(f32(-nmax) / peak)
+    scale = np.where(suml2 > 0, sumlx / np.where(suml2 > 0, suml2, 1), f32(0))
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        lv, slx, sl2 = grid(-(f32(nmax) + f32(0.1) * f32(step)) / peak)
+        better = (sl2 > 0) & (slx * slx > best * sl2)
+        levels = np.where(better[:, None], lv, levels)
+        scale = np.where(better, slx / np.where(sl2 > 0, sl2, 1), scale)
+        best = np.where(better, scale * slx, best)
+    scale = np.where(zero, f32(0), scale)
+    levels = np.where(zero[:, None], 0, levels + nmax)
+    return scale.astype(np.float32), levels
+
+
+def _q6_k_blocks(x: np.ndarray) -> np.ndarray:
+    """``quantize_row_q6_K_ref`` on super-blocks ``x`` [n, 256] -> [n, 210] bytes."""
+    n = x.shape[0]
+    scales, levels = _make_qx_quants(x.reshape(n * 16, 16), 32)
+    scales, levels = scales.reshape(n, 16), levels.reshape(n, 16, 16)
+    pick = np.abs(scales).argmax(axis=1)
+    max_scale = scales[np.arange(n), pick]
+    empty = np.abs(max_scale) < _GROUP_MAX_EPS
+    iscale = np.float32(-128) / np.where(empty, np.float32(1), max_scale)
+    d = (np.float32(1) / iscale).astype(np.float16)
+    sc = np.minimum(127, _nearest_int(iscale[:, None] * scales)).astype(np.int8)
+    dl = d.astype(np.float32)[:, None] * sc.astype(np.float32)
+    nonzero = dl != 0
+    requant = np.clip(_nearest_int(x.reshape(n, 16, 16) / np.where(nonzero, dl, 1)[:, :, None]), -32, 31) + 32
+    levels = np.where(nonzero[:, :, None], requant, levels).reshape(n, 2, 4, 32).astype(np.uint8)
+    low, high = levels & 0xF, levels >> 4
+    ql = np.concatenate([low[:, :, 0] | (low[:, :, 2] << 4), low[:, :, 1] | (low[:, :, 3] << 4)], axis=2)
+    qh = high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6)
+    out = np.empty((n, Q6_K_BYTES), dtype=np.uint8)
+    out[:, 0:128] = ql.reshape(n, 128)
+    out[:, 128:192] = qh.reshape(n, 64)
+    out[:, 192:208] = sc.view(np.uint8)
+    out[:, 208:210] = d.reshape(n, 1).view(np.uint8)
+    out[empty] = 0
+    return out
+
+
+def _quantize(rows: np.ndarray, blocks_fn, block_bytes: int) -> np.ndarray:
+    if rows.shape[-1] % QK_K:
+        raise ValueError(f"rows of {rows.shape[-1]} values do not split into super-blocks of {QK_K}")
+    flat = np.ascontiguousarray(rows, dtype=np.float32).reshape(-1, QK_K)
+    out = np.empty((flat.shape[0], block_bytes), dtype=np.uint8)
+    for start in range(0, flat.shape[0], _CHUNK_BLOCKS):
+        out[start:start + _CHUNK_BLOCKS] = blocks_fn(flat[start:start + _CHUNK_BLOCKS])
+    return out.reshape(*rows.shape[:-1], rows.shape[-1] // QK_K * block_bytes)
+
+
+def quantize_q4_k(rows: np.ndarray) -> np.ndarray:
+    """Q4_K bytes of ``rows`` [..., k] (k a multiple of 256) -> uint8 [..., k / 256 · 144]."""
+    return _quantize(rows, _q4_k_blocks, Q4_K_BYTES)
+
+
+def quantize_q6_k(rows: np.ndarray) -> np.ndarray:
+    """Q6_K bytes of ``rows`` [..., k] (k a multiple of 256) -> uint8 [..., k / 256 · 210]."""
+    return _quantize(rows, _q6_k_blocks, Q6_K_BYTES)
