@@ -4,7 +4,7 @@ The tiny model is a 2-layer llama with hidden size 256 (so llama.cpp's 256-value
 for a few dozen steps on English text so that its next-token distributions are peaked and quantization error
 shows in its perplexity, with a byte-level BPE tokenizer trained on the same text. It is quantized to NF4 and
 given a LoRA adapter with non-zero B; the reference is fourbit's own merge of that adapter onto the
-dequantized NF4 base (``merge_and_unload`` + ``dequantized_layer``, the path ``fourbit merge`` takes). Each
+dequantized NF4 base (``merge_and_unload`` + ``float_layer``, the path ``fourbit merge`` takes). Each
 exported file is read by the ``gguf`` package's reader and loaded by transformers' GGUF loader (which
 dequantizes it and undoes llama.cpp's Q/K row order on its own).
 """
@@ -29,9 +29,9 @@ from fourbit.models import QuantConfig, load_model
 from fourbit.models.export import FOUR_BIT_TYPES, GGUF_TYPES, chat_family, export_gguf, modelfile_for
 from fourbit.models.export.kquants import quantize_q4_k, quantize_q6_k
 from fourbit.nn.adapters import save_adapter
+from fourbit.nn.linear4bit import float_layer
 from fourbit.nn.lora import (
     LoRASpec,
-    dequantized_layer,
     inject_lora,
     is_linear_4bit,
     lora_modules,
@@ -103,7 +103,7 @@ def merged(trained):
     model = merge_and_unload(copy.deepcopy(trained["model"]), dtype=torch.float32)
     for name, module in list(model.named_modules()):
         if is_linear_4bit(module):
-            model.set_submodule(name, dequantized_layer(module, torch.float32))
+            model.set_submodule(name, float_layer(module, torch.float32))
     return model.eval()
 
 
@@ -436,3 +436,16 @@ def test_bundled_smollm2_perplexity(tmp_path, gguf_type, bound):
     reference = perplexity(model, tokenizer, text, window=512, max_windows=4)
     exported = perplexity(loaded, tokenizer, text, window=512, max_windows=4)
     assert abs(exported / reference - 1) < bound, (exported, reference)
+
+
+def test_a_dora_adapter_is_refused_as_a_lora_file_and_nothing_is_written(tmp_path) -> None:
+    from _tiny_models import make_llama
+
+    from fourbit.models.export import export_lora_gguf
+    from fourbit.nn.lora import LoRASpec, inject_lora
+
+    model = make_llama(0)
+    inject_lora(model, LoRASpec(r=4, alpha=8, dropout=0.0, use_dora=True))
+    with pytest.raises(NotImplementedError, match="DoRA"):
+        export_lora_gguf(model, tmp_path / "a.gguf")
+    assert list(tmp_path.iterdir()) == []

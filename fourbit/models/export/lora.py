@@ -39,6 +39,9 @@ def _pairs(model: nn.Module) -> tuple[list[tuple[str, np.ndarray, np.ndarray]], 
     layers = lora_modules(model)
     if not layers:
         raise ValueError("`adapter`: the model has no LoRA layers to export")
+    if any(m.use_dora for m in layers.values()):
+        raise NotImplementedError("`adapter`: it is a DoRA adapter, whose magnitude vectors a llama.cpp LoRA file "
+                                  "cannot hold: export the merged model (--gguf without --lora-gguf) instead")
     code = next(k for k, v in MODEL_ARCH_NAMES.items() if v == arch.gguf_arch)
     name_map = get_tensor_name_map(code, config.num_hidden_layers)
     first = next(iter(layers.values()))

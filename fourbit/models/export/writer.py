@@ -98,7 +98,8 @@ def float_tensors(model: nn.Module) -> Iterator[tuple[str, tuple[int, ...], Call
     """``(name, shape, load, from_4bit)`` for every parameter of ``model`` under its transformers state-dict
     name; ``load()`` gives the float32 tensor a merged float model would hold (4-bit layers dequantized, LoRA
     layers merged). Tied duplicates appear once."""
-    from fourbit.nn.lora import LoRALinear, _features, dequantized_layer
+    from fourbit.nn.linear4bit import float_layer
+    from fourbit.nn.lora import LoRALinear, _features
 
     seen: set[int] = set()
     handled: list[str] = []
@@ -117,7 +118,7 @@ def float_tensors(model: nn.Module) -> Iterator[tuple[str, tuple[int, ...], Call
         elif _is_4bit(module):
             handled.append(name)
             in_f, out_f = _features(module)
-            yield f"{prefix}weight", (out_f, in_f), lambda m=module: dequantized_layer(m).weight, True
+            yield f"{prefix}weight", (out_f, in_f), lambda m=module: float_layer(m).weight, True
             if module.bias is not None:
                 yield f"{prefix}bias", (out_f,), lambda m=module: m.bias.detach().float(), False
         else:
