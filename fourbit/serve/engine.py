@@ -458,7 +458,8 @@ class Engine:
             index = self._adapters.get(name)
             if index is None:
                 raise UnknownModel(name, self.models)
-            users = [r for r in [*self._waiting, *self._running] if r.adapter == index and r.finish_reason is None]
+            users = [r for r in [*self._waiting, *self._running]
+                     if r.adapter == index and r.finish_reason is None and not r.cancelled.is_set()]
             if users:
                 raise AdapterInUse(name, len(users))
             del self._adapters[name]
