@@ -34,8 +34,8 @@ from torch import nn
 from fourbit._errors import FieldError
 from fourbit.nn.lora import LoRALinear, lora_modules
 
-__all__ = ["AdapterWeights", "add_adapter", "install_adapters", "read_adapter", "remove_adapter",
-           "set_row_adapters"]
+__all__ = ["AdapterWeights", "add_adapter", "check_adapter_folder", "install_adapters", "read_adapter",
+           "remove_adapter", "set_row_adapters"]
 
 
 @dataclass
@@ -47,14 +47,40 @@ class AdapterWeights:
     layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
 
 
+def check_adapter_folder(name: str, folder: str | os.PathLike, *, field: str = "adapters") -> dict:
+    """What can be checked of an adapter folder without the model: it is a folder, its config is a LoRA
+    config fourbit reads, and it is not DoRA (which mixed batches cannot compute yet).
+
+    Returns:
+        The adapter's config (:func:`fourbit.nn.adapters.read_adapter_config`).
+
+    Raises:
+        FieldError: (field ``field``) naming the adapter, the path and what is wrong.
+    """
+    from fourbit.nn.adapters import read_adapter_config
+
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        why = "is not a folder" if path.exists() else "does not exist"
+        raise FieldError(field, f"adapter {name!r}: {path} {why} (an adapter is a folder holding "
+                                "adapter_config.json and adapter_model.safetensors)")
+    try:
+        cfg = read_adapter_config(path)
+    except (ValueError, NotImplementedError, OSError) as err:
+        raise FieldError(field, f"adapter {name!r}: {_one_line(err)}") from None
+    if cfg.get("use_dora"):
+        raise FieldError(field, f"adapter {name!r}: DoRA adapters are not served in mixed batches yet; "
+                                "merge it (`fourbit merge`) and serve the merged model")
+    return cfg
+
+
 def read_adapter(model: nn.Module, name: str, folder: str | os.PathLike, *,
                  field: str = "adapters") -> AdapterWeights:
     """Read an adapter folder through :func:`fourbit.nn.adapters.load_adapter` and leave ``model`` as it was.
 
     ``model`` may already serve adapters (its mixed-batch :class:`LoRALinear` layers are set aside while the
-    adapter is read, and put back). An adapter that would change the base model for every row (peft's
-    ``modules_to_save``) or that the mixed-batch mode cannot compute (DoRA) is refused before the model is
-    touched.
+    adapter is read, and put back). An adapter that mixed batches cannot compute (DoRA) or that would change
+    the base model for every row (peft's ``modules_to_save``) is refused before the model is touched.
 
     Args:
         field: the name errors carry (``adapters`` for the start-up flag, ``lora_path`` for the endpoint).
@@ -66,11 +92,13 @@ def read_adapter(model: nn.Module, name: str, folder: str | os.PathLike, *,
     from fourbit.nn.lora import unload_lora
 
     path = Path(folder).expanduser()
-    if not path.is_dir():
-        why = "is not a folder" if path.exists() else "does not exist"
-        raise FieldError(field, f"adapter {name!r}: {path} {why} (an adapter is a folder holding "
-                                "adapter_config.json and adapter_model.safetensors)")
-    _check_servable(model, name, path, field)
+    cfg = check_adapter_folder(name, path, field=field)
+    present = {n for n, _ in model.named_modules()} | {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    saved = [m for m in (cfg.get("modules_to_save") or ()) if m in present]
+    if saved:
+        raise FieldError(field, f"adapter {name!r}: it replaces whole modules ({', '.join(saved)}: peft's "
+                                "modules_to_save), which one base model shared by every request cannot serve; "
+                                "merge it (`fourbit merge`) and serve the merged model")
     with _serving_layers_set_aside(model):
         try:
             load_adapter(model, path)
@@ -88,26 +116,6 @@ def read_adapter(model: nn.Module, name: str, folder: str | os.PathLike, *,
 
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
-
-
-def _check_servable(model: nn.Module, name: str, path: Path, field: str) -> None:
-    """Refuse, from the config alone, what mixed batches cannot serve: DoRA, and ``modules_to_save`` (whole
-    modules the adapter replaces, which loading would write into the one base model every row shares)."""
-    from fourbit.nn.adapters import read_adapter_config
-
-    try:
-        cfg = read_adapter_config(path)
-    except (ValueError, NotImplementedError, OSError) as err:
-        raise FieldError(field, f"adapter {name!r}: {_one_line(err)}") from None
-    if cfg.get("use_dora"):
-        raise FieldError(field, f"adapter {name!r}: DoRA adapters are not served in mixed batches yet; "
-                                "merge it (`fourbit merge`) and serve the merged model")
-    present = {n for n, _ in model.named_modules()} | {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    saved = [m for m in (cfg.get("modules_to_save") or ()) if m in present]
-    if saved:
-        raise FieldError(field, f"adapter {name!r}: it replaces whole modules ({', '.join(saved)}: peft's "
-                                "modules_to_save), which one base model shared by every request cannot serve; "
-                                "merge it (`fourbit merge`) and serve the merged model")
 
 
 @contextmanager

@@ -35,6 +35,7 @@ from fourbit._errors import FieldError
 from fourbit.models.chat import render_chat, stop_token_ids
 from fourbit.serve.adapters import (
     add_adapter,
+    check_adapter_folder,
     install_adapters,
     read_adapter,
     remove_adapter,
@@ -396,12 +397,20 @@ class Engine:
     def load_adapter(self, name: str, folder: str) -> Future:
         """Read the adapter in ``folder`` and serve it as model ``name``, between two decode steps.
 
+        The folder and its config are checked here, in the caller's thread; the worker reads the weights and
+        registers them, pausing the running batch for that read only.
+
         Returns:
-            A future that resolves (to None) once requests can name ``name``, or holds the error:
-            FieldError naming ``lora_name`` (empty, the base model's, or already loaded) or ``lora_path``
-            (not a folder, not an adapter, not an adapter of this model, or one mixed batches cannot serve).
+            A future that resolves (to None) once requests can name ``name``, or holds a FieldError naming
+            ``lora_path`` (an adapter whose modules or shapes do not fit this model, damaged weights, peft's
+            ``modules_to_save``) or ``lora_name`` (loaded meanwhile by another call).
+
+        Raises:
+            FieldError: ``lora_name`` empty, the base model's or already loaded; ``lora_path`` not a folder, not
+                an adapter, or DoRA.
         """
         self._check_new_name(name)
+        check_adapter_folder(name, folder, field="lora_path")  # a bad folder never reaches the worker
         return self._between_steps(lambda: self._load(name, folder))
 
     def unload_adapter(self, name: str) -> Future:
@@ -448,8 +457,8 @@ class Engine:
         except Exception:
             remove_adapter(self.model, index)
             raise
-        with self._cond:
-            self._adapters[name] = index
+        with self._cond:  # a new dict, not changed in place: other threads iterate the old one safely
+            self._adapters = {**self._adapters, name: index}
             self.adapter_folders[name] = weights.folder
         log.info("loaded adapter %r from %s (row index %d)", name, weights.folder, index)
 
@@ -462,7 +471,7 @@ class Engine:
                      if r.adapter == index and r.finish_reason is None and not r.cancelled.is_set()]
             if users:
                 raise AdapterInUse(name, len(users))
-            del self._adapters[name]
+            self._adapters = {n: i for n, i in self._adapters.items() if n != name}
             self.adapter_folders.pop(name, None)
         remove_adapter(self.model, index)
         log.info("unloaded adapter %r", name)

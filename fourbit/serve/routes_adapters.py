@@ -12,6 +12,7 @@ import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
 
 from fourbit.serve.bodies import LoadLoRARequest, UnloadLoRARequest
 from fourbit.serve.engine import AdapterInUse, Engine, UnknownModel
@@ -25,7 +26,8 @@ router = APIRouter()
 @router.post("/v1/load_lora_adapter")
 async def load_lora_adapter(body: LoadLoRARequest, request: Request) -> dict[str, Any]:
     engine: Engine = request.app.state.engine
-    await asyncio.wrap_future(engine.load_adapter(body.lora_name, body.lora_path))
+    loading = await run_in_threadpool(engine.load_adapter, body.lora_name, body.lora_path)  # reads its config
+    await asyncio.wrap_future(loading)
     return {"object": "lora_adapter", "lora_name": body.lora_name, "status": "loaded",
             "message": f"LoRA adapter {body.lora_name!r} added successfully", "models": engine.models}
 
