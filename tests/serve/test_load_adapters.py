@@ -129,8 +129,11 @@ def _broken_adapters(root, good):
     weights.write_bytes(weights.read_bytes()[:100])
     shutil.copytree(good, root / "dora")
     (root / "dora" / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+    shutil.copytree(good, root / "saves-modules")  # would write lm_head into the base every request shares
+    (root / "saves-modules" / "adapter_config.json").write_text(json.dumps({**cfg, "modules_to_save": ["lm_head"]}))
     return {"missing": root / "nope", "empty": root / "empty", "file": root / "file.txt",
-            "other-rank": root / "other-rank", "truncated": root / "truncated", "dora": root / "dora"}
+            "other-rank": root / "other-rank", "truncated": root / "truncated", "dora": root / "dora",
+            "saves-modules": root / "saves-modules"}
 
 
 def test_bad_loads_and_unloads_are_named_4xx_and_the_server_keeps_serving(live, model_dir, adapter_dirs, tmp_path):
@@ -142,6 +145,8 @@ def test_bad_loads_and_unloads_are_named_4xx_and_the_server_keeps_serving(live, 
         assert f"bad-{why}" in message, message
         assert engine.models == ["tiny", "gamma"] and set(lora_modules(engine.model)) == layers, why
     assert "DoRA" in assert_one_line_error(load(http, "x", tmp_path / "dora"), 400, "lora_path")
+    assert "modules_to_save" in assert_one_line_error(load(http, "x", tmp_path / "saves-modules"), 400, "lora_path")
+    assert "does not exist" in assert_one_line_error(load(http, "x", tmp_path / "nope"), 400, "lora_path")
     assert "already loaded" in assert_one_line_error(load(http, "gamma", adapter_dirs["beta"]), 400, "lora_name")
     assert_one_line_error(load(http, "tiny", adapter_dirs["beta"]), 400, "lora_name")
     assert_one_line_error(http.post("/v1/load_lora_adapter", json={"lora_name": "x"}), 400, "lora_path")
