@@ -6,6 +6,15 @@ A real uvicorn server on 127.0.0.1 over the bundled SmolLM2-135M-Instruct in 4 b
 after the other (greedy, ``--tokens`` at most); tokens are the completion tokens the server reports.
 
     python benchmarks/bench_serve.py [--clients 1,4,8] [--requests 2] [--tokens 32] [--tiny] [--json]
+
+``--adapters N`` measures many adapters resident instead (issue 21 item 4): N small random adapters (rank 8 to
+16, every other one all-linear, the rest q_proj/v_proj; written to a temp folder in peft's format and loaded
+as ``--adapter`` would) over the same base, and batches of ``--batch`` requests, each naming a random adapter,
+decoded together in one batch (the engine directly, no HTTP: the batch is the point). Reported against the
+same batches all naming one adapter (the single-adapter case, one adapter resident), and the random mix
+again with the gathered formulation of :mod:`fourbit.serve.gathered` (a prototype):
+
+    python benchmarks/bench_serve.py --adapters 100 [--batch 8] [--tokens 32] [--rounds 3] [--tiny] [--json]
 """
 
 from __future__ import annotations
@@ -105,8 +114,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--tiny", action="store_true", help="the tests' 2-layer random llama (smoke run)")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--adapters", type=int, default=0,
+                        help="measure N random adapters resident against one (instead of the clients run)")
+    parser.add_argument("--batch", type=int, default=8, help="rows decoded together in the --adapters run")
+    parser.add_argument("--rounds", type=int, default=3, help="timed batches per case in the --adapters run")
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.adapters:
+        _adapters_main(args)
+        return
 
     from fourbit.serve import Engine, create_app
 
@@ -134,6 +151,109 @@ def main() -> None:
         print(f"  {c} clients: requests/s x{batched['requests_per_s'] / one['requests_per_s']:.2f}, "
               f"tokens/s x{batched['tokens_per_s'] / one['tokens_per_s']:.2f}")
     print(f"load average before/after: {load_before} / {load_average()}")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+
+
+def _write_random_adapters(model, count: int, root: Path, seed: int) -> dict[str, Path]:
+    """``count`` random adapters over ``model`` (rank 8 to 16; even ones all-linear, odd ones q_proj/v_proj),
+    in peft's format; B is random (not zero) so that every adapter changes the output."""
+    import random
+
+    from fourbit.nn.adapters import save_adapter
+    from fourbit.nn.lora import LoRASpec, inject_lora, lora_modules, unload_lora
+
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    folders = {}
+    for i in range(count):
+        r = rng.randint(8, 16)
+        targets = "all-linear" if i % 2 == 0 else ("q_proj", "v_proj")
+        inject_lora(model, LoRASpec(r=r, alpha=2.0 * r, dropout=0.0, target_modules=targets))
+        with torch.no_grad():
+            for m in lora_modules(model).values():
+                m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.01)
+        folders[f"adapter-{i:03d}"] = save_adapter(model, root / f"adapter-{i:03d}")
+        unload_lora(model)
+    return folders
+
+
+def _decode_batches(engine, names: list[str], tokens: int, rounds: int) -> dict:
+    """``rounds`` batches (after one warm-up), each of ``len(names)`` greedy requests (row i naming adapter
+    ``names[i]``) started together, so that they are decoded in one batch; tokens/s over the timed ones."""
+    from fourbit.serve import GenRequest, Sampling
+
+    def one_batch() -> tuple[int, float]:
+        done = threading.Semaphore(0)
+        reqs = []
+        start = time.perf_counter()
+        with engine.hold():
+            for i, name in enumerate(names):
+                ids = engine.chat_prompt([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}])
+                sink = lambda kind, value: done.release() if kind in ("done", "error") else None  # noqa: E731
+                reqs.append(engine.submit(GenRequest(ids, engine.adapter_index(name), Sampling(tokens, 0.0), sink)))
+        for _ in reqs:
+            done.acquire()
+        if any(r.finish_reason not in ("stop", "length") for r in reqs):
+            raise RuntimeError(f"a request failed: {[r.finish_reason for r in reqs]}")
+        return sum(r.completion_tokens for r in reqs), time.perf_counter() - start
+
+    one_batch()  # warm-up
+    generated = wall = 0.0
+    for _ in range(rounds):
+        n, seconds = one_batch()
+        generated, wall = generated + n, wall + seconds
+    return {"tokens_per_s": generated / wall, "tokens": int(generated), "wall_s": wall, "rows": len(names),
+            "one_batch": engine.stats["batches"] == rounds + 1 and engine.stats["max_rows"] == len(names),
+            "adapters_in_batch": len(set(names))}
+
+
+def _adapters_main(args) -> None:
+    """Many adapters resident against one: the same batches, one adapter for every row against a random mix."""
+    import random
+
+    from fourbit.nn.lora import unload_lora
+    from fourbit.serve import Engine
+    from fourbit.serve.gathered import gathered_rows
+
+    model, tokenizer = _load(args.tiny)
+    rng = random.Random(args.seed)
+    rows: dict[str, dict] = {}
+    load_before = load_average()
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        folders = _write_random_adapters(model, args.adapters, Path(tmp), args.seed)
+        print(f"wrote {len(folders)} adapters in {time.perf_counter() - started:.1f} s", flush=True)
+        names = list(folders)
+        mix = [rng.choice(names) for _ in range(args.batch)]
+        cases = [("single adapter", {names[0]: folders[names[0]]}, [names[0]] * args.batch, False),
+                 (f"{len(names)} adapters, random mix", folders, mix, False),
+                 (f"{len(names)} adapters, random mix, gathered", folders, mix, True)]
+        for label, served, row_names, gathered in cases:
+            started = time.perf_counter()
+            engine = Engine(model, tokenizer, adapters={n: str(f) for n, f in served.items()}, model_name="base",
+                            max_batch=args.batch)
+            loaded = time.perf_counter() - started
+            try:
+                if gathered:
+                    with gathered_rows(model):
+                        result = _decode_batches(engine, row_names, args.tokens, args.rounds)
+                else:
+                    result = _decode_batches(engine, row_names, args.tokens, args.rounds)
+            finally:
+                engine.close()
+                unload_lora(model)  # the base model back, for the next case's engine
+            rows[label] = {**result, "resident": len(served), "load_s": loaded}
+            print(f"{label:>40}: {result['tokens_per_s']:.1f} tok/s ({result['tokens']} tokens in "
+                  f"{result['wall_s']:.1f} s; {len(served)} resident, loaded in {loaded:.1f} s; "
+                  f"{result['adapters_in_batch']} in the batch of {result['rows']}, one batch: "
+                  f"{result['one_batch']})", flush=True)
+    single = rows["single adapter"]["tokens_per_s"]
+    print("\nagainst the single-adapter case (target >= 85 %):")
+    for label, row in rows.items():
+        row["vs_single"] = row["tokens_per_s"] / single
+        print(f"  {label}: {100 * row['vs_single']:.0f} %")
+    print(f"load average before/after: {load_before} / {load_average()} (a shared machine: numbers are noisy)")
     if args.json:
         print(json.dumps(rows, indent=2))
 

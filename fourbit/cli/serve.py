@@ -101,8 +101,9 @@ def _bind(host: str, port: int) -> socket.socket:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the 4-bit model (and its adapters, and the documents of --db) over HTTP until Ctrl-C.
 
-    OpenAI-compatible endpoints under /v1 (models, chat/completions, completions, embeddings), document
-    QA (/v1/answers, /v1/documents), /health, and a web page at /. Binds 127.0.0.1 unless --host says
+    OpenAI-compatible endpoints under /v1 (models, chat/completions, completions, embeddings), adapters
+    loaded and unloaded while serving (/v1/load_lora_adapter, /v1/unload_lora_adapter), document QA
+    (/v1/answers, /v1/documents), /health, and a web page at /. Binds 127.0.0.1 unless --host says
     otherwise; --api-key (or FOURBIT_API_KEY) requires `Authorization: Bearer KEY` on all but /health.
     """
     _check_serve_extra()
@@ -113,6 +114,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if args.threads is not None and args.threads < 1:
         raise FieldError("threads", f"must be >= 1, got {args.threads}")
+    for flag in ("max_batch", "max_queue"):  # before the model loads: a wrong flag fails fast
+        if getattr(args, flag) < 1:
+            raise FieldError(flag, f"must be >= 1, got {getattr(args, flag)}")
     if args.max_upload_mb <= 0:
         raise FieldError("max_upload_mb", f"must be > 0, got {args.max_upload_mb}")
     sock = _bind(args.host, args.port)
@@ -151,7 +155,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help=f"require `Authorization: Bearer KEY` (default: ${API_KEY_ENV})")
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default: 8)")
-    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 429 (default: 64)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a place in a batch; more "
+                   "are answered 429 with Retry-After at once (default: 64)")
     p.add_argument("--threads", type=int, help="CPU threads for the model (default: torch's, one per core); on a "
                    "machine busy with other work, 1 can be several times faster")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest uploaded document (default: 20)")

@@ -6,9 +6,10 @@ only when called: fastapi and uvicorn are needed to serve, not to import this pa
 by :mod:`fourbit.rag.grounding`, as ``rag query``'s are.
 """
 
-from fourbit.serve.engine import Engine, GenRequest, QueueFull, Sampling, UnknownModel
+from fourbit.serve.engine import AdapterInUse, Engine, GenRequest, QueueFull, Sampling, UnknownModel
 
 __all__ = [
+    "AdapterInUse",
     "Engine",
     "GenRequest",
     "QueueFull",

@@ -10,6 +10,8 @@ Endpoints (the official ``openai`` client uses the /v1 ones unchanged), by route
   sentence-transformers model);
 * :mod:`.routes_documents`: ``POST /v1/answers`` (grounded document QA) and ``POST /v1/documents`` (upload
   into the index);
+* :mod:`.routes_adapters`: ``POST /v1/load_lora_adapter`` and ``POST /v1/unload_lora_adapter`` (vLLM's names:
+  adapters loaded and unloaded while serving);
 * here: ``GET /health`` (never needs the key), ``GET /metrics`` (Prometheus, :mod:`.metrics`) and ``GET /``
   the web page (files under ``static/``, nothing fetched from elsewhere).
 
@@ -57,7 +59,7 @@ def create_app(
     """
     from fastapi import FastAPI
 
-    from fourbit.serve import routes_documents, routes_openai
+    from fourbit.serve import routes_adapters, routes_documents, routes_openai
     from fourbit.serve.guard import Guard
     from fourbit.serve.metrics import MetricsMiddleware, ServeMetrics
 
@@ -69,6 +71,7 @@ def create_app(
     _add_page_routes(app, engine, metrics)
     app.include_router(routes_openai.router)
     app.include_router(routes_documents.router)
+    app.include_router(routes_adapters.router)
     app.add_middleware(Guard, api_key=api_key, max_body=max_body, max_upload=max_upload)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # the outermost: it counts the Guard's refusals too
     return app

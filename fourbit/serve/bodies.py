@@ -10,8 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from fourbit.rag.retrieval import RETRIEVERS
 from fourbit.serve.errors import APIError
 
-__all__ = ["AnswerRequest", "ChatRequest", "CompletionRequest", "EmbeddingRequest", "NamedToolChoice", "ResponseFormat",
-           "Tool", "validation_error"]
+__all__ = ["AnswerRequest", "ChatRequest", "CompletionRequest", "EmbeddingRequest", "LoadLoRARequest", "NamedToolChoice",
+           "ResponseFormat", "Tool", "UnloadLoRARequest", "validation_error"]
 
 
 class _Body(BaseModel):
@@ -127,6 +127,19 @@ class AnswerRequest(_Body):
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
     stream: bool = False
+
+
+class LoadLoRARequest(_Body):
+    """vLLM's ``POST /v1/load_lora_adapter`` body (its other fields, e.g. ``load_inplace``, are ignored)."""
+
+    lora_name: str = Field(min_length=1, max_length=256)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoRARequest(_Body):
+    """vLLM's ``POST /v1/unload_lora_adapter`` body."""
+
+    lora_name: str = Field(min_length=1, max_length=256)
 
 
 def _loc_name(loc: tuple) -> str | None:

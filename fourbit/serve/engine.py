@@ -9,6 +9,12 @@ a client that went away) is dropped from the batch and its KV cache rows with it
 while a batch runs join it between two steps when there is room (continuous batching): they are
 prefilled on their own, then their KV cache and the batch's are left-padded to a common length (the
 padding is masked out) and stacked.
+
+Adapters are loaded and unloaded while serving (:meth:`Engine.load_adapter`, :meth:`Engine.unload_adapter`):
+the change is a task the worker runs between two decode steps (the only moment no forward pass uses the
+model), so a running batch pauses for one adapter read and goes on. Adapter row indices are never reused, so
+a request that looked up a name just before its adapter was unloaded is refused at :meth:`Engine.submit`,
+never decoded with another adapter.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,10 +33,17 @@ import torch
 
 from fourbit._errors import FieldError
 from fourbit.models.chat import render_chat, stop_token_ids
-from fourbit.serve.adapters import install_adapters, read_adapter, set_row_adapters
+from fourbit.serve.adapters import (
+    add_adapter,
+    check_adapter_folder,
+    install_adapters,
+    read_adapter,
+    remove_adapter,
+    set_row_adapters,
+)
 from fourbit.serve.constrain import GrammarTokenizer
 
-__all__ = ["Engine", "GenRequest", "QueueFull", "Sampling", "UnknownModel"]
+__all__ = ["AdapterInUse", "Engine", "GenRequest", "QueueFull", "Sampling", "UnknownModel"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +61,14 @@ class UnknownModel(LookupError):
 
     def __init__(self, name: str, known: list[str]) -> None:
         super().__init__(f"model {name!r} does not exist; choose from {', '.join(known)}")
+
+
+class AdapterInUse(RuntimeError):
+    """An adapter cannot be unloaded: running or queued requests use it."""
+
+    def __init__(self, name: str, users: int) -> None:
+        super().__init__(f"adapter {name!r} is in use by {users} running or queued request"
+                         f"{'s' if users > 1 else ''}; unload it when they have finished")
 
 
 @dataclass
@@ -230,8 +252,11 @@ class Engine:
             if not name or name == model_name:
                 raise FieldError("adapters", f"adapter name {name!r} is empty or the base model's name")
         weights = [read_adapter(model, name, folder) for name, folder in adapters.items()]
-        self.adapter_names = install_adapters(model, weights)
+        # name -> row index of each served adapter; indices only grow (a stale index is never another adapter)
+        self._adapters = {name: i for i, name in enumerate(install_adapters(model, weights))}
+        self._next_index = len(self._adapters)
         self.adapter_folders = {w.name: w.folder for w in weights}
+        self._tasks: list[tuple[Callable[[], Any], Future]] = []  # run by the worker between decode steps
         self.end_ids = set(stop_token_ids(tokenizer, model))
         vocab = getattr(model.config, "vocab_size", None) or len(tokenizer)
         self.grammar_tokens = GrammarTokenizer(tokenizer, int(vocab), sorted(self.end_ids))  # built on first use
@@ -252,9 +277,14 @@ class Engine:
 
     # ---- names and prompts ------------------------------------------------------------------------
     @property
+    def adapter_names(self) -> list[str]:
+        """The served adapters, in the order they were loaded."""
+        return list(self._adapters)
+
+    @property
     def models(self) -> list[str]:
         """The served model names: the base model, then each adapter."""
-        return [self.model_name, *self.adapter_names]
+        return [self.model_name, *self._adapters]
 
     def adapter_index(self, name: str | None) -> int:
         """-1 for the base model (or no name), the adapter's row index otherwise.
@@ -264,9 +294,14 @@ class Engine:
         """
         if name in (None, "", self.model_name):
             return -1
-        if name in self.adapter_names:
-            return self.adapter_names.index(name)
-        raise UnknownModel(name, self.models)
+        index = self._adapters.get(name)
+        if index is None:
+            raise UnknownModel(name, self.models)
+        return index
+
+    def model_of(self, index: int) -> str:
+        """The served name of adapter row ``index`` (-1, or an adapter since unloaded: the base model's)."""
+        return next((name for name, i in self._adapters.items() if i == index), self.model_name)
 
     def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """Token ids of chat ``messages`` rendered by :func:`fourbit.models.chat.render_chat` (as ``generate``
@@ -304,6 +339,8 @@ class Engine:
                 raise RuntimeError("the engine is closed")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(len(self._waiting))
+            if req.adapter != -1 and req.adapter not in self._adapters.values():
+                raise UnknownModel(f"adapter #{req.adapter} (unloaded)", self.models)
             req.submitted = time.monotonic()
             if self.metrics is not None:
                 req.sink = self.metrics.observe(req, req.sink)
@@ -343,14 +380,101 @@ class Engine:
         return "".join(pieces), req
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop the worker (the current step finishes; waiting requests end with an error)."""
+        """Stop the worker (the current step finishes; waiting requests end with an error, pending adapter
+        loads and unloads with RuntimeError)."""
         with self._cond:
             self._closed = True
             waiting, self._waiting = self._waiting, []
+            tasks, self._tasks = self._tasks, []
             self._cond.notify_all()
         for req in waiting:
             req.sink("error", "the server is shutting down")
+        for _, future in tasks:
+            future.set_exception(RuntimeError("the server is shutting down"))
         self._worker.join(timeout)
+
+    # ---- adapters at run time ----------------------------------------------------------------------
+    def load_adapter(self, name: str, folder: str) -> Future:
+        """Read the adapter in ``folder`` and serve it as model ``name``, between two decode steps.
+
+        The folder and its config are checked here, in the caller's thread; the worker reads the weights and
+        registers them, pausing the running batch for that read only.
+
+        Returns:
+            A future that resolves (to None) once requests can name ``name``, or holds a FieldError naming
+            ``lora_path`` (an adapter whose modules or shapes do not fit this model, damaged weights, peft's
+            ``modules_to_save``) or ``lora_name`` (loaded meanwhile by another call).
+
+        Raises:
+            FieldError: ``lora_name`` empty, the base model's or already loaded; ``lora_path`` not a folder, not
+                an adapter, or DoRA.
+        """
+        self._check_new_name(name)
+        check_adapter_folder(name, folder, field="lora_path")  # a bad folder never reaches the worker
+        return self._between_steps(lambda: self._load(name, folder))
+
+    def unload_adapter(self, name: str) -> Future:
+        """Stop serving adapter ``name`` and free its tensors, between two decode steps.
+
+        Returns:
+            A future that resolves (to None) once it is gone, or holds the error: UnknownModel (no adapter of
+            that name) or AdapterInUse (running or queued requests use it: nothing is unloaded).
+        """
+        return self._between_steps(lambda: self._unload(name))
+
+    def _check_new_name(self, name: str) -> None:
+        if not name or not name.strip() or name == self.model_name:
+            raise FieldError("lora_name", f"{name!r} is empty or the base model's name")
+        if name in self._adapters:
+            raise FieldError("lora_name", f"an adapter named {name!r} is already loaded; unload it first")
+
+    def _between_steps(self, task: Callable[[], Any]) -> Future:
+        future: Future = Future()
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            self._tasks.append((task, future))
+            self._cond.notify()
+        return future
+
+    def _run_tasks(self) -> None:
+        """Run the adapter loads and unloads asked for since the last step (worker thread, between steps)."""
+        with self._cond:
+            tasks, self._tasks = self._tasks, []
+        for task, future in tasks:
+            try:
+                future.set_result(task())
+            except Exception as err:  # handed to the caller, who answers it; the worker goes on
+                future.set_exception(err)
+
+    def _load(self, name: str, folder: str) -> None:
+        self._check_new_name(name)  # again: another load of the same name may have run first
+        weights = read_adapter(self.model, name, folder, field="lora_path")
+        index = self._next_index
+        self._next_index += 1
+        try:
+            add_adapter(self.model, index, weights)
+        except Exception:
+            remove_adapter(self.model, index)
+            raise
+        with self._cond:  # a new dict, not changed in place: other threads iterate the old one safely
+            self._adapters = {**self._adapters, name: index}
+            self.adapter_folders[name] = weights.folder
+        log.info("loaded adapter %r from %s (row index %d)", name, weights.folder, index)
+
+    def _unload(self, name: str) -> None:
+        with self._cond:  # no request can queue for it between this check and its removal
+            index = self._adapters.get(name)
+            if index is None:
+                raise UnknownModel(name, self.models)
+            users = [r for r in [*self._waiting, *self._running]
+                     if r.adapter == index and r.finish_reason is None and not r.cancelled.is_set()]
+            if users:
+                raise AdapterInUse(name, len(users))
+            self._adapters = {n: i for n, i in self._adapters.items() if n != name}
+            self.adapter_folders.pop(name, None)
+        remove_adapter(self.model, index)
+        log.info("unloaded adapter %r", name)
 
     # ---- the worker -------------------------------------------------------------------------------
     def _take(self, n: int) -> list[GenRequest]:
@@ -370,10 +494,11 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._waiting and not self._closed:
+                while not self._waiting and not self._tasks and not self._closed:
                     self._cond.wait()
                 if self._closed:
                     return
+            self._run_tasks()
             batch = self._take(self.max_batch)
             if not batch:
                 continue
@@ -408,6 +533,8 @@ class Engine:
                     row.req.finish_reason = "error"
                     row.req.sink("error", "the server is shutting down")
                 return
+            if self._tasks:
+                self._run_tasks()
             room = self.max_batch - len(state.rows)
             if room > 0 and self._waiting and _mergeable(state.cache):
                 joining = self._take(room)

@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 __all__ = ["KNOWN_PATHS", "MetricsMiddleware", "ServeMetrics"]
 
 KNOWN_PATHS = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions",
-               "/v1/embeddings", "/v1/answers", "/v1/documents")
+               "/v1/embeddings", "/v1/answers", "/v1/documents", "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 # Seconds; a 2-core CPU decodes a 135M model at ~20 ms a token and an 8B at seconds a token.
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5, 5, 10)
@@ -49,8 +49,7 @@ class ServeMetrics:
                               buckets=_TPOT_BUCKETS, registry=r)
 
     def _model(self, req: Any) -> str:
-        names = self.engine.models
-        return names[req.adapter + 1] if -1 <= req.adapter < len(names) - 1 else self.engine.model_name
+        return self.engine.model_of(req.adapter)
 
     def token(self, req: Any, now: float) -> None:
         """A token of ``req`` came at ``now`` (time.monotonic())."""

@@ -81,3 +81,17 @@ def build_engine(model_dir: Path, *, adapters=None, embedder=None, db: Path | No
     kw.setdefault("context_window", 1024)  # the tiny llama's rotary positions work past its nominal 256
     return Engine(model, tokenizer, adapters={k: str(v) for k, v in (adapters or {}).items()},
                   embedder=embedder, store=store, model_name="tiny", **kw)
+
+
+def reference_ids(model_dir, adapter_dir, prompt_ids: list[int], n: int, end_ids: set[int]) -> list[int]:
+    """Greedy ids from a fresh 4-bit model holding only this adapter (or none), one prompt at a time."""
+    from fourbit.models import load_model
+    from fourbit.nn.adapters import load_adapter
+
+    model, tokenizer = load_model(model_dir)
+    if adapter_dir is not None:
+        load_adapter(model, adapter_dir)
+    out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False, temperature=None,
+                         top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(end_ids))
+    ids = out[0, len(prompt_ids):].tolist()
+    return ids[: next((i for i, t in enumerate(ids) if t in end_ids), len(ids))]

@@ -6,25 +6,11 @@ import threading
 
 import pytest
 import torch
-from _server import build_engine
+from _server import build_engine, reference_ids
 
 from fourbit.serve import GenRequest, Sampling
 
 PROMPTS = ["Tell me about comets.", "Bread?"]
-
-
-def reference_ids(model_dir, adapter_dir, prompt_ids: list[int], n: int, end_ids: set[int]) -> list[int]:
-    """Greedy ids from a fresh 4-bit model holding only this adapter (or none), one prompt at a time."""
-    from fourbit.models import load_model
-    from fourbit.nn.adapters import load_adapter
-
-    model, tokenizer = load_model(model_dir)
-    if adapter_dir is not None:
-        load_adapter(model, adapter_dir)
-    out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False, temperature=None,
-                         top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(end_ids))
-    ids = out[0, len(prompt_ids):].tolist()
-    return ids[: next((i for i, t in enumerate(ids) if t in end_ids), len(ids))]
 
 
 @pytest.mark.parametrize("base_kind", ["linear", "conv1d", "4bit"])

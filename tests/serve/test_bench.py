@@ -24,6 +24,20 @@ def test_bench_serve_smoke_run():
     assert rows["one by one, 3 clients"]["max_rows"] == 1
 
 
+def test_bench_serve_many_adapters_smoke_run():
+    out = subprocess.run(
+        [sys.executable, "benchmarks/bench_serve.py", "--tiny", "--adapters", "4", "--batch", "3", "--tokens", "4",
+         "--rounds", "1", "--threads", "1", "--json"],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads(out.stdout[out.stdout.index("{"):])
+    assert set(rows) == {"single adapter", "4 adapters, random mix", "4 adapters, random mix, gathered"}
+    assert [r["resident"] for r in rows.values()] == [1, 4, 4]
+    assert all(r["one_batch"] and r["rows"] == 3 and 0 < r["tokens"] <= 3 * 4 for r in rows.values())
+    assert rows["single adapter"]["adapters_in_batch"] == 1 and rows["single adapter"]["vs_single"] == 1.0
+
+
 def test_bench_answers_coverage_counts_content_words():
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:

@@ -65,6 +65,9 @@ def test_taken_port_names_the_flag(model_dir):
     assert code == 1 and "--port" in err
     code, err = run("serve", str(model_dir), "--port", "0", "--threads", "0")
     assert code == 1 and "--threads" in err and "got 0" in err
+    for flag in ("--max-queue", "--max-batch"):
+        code, err = run("serve", str(model_dir), "--port", "0", flag, "0")
+        assert code == 1 and f"{flag}: must be >= 1, got 0" in err and "Traceback" not in err
 
 
 def test_registered_in_the_fourbit_command(model_dir, tmp_path):

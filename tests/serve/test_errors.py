@@ -102,7 +102,7 @@ def test_max_tokens_is_capped_by_the_context_window(model_dir):
         engine.close()
 
 
-def test_api_key_guards_every_endpoint_but_health(model_dir, monkeypatch):
+def test_api_key_guards_every_endpoint_but_health(model_dir, adapter_dirs):
     import openai
 
     from fourbit.serve import create_app
@@ -113,7 +113,8 @@ def test_api_key_guards_every_endpoint_but_health(model_dir, monkeypatch):
             assert http.get("/health").status_code == 200
             for method, path in [("GET", "/v1/models"), ("POST", "/v1/chat/completions"),
                                  ("POST", "/v1/completions"), ("POST", "/v1/embeddings"),
-                                 ("POST", "/v1/answers"), ("POST", "/v1/documents")]:
+                                 ("POST", "/v1/answers"), ("POST", "/v1/documents"),
+                                 ("POST", "/v1/load_lora_adapter"), ("POST", "/v1/unload_lora_adapter")]:
                 r = http.request(method, path, json=CHAT)
                 assert_error(r, 401, "authorization")
                 assert r.headers["www-authenticate"] == "Bearer"
@@ -124,6 +125,13 @@ def test_api_key_guards_every_endpoint_but_health(model_dir, monkeypatch):
             bad = openai.OpenAI(base_url=srv.url + "/v1", api_key="nope", max_retries=0)
             with pytest.raises(openai.AuthenticationError):
                 bad.models.list()
+            key = {"Authorization": "Bearer s3cret"}
+            r = http.post("/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": str(adapter_dirs["alpha"])},
+                          headers=key)
+            assert r.status_code == 200, r.text
+            assert [m.id for m in good.models.list().data] == ["tiny", "a"]
+            assert http.post("/v1/unload_lora_adapter", json={"lora_name": "a"}, headers=key).status_code == 200
+            assert engine.models == ["tiny"]
     finally:
         engine.close()
 
