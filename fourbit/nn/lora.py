@@ -330,10 +330,11 @@ class LoRALinear(nn.Module):
         y = self.base(x)
         if rows.shape[0] != x.shape[0]:
             raise RuntimeError(f"row adapters set for {rows.shape[0]} rows, batch has {x.shape[0]}")
-        for index, scaling in self.row_scaling.items():
-            selected = (rows == index).nonzero().flatten()
-            if selected.numel() == 0:
+        for index in torch.unique(rows).tolist():  # the adapters in this batch, not every one resident
+            scaling = self.row_scaling.get(index)
+            if scaling is None:  # the base model (-1), or an adapter that does not target this layer
                 continue
+            selected = (rows == index).nonzero().flatten()
             a, b = self._buffers[f"row_A_{index}"], self._buffers[f"row_B_{index}"]
             h = x.index_select(0, selected).to(a.dtype)
             update = (h @ a.t()) @ b.t() * scaling
