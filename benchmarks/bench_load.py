@@ -54,8 +54,8 @@ def build_checkpoint(folder: Path, layers: int) -> int:
     from torch import nn
 
     from fourbit.models import QuantConfig, save_quantized
-    from fourbit.models.load import _parameters_on_meta
     from fourbit.models.quantize import quantize_layer
+    from fourbit.models.stream import parameters_on_meta as _parameters_on_meta
 
     config = transformers.LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
                                       num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,

@@ -278,18 +278,20 @@ _KILLABLE = textwrap.dedent("""
 """)
 
 
-def _kill_mid_save(tmp_path: Path, argv: list[str]) -> None:
+def _kill_mid_save(tmp_path: Path, argv: list[str], script: str = _KILLABLE) -> None:
+    """Run ``fourbit ARGV`` in a child through ``script``, which creates a marker file and stalls at the moment
+    under test; SIGKILL the child once the marker exists."""
     marker = tmp_path / "saving"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen([sys.executable, "-c", _KILLABLE, str(marker), *argv], cwd=tmp_path, env=env,
+    proc = subprocess.Popen([sys.executable, "-c", script, str(marker), *argv], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 300
         while not marker.exists():
             if proc.poll() is not None:
-                pytest.fail(f"quantize ended before saving: {proc.stderr.read().decode()[-2000:]}")
+                pytest.fail(f"quantize ended before the marker: {proc.stderr.read().decode()[-2000:]}")
             if time.monotonic() > deadline:
-                pytest.fail("quantize did not reach the save within 300 s")
+                pytest.fail("quantize did not reach the marker within 300 s")
             time.sleep(0.05)
         os.kill(proc.pid, signal.SIGKILL)
     finally:
@@ -417,3 +419,93 @@ def test_conv1d_shapes_the_blocksize_does_not_divide_are_padded(tmp_path, tiny_t
     assert (c_attn.in_features, c_attn.out_features) == (36, 108) and c_attn.quant_state.absmax.numel() == 61
     with torch.no_grad():
         assert torch.isfinite(loaded(torch.randint(0, 256, (1, 7))).logits).all()
+
+
+# -------------------------------------------------------------- sharded float checkpoints (streaming quantization)
+@pytest.fixture
+def sharded(tmp_path, make_llama, tiny_tokenizer) -> Path:
+    """A bf16 tiny llama in several shards with model.safetensors.index.json, as large models come."""
+    folder = tmp_path / "sharded"
+    make_llama().to(torch.bfloat16).save_pretrained(folder, max_shard_size="50KB")
+    tiny_tokenizer.save_pretrained(folder)
+    assert len(list(folder.glob("model-*.safetensors"))) >= 3 and (folder / "model.safetensors.index.json").is_file()
+    return folder
+
+
+def _shard(folder: Path, n: int) -> Path:
+    return sorted(folder.glob("model-*.safetensors"))[n]
+
+
+def test_a_missing_shard_is_named(sharded, tmp_path):
+    shard = _shard(sharded, 1)
+    shard.unlink()
+    before = _snapshot(sharded)
+    message = assert_clean_error(_quantize(sharded, tmp_path / "q4"), str(shard))
+    assert "missing" in message
+    assert not (tmp_path / "q4").exists() and _snapshot(sharded) == before
+
+
+def test_a_truncated_shard_is_named(sharded, tmp_path):
+    shard = _shard(sharded, 1)
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 1000])
+    before = _snapshot(sharded)
+    message = assert_clean_error(_quantize(sharded, tmp_path / "q4"), str(shard))
+    assert "truncated" in message
+    assert not (tmp_path / "q4").exists() and _snapshot(sharded) == before
+
+
+@pytest.mark.parametrize("case", ["unknown tensor", "wrong shard"])
+def test_an_index_naming_a_tensor_its_shard_lacks_is_named(sharded, tmp_path, case):
+    index = sharded / "model.safetensors.index.json"
+    doc = json.loads(index.read_text())
+    first, second = _shard(sharded, 0).name, _shard(sharded, 1).name
+    if case == "unknown tensor":
+        name, shard = "model.layers.0.mlp.extra_proj.weight", first
+    else:  # a tensor that exists, listed in a shard that does not hold it
+        name = next(k for k, v in doc["weight_map"].items() if v == first)
+        shard = second
+    doc["weight_map"][name] = shard
+    index.write_text(json.dumps(doc))
+    message = assert_clean_error(_quantize(sharded, tmp_path / "q4"), str(sharded / shard), name)
+    assert "model.safetensors.index.json" in message
+    assert not (tmp_path / "q4").exists()
+
+
+_KILLABLE_STREAM = textwrap.dedent("""
+    import sys, time
+    import fourbit.models.stream as stream
+
+    real = stream.quantize_named_layer
+    calls = []
+
+    def stall(*args, **kwargs):
+        # Some layers read and quantized, the rest not yet: say so and wait for the SIGKILL.
+        calls.append(1)
+        if len(calls) == 5:
+            open(sys.argv[1], "w").close()
+            time.sleep(600)
+        return real(*args, **kwargs)
+
+    stream.quantize_named_layer = stall
+    from fourbit.cli import main
+    sys.exit(main(sys.argv[2:]))
+""")
+
+
+@pytest.mark.parametrize("previous", [False, True])
+def test_sigkill_during_streaming_quantization_leaves_nothing_that_looks_complete(sharded, tmp_path, previous):
+    out, reference = tmp_path / "q4", tmp_path / "reference"
+    argv = ["quantize", str(sharded), "--out", str(out), "--json", "--compute-dtype", "fp32"]
+    if previous:  # an earlier, different checkpoint in --out must survive the killed --overwrite
+        assert _quantize(sharded, out, "--quant-type", "fp4").code == 0
+        argv.append("--overwrite")
+    before = _snapshot(out) if previous else None
+    _kill_mid_save(tmp_path, argv, _KILLABLE_STREAM)
+    assert (_snapshot(out) == before) if previous else not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(TEMP_PREFIX)], "nothing written mid-stream"
+
+    assert run_cli(*argv).code == 0
+    _no_temps(tmp_path)
+    assert _quantize(sharded, reference).code == 0
+    assert _snapshot(out) == _snapshot(reference), "the rerun wrote the bytes of an uninterrupted run"

@@ -20,7 +20,7 @@ import sys
 __all__ = ["build_parser", "console_main", "main", "user_message"]
 
 _COMMAND_MODULES = ("fourbit.cli.quant", "fourbit.cli.generate", "fourbit.cli.demo", "fourbit.cli.train",
-                    "fourbit.cli.rag", "fourbit.cli.serve", "fourbit.cli.export")
+                    "fourbit.cli.rag", "fourbit.cli.serve", "fourbit.cli.export", "fourbit.cli.plan")
 
 # Library names whose flag is not simply ``--`` + the name with dashes (the CLI's spelling of the same field).
 _FLAG_ALIASES = {"out_dir": "--out", "output_dir": "--out", "db_path": "--db", "persist_dir": "--db",

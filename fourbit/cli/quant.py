@@ -75,9 +75,9 @@ def footprint_table(fp, title: str):
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     """Quantize a model to 4 bits and save it as a bitsandbytes-format checkpoint folder."""
-    from fourbit._errors import InputFileError
+    from fourbit._errors import FieldError, InputFileError
     from fourbit._io import check_output_dir
-    from fourbit.models import bundled_model_path, load_model, quantize_model, save_quantized
+    from fourbit.models import bundled_model_path, fourbit_info, load_model, save_quantized
     from fourbit.models.quantize import UnquantizedWeightsWarning
 
     config = quant_config_from_args(args)
@@ -85,13 +85,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     inputs = [source] if source.exists() else []
     out = check_output_dir(args.out, overwrite=args.overwrite, field="out_dir", inputs=inputs)
     t0 = time.perf_counter()
-    model, tokenizer = load_model(args.model, quant=None)
-    try:
+    try:  # a float folder is quantized while it is read (fourbit.models.stream); other sources after loading
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UnquantizedWeightsWarning)
-            fp = quantize_model(model, config, progress=not args.json, measure_error=True)
+            model, tokenizer = load_model(args.model, quant=config, progress=not args.json, measure_error=True)
+    except (InputFileError, FieldError):
+        raise
     except ValueError as err:  # NaN/Inf weights: name the model it came from as well as the module
         raise InputFileError(source if inputs else str(args.model), str(err)) from None
+    fp = fourbit_info(model).footprint
     for w in caught:  # one plain line each, with the flag the user can pass
         if issubclass(w.category, UnquantizedWeightsWarning):
             print(f"warning: {str(w.message).replace('`skip_modules`', '--skip-modules')}", file=sys.stderr)

@@ -8,7 +8,6 @@ unpickled), cut GGUF files, quantization settings or quant states fourbit cannot
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 
@@ -31,6 +30,8 @@ from fourbit.models.locate import (
     safetensors_files,
 )
 from fourbit.models.quantize import quantize_model
+from fourbit.models.stream import can_stream, stream_quantize
+from fourbit.models.stream import parameters_on_meta as _parameters_on_meta
 from fourbit.nn.experts import Experts4bit, is_fused_experts
 from fourbit.nn.info import fourbit_info
 from fourbit.nn.linear4bit import Linear4bit, parse_dtype
@@ -43,8 +44,9 @@ def load_model(
     model: str | os.PathLike | None = None,
     *,
     quant: QuantConfig | None = QuantConfig(),  # noqa: B008 - frozen default, never mutated
-    torch_dtype: torch.dtype = torch.float32,
+    torch_dtype: torch.dtype | None = None,
     progress: bool = False,
+    measure_error: bool = False,
 ):
     """Load a causal LM and its tokenizer, quantized to 4 bits unless ``quant`` is None.
 
@@ -53,8 +55,15 @@ def load_model(
             (safetensors weights); a folder holding a 4-bit fourbit/bitsandbytes checkpoint (loaded as saved;
             ``quant`` then only sets the compute dtype); or a hub id (needs network access).
         quant: how to quantize; None loads the model unquantized.
-        torch_dtype: dtype of the unquantized parameters (norms, embeddings, lm_head).
+        torch_dtype: dtype of the unquantized parameters (norms, embeddings, lm_head) and of the weights as
+            they are quantized; default: the checkpoint's own dtype (float32 for a GGUF file).
         progress: show a progress bar while quantizing.
+        measure_error: record the mean relative weight error of the quantized layers in the footprint.
+
+    A float model folder is quantized while it is read (:mod:`fourbit.models.stream`): the float model is never
+    whole in memory, only one layer's weights at a time. GGUF files, hub ids and ``quant=None`` go through
+    transformers' ``from_pretrained`` (then :func:`quantize_model`), as does every folder when the installed
+    transformers predates the key-conversion rules streaming reuses (transformers < 5).
 
     Returns:
         (model, tokenizer); the model is in eval mode. ``fourbit_info(model).footprint``
@@ -72,15 +81,19 @@ def load_model(
         if source.is_file():
             if source.suffix != ".gguf":
                 raise InputFileError(source, "not a .gguf file; pass a model folder or a GGUF file")
-            lm, tokenizer = load_gguf(source, torch_dtype)
+            lm, tokenizer = load_gguf(source, torch_dtype or torch.float32)
         elif is_quantized_checkpoint(source):
             lm, tokenizer = _load_quantized_checkpoint(source, quant.compute_dtype if quant else None)
             fourbit_info(lm).footprint = model_footprint(lm)
             return lm, tokenizer
         else:
-            check_model_folder(source)
-            lm = _from_pretrained(source, torch_dtype)
+            files = check_model_folder(source)
             tokenizer = _tokenizer(source)
+            if quant is not None and _streamable(source):
+                lm = stream_quantize(source, files, quant, torch_dtype, progress=progress,
+                                     measure_error=measure_error)
+                return lm, tokenizer
+            lm = _from_pretrained(source, torch_dtype)
     else:
         name = str(model)
         looks_local = name.startswith((".", "/", "~")) or name.endswith((".gguf", "/")) or name.count("/") > 1
@@ -89,7 +102,7 @@ def load_model(
         from transformers import AutoTokenizer
 
         try:
-            lm = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
+            lm = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype or "auto")
             tokenizer = AutoTokenizer.from_pretrained(name)
         except OSError as err:
             raise FileNotFoundError(
@@ -97,9 +110,16 @@ def load_model(
             ) from None
     lm.eval()
     if quant is not None:
-        quantize_model(lm, quant, progress=progress)
+        quantize_model(lm, quant, progress=progress, measure_error=measure_error)
         _release_weight_files(lm)
     return lm, tokenizer
+
+
+def _streamable(folder: Path) -> bool:
+    """Whether the float model in ``folder`` can be quantized while it is read: transformers has the
+    key-conversion rules streaming reuses, and the config names no other quantization method (such a model is
+    left to transformers' own loader)."""
+    return can_stream() and quantization_config_of(folder) is None
 
 
 def _release_weight_files(model: nn.Module) -> None:
@@ -120,19 +140,26 @@ def _release_weight_files(model: nn.Module) -> None:
                     setattr(module, name, buf.clone())
 
 
-def _from_pretrained(folder: Path, torch_dtype: torch.dtype):
-    """transformers' loader on a checked folder, its errors named."""
+def _from_pretrained(folder: Path, torch_dtype: torch.dtype | None):
+    """transformers' loader on a checked folder, its errors named (``torch_dtype`` None: the checkpoint's)."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype or _checkpoint_dtype(folder))
     except (SafetensorError, ValueError, KeyError, RuntimeError) as err:
         raise InputFileError(folder, f"transformers cannot load this model folder: {err}") from None
     except OSError as err:
         if err.errno is not None:  # a real file-system error (permissions, I/O): keep it as it is
             raise
         raise InputFileError(folder, f"transformers cannot load this model folder: {err}") from None
+
+
+def _checkpoint_dtype(folder: Path) -> torch.dtype:
+    """The float dtype most of the folder's weight bytes are in (what streaming keeps by default)."""
+    from fourbit.models.stream import CheckpointTensors
+
+    return CheckpointTensors(folder, safetensors_files(folder)).dtype()
 
 
 def _tokenizer(folder: Path):
@@ -146,38 +173,6 @@ def _tokenizer(folder: Path):
     except Exception as err:  # noqa: BLE001 - tokenizers raises bare Exception for a damaged tokenizer.json
         raise InputFileError(folder, f"cannot load the tokenizer ({type(err).__name__}: {err}); its tokenizer "
                                      "files are damaged") from None
-
-
-@contextlib.contextmanager
-def _no_init():
-    """Build modules without running their random initialisation (weights are overwritten right after)."""
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # older transformers
-        from transformers.modeling_utils import no_init_weights
-    with no_init_weights():
-        yield
-
-
-@contextlib.contextmanager
-def _parameters_on_meta():
-    """Build modules whose parameters live on the meta device (no memory) while their buffers are computed
-    on the CPU as usual: rotary frequencies and other non-persistent buffers are not in the checkpoint, so
-    they must be real. Each parameter is allocated uninitialised (untouched pages: no resident memory) and
-    moved to meta at once, one at a time."""
-    original = nn.Module.register_parameter
-
-    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        original(module, name, param)
-        if param is not None and param.device.type != "meta":
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = register
-    try:
-        with _no_init():
-            yield
-    finally:
-        nn.Module.register_parameter = original
 
 
 def _checkpoint_keys(files: list[Path]) -> set[str]:

@@ -22,7 +22,8 @@ from fourbit.nn.info import fourbit_info
 from fourbit.nn.linear4bit import Linear4bit
 from fourbit.nn.lora import LoRALinear, is_conv1d
 
-__all__ = ["UNQUANTIZED_WARN_FRACTION", "UnquantizedWeightsWarning", "quantize_layer", "quantize_model"]
+__all__ = ["UNQUANTIZED_WARN_FRACTION", "UnquantizedWeightsWarning", "finish_quantization", "quantization_targets",
+           "quantize_layer", "quantize_model", "quantize_named_layer"]
 
 #: warn when more than this share of the weight-matrix parameters (outside embeddings and head) stays float
 UNQUANTIZED_WARN_FRACTION = 0.05
@@ -89,8 +90,32 @@ def quantize_model(
     device = first.device if first is not None else torch.device("cpu")
     compute_dtype = config.resolved_compute_dtype(device)
     before = tensor_bytes(model)
+    targets, skipped = quantization_targets(model, config)
+    errors: list[float] = []
+    iterator = targets
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(targets, desc=f"quantizing to {config.quant_type}", unit="layer")
+    for name in iterator:
+        layer = model.get_submodule(name)
+        q = quantize_named_layer(name, layer, config, compute_dtype, errors if measure_error else None)
+        model.set_submodule(name, q)
+        del layer, q
+    return finish_quantization(model, config, before=before, skipped=skipped,
+                               errors=errors if measure_error else None, device=device)
+
+
+def quantization_targets(model: nn.Module, config: QuantConfig) -> tuple[list[str], list[str]]:
+    """The names of the layers ``config`` quantizes and of those it skips (linear, Conv1D, fused experts).
+
+    Names only: holding the modules would keep every float weight alive until the end. Works on a skeleton
+    whose parameters are on the meta device.
+
+    Raises:
+        NotImplementedError: the model has no such layer besides its output head (naming its type).
+    """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    # Names only: holding the modules would keep every float weight alive until the end.
     # A LoRA layer's insides are never quantized: its adapter trains in float, and its base is 4-bit already
     # (LoftQ quantizes the targets itself before the rest of the model is quantized).
     inside_lora = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, LoRALinear))
@@ -103,30 +128,36 @@ def quantize_model(
         raise NotImplementedError(f"fourbit cannot quantize a {type(model).__name__}"
                                   f"{f' ({kind!r} model)' if kind else ''}: it has no linear, Conv1D or "
                                   "fused-experts layer to hold 4-bit weights")
-    skipped = [name for name in candidates if not config.selects(name)]
-    targets = [name for name in candidates if config.selects(name)]
-    errors: list[float] = []
-    iterator = targets
-    if progress:
-        from tqdm.auto import tqdm
+    return ([name for name in candidates if config.selects(name)],
+            [name for name in candidates if not config.selects(name)])
 
-        iterator = tqdm(targets, desc=f"quantizing to {config.quant_type}", unit="layer")
-    for name in iterator:
-        layer = model.get_submodule(name)
-        try:
-            q = quantize_layer(layer, config, compute_dtype)
-        except ValueError as err:
-            raise ValueError(f"module {name!r}: {err}") from None
-        if measure_error:
-            w = _weight_of(layer)
-            w_hat = q.dequantize(torch.float32)
-            w_hat = torch.cat([t.flatten() for t in w_hat]) if isinstance(w_hat, tuple) else w_hat
-            errors.append(float((w_hat.reshape(w.shape) - w).norm() / w.norm().clamp(min=1e-30)))
-            del w, w_hat
-        model.set_submodule(name, q)
-        del layer, q
+
+def quantize_named_layer(name: str, layer: nn.Module, config: QuantConfig, compute_dtype: torch.dtype,
+                         errors: list[float] | None = None) -> nn.Module:
+    """:func:`quantize_layer` on the layer called ``name``, appending its relative weight error to ``errors``
+    (when given): ||W - dequant(quant(W))|| / ||W||.
+
+    Raises:
+        ValueError: naming the module, for a weight that cannot be quantized (NaN or Inf).
+    """
+    try:
+        q = quantize_layer(layer, config, compute_dtype)
+    except ValueError as err:
+        raise ValueError(f"module {name!r}: {err}") from None
+    if errors is not None:
+        w = _weight_of(layer)
+        w_hat = q.dequantize(torch.float32)
+        w_hat = torch.cat([t.flatten() for t in w_hat]) if isinstance(w_hat, tuple) else w_hat
+        errors.append(float((w_hat.reshape(w.shape) - w).norm() / w.norm().clamp(min=1e-30)))
+    return q
+
+
+def finish_quantization(model: nn.Module, config: QuantConfig, *, before: int, skipped: list[str],
+                        errors: list[float] | None, device: torch.device | str = "cpu") -> Footprint:
+    """Measure the quantized model, warn about what stayed float, and record what was done (the footprint
+    and config in ``fourbit_info(model)``, ``model.config.quantization_config``); returns the footprint."""
     fp = model_footprint(model)
-    if measure_error:
+    if errors is not None:
         fp.mean_relative_error = sum(errors) / len(errors) if errors else 0.0
     fp.model_bytes_before = before
     fp.skipped = skipped
@@ -151,4 +182,4 @@ def _warn_if_left_unquantized(model: nn.Module, config: QuantConfig, fp: Footpri
         warnings.warn(f"{100 * unexplained / total:.1f}% of the weight-matrix parameters of this "
                       f"{type(model).__name__} stayed in full precision: {listed} (left out by `include`, or of a kind "
                       "fourbit does not quantize: it quantizes nn.Linear, Conv1D and fused experts); name such "
-                      "modules in `skip_modules` to keep them float without this warning", UnquantizedWeightsWarning, stacklevel=2)
+                      "modules in `skip_modules` to keep them float without this warning", UnquantizedWeightsWarning, stacklevel=4)

@@ -1,0 +1,131 @@
+"""The memory planner (fourbit.models.memory_plan, ``fourbit plan``) against measured peaks.
+
+The measured quantity is the growth of the process's peak RSS above its RSS once torch, transformers and
+fourbit are imported (``VmHWM`` reset through ``/proc/self/clear_refs``, as benchmarks/bench_load.py does),
+compared with the plan's peak minus its ``runtime`` term: the imported runtime is a constant of the machine,
+and at test scale it would otherwise outweigh every term the formula is about. The model is sized so that
+those terms are a few hundred MiB (a 2-layer llama of hidden 1024 with a 32000-token vocabulary, bf16: 178 MB).
+
+Tolerance: ±15 % of the measured growth (the issue's target at 135M and 8B) plus 48 MiB for what no
+parameter count predicts: modules imported lazily by the command itself (safetensors, tokenizers, rich), the
+allocator's arenas and the tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from _cli import run_cli
+
+from fourbit.models import QuantConfig
+from fourbit.models.memory_plan import (
+    RUNTIME_BYTES,
+    FinetuneSettings,
+    model_counts,
+    plan_memory,
+    quantized_bytes,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+SLACK = 48 * 2**20
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(),
+                                reason="measures peak RSS through /proc/self/clear_refs (Linux)")
+
+_CHILD = textwrap.dedent("""
+    import json, sys
+    import torch, transformers, safetensors, tokenizers, rich  # the runtime: imported before the reset
+    import transformers.modeling_utils, transformers.initialization
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    import fourbit.cli, fourbit.models, fourbit.generate
+    from fourbit.cli import main
+
+    def status(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = status("VmRSS")
+    code = main(sys.argv[1:])
+    print(json.dumps({"code": code, "base": base, "peak": status("VmHWM")}))
+""")
+
+
+def _measure(*argv: str) -> int:
+    """Growth of the peak RSS of ``fourbit ARGV`` above the imported runtime, in a fresh process."""
+    env = {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PATH": "/usr/bin"}
+    done = subprocess.run([sys.executable, "-c", _CHILD, *map(str, argv)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["code"] == 0, done.stderr[-2000:]
+    return result["peak"] - result["base"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    from _tiny_models import make_tokenizer
+
+    path = tmp_path_factory.mktemp("plan") / "llama"
+    config = transformers.LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=2,
+                                      num_attention_heads=8, num_key_value_heads=4, vocab_size=32000,
+                                      max_position_embeddings=1024, pad_token_id=256)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+def _assert_within(estimate: int, measured: int) -> None:
+    grown = estimate - RUNTIME_BYTES
+    assert abs(grown - measured) <= 0.15 * measured + SLACK, \
+        f"planned growth {grown / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB"
+
+
+def test_counts_and_4bit_bytes_match_a_quantized_model(folder):
+    from fourbit.models import fourbit_info, load_model
+
+    model, _ = load_model(folder, quant=QuantConfig(compute_dtype="fp32"))
+    fp = fourbit_info(model).footprint
+    counts = model_counts(folder)
+    assert counts.quantized_params == fp.quantized_params
+    assert quantized_bytes(counts.quantized_params, QuantConfig()) == pytest.approx(fp.quantized_bytes, rel=1e-3)
+    assert counts.total_params == sum(p.numel() for p in transformers.LlamaForCausalLM(
+        transformers.LlamaConfig.from_pretrained(folder)).parameters())
+
+
+def test_quantize_and_generate_peaks_are_planned(folder, tmp_path):
+    plan = plan_memory(model_counts(folder), QuantConfig(), float_bytes=2, prompt_tokens=8, new_tokens=8)
+    out = tmp_path / "q4"
+    _assert_within(plan.peak("quantize"), _measure("quantize", folder, "--out", out, "--json"))
+    _assert_within(plan.peak("generate"),
+                   _measure("generate", out, "hello there", "--max-new-tokens", "8"))
+
+
+def test_gradient_checkpointing_and_length_move_the_finetune_plan_as_the_formula_says(folder):
+    counts = model_counts(folder)
+    base = plan_memory(counts, QuantConfig(), finetune=FinetuneSettings(max_length=256, batch_size=1))
+    longer = plan_memory(counts, QuantConfig(), finetune=FinetuneSettings(max_length=512, batch_size=1))
+    ckpt = plan_memory(counts, QuantConfig(), finetune=FinetuneSettings(max_length=512, batch_size=1,
+                                                                        gradient_checkpointing=True))
+    act = {n: p.terms["finetune"]["activations"] for n, p in (("base", base), ("longer", longer), ("ckpt", ckpt))}
+    assert act["longer"] > 2 * act["base"]  # linear in tokens, plus attention probabilities quadratic in length
+    assert act["ckpt"] < act["longer"] / 1.5  # checkpointing keeps one layer's set instead of two
+
+
+def test_plan_cli_prints_every_command_and_names_a_bad_model(folder, tmp_path):
+    result = run_cli("plan", folder, "--max-length", "256", "--json")
+    assert result.code == 0, result.err
+    doc = json.loads(result.out)
+    assert set(doc["peak_bytes"]) == {"quantize", "generate", "finetune", "merge"}
+    assert all(v > RUNTIME_BYTES for v in doc["peak_bytes"].values())
+    bad = run_cli("plan", tmp_path / "nothing")
+    assert bad.code == 1 and "MODEL" in bad.err and "config.json" in bad.err
