@@ -74,6 +74,7 @@ def test_registered_in_the_fourbit_command(model_dir, tmp_path):
                        "--adapter")
 
 
+@pytest.mark.multiprocess
 def test_ctrl_c_stops_the_server_cleanly(model_dir, tmp_path):
     script = ("import sys; from tests.serve.test_cli import run; "
               "code, err = run('serve', sys.argv[1], '--port', '0', '--name', 'tiny', '--db', sys.argv[2]); "

@@ -5,8 +5,8 @@ send a signal (SIGINT, SIGKILL) exactly there::
 
 ``WHERE:N`` is one of:
 
-* ``step:N``: between optimizer steps, the first time the run has done ``N`` steps: right after step ``N``
-  (before its evaluation and checkpoint), or for ``step:0`` before the first step;
+* ``step:N``: after optimizer step ``N`` and its evaluation, before its checkpoint; ``step:0``: before the
+  first step;
 * ``checkpoint:N``: while checkpoint ``step-N`` is written (its adapter and optimizer files are in its
   temporary folder, its trainer state is not yet);
 * ``eval:N``: at the start of the run's ``N``-th evaluation;
@@ -66,20 +66,25 @@ def _install(where: str, n: int, marker: Path) -> None:
     from fourbit.train import checkpoint, trainer
     from fourbit.train.step import Stepper
 
-    if where == "step":
-        real_step, done = Stepper.step, []
+    if where == "step" and n == 0:
+        real_step = Stepper.step
 
-        def step(self, stream, state, **kw):
-            if state.step == n and not done:
-                done.append(1)
+        def first_step(self, stream, state, **kw):
+            if state.step == 0:
+                Stepper.step = real_step
                 _pause(marker)
-            result = real_step(self, stream, state, **kw)
-            if state.step == n and not done:
-                done.append(1)
-                _pause(marker)
-            return result
+            return real_step(self, stream, state, **kw)
 
-        Stepper.step = step
+        Stepper.step = first_step
+    elif where == "step":
+        real_checkpoint = trainer._checkpoint_if_due
+
+        def checkpoint_if_due(loop):
+            if loop.state.step == n:
+                _pause(marker)
+            return real_checkpoint(loop)
+
+        trainer._checkpoint_if_due = checkpoint_if_due
     elif where == "checkpoint":
         real_write = checkpoint.atomic_write_text
 
