@@ -85,8 +85,13 @@ def _finetune(args: argparse.Namespace, world: Any) -> int:
 
     quiet = not world.is_main
     log = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-    config, plan, model, tokenizer, data = world.agree(lambda: _prepare(args, world, log),
-                                                       "the loading of the model and data")
+    try:
+        config, plan, model, tokenizer, data = world.agree(lambda: _prepare(args, world, log),
+                                                           "the loading of the model and data")
+    except KeyboardInterrupt:
+        if not quiet:
+            print("fourbit finetune: interrupted before the first step; nothing was written", file=sys.stderr)
+        return 130
     try:
         result = train(config, model, tokenizer, data=data, plan=plan, log=log, world=world)
     except TrainingInterrupted as stop:

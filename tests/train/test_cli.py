@@ -150,3 +150,24 @@ def test_fused_kernels_flag_reaches_the_config_and_decides_the_path(tmp_path: Pa
     assert res.code == 0, res.err
     assert yaml.safe_load((tmp_path / "run" / "train_config.yaml").read_text())["fused_kernels"] is on
     assert bool(calls) is on, len(calls)
+
+
+def test_ctrl_c_while_the_model_loads_writes_nothing(tmp_path: Path, model_dir: Path, monkeypatch) -> None:
+    """Before training begins a Ctrl-C stops at once (a model load may take minutes): exit 130, one line,
+    no output folder."""
+    import signal
+
+    from fourbit.train import loading
+
+    def interrupted_load(*args, **kwargs):
+        signal.raise_signal(signal.SIGINT)  # Python's default handler: KeyboardInterrupt here
+        raise AssertionError("not reached")
+
+    monkeypatch.setattr(loading, "load_for_training", interrupted_load)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": f"{i} plus 3 is {i + 3}."}) + "\n" for i in range(8)))
+    res = run_cli("finetune", model_dir, "--data", data, "--out", tmp_path / "run", "--no-progress", "--json")
+    assert res.code == 130 and "Traceback" not in res.err, res.err
+    assert [line for line in res.err.splitlines() if "interrupted" in line] == [
+        "fourbit finetune: interrupted before the first step; nothing was written"]
+    assert not (tmp_path / "run").exists()
