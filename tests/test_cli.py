@@ -81,3 +81,43 @@ def test_quant_module_registers_only_the_quantization_commands():
     assert commands(quant.add_parser) == {"quantize", "info", "eval-quant"}
     assert commands(generate.add_parser) == {"generate"} and commands(demo.add_parser) == {"demo"}
     assert {"generate", "demo"} <= set(fourbit.cli.build_parser()._subparsers._group_actions[0].choices)
+
+
+def test_a_wrapped_field_error_names_its_flag_once():
+    from fourbit._errors import FieldError
+    from fourbit.cli import user_message
+
+    inner = FieldError("target_modules", "'x' matched no linear module")
+    outer = FieldError("target_modules", f"{inner}; or use all-linear")  # a caller that names the field again
+    flags = {"target_modules": "--target-modules"}
+    assert user_message(outer, flags) == "--target-modules: 'x' matched no linear module; or use all-linear"
+    assert user_message(FieldError("lr", "`lr`: must be > 0"), {}) == "--learning-rate: must be > 0"
+    assert user_message(ValueError("a: b: c"), {}) == "a: b: c"  # different names stay
+
+
+@pytest.mark.parametrize("returned", [0, KeyboardInterrupt])
+def test_console_main_exits_with_the_code_and_then_ignores_ctrl_c(monkeypatch, capsys, returned):
+    """A Ctrl-C before a command began (while the arguments are parsed) exits 130 with one line; once the
+    command has returned, SIGINT is ignored, so that the interpreter's teardown (which restores its default
+    action) cannot end the process by the signal."""
+    import signal
+
+    import fourbit.cli
+
+    def main():
+        if returned is KeyboardInterrupt:
+            raise KeyboardInterrupt
+        return returned
+
+    monkeypatch.setattr(fourbit.cli, "main", main)
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as exited:
+            fourbit.cli.console_main()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if returned is KeyboardInterrupt:
+        assert exited.value.code == 130 and capsys.readouterr().err == "fourbit: interrupted\n"
+    else:
+        assert exited.value.code == 0 and capsys.readouterr().err == ""

@@ -50,6 +50,7 @@ def test_atomic_dir_replaces_whole_or_leaves_the_old_folder(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"], "no temporary left behind"
 
 
+@pytest.mark.multiprocess
 def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True)

@@ -301,6 +301,7 @@ def _kill_mid_save(tmp_path: Path, argv: list[str], script: str = _KILLABLE) -> 
     assert proc.returncode == -signal.SIGKILL
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("previous", [False, True])
 def test_sigkill_during_quantize_leaves_nothing_that_looks_complete(tiny_llama_dir, tmp_path, previous):
     out, reference = tmp_path / "q4", tmp_path / "reference"

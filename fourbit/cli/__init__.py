@@ -15,7 +15,9 @@ import importlib
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 
 __all__ = ["build_parser", "console_main", "main", "user_message"]
 
@@ -78,7 +80,10 @@ def user_message(err: BaseException, flags: dict[str, str]) -> str:
         name = match.group(1)
         return _FLAG_ALIASES.get(name) or flags.get(name) or name
 
-    return re.sub(r"`([A-Za-z_][A-Za-z0-9_.]*)`", flag, " ".join(text.split()))
+    text = re.sub(r"`([A-Za-z_][A-Za-z0-9_.]*)`", flag, " ".join(text.split()))
+    # A message that already starts with its field's name, wrapped by a caller that names the same field
+    # ("--x: --x: ..."), says it once.
+    return re.sub(r"(?<!\S)(\S+): (?:\1: )+", r"\1: ", text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,17 +101,39 @@ def main(argv: list[str] | None = None) -> int:
 def console_main() -> None:
     """The ``fourbit`` executable and ``python -m fourbit``: :func:`main`, then exit with its code.
 
+    Ctrl-C: a command handles it itself (``finetune`` stops at a step boundary with a checkpoint; the others
+    stop at once, exit code 130); one that comes before the command started (while the arguments are parsed)
+    ends with exit code 130 too. Once :func:`main` has returned, SIGINT is ignored: nothing is left to stop,
+    and the interpreter's teardown, which can take seconds after a training run, restores the default action
+    before the last objects are freed, so a Ctrl-C then would end the process by the signal itself (exit
+    status -2) with its output already printed as a success.
+
     torch's gloo threads can abort the interpreter's teardown ("terminate called without an active exception",
     exit -6) after a multi-process run, most often a failed one; once the message is out and the process group
     is closed, such a process leaves without the teardown and keeps its exit code. (``main`` itself never
-    exits, so tests and other Python callers can run it in-process.)"""
-    code = main()
+    exits and leaves the signal handlers as they were, so tests and other Python callers can run it
+    in-process.)"""
+    try:
+        try:
+            code = main()
+        finally:
+            _ignore_sigint()
+    except KeyboardInterrupt:  # before the command's own handling began
+        _ignore_sigint()
+        print("fourbit: interrupted", file=sys.stderr)
+        code = 130
     distributed = sys.modules.get("fourbit.train.distributed")
     if distributed is not None and distributed.process_group_started():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
+
+
+def _ignore_sigint() -> None:
+    """Ignore SIGINT from now on (the main thread alone can set a handler)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

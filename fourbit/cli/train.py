@@ -7,9 +7,13 @@ model, then calls the same functions a Python user calls.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 from fourbit._errors import FieldError
@@ -77,41 +81,17 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _finetune(args: argparse.Namespace, world: Any) -> int:
-    from fourbit.train.config import config_from_args
-    from fourbit.train.data import check_records, load_records
-    from fourbit.train.loading import load_for_training
-    from fourbit.train.trainer import TrainingInterrupted, plan_run, prepare_data, train
-
-    def prepare() -> tuple[Any, Any, Any, Any, Any]:
-        config = config_from_args(args, config_file=args.config, model=args.model_pos)
-        for name in ("data", "out"):
-            if not getattr(config, name):
-                raise FieldError(name, "is required: finetune needs `data` (training file) and `out` (run folder)")
-        config = _global_batch(config, args.global_batch_size, world.size)
-        if world.is_main:
-            _print_config(config, args.json)
-        # output folder and checkpoint, before the slow model load (rank 0 alone reads and writes `out`)
-        plan = plan_run(config, log=log, world_size=world.size) if world.is_main else None
-        # A bad data file fails before the model load too, judged on the whole file (not the training split).
-        label_column = config.label_column if config.task == "classify" else None
-        records = load_records(config.data)
-        check_records(records, format=config.format, text_column=config.text_column, label_column=label_column)
-        eval_records = load_records(config.eval_data) if config.eval_data else None
-        if eval_records is not None:
-            check_records(eval_records, format=config.format, text_column=config.text_column,
-                          label_column=label_column)
-        labels: list[str] = []
-        if config.task == "classify":
-            labels = sorted({str(r.get(config.label_column)) for r in records if config.label_column in r})
-        model, tokenizer = load_for_training(config, label_names=labels)
-        if world.size > 1 and next(model.parameters()).device != world.device:
-            model = model.to(world.device)
-        data = prepare_data(config, tokenizer, records=records, eval_records=eval_records)
-        return config, plan, model, tokenizer, data
+    from fourbit.train.trainer import TrainingInterrupted, train
 
     quiet = not world.is_main
     log = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-    config, plan, model, tokenizer, data = world.agree(prepare, "the loading of the model and data")
+    try:
+        config, plan, model, tokenizer, data = world.agree(lambda: _prepare(args, world, log),
+                                                           "the loading of the model and data")
+    except KeyboardInterrupt:
+        if not quiet:
+            print("fourbit finetune: interrupted before the first step; nothing was written", file=sys.stderr)
+        return 130
     try:
         result = train(config, model, tokenizer, data=data, plan=plan, log=log, world=world)
     except TrainingInterrupted as stop:
@@ -119,27 +99,80 @@ def _finetune(args: argparse.Namespace, world: Any) -> int:
             print(f"fourbit finetune: interrupted at step {stop.step}; checkpoint {stop.checkpoint} written: run "
                   "the same command with --resume to continue", file=sys.stderr)
         return 130
-    if quiet:
-        return 0
+    if not quiet:
+        with _sigint_ignored():  # the run is complete: a Ctrl-C now has nothing left to stop
+            _print_summary(result, args.json)
+    return 0
+
+
+def _prepare(args: argparse.Namespace, world: Any, log: Any) -> tuple[Any, Any, Any, Any, Any]:
+    """The resolved config, the output plan, the model, its tokenizer and the tokenized data; the output folder
+    and checkpoint, then the data file, are checked before the slow model load."""
+    from fourbit.train.config import config_from_args
+    from fourbit.train.data import check_records, load_records
+    from fourbit.train.loading import load_for_training
+    from fourbit.train.trainer import plan_run, prepare_data
+
+    config = config_from_args(args, config_file=args.config, model=args.model_pos)
+    for name in ("data", "out"):
+        if not getattr(config, name):
+            raise FieldError(name, "is required: finetune needs `data` (training file) and `out` (run folder)")
+    config = _global_batch(config, args.global_batch_size, world.size)
+    if world.is_main:
+        _print_config(config, args.json)
+    # rank 0 alone reads and writes `out`
+    plan = plan_run(config, log=log, world_size=world.size) if world.is_main else None
+    # A bad data file fails before the model load too, judged on the whole file (not the training split).
+    label_column = config.label_column if config.task == "classify" else None
+    records = load_records(config.data)
+    check_records(records, format=config.format, text_column=config.text_column, label_column=label_column)
+    eval_records = load_records(config.eval_data) if config.eval_data else None
+    if eval_records is not None:
+        check_records(eval_records, format=config.format, text_column=config.text_column,
+                      label_column=label_column)
+    labels: list[str] = []
+    if config.task == "classify":
+        labels = sorted({str(r.get(config.label_column)) for r in records if config.label_column in r})
+    model, tokenizer = load_for_training(config, label_names=labels)
+    if world.size > 1 and next(model.parameters()).device != world.device:
+        model = model.to(world.device)
+    data = prepare_data(config, tokenizer, records=records, eval_records=eval_records)
+    return config, plan, model, tokenizer, data
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored inside the block (in the main thread), the previous handler back after it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+
+def _print_summary(result: Any, as_json: bool) -> None:
+    """The run's results: one JSON document (``--json``) or a table."""
     summary = _json_safe({
         "out": str(result.out), "steps": result.steps, "train_loss": result.train_loss, **result.eval,
         "n_train": result.n_train, "n_eval": result.n_eval, "n_truncated": result.n_truncated,
         "n_dropped": result.n_dropped, "tokens_per_s": result.tokens_per_s, "resumed_from": result.resumed_from,
         "world_size": result.world_size,
     })
-    if args.json:
+    if as_json:
         print(json.dumps(summary, allow_nan=False))
-    else:
-        from rich.console import Console
-        from rich.table import Table
+        return
+    from rich.console import Console
+    from rich.table import Table
 
-        table = Table(title=f"fine-tuned adapter in {result.out}")
-        table.add_column("metric")
-        table.add_column("value", justify="right")
-        for k, v in summary.items():
-            table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
-        Console().print(table)
-    return 0
+    table = Table(title=f"fine-tuned adapter in {result.out}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in summary.items():
+        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    Console().print(table)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:

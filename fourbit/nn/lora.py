@@ -477,11 +477,12 @@ def find_target_modules(
                 )
             names.append(name)
     if not names:
-        shown = target_modules if isinstance(target_modules, str) else ", ".join(target_modules)
-        have = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                       if n and is_linear_like(m) and m is not head and not n.endswith("lm_head")})
-        raise FieldError("target_modules", f"{shown} matched no linear module of {type(model).__name__}; its linear "
-                                           f"modules are named {', '.join(have) or '(none)'}")
+        asked = target_modules if isinstance(target_modules, str) else ",".join(target_modules)
+        have = dict.fromkeys(n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                             if n and not n.startswith(inside_lora) and m is not head
+                             and (isinstance(m, LoRALinear) or is_linear_like(m)))
+        raise FieldError("target_modules", f"{asked!r} matched no linear module of {type(model).__name__} (its linear "
+                                           f"modules: {', '.join(have) or 'none'})")
     return names
 
 

@@ -21,8 +21,6 @@ import json
 import os
 import random
 import re
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,21 +117,6 @@ def set_rng_state(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Non
     random.setstate((version, tuple(state), gauss))
 
 
-def pause_point(where: str, step: int, stop: Callable[[], bool] | None = None) -> None:
-    """A hook for fault-injection tests of a real process: when ``FOURBIT_TEST_PAUSE`` is ``"<where>:<step>"``,
-    touch the file named by ``FOURBIT_TEST_MARKER`` and wait (up to ``FOURBIT_TEST_PAUSE_S`` seconds, default
-    60, or until ``stop()`` is true) so that a test can send a signal at exactly this point. A no-op otherwise.
-    """
-    if os.environ.get("FOURBIT_TEST_PAUSE") != f"{where}:{step}":
-        return
-    marker = os.environ.get("FOURBIT_TEST_MARKER")
-    if marker:
-        Path(marker).write_text(f"{os.getpid()}\n", encoding="utf-8")
-    deadline = time.monotonic() + float(os.environ.get("FOURBIT_TEST_PAUSE_S", "60"))
-    while time.monotonic() < deadline and not (stop and stop()):
-        time.sleep(0.02)
-
-
 def save_checkpoint(
     folder: str | os.PathLike,
     model: nn.Module,
@@ -168,7 +151,6 @@ def save_checkpoint(
         save_safetensors({**{f"opt.{k}": v for k, v in opt_tensors.items()}, **rng_tensors}, tmp / _OPTIMIZER)
         if config is not None:
             save_config(config, tmp, _CONFIG)
-        pause_point("checkpoint", int(state.get("step", 0)))
         atomic_write_text(tmp / _STATE, json.dumps({**state, "optimizer": opt_skeleton, "rng": rng_meta},
                                                    indent=1) + "\n")
     return folder

@@ -78,6 +78,9 @@ class TrainConfig:
             (least memory); ``auto`` (default) is keep-matmuls for sequences of up to 1,024 tokens and full
             beyond, where attention dominates the recomputation and kept outputs would cost much memory.
         loss_chunk_size: tokens per chunk of the fused output-head cross-entropy; 0 computes the full logits.
+        fused_kernels: run the fused LoRA, gated-MLP and RMSNorm training paths (default); off, the model runs
+            the plain composition of PyTorch modules they are tested against
+            (:func:`fourbit.nn.fused.fused_kernels`).
 
     Raises:
         FieldError: naming the field, for a value of the wrong type, a number that is not finite or out of its
@@ -122,6 +125,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     gradient_checkpointing_policy: str = "auto"
     loss_chunk_size: int = 1024
+    fused_kernels: bool = True
     eval_steps: int = 50
     eval_batch_size: int = 8
     save_steps: int = 100

@@ -354,60 +354,90 @@ def encode_records(
     """
     check = check_records(records, format=format, text_column=text_column, label_column=label_column,
                           source=source)
-    fmt = check.format
-    if fmt == "chat" and not getattr(tokenizer, "chat_template", None):
+    if check.format == "chat" and not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"{_file_of(records, source)}: chat data needs a tokenizer with a chat template; this "
                          "tokenizer has none (use the instruction format or set tokenizer.chat_template)")
     names: list[str] = []
     if label_column:
         names = list(label_names) if label_names else sorted({str(r[label_column]) for r in records})
-        index = {n: i for i, n in enumerate(names)}
-    out = EncodedDataset([], format=fmt, label_names=names, n_skipped=len(check.skipped))
+    encoder = _Encoder(tokenizer, check.format, max_length, train_on_inputs, text_column, split_long_text, source,
+                       label_column, {n: i for i, n in enumerate(names)})
+    out = EncodedDataset([], format=check.format, label_names=names, n_skipped=len(check.skipped))
     if check.skipped:
         _log.warning(f"{_file_of(records, source)}: skipping {len(check.skipped)} of {len(records)} records with "
-                     f"no response to learn from ({_no_response(fmt, text_column)}): "
+                     f"no response to learn from ({_no_response(check.format, text_column)}): "
                      f"{_list_positions(records, check.skipped)}")
     skipped = set(check.skipped)
     for i, row in enumerate(records):
-        if i in skipped:
-            continue
-        if label_column:
-            label = str(row[label_column])
-            if label not in index:
-                raise record_error(row, i, source, f"label {label!r} is not one of the training labels {names}")
-            ids = _token_ids(tokenizer, str(row[text_column]), True)
-            if len(ids) > max_length:
-                ids, out.n_truncated = ids[:max_length], out.n_truncated + 1
-            out.examples.append(Encoded(ids, [index[label]]))
-            continue
-        if fmt == "text":
-            ex = _encode_prompt_response(tokenizer, "", str(row[text_column]), True)
-        elif fmt == "instruction":
+        if i not in skipped:
+            encoder.add(out, row, i)
+    if not out.examples:
+        raise FieldError("max_length", f"no example of {_file_of(records, source)} has a response token left "
+                                       f"after truncation to {max_length} tokens ({out.n_dropped} dropped); "
+                                       "raise `max_length`")
+    return out
+
+
+@dataclass
+class _Encoder:
+    """How :func:`encode_records` turns one checked record into examples: its options, resolved."""
+
+    tokenizer: Any
+    format: str
+    max_length: int
+    train_on_inputs: bool
+    text_column: str
+    split_long_text: bool
+    source: str
+    label_column: str | None = None
+    label_index: dict[str, int] = field(default_factory=dict)
+
+    def add(self, out: EncodedDataset, row: Mapping[str, Any], i: int) -> None:
+        """Encode record ``i`` and add its examples (and what was truncated, split or dropped) to ``out``."""
+        if self.label_column:
+            out.examples.append(self._classified(out, row, i))
+        else:
+            self._add_pieces(out, self._example(row))
+
+    def _classified(self, out: EncodedDataset, row: Mapping[str, Any], i: int) -> Encoded:
+        """Classification: the text, truncated to ``max_length``, labelled with the class index."""
+        label = str(row[self.label_column])
+        if label not in self.label_index:
+            raise record_error(row, i, self.source, f"label {label!r} is not one of the training labels "
+                                                    f"{list(self.label_index)}")
+        ids = _token_ids(self.tokenizer, str(row[self.text_column]), True)
+        if len(ids) > self.max_length:
+            ids, out.n_truncated = ids[:self.max_length], out.n_truncated + 1
+        return Encoded(ids, [self.label_index[label]])
+
+    def _example(self, row: Mapping[str, Any]) -> Encoded:
+        """The whole record as one example, in its format."""
+        if self.format == "text":
+            return _encode_prompt_response(self.tokenizer, "", str(row[self.text_column]), True)
+        if self.format == "instruction":
             inp = "" if row.get("input") is None else str(row["input"])
             tmpl = ALPACA_PROMPT if inp else ALPACA_PROMPT_NO_INPUT
             prompt = tmpl.format(instruction=str(row["instruction"]), input=inp)
-            ex = _encode_prompt_response(tokenizer, prompt, str(row["output"]), train_on_inputs)
-        else:
-            ex = _encode_chat(tokenizer, row["messages"], train_on_inputs)
+            return _encode_prompt_response(self.tokenizer, prompt, str(row["output"]), self.train_on_inputs)
+        return _encode_chat(self.tokenizer, row["messages"], self.train_on_inputs)
+
+    def _add_pieces(self, out: EncodedDataset, ex: Encoded) -> None:
+        """Add ``ex`` cut to ``max_length``: split into consecutive pieces (plain text with ``split_long_text``)
+        or truncated; a piece left without a response token is dropped."""
+        n = self.max_length
         pieces = [ex]
-        if len(ex) > max_length and fmt == "text" and split_long_text:
+        if len(ex) > n and self.format == "text" and self.split_long_text:
             out.n_split += 1
-            pieces = [Encoded(ex.input_ids[s:s + max_length], ex.labels[s:s + max_length])
-                      for s in range(0, len(ex), max_length)]
-        elif len(ex) > max_length:
+            pieces = [Encoded(ex.input_ids[s:s + n], ex.labels[s:s + n]) for s in range(0, len(ex), n)]
+        elif len(ex) > n:
             out.n_truncated += 1
-            pieces = [Encoded(ex.input_ids[:max_length], ex.labels[:max_length])]
+            pieces = [Encoded(ex.input_ids[:n], ex.labels[:n])]
         for piece in pieces:
             # A causal LM predicts token t from tokens < t: the first label never counts.
             if all(t == IGNORE_INDEX for t in piece.labels[1:]):
                 out.n_dropped += 1
             else:
                 out.examples.append(piece)
-    if not out.examples:
-        raise FieldError("max_length", f"no example of {_file_of(records, source)} has a response token left "
-                                       f"after truncation to {max_length} tokens ({out.n_dropped} dropped); "
-                                       "raise `max_length`")
-    return out
 
 
 def split_records(

@@ -240,6 +240,7 @@ print("ok")
 """
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_kernels_compile_for_h100_with_separate_rounding_and_ieee_division(tmp_path):
     # No GPU needed: Triton compiles to PTX (and runs its bundled ptxas) for sm_90 on any machine. Checks

@@ -80,6 +80,7 @@ def _json(*argv) -> dict:
     return json.loads(result.out)
 
 
+@pytest.mark.multiprocess
 def test_server_index_and_query_equal_the_embedded_store(tmp_path, docs_dir, chroma_server, session_model):
     from fourbit.rag.store import server_heartbeat
 
@@ -114,6 +115,7 @@ def test_server_index_and_query_equal_the_embedded_store(tmp_path, docs_dir, chr
             assert [s["score"] for s in remote] == pytest.approx([s["score"] for s in here], abs=1e-5)
 
 
+@pytest.mark.multiprocess
 def test_answers_through_the_server_equal_the_embedded_store(tmp_path, docs_dir, chroma_server, embedder):
     """The answering step sees the same context (a deterministic stand-in LLM echoes its prompt)."""
     from fourbit.rag.answer import answer_question

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from _cli import run_cli
 
 import fourbit
@@ -78,6 +79,7 @@ def _kill_mid_run(docs: Path, db: Path, tmp: Path, pause_after: int) -> None:
     assert proc.returncode == -signal.SIGKILL
 
 
+@pytest.mark.multiprocess
 def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path, docs_dir, monkeypatch, embedder):
     import fourbit.rag.embeddings
 

@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.multiprocess
 def test_bench_serve_smoke_run():
     out = subprocess.run(
         [sys.executable, "benchmarks/bench_serve.py", "--tiny", "--clients", "1,3", "--requests", "1",

@@ -79,6 +79,7 @@ def test_registered_in_the_fourbit_command(model_dir, tmp_path):
     assert "--api-key" in done.stdout and "OpenAI-compatible" in done.stdout
 
 
+@pytest.mark.multiprocess
 def test_ctrl_c_stops_the_server_cleanly(model_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "FOURBIT_API_KEY": "k"}
     argv = [str(console_script()), "serve", str(model_dir), "--port", "0", "--name", "tiny", "--db", str(tmp_path / "db")]

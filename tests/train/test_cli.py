@@ -127,3 +127,47 @@ def test_merge_bundled_gguf_model(tmp_path: Path) -> None:
     with torch.no_grad():
         # fp32 merge of the dequantized NF4 weight + update: the same function up to fp32 rounding
         torch.testing.assert_close(merged(ids).logits, model.eval()(ids).logits, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("flag", ["--fused-kernels", "--no-fused-kernels"])
+def test_fused_kernels_flag_reaches_the_config_and_decides_the_path(tmp_path: Path, model_dir: Path, monkeypatch,
+                                                                    flag: str) -> None:
+    """``--no-fused-kernels`` is saved in the resolved config and the model runs its plain PyTorch composition:
+    the fused SwiGLU of the gated MLPs (:func:`fourbit.nn.fused.swiglu`) is never called; on, it is."""
+    from fourbit.nn import fused
+
+    on = flag == "--fused-kernels"
+    args = _parser().parse_args(["finetune", "--data", "d.jsonl", "--out", "o", flag])
+    assert config_from_args(args).fused_kernels is on and TrainConfig().fused_kernels is True
+    calls: list[int] = []
+    real = fused.swiglu
+    monkeypatch.setattr(fused, "swiglu", lambda *a, **k: calls.append(1) or real(*a, **k))
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": f"{i} plus 3 is {i + 3}."}) + "\n" for i in range(8)))
+    res = run_cli("finetune", model_dir, "--data", data, "--out", tmp_path / "run", "--max-steps", "1",
+                  "--lora-r", "4", "--batch-size", "2", "--gradient-accumulation-steps", "1", "--save-steps", "0",
+                  "--eval-steps", "0", "--compute-dtype", "fp32", "--no-progress", "--json", flag)
+    assert res.code == 0, res.err
+    assert yaml.safe_load((tmp_path / "run" / "train_config.yaml").read_text())["fused_kernels"] is on
+    assert bool(calls) is on, len(calls)
+
+
+def test_ctrl_c_while_the_model_loads_writes_nothing(tmp_path: Path, model_dir: Path, monkeypatch) -> None:
+    """Before training begins a Ctrl-C stops at once (a model load may take minutes): exit 130, one line,
+    no output folder."""
+    import signal
+
+    from fourbit.train import loading
+
+    def interrupted_load(*args, **kwargs):
+        signal.raise_signal(signal.SIGINT)  # Python's default handler: KeyboardInterrupt here
+        raise AssertionError("not reached")
+
+    monkeypatch.setattr(loading, "load_for_training", interrupted_load)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": f"{i} plus 3 is {i + 3}."}) + "\n" for i in range(8)))
+    res = run_cli("finetune", model_dir, "--data", data, "--out", tmp_path / "run", "--no-progress", "--json")
+    assert res.code == 130 and "Traceback" not in res.err, res.err
+    assert [line for line in res.err.splitlines() if "interrupted" in line] == [
+        "fourbit finetune: interrupted before the first step; nothing was written"]
+    assert not (tmp_path / "run").exists()

@@ -31,6 +31,7 @@ from fourbit.train.metrics import read_metrics
 
 _REPO = Path(__file__).resolve().parents[2]
 _TIMEOUT = 180  # bound on every multi-process run (each takes seconds)
+_LAUNCHER = Path(__file__).resolve().with_name("_pause_launcher.py")
 
 
 def _args(folder: Path, out: str, *extra: str) -> list[str]:
@@ -44,7 +45,7 @@ def _args(folder: Path, out: str, *extra: str) -> list[str]:
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT", "FOURBIT_TEST_PAUSE")}
+                                                             "MASTER_PORT")}
     env.update(PYTHONPATH=str(_REPO), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                TORCH_CPP_LOG_LEVEL="FATAL", **extra)
     return env
@@ -62,14 +63,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(argvs: list[list[str]], extra_env: list[dict[str, str]] | None = None) -> list[subprocess.Popen]:
-    """One process per argv, given rank i of len(argvs) directly (no torchrun agent in between)."""
+def _spawn(argvs: list[list[str]], pauses: list[tuple[str, Path] | None] | None = None) -> list[subprocess.Popen]:
+    """One process per argv, given rank i of len(argvs) directly (no torchrun agent in between). A rank with a
+    pause ``(WHERE:N, marker)`` runs through tests/train/_pause_launcher.py, which stops it there (see that
+    script) and writes ``marker``."""
     port = str(_free_port())
     procs = []
     for rank, argv in enumerate(argvs):
         env = _env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(len(argvs)), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=port, **((extra_env or [{}] * len(argvs))[rank]))
-        procs.append(subprocess.Popen([sys.executable, "-m", "fourbit", "finetune", *argv], env=env, cwd=_REPO,
+                   MASTER_PORT=port)
+        pause = (pauses or [None] * len(argvs))[rank]
+        entry = ["-m", "fourbit"] if pause is None else [str(_LAUNCHER), pause[0], str(pause[1]), "--"]
+        procs.append(subprocess.Popen([sys.executable, *entry, "finetune", *argv], env=env, cwd=_REPO,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return procs
 
@@ -101,6 +106,7 @@ def two_process_run(folder: Path) -> tuple[Path, subprocess.CompletedProcess]:
     return folder / "two", proc
 
 
+@pytest.mark.multiprocess
 def test_two_processes_equal_one_process_over_the_same_global_batches(folder, two_process_run, monkeypatch) -> None:
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     one = run_cli("finetune", *_args(folder, "one"))  # 1 process, accumulation 4 instead of 2 x 2 processes
@@ -128,6 +134,7 @@ def test_two_processes_equal_one_process_over_the_same_global_batches(folder, tw
     assert json.loads((two / "adapter_config.json").read_text())["peft_type"] == "LORA"
 
 
+@pytest.mark.multiprocess
 def test_resume_with_another_process_count_is_refused(folder, two_process_run, tmp_path, monkeypatch) -> None:
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     two, _ = two_process_run
@@ -142,13 +149,13 @@ def test_resume_with_another_process_count_is_refused(folder, two_process_run, t
     assert sorted(str(p.relative_to(copy)) for p in copy.rglob("*")) == before  # nothing touched
 
 
+@pytest.mark.multiprocess
 def test_a_killed_rank_stops_the_other_naming_it_and_resume_is_exact(folder, two_process_run, tmp_path) -> None:
     two, _ = two_process_run
     marker = tmp_path / "paused"
     argv = _args(folder, "killed")
     # rank 1 stops after step 2 (rank 0 writes the step-2 checkpoint and waits in step 3's all-reduce)
-    procs = _spawn([argv, argv], [{}, {"FOURBIT_TEST_PAUSE": "step:2", "FOURBIT_TEST_MARKER": str(marker),
-                                       "FOURBIT_TEST_PAUSE_S": "120"}])
+    procs = _spawn([argv, argv], [None, ("step:2", marker)])
     try:
         deadline = time.monotonic() + _TIMEOUT
         while not marker.exists():
@@ -177,6 +184,7 @@ def test_a_killed_rank_stops_the_other_naming_it_and_resume_is_exact(folder, two
     assert all(torch.equal(a[k], b[k]) for k in b)  # exact: same ops, state broadcast from rank 0 bit for bit
 
 
+@pytest.mark.multiprocess
 def test_ranks_given_different_data_are_refused(folder, tmp_path) -> None:
     argv = _args(folder, "differ")
     other = list(argv)
@@ -211,6 +219,7 @@ def test_global_batch_the_process_count_does_not_divide(folder, monkeypatch) -> 
     assert not (folder / "bad").exists()
 
 
+@pytest.mark.multiprocess
 def test_fsdp_shards_the_4bit_base_and_trains_exactly_like_ddp(folder, two_process_run) -> None:
     two, _ = two_process_run
     proc = _torchrun(*_args(folder, "fsdp", "--distributed", "fsdp"))
@@ -240,6 +249,7 @@ def test_fsdp_refuses_a_policy_that_casts_packed_bytes_and_a_model_without_layer
         shard_4bit_base(torch.nn.Sequential(torch.nn.Linear(4, 4)))
 
 
+@pytest.mark.multiprocess
 def test_unreachable_rendezvous_fails_after_the_timeout(folder, monkeypatch) -> None:
     for k, v in dict(WORLD_SIZE="2", RANK="1", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1",
                      MASTER_PORT=str(_free_port())).items():
@@ -250,13 +260,13 @@ def test_unreachable_rendezvous_fails_after_the_timeout(folder, monkeypatch) -> 
     assert not (folder / "bad").exists()
 
 
+@pytest.mark.multiprocess
 def test_ctrl_c_on_one_rank_stops_both_after_the_same_step(folder, two_process_run, tmp_path) -> None:
     two, _ = two_process_run
     marker = tmp_path / "paused"
     argv = _args(folder, "interrupted")
     # SIGINT reaches rank 0 only, while it pauses after step 2; the request rides on step 3's all-reduce
-    procs = _spawn([argv, argv], [{"FOURBIT_TEST_PAUSE": "step:2", "FOURBIT_TEST_MARKER": str(marker),
-                                   "FOURBIT_TEST_PAUSE_S": "120"}, {}])
+    procs = _spawn([argv, argv], [("step:2", marker), None])
     try:
         deadline = time.monotonic() + _TIMEOUT
         while not marker.exists():
@@ -279,6 +289,7 @@ def test_ctrl_c_on_one_rank_stops_both_after_the_same_step(folder, two_process_r
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_gradient_checkpointing_with_kept_matmuls_trains_as_one_process(folder, monkeypatch, mode: str) -> None:
     """The selective checkpointing policy (kept LoRA outputs taken back in the recomputation) under DDP and FSDP

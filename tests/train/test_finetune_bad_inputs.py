@@ -62,7 +62,12 @@ def _finetune(s: dict[str, Path], *extra: str, out: Path | None = None):
 def test_invalid_target_modules_with_overwrite_keeps_the_previous_run(setup) -> None:
     before = _snapshot(setup["run"])
     result = _finetune(setup, "--overwrite", "--target-modules", "nonexistent_proj")
-    assert_clean_error(result, "--target-modules", "nonexistent_proj")
+    message = assert_clean_error(result, "--target-modules", "nonexistent_proj")
+    # the flag named once, and the linear modules the model does have, each once (short names)
+    assert message.count("--target-modules") == 1, message
+    have = message[message.index("its linear modules: ") + len("its linear modules: "):].split(")")[0]
+    assert have.split(", ") == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                                "lm_head"], message
     assert _snapshot(setup["run"]) == before
     _no_temps(setup["tmp"])
 

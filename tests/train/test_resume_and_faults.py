@@ -19,11 +19,11 @@ from safetensors.torch import load_file
 
 from fourbit._errors import FieldError
 from fourbit._io import TEMP_PREFIX
-from fourbit.train import trainer
+from fourbit.train import step, trainer
 from fourbit.train.checkpoint import find_resumable
 from fourbit.train.config import TrainConfig
 from fourbit.train.metrics import read_metrics
-from fourbit.train.trainer import train
+from fourbit.train.trainer import TrainingInterrupted, train
 
 _REPO = Path(__file__).resolve().parents[2]
 
@@ -69,9 +69,11 @@ def reference(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("damage", ["optimizer.safetensors", "trainer_state.json"])
-def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, reference, damage) -> None:
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, reference, damage, ctrl_c_after_step) -> None:
     cfg = _cfg(tmp_path, "part")
-    _run(cfg, stop_after=3)
+    ctrl_c_after_step(3)
+    with pytest.raises(TrainingInterrupted):
+        _run(cfg)
     newest = Path(cfg.out) / "checkpoints" / "step-000003" / damage
     newest.write_bytes(newest.read_bytes()[: len(newest.read_bytes()) // 2])  # truncated, as by a full disk
     lines: list[str] = []
@@ -82,9 +84,11 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, referenc
     _assert_same_adapter(reference, Path(cfg.out))
 
 
-def test_torn_last_metrics_line_does_not_stop_resume(tmp_path, reference) -> None:
+def test_torn_last_metrics_line_does_not_stop_resume(tmp_path, reference, ctrl_c_after_step) -> None:
     cfg = _cfg(tmp_path, "part")
-    _run(cfg, stop_after=2)
+    ctrl_c_after_step(2)
+    with pytest.raises(TrainingInterrupted):
+        _run(cfg)
     with (Path(cfg.out) / "metrics.jsonl").open("a") as f:
         f.write('{"step": 3, "loss": 5.1')  # the writer was killed mid-line
     assert _run(cfg.replace(resume=True)).resumed_from == 2
@@ -104,14 +108,14 @@ def test_resume_may_change_steps_and_learning_rate_schedule_fields(tmp_path) -> 
 
 def test_nan_loss_stops_before_saving_anything_of_that_step(tmp_path, monkeypatch) -> None:
     cfg = _cfg(tmp_path, "run")
-    real, calls = trainer._loss_sum, []
+    real, calls = step.loss_sum, []
 
     def poisoned(model, batch, config):
         calls.append(1)
         loss, logits = real(model, batch, config)
         return (loss * float("nan"), logits) if len(calls) == 2 else (loss, logits)
 
-    monkeypatch.setattr(trainer, "_loss_sum", poisoned)
+    monkeypatch.setattr(step, "loss_sum", poisoned)
     with pytest.raises(FieldError, match="diverged at step 2") as err:
         _run(cfg)
     assert err.value.field == "learning_rate" and "step-000001" in str(err.value)
@@ -132,9 +136,9 @@ def test_a_new_run_replaces_the_old_one_only_at_its_first_checkpoint(tmp_path, m
     seen: list[bool] = []
     real = trainer._save
 
-    def spy(run, *a, **k):
+    def spy(*a, **k):
         seen.append({p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before)
-        return real(run, *a, **k)
+        return real(*a, **k)
 
     monkeypatch.setattr(trainer, "_save", spy)
     _run(cfg.replace(overwrite=True, seed=1, save_steps=2))
@@ -144,10 +148,14 @@ def test_a_new_run_replaces_the_old_one_only_at_its_first_checkpoint(tmp_path, m
 
 
 # -------------------------------------------------------------------------------- real processes, signals
+# Each run below is the real `fourbit finetune` in its own process, started through tests/train/_pause_launcher.py,
+# which stops it at one exact point (it wraps a fourbit function, and fourbit knows nothing of it) so that the
+# signal lands there and nowhere else.
 _FLAGS = ["--max-steps", "4", "--lora-r", "4", "--lora-alpha", "8", "--batch-size", "2",
-          "--gradient-accumulation-steps", "1", "--max-length", "64", "--eval-steps", "0", "--compute-dtype",
+          "--gradient-accumulation-steps", "1", "--max-length", "64", "--eval-steps", "2", "--compute-dtype",
           "fp32", "--learning-rate", "1e-3", "--eval-fraction", "0.1", "--no-progress", "--json"]
 _DEADLINE_S = 180
+_LAUNCHER = Path(__file__).resolve().with_name("_pause_launcher.py")
 
 
 @pytest.fixture(scope="module")
@@ -161,37 +169,41 @@ def workspace(tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "model": model, "data": data}
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(_REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("FOURBIT_TEST_PAUSE", None)
-    return {**env, **extra}
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(_REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false"}
 
 
-def _argv(ws: dict[str, Path], out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "fourbit", "finetune", str(ws["model"]), "--data", str(ws["data"]), "--out",
-            str(out), *_FLAGS, *extra]
+def _finetune_args(ws: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return ["finetune", str(ws["model"]), "--data", str(ws["data"]), "--out", str(out), *_FLAGS, *extra]
 
 
 def _finish(ws: dict[str, Path], out: Path, *extra: str) -> subprocess.CompletedProcess:
-    done = subprocess.run(_argv(ws, out, *extra), env=_env(), capture_output=True, text=True, timeout=_DEADLINE_S)
+    done = subprocess.run([sys.executable, "-m", "fourbit", *_finetune_args(ws, out, *extra)], env=_env(),
+                          capture_output=True, text=True, timeout=_DEADLINE_S)
     assert done.returncode == 0, done.stderr
     return done
 
 
-def _start_and_wait(ws: dict[str, Path], out: Path, pause: str, *extra: str) -> subprocess.Popen:
-    """Start a finetune that pauses at ``pause`` and return once it is there (its marker file exists)."""
+def _start_and_wait(ws: dict[str, Path], out: Path, pause: str, *extra: str) -> tuple[subprocess.Popen, Path]:
+    """Start a finetune that pauses at ``pause`` (see the launcher) and return once it is there (its marker
+    file exists), with the marker."""
     marker = ws["root"] / f"marker-{out.name}"
-    proc = subprocess.Popen(_argv(ws, out, *extra), env=_env(FOURBIT_TEST_PAUSE=pause, FOURBIT_TEST_MARKER=str(marker)),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, str(_LAUNCHER), pause, str(marker), "--",
+                             *_finetune_args(ws, out, *extra)],
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + _DEADLINE_S
     while not marker.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            out_text, err_text = proc.communicate()
+            _, err_text = proc.communicate()
             pytest.fail(f"finetune never reached {pause} (exit {proc.returncode}): {err_text[-2000:]}")
         time.sleep(0.05)
-    return proc
+    return proc, marker
+
+
+def _summary(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
@@ -201,9 +213,10 @@ def uninterrupted(workspace) -> Path:
     return out
 
 
+@pytest.mark.multiprocess
 def test_sigkill_while_writing_a_checkpoint_then_resume(workspace, uninterrupted) -> None:
     out = workspace["root"] / "killed"
-    proc = _start_and_wait(workspace, out, "checkpoint:2", "--save-steps", "1")
+    proc, _ = _start_and_wait(workspace, out, "checkpoint:2", "--save-steps", "1")
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=_DEADLINE_S)
     # Nothing looks complete that is not: only step 1 is a checkpoint, no adapter at the top yet.
@@ -212,28 +225,59 @@ def test_sigkill_while_writing_a_checkpoint_then_resume(workspace, uninterrupted
     assert [p for p in ckpts.iterdir() if p.name.startswith(TEMP_PREFIX)], "the half-written step 2 is a temp"
     assert not (out / "adapter_model.safetensors").exists()
     done = _finish(workspace, out, "--save-steps", "1", "--resume")
-    assert json.loads(done.stdout.strip().splitlines()[-1])["resumed_from"] == 1
+    assert _summary(done.stdout)["resumed_from"] == 1
     assert not [p for p in ckpts.iterdir() if p.name.startswith(TEMP_PREFIX)], "stale temp cleaned on resume"
     _assert_same_adapter(uninterrupted, out)
     assert _curve(uninterrupted) == _curve(out)
 
 
-def test_sigint_stops_at_a_step_with_a_checkpoint_then_resume(workspace, uninterrupted) -> None:
-    out = workspace["root"] / "interrupted"
-    # no periodic checkpoints: the one to resume from is written because of the Ctrl-C
-    proc = _start_and_wait(workspace, out, "step:2", "--save-steps", "0")
+# (pause point, --save-steps, the step the run stops after). Ctrl-C before the first step, between steps with
+# no periodic checkpoint (the one to resume from is written because of the Ctrl-C), while a checkpoint is being
+# written, during an evaluation, and after the last step: each stops at a step boundary with a checkpoint.
+_CTRL_C_POINTS = [("step:0", "1", 1), ("step:2", "0", 2), ("checkpoint:2", "1", 2), ("eval:1", "1", 2),
+                  ("step:4", "1", 4)]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(("pause", "save_steps", "stopped_at"), _CTRL_C_POINTS,
+                         ids=[p.replace(":", "-") for p, _, _ in _CTRL_C_POINTS])
+def test_sigint_stops_at_a_step_with_a_checkpoint_then_resume(workspace, uninterrupted, pause: str,
+                                                              save_steps: str, stopped_at: int) -> None:
+    out = workspace["root"] / f"interrupted-{pause.replace(':', '-')}"
+    proc, _ = _start_and_wait(workspace, out, pause, "--save-steps", save_steps)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=_DEADLINE_S)
-    assert proc.returncode == 130, err
-    assert "Traceback" not in err and "interrupted at step 2" in err and "--resume" in err
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]
+    assert proc.returncode == 130, err[-3000:]
+    lines = [line for line in err.splitlines() if "interrupted" in line]
+    assert "Traceback" not in err and len(lines) == 1, err[-3000:]
+    checkpoint = out / "checkpoints" / f"step-{stopped_at:06d}"
+    assert f"interrupted at step {stopped_at}; checkpoint {checkpoint} written" in lines[0], lines
+    assert "--resume" in lines[0]
+    saved = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert saved == ([checkpoint.name] if save_steps == "0" else [f"step-{i:06d}" for i in range(1, stopped_at + 1)])
     assert not (out / "adapter_model.safetensors").exists()
-    done = _finish(workspace, out, "--save-steps", "0", "--resume")
-    assert json.loads(done.stdout.strip().splitlines()[-1])["resumed_from"] == 2
+    done = _finish(workspace, out, "--save-steps", save_steps, "--resume")
+    assert _summary(done.stdout)["resumed_from"] == stopped_at
     _assert_same_adapter(uninterrupted, out)
     assert _curve(uninterrupted) == _curve(out)
 
 
+@pytest.mark.multiprocess
+def test_sigint_while_the_finished_process_exits_changes_nothing(workspace, uninterrupted) -> None:
+    """A Ctrl-C after the command has returned, in the interpreter's teardown (which restores the default
+    action of SIGINT), is ignored: the finished run exits 0, not by the signal (-2) nor with a traceback."""
+    out = workspace["root"] / "exiting"
+    proc, marker = _start_and_wait(workspace, out, "exit:0", "--save-steps", "1")
+    proc.send_signal(signal.SIGINT)
+    marker.with_name(marker.name + ".go").write_text("")
+    stdout, err = proc.communicate(timeout=_DEADLINE_S)
+    assert proc.returncode == 0, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err and "interrupted" not in err, err[-3000:]
+    assert _summary(stdout)["steps"] == 4
+    _assert_same_adapter(uninterrupted, out)
+
+
+@pytest.mark.multiprocess
 def test_leftovers_of_a_killed_new_run_are_removed_by_the_next_run(tmp_path) -> None:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

@@ -16,7 +16,8 @@ from fourbit._errors import FieldError
 from fourbit.train.config import TrainConfig
 from fourbit.train.metrics import read_metrics
 from fourbit.train.plan import plan_run
-from fourbit.train.trainer import _micro_seed, train
+from fourbit.train.step import micro_seed
+from fourbit.train.trainer import TrainingInterrupted, train
 
 
 def _data(tmp_path: Path, n: int = 24) -> str:
@@ -44,11 +45,14 @@ def _curve(out: str) -> list[tuple]:
             if "loss" in r]
 
 
-def test_resume_reproduces_uninterrupted_run_exactly(tmp_path: Path) -> None:
+def test_resume_reproduces_uninterrupted_run_exactly(tmp_path: Path, ctrl_c_after_step) -> None:
     full = _cfg(tmp_path, "full")
     _run(full)
     part = _cfg(tmp_path, "part")
-    _run(part, stop_after=2)  # interrupted right after the step-2 checkpoint
+    ctrl_c_after_step(2)  # interrupted right after the step-2 checkpoint
+    with pytest.raises(TrainingInterrupted) as stopped:
+        _run(part)
+    assert stopped.value.step == 2 and stopped.value.checkpoint == Path(part.out) / "checkpoints" / "step-000002"
     assert not (Path(part.out) / "adapter_model.safetensors").exists()
     res = _run(part.replace(resume=True))
     assert res.resumed_from == 2
@@ -126,10 +130,11 @@ def test_bf16_autocast_and_packing_run(tmp_path: Path) -> None:
     assert res.eval["eval_loss"] > 0
 
 
-def test_checkpoints_record_the_process_count_and_resume_keeps_it(tmp_path: Path) -> None:
+def test_checkpoints_record_the_process_count_and_resume_keeps_it(tmp_path: Path, ctrl_c_after_step) -> None:
     cfg = _cfg(tmp_path, "run")
-    res = _run(cfg, stop_after=2)
-    assert res.world_size == 1
+    ctrl_c_after_step(2)
+    with pytest.raises(TrainingInterrupted):
+        _run(cfg)
     step2 = Path(cfg.out) / "checkpoints" / "step-000002"
     state = json.loads((step2 / "trainer_state.json").read_text())
     assert state["world_size"] == 1
@@ -147,9 +152,9 @@ def test_checkpoints_record_the_process_count_and_resume_keeps_it(tmp_path: Path
 def test_dropout_masks_depend_on_the_micro_batch_not_the_process(tmp_path: Path) -> None:
     """Seeding per (seed, step, micro-batch) makes each micro-batch's dropout independent of what ran before it
     in this process, which is what lets rank r of a distributed run compute micro-batch i as one process would."""
-    seeds = {_micro_seed(0, step, i) for step in range(50) for i in range(64)}
+    seeds = {micro_seed(0, step, i) for step in range(50) for i in range(64)}
     assert len(seeds) == 50 * 64  # no two micro-batches of a run share masks
-    assert _micro_seed(0, 3, 1) != _micro_seed(1, 3, 1)
+    assert micro_seed(0, 3, 1) != micro_seed(1, 3, 1)
 
 
 @pytest.mark.parametrize("gradient_checkpointing", [False, True])
@@ -157,13 +162,10 @@ def test_fused_training_path_gives_the_per_step_losses_of_the_plain_reference(
         tmp_path: Path, gradient_checkpointing: bool) -> None:
     """The default path (fused LoRA, fused output-head cross-entropy, keep-matmuls checkpointing) against the
     plain one (LoRA as separate PyTorch modules, full logits + F.cross_entropy), 4-bit base, fp32, dropout on."""
-    from fourbit.nn.fused import fused_kernels
-
     fast = _cfg(tmp_path, "fast", save_steps=0, loss_chunk_size=7, gradient_checkpointing=gradient_checkpointing)
-    plain = _cfg(tmp_path, "plain", save_steps=0, loss_chunk_size=0)
+    plain = _cfg(tmp_path, "plain", save_steps=0, loss_chunk_size=0, fused_kernels=False)
     _run(fast)
-    with fused_kernels(False):
-        _run(plain)
+    _run(plain)
     fast_curve, plain_curve = _curve(fast.out), _curve(plain.out)
     assert len(fast_curve) == 4
     for a, b in zip(fast_curve, plain_curve, strict=True):
@@ -173,16 +175,35 @@ def test_fused_training_path_gives_the_per_step_losses_of_the_plain_reference(
 
 
 def test_fused_bf16_training_tracks_the_plain_bf16_path(tmp_path: Path) -> None:
-    from fourbit.nn.fused import fused_kernels
-
     fast = _cfg(tmp_path, "fast", save_steps=0, compute_dtype="bf16", lora_dropout=0.0)
-    plain = _cfg(tmp_path, "plain", save_steps=0, compute_dtype="bf16", lora_dropout=0.0, loss_chunk_size=0)
+    plain = _cfg(tmp_path, "plain", save_steps=0, compute_dtype="bf16", lora_dropout=0.0, loss_chunk_size=0,
+                 fused_kernels=False)
     _run(fast)
-    with fused_kernels(False):
-        _run(plain)
+    _run(plain)
     for a, b in zip(_curve(fast.out), _curve(plain.out), strict=True):
         # both run every matmul in bf16 but round at different points (the update added inside addmm vs after
         # its own bf16 rounding; the loss gradient rounded to bf16 before the head's matmul). bf16 keeps 8
         # significant bits (2^-8 = 4e-3 relative per rounding); the loss averages many such roundings, which
         # kept it within 1e-4 in trials: 2e-3 leaves room for other shapes without hiding a real error
         assert a[1] == pytest.approx(b[1], rel=2e-3)
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_the_run_uses_the_fused_kernels_its_config_asks_for(tmp_path: Path, monkeypatch, on: bool) -> None:
+    """``fused_kernels`` decides the path inside :func:`train` whatever the caller's context says: the trainer
+    enters ``fused_kernels(config.fused_kernels)``, and the fused SwiGLU runs only when it is on."""
+    from fourbit.nn import fused
+
+    entered: list[bool] = []
+    real_context, real_swiglu, calls = fused.fused_kernels, fused.swiglu, []
+
+    def recording(value: bool = True):
+        entered.append(value)
+        return real_context(value)
+
+    monkeypatch.setattr(fused, "fused_kernels", recording)
+    monkeypatch.setattr(fused, "swiglu", lambda *a, **k: calls.append(1) or real_swiglu(*a, **k))
+    with real_context(not on):  # the opposite outside: the config decides
+        _run(_cfg(tmp_path, "run", max_steps=1, save_steps=0, fused_kernels=on))
+    assert entered == [on]
+    assert bool(calls) is on, len(calls)
