@@ -186,6 +186,45 @@ def _checkpoint_keys(files: list[Path]) -> set[str]:
     return keys
 
 
+def _install_4bit_skeleton(model: nn.Module, layers: list, files: list[Path], compute: torch.dtype,
+                           dtype: torch.dtype) -> None:
+    """Swap the meta skeleton's layers that the checkpoint holds in 4 bits for empty 4-bit layers on the meta
+    device (``load_state_dict(assign=True)`` then gives them the checkpoint's tensors and settings), checking that
+    each is a linear layer of the right shape.
+
+    Raises:
+        InputFileError: a 4-bit layer the model does not have, or of another shape (naming the file).
+    """
+    config = model.config
+    for layer in layers:
+        try:
+            linear = model.get_submodule(layer.name)
+        except AttributeError:
+            linear = None
+        if not (isinstance(linear, nn.Linear) or is_conv1d(linear)):
+            raise InputFileError(files[0], f"4-bit layer {layer.name!r} is not a linear layer of a "
+                                           f"{config.model_type} model; the weights do not fit config.json")
+        in_features, out_features = (linear.weight.shape if is_conv1d(linear)
+                                     else (linear.in_features, linear.out_features))
+        if layer.shape != (out_features, in_features):
+            raise InputFileError(files[0], f"4-bit layer {layer.name!r} has shape {layer.shape}, the model "
+                                           f"needs {(out_features, in_features)}")
+        # a meta skeleton: loading assigns the checkpoint's tensors (and quantization settings) to it
+        shell = Linear4bit(in_features, out_features, linear.bias is not None, compute, device="meta",
+                           layout="conv1d" if is_conv1d(linear) else "linear")
+        model.set_submodule(layer.name, shell)
+    keys = _checkpoint_keys(files)
+    for name, module in list(model.named_modules()):
+        if is_fused_experts(module) and f"{name}.gate_up_proj_absmax" in keys:
+            e, two_i, h = module.gate_up_proj.shape
+            with torch.device("meta"):
+                shell = Experts4bit(e, h, two_i // 2, module.act_fn, compute_dtype=compute,
+                                    quant_type=layers[0].quant_type, blocksize=layers[0].blocksize,
+                                    double_quant=f"{name}.gate_up_proj_offset" in keys, dtype=dtype)
+            shell._set_template(module)
+            model.set_submodule(name, shell)
+
+
 def _load_quantized_checkpoint(folder: Path, compute_dtype: str | None) -> tuple[nn.Module, object]:
     """Build the model's skeleton with its parameters on the meta device, swap in empty 4-bit layers where
     the checkpoint has them, and fill it from the safetensors (``assign``: the loaded tensors become the
@@ -217,33 +256,7 @@ def _load_quantized_checkpoint(folder: Path, compute_dtype: str | None) -> tuple
     compute = parse_dtype(requested or qc.get("bnb_4bit_compute_dtype") or qc.get("compute_dtype") or "fp32")
     with _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    for layer in layers:
-        try:
-            linear = model.get_submodule(layer.name)
-        except AttributeError:
-            linear = None
-        if not (isinstance(linear, nn.Linear) or is_conv1d(linear)):
-            raise InputFileError(files[0], f"4-bit layer {layer.name!r} is not a linear layer of a "
-                                           f"{config.model_type} model; the weights do not fit config.json")
-        in_features, out_features = (linear.weight.shape if is_conv1d(linear)
-                                     else (linear.in_features, linear.out_features))
-        if layer.shape != (out_features, in_features):
-            raise InputFileError(files[0], f"4-bit layer {layer.name!r} has shape {layer.shape}, the model "
-                                           f"needs {(out_features, in_features)}")
-        # a meta skeleton: loading assigns the checkpoint's tensors (and quantization settings) to it
-        shell = Linear4bit(in_features, out_features, linear.bias is not None, compute, device="meta",
-                           layout="conv1d" if is_conv1d(linear) else "linear")
-        model.set_submodule(layer.name, shell)
-    keys = _checkpoint_keys(files)
-    for name, module in list(model.named_modules()):
-        if is_fused_experts(module) and f"{name}.gate_up_proj_absmax" in keys:
-            e, two_i, h = module.gate_up_proj.shape
-            with torch.device("meta"):
-                shell = Experts4bit(e, h, two_i // 2, module.act_fn, compute_dtype=compute,
-                                    quant_type=layers[0].quant_type, blocksize=layers[0].blocksize,
-                                    double_quant=f"{name}.gate_up_proj_offset" in keys, dtype=dtype)
-            shell._set_template(module)
-            model.set_submodule(name, shell)
+    _install_4bit_skeleton(model, layers, files, compute, dtype)
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
         tensors.update(load_safetensors(file))
@@ -263,9 +276,6 @@ def _load_quantized_checkpoint(folder: Path, compute_dtype: str | None) -> tuple
     still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if still_meta:
         raise InputFileError(folder, f"the weights do not fit config.json: missing {still_meta[:5]}")
-    for module in model.modules():
-        if isinstance(module, Linear4bit | Experts4bit):
-            module.to(next(iter(module.parameters())).device)  # quant state beside its packed weight
     model.config.quantization_config = qc
     model.eval()
     return model, _tokenizer(folder)
