@@ -71,6 +71,15 @@ class TrainConfig:
         quant: base weights ``nf4`` (QLoRA), ``fp4``, ``int4`` or ``none`` (plain LoRA); ``double_quant`` for DQ.
         compute_dtype: ``auto`` (bf16 autocast on GPUs and CPUs with native bf16, else fp32), ``bf16`` or
             ``fp32``. On AVX2-only CPUs torch emulates bf16 matmuls and they run several times slower than fp32.
+    Adapter:
+        use_dora: DoRA (Liu et al. 2024): a trained magnitude per output row times the normalised direction
+            ``W + s·B·A`` (peft's ``use_dora``; adapters load in peft).
+        init_lora_weights: ``default`` (peft's: A Kaiming-uniform, B = 0) or ``loftq`` (Li et al. 2023: the
+            4-bit base and the adapter computed together from the float weights, so that ``Q + s·B·A`` starts
+            closer to W than ``Q``; needs a float checkpoint and a 4-bit ``quant``).
+        loftq_iter: LoftQ's alternating steps T (1: plain quantization plus the best rank-r fit of its error,
+            so the base is exactly the plain 4-bit one; more change the base, which ``fourbit merge`` rebuilds
+            from the run's recorded settings).
     Memory and speed:
         gradient_checkpointing: recompute each decoder layer's activations in backward instead of keeping them.
         gradient_checkpointing_policy: ``keep-matmuls`` keeps the LoRA layers' outputs and recomputes only the
@@ -109,6 +118,9 @@ class TrainConfig:
     lora_dropout: float = 0.1
     target_modules: str = "all-linear"
     use_rslora: bool = False
+    use_dora: bool = False
+    init_lora_weights: str = "default"
+    loftq_iter: int = 1
     optim: str = "adamw"
     learning_rate: float = 2e-4
     weight_decay: float = 0.0
@@ -146,6 +158,11 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise FieldError("overwrite", "`resume` continues the run in the output folder and `overwrite` "
                                           "replaces it; pick one")
+        if self.init_lora_weights == "loftq" and self.quant == "none":
+            raise FieldError("init_lora_weights", "loftq computes the adapter against a 4-bit base; `quant` none "
+                                                  "trains over the float weights: use the default init there")
+        if self.init_lora_weights == "loftq" and self.task == "classify":
+            raise NotImplementedError("`init_lora_weights` loftq is not implemented for `task` classify")
         if not self.target_module_list:
             raise FieldError("target_modules", f"names no module; got {self.target_modules!r} (give "
                                                "comma-separated names such as q_proj,v_proj, a regex or all-linear)")
@@ -184,6 +201,7 @@ _FRACTION = ((lambda v: 0 <= v < 1), "in [0, 1)")
 _RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "max_length": _at_least(1), "lora_r": _at_least(1), "max_steps": _at_least(1), "batch_size": _at_least(1),
     "gradient_accumulation_steps": _at_least(1), "eval_batch_size": _at_least(1), "logging_steps": _at_least(1),
+    "loftq_iter": _at_least(1),
     "warmup_steps": _at_least(0), "save_steps": _at_least(0), "eval_steps": _at_least(0),
     "loss_chunk_size": _at_least(0), "seed": ((lambda v: 0 <= v < 2**32), "in [0, 2**32)"),
     "eval_fraction": _FRACTION, "lora_dropout": _FRACTION, "warmup_ratio": _FRACTION, "adam_beta1": _FRACTION,
@@ -195,6 +213,7 @@ _HINTS = {
     "loss_chunk_size": " (0: the model's full logits)", "max_grad_norm": " (null/None: no clipping)",
 }
 _CHOICES = {"task": _TASKS, "format": FORMATS, "quant": _QUANTS, "compute_dtype": _DTYPES,
+            "init_lora_weights": ("default", "loftq"),
             "optim": OPTIMIZERS, "lr_scheduler": SCHEDULES, "gradient_checkpointing_policy": CHECKPOINT_POLICIES}
 _NON_EMPTY = ("text_column", "label_column", "target_modules")
 _PATHS = ("model", "data", "out", "eval_data")

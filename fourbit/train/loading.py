@@ -62,6 +62,8 @@ def load_for_training(config: TrainConfig, *, label_names: Sequence[str] = ()) -
         q = quant_config(config, skip=("lm_head", "score"))
         if q is not None:
             quantize_model(model, q)
+    elif config.init_lora_weights == "loftq":
+        model, tokenizer = load_loftq_model(config)
     else:
         model, tokenizer = load_model(config.model, quant=quant_config(config), torch_dtype=torch.float32)
     if tokenizer is None:
@@ -70,4 +72,34 @@ def load_for_training(config: TrainConfig, *, label_names: Sequence[str] = ()) -
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def load_loftq_model(config: TrainConfig, *, with_adapter: bool = True) -> tuple[nn.Module, Any]:
+    """The float model quantized with LoftQ (:func:`fourbit.nn.loftq.inject_loftq`): the targets' 4-bit base and
+    LoRA layers computed together, then the rest of the model quantized as ``config.quant`` says. Deterministic
+    for the same checkpoint and settings, so ``fourbit merge`` rebuilds the same base from the run's config
+    (``with_adapter=False`` then drops the adapter the init made; the trained one is loaded instead).
+
+    Raises:
+        FieldError: a model that is already 4-bit (``init_lora_weights``: LoftQ needs the float weights).
+    """
+    from fourbit.models import load_model, quantize_model
+    from fourbit.nn.linear4bit import resolve_compute_dtype
+    from fourbit.nn.loftq import inject_loftq
+    from fourbit.nn.lora import unload_lora
+
+    from .trainer import lora_spec_of
+
+    model, tokenizer = load_model(config.model, quant=None, torch_dtype=torch.float32)
+    if getattr(model.config, "quantization_config", None) is not None:
+        raise FieldError("init_lora_weights", f"loftq needs the float weights and {config.model} is a 4-bit "
+                                              "checkpoint: start from the float model")
+    quant = quant_config(config)
+    inject_loftq(model, lora_spec_of(config), num_iter=config.loftq_iter, quant_type=quant.quant_type,
+                 blocksize=quant.blocksize, double_quant=quant.double_quant,
+                 compute_dtype=resolve_compute_dtype(quant.compute_dtype))
+    quantize_model(model, quant)
+    if not with_adapter:
+        unload_lora(model)
     return model, tokenizer

@@ -42,12 +42,15 @@ class MergeBase:
         quant: ``nf4``, ``fp4`` or ``none`` (the base weights the adapter was trained against).
         double_quant: whether those were double-quantized (changes the dequantized weights slightly).
         source: the file these settings were read from (None: defaults, nothing recorded).
+        loftq: the run's settings when it initialised with LoftQ over more than one iteration (its 4-bit base is
+            then not the plain quantization of the model, and is rebuilt from them); else None.
     """
 
     model: str | None
     quant: str
     double_quant: bool
     source: Path | None
+    loftq: dict[str, Any] | None = None
 
 
 def _run_config(adapter_dir: Path) -> Path | None:
@@ -109,7 +112,12 @@ def merge_base(
         raise FieldError("quant", f"the adapter in {adapter_dir} was trained on a {saved_quant} base (see "
                                   f"{source}), not {quant}: leave out `quant`, or pass `force` to merge onto "
                                   f"{quant} anyway")
-    return MergeBase(model if model is not None else saved_model, quant or saved_quant or "nf4", saved_dq, source)
+    loftq = None
+    if source is not None and saved.get("init_lora_weights") == "loftq" and int(saved.get("loftq_iter", 1)) > 1:
+        loftq = {k: saved[k] for k in ("model", "quant", "double_quant", "lora_r", "lora_alpha", "target_modules",
+                                       "use_rslora", "use_dora", "init_lora_weights", "loftq_iter")}
+    return MergeBase(model if model is not None else saved_model, quant or saved_quant or "nf4", saved_dq, source,
+                     loftq)
 
 
 def plain_for_saving(model: Any) -> Any:
@@ -252,6 +260,22 @@ def _streamable(model: Any) -> bool:
     return not get_checkpoint_conversion_mapping(getattr(model.config, "model_type", None))
 
 
+def _load_base(base: MergeBase, qc: Any) -> tuple[Any, Any]:
+    """The base model as the adapter was trained on it: LoftQ's rebuilt 4-bit base, else ``load_model``. The
+    float leftovers (embeddings, norms, head) stay in the checkpoint's dtype for a 4-bit base: the written bytes
+    are the same as through float32, and an 8B's untied bf16 embeddings and head take 2 GB instead of 4."""
+    import torch
+
+    from fourbit.models import load_model
+
+    if base.loftq is not None:
+        from .config import TrainConfig
+        from .loading import load_loftq_model
+
+        return load_loftq_model(TrainConfig(**{**base.loftq, "model": base.model}), with_adapter=False)
+    return load_model(base.model, quant=qc, torch_dtype=None if qc is not None else torch.float32)
+
+
 def merge_adapter(
     adapter_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -293,7 +317,7 @@ def merge_adapter(
     """
     import torch
 
-    from fourbit.models import QuantConfig, load_model
+    from fourbit.models import QuantConfig
     from fourbit.nn.adapters import load_adapter
     from fourbit.nn.lora import merge_and_unload
 
@@ -306,9 +330,7 @@ def merge_adapter(
     qc = None if base.quant == "none" else QuantConfig(quant_type=base.quant, double_quant=base.double_quant,
                                                        compute_dtype="fp32")
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-    # The float leftovers (embeddings, norms, head) stay in the checkpoint's dtype: the written bytes are the same
-    # as through float32, and an 8B's untied bf16 embeddings and head take 2 GB instead of 4.
-    merged, tokenizer = load_model(base.model, quant=qc, torch_dtype=None if qc is not None else torch.float32)
+    merged, tokenizer = _load_base(base, qc)
     load_adapter(merged, adapter_dir)
     with atomic_dir(out_dir) as tmp:
         if qc is not None and _streamable(merged):  # one layer's float weights at a time

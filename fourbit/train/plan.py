@@ -32,7 +32,7 @@ __all__ = ["RESUME_FIXED_FIELDS", "RunFolder", "RunPlan", "plan_run"]
 #: evaluation, saving, logging, compute dtype, checkpointing) may change on resume.
 RESUME_FIXED_FIELDS = (
     "model", "quant", "double_quant", "task", "lora_r", "lora_alpha", "lora_dropout", "target_modules",
-    "use_rslora", "optim", "data", "eval_data", "format", "text_column", "label_column", "train_on_inputs",
+    "use_rslora", "use_dora", "init_lora_weights", "loftq_iter", "optim", "data", "eval_data", "format", "text_column", "label_column", "train_on_inputs",
     "max_length", "packing", "group_by_length", "eval_fraction", "batch_size", "gradient_accumulation_steps",
     "seed",
 )

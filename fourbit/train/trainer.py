@@ -126,6 +126,13 @@ def prepare_data(
     return train_ds, eval_ds
 
 
+def lora_spec_of(config: TrainConfig, modules_to_save: tuple[str, ...] = ()) -> LoRASpec:
+    """The :class:`fourbit.nn.lora.LoRASpec` ``config`` asks for."""
+    return LoRASpec(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                    target_modules=config.target_module_list, use_rslora=config.use_rslora,
+                    modules_to_save=modules_to_save, use_dora=config.use_dora)
+
+
 def add_lora(model: nn.Module, config: TrainConfig) -> nn.Module:
     """Prepare ``model`` for training and inject LoRA as ``config`` says (classification also trains
     the ``score`` head, saved as peft's ``modules_to_save``).
@@ -148,9 +155,7 @@ def add_lora(model: nn.Module, config: TrainConfig) -> nn.Module:
         spec = lora_spec(model)
         mark_only_lora_trainable(model, spec.modules_to_save if spec else saved)
     else:
-        inject_lora(model, LoRASpec(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                                    target_modules=config.target_module_list, use_rslora=config.use_rslora,
-                                    modules_to_save=saved))
+        inject_lora(model, lora_spec_of(config, saved))
     return model
 
 
