@@ -8,12 +8,13 @@ worst moment, named term by term so that a user can see which setting to change:
 - ``4-bit weights``: quantized parameters x bits / 8, with 4 + 8/64 + 32/(64*256) = 4.127 bits per parameter
   under NF4 + double quantization at block 64 (QLoRA, section 3), 4 + 32/64 = 4.5 without;
 - ``float leftovers``: embeddings, norms, biases and an unquantized head, in the dtype the command keeps them
-  (the checkpoint's for quantize and generate; float32 for finetune and merge, which load them so);
+  (the checkpoint's for quantize, generate and merge; float32 for finetune, which loads them so);
 - per command, its own working set (below, in each ``_plan_*`` function).
 
 The estimate is of the process's peak resident memory above nothing (what ``ru_maxrss`` reports), within
 ±15 % of the measured peak for the models tests/models/test_memory_plan.py measures (the growth above the
-imported runtime, where the terms live) and the 8B benchmark (benchmarks/bench_scale.py).
+imported runtime, where the terms live; quantize and generate). The finetune and merge terms and the 8B scale
+(benchmarks/bench_scale.py) are not yet checked against a measured run.
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ def plan_memory(counts: ModelCounts, config: QuantConfig, *, float_bytes: int = 
         "quantize": _plan_quantize(counts, q4, float_bytes),
         "generate": _plan_generate(counts, q4, float_bytes, prompt_tokens + new_tokens),
         "finetune": _plan_finetune(counts, q4, finetune or FinetuneSettings()),
-        "merge": _plan_merge(counts, merge_bytes),
+        "merge": _plan_merge(counts, q4, float_bytes, merge_bytes),
     }
     return MemoryPlan(terms)
 
@@ -215,12 +216,12 @@ def _plan_finetune(c: ModelCounts, q4: int, s: FinetuneSettings) -> dict[str, in
             "one weight dequantized": c.largest_quantized * s.compute_bytes}
 
 
-def _plan_merge(c: ModelCounts, merge_bytes: int) -> dict[str, int]:
-    """``fourbit merge`` today: every 4-bit layer dequantized to float32 with its adapter merged (the 4-bit
-    copies are gone by then), then the whole model cast to the merged dtype, both copies alive during the cast."""
-    return {"runtime": RUNTIME_BYTES,
-            "merged model in float32": c.total_params * 4,
-            "merged model cast": c.total_params * merge_bytes if merge_bytes != 4 else 0}
+def _plan_merge(c: ModelCounts, q4: int, float_bytes: int, merge_bytes: int) -> dict[str, int]:
+    """``fourbit merge`` of a 4-bit base (:func:`fourbit.train.merge.write_merged_shards`): the 4-bit model with
+    its float leftovers in the checkpoint's dtype and the adapter, and one layer at a time merged in float32
+    (the dequantized weight, the update ``s·B·A`` and their sum) and cast to the merged dtype for writing."""
+    return {"runtime": RUNTIME_BYTES, "4-bit weights": q4, "float leftovers": c.float_params * float_bytes,
+            "one layer merged": c.largest_quantized * (3 * 4 + merge_bytes)}
 
 
 def float_bytes_of(folder: str | os.PathLike) -> int:
