@@ -93,6 +93,20 @@ int fb_isa(void);
 #define FB_PICK(NAME) NAME##_scalar
 #endif
 
+/* Run the picked build of NAME over [0, COUNT) in chunks of PER items, on the caller's `nthreads` threads:
+ * each call sees its chunk as [LO, HI), the names PASS uses. The chunks are fixed by COUNT and PER alone, so the
+ * result does not depend on the thread count. */
+#define FB_PARALLEL_CHUNKS(NAME, COUNT, PER, LO, HI, PASS)                                                  \
+    do {                                                                                                    \
+        const int64_t per_ = (PER), count_ = (COUNT), nchunks_ = (count_ + per_ - 1) / per_;              \
+        __typeof__(&NAME##_scalar) const run_ = FB_PICK(NAME);                                              \
+        _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                                 \
+        for (int64_t c_ = 0; c_ < nchunks_; ++c_) {                                                         \
+            const int64_t LO = c_ * per_, HI = LO + per_ < count_ ? LO + per_ : count_;                     \
+            run_(PASS);                                                                                     \
+        }                                                                                                   \
+    } while (0)
+
 /* ------------------------------------------------------------------------------------- exported kernels */
 
 /*

@@ -158,14 +158,7 @@ FB_ISA_VARIANTS(swiglu, swiglu_range, FB_SWIGLU_ARGS, FB_SWIGLU_PASS, FB_AVX512_
 int fb_swiglu(const void *gate, const void *up, const void *grad, void *out, void *d_up, int dtype, int64_t n,
               int nthreads) {
     if (dtype != FB_F32 && dtype != FB_BF16) return FB_ERR_DTYPE;
-    const int64_t per = 16384;
-    const int64_t nchunks = (n + per - 1) / per;
-    __typeof__(&swiglu_scalar) const run = FB_PICK(swiglu);
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t c = 0; c < nchunks; ++c) {
-        const int64_t i0 = c * per, i1 = i0 + per < n ? i0 + per : n;
-        run(FB_SWIGLU_PASS);
-    }
+    FB_PARALLEL_CHUNKS(swiglu, n, 16384, i0, i1, FB_SWIGLU_PASS);
     return FB_OK;
 }
 
@@ -293,13 +286,6 @@ FB_ISA_VARIANTS(dropout, dropout_range, FB_DROPOUT_ARGS, FB_DROPOUT_PASS, FB_AVX
 int fb_dropout(const void *x, void *out, int dtype, int64_t n, uint64_t seed, uint32_t threshold, float scale,
                int nthreads) {
     if (dtype != FB_F32 && dtype != FB_BF16) return FB_ERR_DTYPE;
-    const int64_t per = 16384;
-    const int64_t nchunks = (n + per - 1) / per;
-    __typeof__(&dropout_scalar) const run = FB_PICK(dropout);
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t c = 0; c < nchunks; ++c) {
-        const int64_t i0 = c * per, i1 = i0 + per < n ? i0 + per : n;
-        run(FB_DROPOUT_PASS);
-    }
+    FB_PARALLEL_CHUNKS(dropout, n, 16384, i0, i1, FB_DROPOUT_PASS);
     return FB_OK;
 }
