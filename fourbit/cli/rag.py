@@ -108,15 +108,21 @@ def _console() -> Any:
     return Console()
 
 
+def _warn_skipped(report: Any) -> None:
+    for path, reason in report.skipped:
+        print(f"fourbit rag: warning: skipped {path}: {reason}", file=sys.stderr)
+
+
 def cmd_index(args: argparse.Namespace) -> int:
     """Index PDF, text and Markdown files (or folders) into a Chroma database, incrementally.
 
     Files named explicitly must be usable; inside a folder, a file that cannot be used (damaged, encrypted,
-    binary, no text) is skipped with a warning that names it.
+    binary, no text) is skipped with a warning that names it. When every file is skipped, nothing is
+    written (a new database is removed again, an existing one is left as it was) and the command fails.
     """
     from fourbit._io import check_output_dir
     from fourbit.rag.chunking import ChunkConfig
-    from fourbit.rag.index import IndexConfig, build_index, find_sources
+    from fourbit.rag.index import IndexConfig, NothingIndexedError, build_index, find_sources
     from fourbit.rag.store import index_info, open_store
 
     # Everything cheap first (flags, paths, files named explicitly, the database or server), so that a
@@ -153,9 +159,13 @@ def cmd_index(args: argparse.Namespace) -> int:
         extractor = MetadataExtractor(load_llm(args.model, adapter=args.adapter),
                                       MetadataCache(Path(cache_dir) / "metadata_cache.json"),
                                       batch_size=args.batch_size)
-    report = build_index(sources, store, embedder, config, extractor=extractor, progress=not args.json)
-    for path, reason in report.skipped:
-        print(f"fourbit rag: warning: skipped {path}: {reason}", file=sys.stderr)
+    try:
+        report = build_index(sources, store, embedder, config, extractor=extractor, progress=not args.json)
+    except NothingIndexedError as err:  # every file skipped: name each, leave no new empty index behind
+        _warn_skipped(err.report)
+        store.discard_created()
+        raise
+    _warn_skipped(report)
     for path, note in report.notes:
         print(f"fourbit rag: note: {path}: {note}", file=sys.stderr)
     if report.resumed:
