@@ -156,7 +156,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         from fourbit.rag.metadata import MetadataCache, MetadataExtractor
 
         cache_dir = args.db if args.db and not args.chroma_host else Path.home() / ".cache" / "fourbit" / "rag"
-        extractor = MetadataExtractor(load_llm(args.model, adapter=args.adapter),
+        extractor = MetadataExtractor(load_llm(args.model, adapter=args.adapter, answering=False),
                                       MetadataCache(Path(cache_dir) / "metadata_cache.json"),
                                       batch_size=args.batch_size)
     try:
@@ -226,13 +226,14 @@ def _query_one(args: argparse.Namespace, retriever: Any, llm: Any, question: str
         else:
             _print_sources(_console(), parents, args.verbose)
         return
-    stream = None if args.json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
-    answer = answer_question(question, retriever, llm, max_new_tokens=args.max_new_tokens, on_text=stream,
+    # Not streamed: the answer is shown only once it is checked against the evidence (an unsupported one
+    # is replaced by the best evidence sentence, with a note).
+    answer = answer_question(question, retriever, llm, max_new_tokens=args.max_new_tokens,
                              token_budget=args.token_budget)
     if args.json:
         print(json.dumps(answer.as_dict()) if jsonl else json.dumps(answer.as_dict(), indent=2), flush=True)
         return
-    print()
+    print(f"{answer.note}\n{answer.text}" if answer.note else answer.text, flush=True)
     con = _console()
     _print_evidence(con, answer.evidence)
     if args.show_sources or args.verbose:
@@ -243,9 +244,11 @@ def cmd_query(args: argparse.Namespace) -> int:
     """Answer a question (or each question of --questions FILE.jsonl) from the index with the 4-bit model.
 
     The model is given the retrieved parents' sentences that best match the question, within
-    --evidence-tokens tokens; the answer is streamed, then those sentences are printed as evidence (and
-    with --show-sources the parents). With --questions, the model loads once and --json prints one JSON line
-    per question: question, answer, evidence, sources, seconds.
+    --evidence-tokens tokens; its answer is checked against them: one the evidence does not support is
+    replaced by the best evidence sentence, with a note saying so. Then those sentences are printed as
+    evidence (and with --show-sources the parents). With --questions, the model loads once and --json prints
+    one JSON line per question: question, answer, answer_kind ("generated" or "evidence"), grounded,
+    support, generated, evidence, sources, seconds.
     """
     from fourbit.rag.retrieval import Retriever
 
@@ -299,7 +302,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     table.add_column("")
     for mode in results:
         table.add_column(mode, overflow="fold", ratio=1)
-    table.add_row("answer", *[r["answer"] for r in results.values()])
+    table.add_row("answer", *[r["answer"] if not r.get("note") else f"({r['note']}) {r['answer']}"
+                              for r in results.values()])
     table.add_row("sources", *[", ".join(f"{s['id']} (p.{s['page']})" for s in r["sources"])
                                for r in results.values()])
     _console().print(table)

@@ -1,0 +1,97 @@
+"""Is a generated answer supported by its evidence? Content-word overlap, and numbers the evidence holds.
+
+A small model asked about a passage often answers fluently with words and numbers that are not in it ("a
+single 24 GB GPU" where the paper says 48 GB). So before an answer is shown it is checked against the
+evidence sentences it was generated from:
+
+* **content words**: the answer's words without stop words, lower-cased, plural/verb endings folded
+  (:func:`content_words`); the **support** is the share of them found in the evidence or the question (a
+  question's own words restated are not an invention);
+* **numbers**: every number in the answer (and word starting with one: ``48gb``) must be in the evidence or
+  the question; one invented number makes the answer unsupported whatever its overlap.
+
+An answer whose support is below :data:`DEFAULT_SUPPORT_THRESHOLD` is not shown as the answer:
+:func:`fourbit.rag.answer.answer_question` says that the documents do not support one and shows the best
+evidence sentence instead. The threshold is measured, not assumed: see ``benchmarks/bench_answers.py``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+__all__ = ["DEFAULT_SUPPORT_THRESHOLD", "Support", "check_support", "content_words"]
+
+# Chosen on the held-out questions of benchmarks/bench_answers.py (its docstring has the numbers): the
+# answers a reader accepts keep almost all their content words in the evidence, the invented ones half or less.
+DEFAULT_SUPPORT_THRESHOLD = 0.6
+
+_WORD = re.compile(r"[a-z0-9]+(?:[.,][0-9]+)*%?")
+_NUMBER = re.compile(r"^[0-9]")  # a number, or a word that starts with one (48gb, 65b)
+STOP_WORDS = frozenset(
+    "a an the of to in on for and or but is are was were be been being by with as at from that this these those "
+    "it its it's we our us you your they their them he she his her i me my than then there here which who whom "
+    "what when where why how can could would should will shall may might must do does did done has have had "
+    "not no nor more most much many such into over under about also each other only any all some very so too "
+    "just if because while both either neither same own s t yes one use used using make makes made get gets "
+    "like well".split()
+)
+
+
+def _fold(word: str) -> str:
+    """A crude stem: plural and common verb endings removed (optimizers -> optimizer, quantized -> quantiz)."""
+    if _NUMBER.match(word) or len(word) <= 4:
+        return word
+    for suffix in ("ing", "ed", "es", "s"):
+        if word.endswith(suffix) and not word.endswith("ss") and len(word) - len(suffix) >= 4:
+            return word[: -len(suffix)]
+    return word
+
+
+def content_words(text: str) -> list[str]:
+    """The content words of ``text`` in order: lower-cased words and numbers, stop words dropped, folded."""
+    return [_fold(w) for w in _WORD.findall(text.lower()) if w not in STOP_WORDS]
+
+
+@dataclass
+class Support:
+    """How far an answer is backed by its evidence.
+
+    Attributes:
+        score: share of the answer's content words found in the evidence or the question (1.0 when it has
+            none: an empty answer is judged by ``grounded`` alone).
+        grounded: ``score`` reaches the threshold, every number is in the evidence, and the answer says
+            something.
+        missing: the answer's content words that neither the evidence nor the question holds.
+    """
+
+    score: float
+    grounded: bool
+    missing: list[str]
+
+
+def check_support(answer: str, evidence: list[str], question: str = "",
+                  threshold: float = DEFAULT_SUPPORT_THRESHOLD) -> Support:
+    """Judge ``answer`` against the ``evidence`` sentences it was written from (and the ``question``).
+
+    Args:
+        answer: the generated answer text.
+        evidence: the evidence sentences the model was given.
+        question: the question (its words count as supported).
+        threshold: the lowest support score of a grounded answer, in [0, 1].
+
+    Returns:
+        A :class:`Support`.
+
+    Raises:
+        ValueError: ``threshold`` outside [0, 1].
+    """
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"`support_threshold` must be in [0, 1], got {threshold}")
+    words = content_words(answer)
+    known = set(content_words(" ".join(evidence))) | set(content_words(question))
+    missing = [w for w in words if w not in known]
+    score = 1.0 - len(missing) / len(words) if words else 1.0
+    invented_number = any(_NUMBER.match(w) for w in missing)
+    grounded = bool(answer.strip()) and score >= threshold and not invented_number
+    return Support(score=score, grounded=grounded, missing=list(dict.fromkeys(missing)))
