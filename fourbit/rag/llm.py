@@ -15,7 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["LLM", "HFChatLLM", "Prompt", "check_model_source", "load_llm"]
+__all__ = ["ANSWER_ADAPTER_DIR", "LLM", "HFChatLLM", "Prompt", "answer_adapter", "check_model_source", "load_llm"]
+
+# Where a grounded-answer adapter for the bundled model ships (trained by `fourbit rag tune`); none ships yet.
+ANSWER_ADAPTER_DIR = Path(__file__).resolve().parents[1] / "data" / "answer_adapter"
 
 Prompt = str | list[dict[str, str]]  # a user message, or chat messages [{"role": ..., "content": ...}]
 
@@ -202,6 +205,17 @@ def load_llm(
     name = str(model) if model is not None else "SmolLM2-135M-Instruct"
     return HFChatLLM(net, tok, name=name + (f"+{Path(adapter).name}" if adapter else ""),
                      repeat_scope="answer" if answering else "sequence", stop_at_paragraph=answering)
+
+
+def answer_adapter(model: str | os.PathLike | None, adapter: str | os.PathLike | None = None, *,
+                   use_default: bool = True) -> Path | None:
+    """The adapter to answer with: ``adapter`` when given; else, for the bundled model (``model`` None) and
+    ``use_default``, the grounded-answer adapter shipped in :data:`ANSWER_ADAPTER_DIR` when there is one."""
+    if adapter is not None:
+        return Path(adapter)
+    if model is None and use_default and (ANSWER_ADAPTER_DIR / "adapter_config.json").is_file():
+        return ANSWER_ADAPTER_DIR
+    return None
 
 
 def check_model_source(model: str | os.PathLike | None) -> None:
