@@ -26,7 +26,7 @@ issue 24.
     python benchmarks/bench_answers.py [--paper /work/shared/data/qlora_paper.txt] [--db DIR] [--adapter DIR]
         [--retriever hybrid] [--top-k 2] [--max-new-tokens 256] [--limit N] [--threads N] [--json out.json]
         [--no-repeat-ngram N] [--repeat-scope answer|sequence] [--no-stop] [--no-finish] [--answer-ratio R]
-        [--support-threshold T | --no-support-check]
+        [--support-threshold T | --no-support-check] [--ablation] [--rescore ABLATION.json]
 """
 
 from __future__ import annotations
@@ -186,7 +186,7 @@ def ablation(rows: list[dict], tokenizer: Any, prefix: str) -> dict[str, list[di
         out[f"{prefix}+stop+len{ratio}"] = [
             _variant_row(r, finish_answer(cap(r, ratio), drop_partial=False), None) for r in rows]
         out[f"{prefix}+stop+len{ratio}+finish"] = [_variant_row(r, finish_answer(cap(r, ratio)), None) for r in rows]
-    for threshold in (0.4, 0.5, 0.6, 0.7, 0.8):
+    for threshold in (0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
         out[f"{prefix}+all, check {threshold}"] = [_variant_row(r, finish_answer(cap(r, 1.0)), threshold)
                                                    for r in rows]
     return out
@@ -254,8 +254,25 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--no-support-check", action="store_true")
     p.add_argument("--ablation", action="store_true",
                    help="generate without the rules (n-grams banned over prompt+answer, then over the answer "
-                        "only), then measure each rule added in turn and thresholds 0.4-0.8")
+                        "only), then measure each rule added in turn and thresholds 0.4-0.9")
+    p.add_argument("--rescore", type=Path, metavar="ABLATION.json",
+                   help="re-measure the rules on the generations an --ablation run saved (no generation)")
     return p.parse_args()
+
+
+def rescore(path: Path, args: argparse.Namespace) -> dict[str, list[dict]]:
+    """The ablation of an earlier ``--ablation --json`` run (or the answers of another run), re-measured with
+    the current library."""
+    saved = json.loads(path.read_text(encoding="utf-8"))["rows"]
+    tokenizer = load(args, None).tokenizer if any(label.endswith(" raw") for label in saved) else None
+    results = {}
+    for label, rows in saved.items():
+        if label.endswith(" raw"):
+            results.update(ablation(rows, tokenizer, label[: -len("raw")]))
+    if not results:  # a run with the rules on: its finished answers checked again
+        threshold = None if args.no_support_check else args.support_threshold
+        results = {label: [_variant_row(r, r["generated"], threshold) for r in rows] for label, rows in saved.items()}
+    return results
 
 
 def main() -> None:
@@ -267,6 +284,9 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.rescore:
+        print_table({label: summarize(rows) for label, rows in rescore(args.rescore, args).items()})
+        return
     questions = read_jsonl(args.questions)[: args.limit]
     runs = {"base": None, **({f"adapter {args.adapter.name}": args.adapter} if args.adapter else {})}
     load_before = load_average()

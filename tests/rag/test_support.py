@@ -52,6 +52,18 @@ def test_content_words_and_support_scores():
     assert check_support("Paged optimizers avoid spikes.", ["They avoid spikes."],
                          question="What do paged optimizers avoid?").grounded
     assert not check_support("  ", evidence).grounded  # nothing said is no answer
+    # Restating the question adds nothing: not an answer, whatever words it shares with the evidence.
+    question = "How much GPU memory does QLoRA need to finetune a 65B parameter model?"
+    restated = check_support("The answer to the question is how much GPU memory QLoRA needs to finetune a 65B "
+                             "parameter model.", evidence, question)
+    assert restated.score == 0.0 and restated.missing == [] and not restated.grounded
+    assert check_support("The answer: a single 48GB GPU.", evidence, question).grounded
+    # List markers are not numbers; a number inside a line is.
+    assert check_support("1. It finetunes a 65B model.\n2) On a single 48GB GPU.", evidence).grounded
+    assert not check_support("It finetunes 1. a 65B model.", evidence).grounded
+    # An echo of the question is not an answer, whatever its words.
+    echo = check_support("1. Single GPU\n\nQuestion: How much GPU memory does QLoRA need?", evidence, question)
+    assert echo.score == 1.0 and not echo.grounded
     with pytest.raises(ValueError, match="support_threshold"):
         check_support("x", evidence, threshold=1.5)
 
