@@ -1,15 +1,18 @@
 """Decoding that cannot ramble: what stops a small model's answer, and how long it may grow.
 
 A 135M model decoding greedily says its answer in a sentence or two and then goes on ("In the context of the
-context, it is a helpful tool ..."), or loops. Three rules, each measured on the held-out questions of
-``benchmarks/bench_answers.py`` (numbers in its docstring):
+context, it is a helpful tool ..."), or loops. Three rules, each measured on the questions of
+``benchmarks/bench_answers.py`` (numbers in its docstring; the length rule made no difference there and is
+kept as a bound that costs nothing):
 
 1. **No repeated n-gram inside the answer** (:class:`AnswerNoRepeatNGram`). transformers'
    ``no_repeat_ngram_size`` bans every n-gram of the whole sequence, the prompt included, so the model may not
    copy four tokens of the evidence in a row: it paraphrases, and a small model paraphrases into invention.
    This processor bans only n-grams the answer itself already holds.
 2. **Stop at the end of the answer** (:class:`ParagraphEnd`, :func:`finish_answer`): a blank line after a
-   complete sentence ends the answer; a last sentence that the length cap cut short is dropped.
+   complete sentence ends the answer; a last sentence that the length cap cut short is dropped, and so is
+   everything from the first sentence that repeats a word 4-gram (token n-grams differ where words repeat
+   with other tokens: "NVIDIA unified memory" and " NVIDIA Unified Memory").
 3. **A length that fits the evidence** (:func:`answer_token_limit`): an answer composed from the evidence
    needs no more tokens than the evidence has.
 """
@@ -27,8 +30,10 @@ __all__ = ["AnswerNoRepeatNGram", "ParagraphEnd", "answer_token_limit", "finish_
 
 # A sentence end (. ! ? and any closing quote or bracket), then a line break, optional blanks, a line break.
 _PARAGRAPH_END = re.compile(r"([.!?][\"')\]]*)[ \t]*\n[ \t]*\n")
-_SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s|$)")
+# ... not after a number of one or two digits standing alone: "2." in "spikes. 2. Pager ..." numbers a list item.
+_SENTENCE_END = re.compile(r"(?<!\b[0-9])(?<!\b[0-9]{2})[.!?][\"')\]]*(?=\s|$)")
 _ENDS_SENTENCE = re.compile(r"[.!?][\"')\]]*$")
+_WORD = re.compile(r"[a-z0-9]+")
 
 
 class AnswerNoRepeatNGram(LogitsProcessor):
@@ -86,9 +91,12 @@ def generation_helpers(tokenizer: Any, prompt_length: int, *, no_repeat_ngram_si
     return {"logits_processor": LogitsProcessorList(processors), "stopping_criteria": StoppingCriteriaList(stops)}
 
 
-def finish_answer(text: str, *, cut_paragraph: bool = True, drop_partial: bool = True) -> str:
+def finish_answer(text: str, *, cut_paragraph: bool = True, drop_partial: bool = True,
+                  drop_repeats: bool = True) -> str:
     """The answer as shown: up to the first paragraph end (``cut_paragraph``), without a last sentence the
-    length cap cut short (``drop_partial``; kept when it is the only one), stripped."""
+    length cap cut short (``drop_partial``; kept when it is the only one), ending before the first sentence
+    that repeats a word 4-gram (``drop_repeats``: the answer is over once it says itself again; the first
+    sentence is always kept), stripped."""
     text = text.strip()
     end = _PARAGRAPH_END.search(text) if cut_paragraph else None
     if end:
@@ -97,7 +105,23 @@ def finish_answer(text: str, *, cut_paragraph: bool = True, drop_partial: bool =
         ends = list(_SENTENCE_END.finditer(text))
         if ends:
             text = text[: ends[-1].end()]
+    if drop_repeats:
+        text = _before_repeat(text)
     return text.strip()
+
+
+def _before_repeat(text: str, n: int = 4) -> str:
+    """``text`` up to the first sentence (after the first) holding a word ``n``-gram said before or twice."""
+    seen: set[tuple[str, ...]] = set()
+    start = 0
+    for end in [m.end() for m in _SENTENCE_END.finditer(text)] + [len(text)]:
+        words = _WORD.findall(text[start:end].lower())
+        grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+        if start > 0 and (seen.intersection(grams) or len(set(grams)) < len(grams)):
+            return text[:start]
+        seen.update(grams)
+        start = end
+    return text
 
 
 def answer_token_limit(evidence_tokens: int, cap: int, *, ratio: float = 1.0, floor: int = 32) -> int:

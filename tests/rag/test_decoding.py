@@ -56,6 +56,12 @@ def test_finish_answer():
     assert finish_answer("Steps:\n\n1. Load the model.") == "Steps:\n\n1. Load the model."  # no sentence ended
     assert finish_answer("A fragment only") == "A fragment only"  # nothing better to keep
     assert finish_answer('He said "yes."\n \nMore.') == 'He said "yes."'
+    # Once the answer says a word 4-gram again, it is over (list numbers are not sentence ends).
+    listed = ("1. Paged optimizers use NVIDIA unified memory to avoid spikes. 2. Pager optimizers utilize NVIDIA "
+              "Unified Memory to avoid spikes.")
+    assert finish_answer(listed) == "1. Paged optimizers use NVIDIA unified memory to avoid spikes."
+    assert finish_answer(listed, drop_repeats=False) == listed
+    assert finish_answer("The rank of the rank of the rank.") == "The rank of the rank of the rank."  # kept: first
 
 
 def test_answer_token_limit():

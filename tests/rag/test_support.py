@@ -64,6 +64,8 @@ def test_content_words_and_support_scores():
     # An echo of the question is not an answer, whatever its words.
     echo = check_support("1. Single GPU\n\nQuestion: How much GPU memory does QLoRA need?", evidence, question)
     assert echo.score == 1.0 and not echo.grounded
+    loop = check_support("It finetunes a 65B model on a single GPU, a single GPU, a single GPU.", evidence)
+    assert loop.score == 1.0 and not loop.grounded
     with pytest.raises(ValueError, match="support_threshold"):
         check_support("x", evidence, threshold=1.5)
 
