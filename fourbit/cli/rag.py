@@ -6,6 +6,7 @@ One function per subcommand, each a thin layer over :mod:`fourbit.rag`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import sys
@@ -42,8 +43,19 @@ def _store_args(p: argparse.ArgumentParser) -> None:
 
 def _llm_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="answering model: folder, 4-bit checkpoint or GGUF (default: bundled SmolLM2)")
-    p.add_argument("--adapter", type=Path, help="LoRA adapter folder from `fourbit finetune`")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--adapter", type=Path, help="LoRA adapter folder from `fourbit finetune` or `fourbit rag "
+                                                    "tune` (default: the bundled model's answer adapter, if any)")
+    which.add_argument("--no-answer-adapter", action="store_true",
+                       help="answer with the base model alone, without the default answer adapter")
     p.add_argument("--max-new-tokens", type=int, default=256)
+
+
+def _load_answer_llm(args: argparse.Namespace) -> Any:
+    from fourbit.rag.llm import answer_adapter, load_llm
+
+    adapter = answer_adapter(args.model, args.adapter, use_default=not args.no_answer_adapter)
+    return load_llm(args.model, adapter=adapter)
 
 
 def _embedder(args: argparse.Namespace, recorded: str | None = None) -> Any:
@@ -108,15 +120,21 @@ def _console() -> Any:
     return Console()
 
 
+def _warn_skipped(report: Any) -> None:
+    for path, reason in report.skipped:
+        print(f"fourbit rag: warning: skipped {path}: {reason}", file=sys.stderr)
+
+
 def cmd_index(args: argparse.Namespace) -> int:
     """Index PDF, text and Markdown files (or folders) into a Chroma database, incrementally.
 
     Files named explicitly must be usable; inside a folder, a file that cannot be used (damaged, encrypted,
-    binary, no text) is skipped with a warning that names it.
+    binary, no text) is skipped with a warning that names it. When every file is skipped, nothing is
+    written (a new database is removed again, an existing one is left as it was) and the command fails.
     """
     from fourbit._io import check_output_dir
     from fourbit.rag.chunking import ChunkConfig
-    from fourbit.rag.index import IndexConfig, build_index, find_sources
+    from fourbit.rag.index import IndexConfig, NothingIndexedError, build_index, find_sources
     from fourbit.rag.store import index_info, open_store
 
     # Everything cheap first (flags, paths, files named explicitly, the database or server), so that a
@@ -150,12 +168,16 @@ def cmd_index(args: argparse.Namespace) -> int:
         from fourbit.rag.metadata import MetadataCache, MetadataExtractor
 
         cache_dir = args.db if args.db and not args.chroma_host else Path.home() / ".cache" / "fourbit" / "rag"
-        extractor = MetadataExtractor(load_llm(args.model, adapter=args.adapter),
+        extractor = MetadataExtractor(load_llm(args.model, adapter=args.adapter, answering=False),
                                       MetadataCache(Path(cache_dir) / "metadata_cache.json"),
                                       batch_size=args.batch_size)
-    report = build_index(sources, store, embedder, config, extractor=extractor, progress=not args.json)
-    for path, reason in report.skipped:
-        print(f"fourbit rag: warning: skipped {path}: {reason}", file=sys.stderr)
+    try:
+        report = build_index(sources, store, embedder, config, extractor=extractor, progress=not args.json)
+    except NothingIndexedError as err:  # every file skipped: name each, leave no new empty index behind
+        _warn_skipped(err.report)
+        store.discard_created()
+        raise
+    _warn_skipped(report)
     for path, note in report.notes:
         print(f"fourbit rag: note: {path}: {note}", file=sys.stderr)
     if report.resumed:
@@ -216,13 +238,14 @@ def _query_one(args: argparse.Namespace, retriever: Any, llm: Any, question: str
         else:
             _print_sources(_console(), parents, args.verbose)
         return
-    stream = None if args.json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
-    answer = answer_question(question, retriever, llm, max_new_tokens=args.max_new_tokens, on_text=stream,
+    # Not streamed: the answer is shown only once it is checked against the evidence (an unsupported one
+    # is replaced by the best evidence sentence, with a note).
+    answer = answer_question(question, retriever, llm, max_new_tokens=args.max_new_tokens,
                              token_budget=args.token_budget)
     if args.json:
         print(json.dumps(answer.as_dict()) if jsonl else json.dumps(answer.as_dict(), indent=2), flush=True)
         return
-    print()
+    print(f"{answer.note}\n{answer.text}" if answer.note else answer.text, flush=True)
     con = _console()
     _print_evidence(con, answer.evidence)
     if args.show_sources or args.verbose:
@@ -233,9 +256,11 @@ def cmd_query(args: argparse.Namespace) -> int:
     """Answer a question (or each question of --questions FILE.jsonl) from the index with the 4-bit model.
 
     The model is given the retrieved parents' sentences that best match the question, within
-    --evidence-tokens tokens; the answer is streamed, then those sentences are printed as evidence (and
-    with --show-sources the parents). With --questions, the model loads once and --json prints one JSON line
-    per question: question, answer, evidence, sources, seconds.
+    --evidence-tokens tokens; its answer is checked against them: one the evidence does not support is
+    replaced by the best evidence sentence, with a note saying so. Then those sentences are printed as
+    evidence (and with --show-sources the parents). With --questions, the model loads once and --json prints
+    one JSON line per question: question, answer, answer_kind ("generated" or "evidence"), grounded,
+    support, generated, evidence, sources, seconds.
     """
     from fourbit.rag.retrieval import Retriever
 
@@ -252,11 +277,7 @@ def cmd_query(args: argparse.Namespace) -> int:
         questions = [args.question]
     store, embedder = _open(args)
     retriever = Retriever(store, embedder, args.retriever, args.top_k)
-    llm = None
-    if not args.no_answer:
-        from fourbit.rag.llm import load_llm
-
-        llm = load_llm(args.model, adapter=args.adapter)
+    llm = None if args.no_answer else _load_answer_llm(args)
     for number, question in enumerate(questions):
         if not args.json and len(questions) > 1:
             print(("\n" if number else "") + f"Q{number + 1}: {question}\nA: ", end="", flush=True)
@@ -269,12 +290,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from fourbit.rag.answer import answer_question
-    from fourbit.rag.llm import load_llm
     from fourbit.rag.retrieval import Retriever
 
     _check_flags(args, llm=True)
     store, embedder = _open(args)
-    llm = load_llm(args.model, adapter=args.adapter)
+    llm = _load_answer_llm(args)
     results: dict[str, Any] = {}
     for mode in args.retrievers:
         try:
@@ -289,7 +309,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     table.add_column("")
     for mode in results:
         table.add_column(mode, overflow="fold", ratio=1)
-    table.add_row("answer", *[r["answer"] for r in results.values()])
+    table.add_row("answer", *[r["answer"] if not r.get("note") else f"({r['note']}) {r['answer']}"
+                              for r in results.values()])
     table.add_row("sources", *[", ".join(f"{s['id']} (p.{s['page']})" for s in r["sources"])
                                for r in results.values()])
     _console().print(table)
@@ -329,12 +350,53 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    """Fine-tune a LoRA adapter that answers from the evidence, on examples built from the index.
+
+    For each parent of the index: a question (the questions `rag index --metadata questions` generated, or
+    templates over its text), the evidence `rag query` would give the model for it, and an answer made of
+    the best evidence sentences; then QLoRA fine-tuning with fourbit's trainer (as `fourbit finetune`) into
+    --out, with the examples saved beside the adapter. Use it with `rag query --adapter OUT`.
+    """
+    from fourbit.rag.tune import TuneConfig, tune_answer_adapter
+    from fourbit.train import TrainConfig, TrainingInterrupted
+
+    tune = TuneConfig(questions=args.questions, per_parent=args.per_parent, max_examples=args.max_examples,
+                      retriever=args.retriever, top_k=args.top_k, token_budget=args.token_budget)
+    train_config = TrainConfig(model=args.model, out=str(args.out), max_steps=args.max_steps,
+                               learning_rate=args.learning_rate, lora_r=args.lora_r, batch_size=args.batch_size,
+                               gradient_accumulation_steps=args.gradient_accumulation_steps,
+                               overwrite=args.overwrite, seed=args.seed, progress=not args.json,
+                               eval_steps=max(1, args.max_steps // 4), save_steps=args.max_steps)
+    _check_flags(args, llm=True)
+    store, embedder = _open(args)
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    # The trainer writes its evaluation lines to stdout; with --json stdout holds the one JSON document.
+    quiet = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
+    try:
+        with quiet:
+            result, examples = tune_answer_adapter(store, embedder, train_config, tune, log=log)
+    except TrainingInterrupted as stop:
+        print(f"fourbit rag: interrupted at step {stop.step}; run the same command with --overwrite to start "
+              "again", file=sys.stderr)
+        return 130
+    summary = {"out": str(result.out), "examples": examples, "train": result.n_train, "eval": result.n_eval,
+               "steps": result.steps, "train_loss": result.train_loss, "eval_metrics": result.eval}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        _console().print(f"adapter in [bold]{result.out}[/]: {examples} examples ({result.n_train} train, "
+                         f"{result.n_eval} eval), {result.steps} steps, train loss {result.train_loss}; "
+                         f"eval {result.eval}; ask with `fourbit rag query --adapter {result.out}`")
+    return 0
+
+
 def _first_line(func: Any) -> str:
     return (func.__doc__ or "").strip().splitlines()[0]
 
 
 def add_parser(subparsers: Any) -> None:
-    """Register ``fourbit rag {index,query,compare,eval}``."""
+    """Register ``fourbit rag {index,query,compare,tune,eval}``."""
     from fourbit.rag.grounding import DEFAULT_EVIDENCE_TOKENS
     from fourbit.rag.retrieval import RETRIEVERS
 
@@ -379,6 +441,26 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--retrievers", type=_csv, default=_csv(_COMPARE_DEFAULT))
     p.add_argument("--top-k", type=int, default=2)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("tune", help=_first_line(cmd_tune), description=cmd_tune.__doc__)
+    _store_args(p)
+    p.add_argument("--out", type=Path, required=True, help="folder that receives the adapter")
+    p.add_argument("--model", help="model to tune: folder or GGUF (default: bundled SmolLM2, 4-bit)")
+    p.add_argument("--questions", choices=("auto", "metadata", "templates"), default="auto",
+                   help="the index's generated questions, templates over each parent, or both (default)")
+    p.add_argument("--per-parent", type=int, default=2, help="questions per parent at most")
+    p.add_argument("--max-examples", type=int, default=400)
+    p.add_argument("--retriever", choices=list(RETRIEVERS), default="chunks")
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--evidence-tokens", dest="token_budget", metavar="N", type=int, default=DEFAULT_EVIDENCE_TOKENS)
+    p.add_argument("--max-steps", type=int, default=200)
+    p.add_argument("--learning-rate", type=float, default=2e-4)
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an adapter already in --out")
+    p.set_defaults(func=cmd_tune, adapter=None, max_new_tokens=1)
 
     p = sub.add_parser("eval", help=cmd_eval.__doc__, description=cmd_eval.__doc__)
     p.add_argument("--questions", type=Path, required=True, help='JSONL: {"question": ..., "evidence": ...}')

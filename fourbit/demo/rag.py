@@ -2,8 +2,9 @@
 
 Kept fast: the guide is about 1,000 tokens, cut into parents of 256 tokens with 128-token children, and no
 metadata is generated. The answer is grounded like ``rag query``'s: the model gets the sentences of the two
-best parents that match the question (:mod:`fourbit.rag.grounding`), and those sentences are shown as
-evidence beside the answer.
+best parents that match the question (:mod:`fourbit.rag.grounding`), its answer is checked against them
+(:mod:`fourbit.rag.support`: an unsupported one is replaced by the best sentence, with a note), and those
+sentences are shown as evidence beside the answer.
 """
 
 from __future__ import annotations
@@ -43,11 +44,13 @@ def run_rag_demo(
         workdir: folder for the Chroma database (re-running reuses the index: nothing is re-embedded).
         question: the question.
         max_new_tokens: answer length cap.
-        on_text: called with each streamed piece of the answer; by default (``verbose``) it is printed.
-        verbose: print the question, the streamed answer and a table of the sources.
+        on_text: called once with the answer as shown (after the support check; with the note, when the
+            answer is the best evidence sentence); by default (``verbose``) it is printed.
+        verbose: print the question, the answer and tables of the evidence and the sources.
 
     Returns:
-        ``{"question", "answer", "evidence": [{"text", "source", "page", "parent_id", "score"}],
+        ``{"question", "answer", "answer_kind", "grounded", "support", "note", "generated",
+        "evidence": [{"text", "source", "page", "parent_id", "score"}],
         "sources": [{"id", "score", "source", "page", "text", "via"}], "retriever", "seconds", "parents",
         "embedded", "index_s", "answer_s"}``.
     """
@@ -67,7 +70,7 @@ def run_rag_demo(
     report = build_index([guide_path()], store, embedder, config, progress=False)
     index_s = time.perf_counter() - start
     start = time.perf_counter()
-    llm = HFChatLLM(model, tokenizer, name="demo")
+    llm = HFChatLLM(model, tokenizer, name="demo", stop_at_paragraph=True)
     if verbose:
         from rich.console import Console
 
@@ -81,7 +84,9 @@ def run_rag_demo(
     # Grounded in the best-matching sentences of two parents: with whole 256-token parents the 135M model
     # looped ("of the context of the context ...") on two and needed the best one alone.
     answer = answer_question(question, Retriever(store, embedder, "chunks", top_k=2), llm,
-                             max_new_tokens=max_new_tokens, on_text=on_text)
+                             max_new_tokens=max_new_tokens)
+    if on_text is not None:
+        on_text(f"{answer.note}\n{answer.text}" if answer.note else answer.text)
     result = answer.as_dict()
     if verbose:
         from rich.table import Table

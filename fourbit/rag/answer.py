@@ -1,8 +1,11 @@
-"""Answering: retrieve parents, ground the 4-bit LLM in their best sentences, stream the answer, cite.
+"""Answering: retrieve parents, ground the 4-bit LLM in their best sentences, check the answer, cite.
 
 The model is given the sentences of the retrieved parents that best match the question
 (:mod:`fourbit.rag.grounding`), not whole parents, and those sentences come back as extractive evidence
-beside the generated text: a small model's answer may be weak, the evidence is the document's own words.
+beside the generated text. The answer may take as many tokens as the evidence has, ends at its first
+paragraph (:mod:`fourbit.rag.decoding`), and is checked against the evidence (:mod:`fourbit.rag.support`):
+an answer the evidence does not support is never shown as the answer; the best evidence sentence is shown
+instead, with a note saying so, and ``answer_kind`` says which case it was.
 """
 
 from __future__ import annotations
@@ -14,16 +17,35 @@ from pathlib import Path
 from typing import Any
 
 from fourbit._errors import FieldError, InputFileError
+from fourbit.rag.decoding import answer_token_limit, finish_answer
 from fourbit.rag.grounding import DEFAULT_EVIDENCE_TOKENS, Evidence, evidence_budget, grounded_prompt
 from fourbit.rag.prompts import answer_prompt
 from fourbit.rag.retrieval import Retrieved
+from fourbit.rag.support import DEFAULT_SUPPORT_THRESHOLD, check_support
 
-__all__ = ["Answer", "answer_question", "answer_questions", "read_question_file", "source_rows"]
+__all__ = ["ANSWER_KINDS", "UNSUPPORTED_NOTE", "Answer", "answer_question", "answer_questions",
+           "read_question_file", "source_rows"]
+
+# "generated": the model's answer, supported by the evidence; "evidence": the model's answer was not
+# supported, the best evidence sentence is shown instead; "none": no evidence at all.
+ANSWER_KINDS = ("generated", "evidence", "none")
+UNSUPPORTED_NOTE = "The documents do not support a generated answer; the passage closest to the question says:"
+NO_EVIDENCE_NOTE = "The documents hold nothing on this question."
+DEFAULT_ANSWER_RATIO = 1.0
 
 
 @dataclass
 class Answer:
-    """An answer with the evidence sentences it was written from and their parents."""
+    """An answer with the evidence sentences it was written from and their parents.
+
+    Attributes:
+        text: what is shown as the answer: the model's (``answer_kind`` "generated") or the best evidence
+            sentence ("evidence"), or empty ("none").
+        generated: the model's answer as generated (after :func:`fourbit.rag.decoding.finish_answer`).
+        grounded: the generated answer is supported by the evidence (:mod:`fourbit.rag.support`).
+        support: the share of its content words in the evidence or the question.
+        note: shown above ``text`` when it is not the model's answer; empty otherwise.
+    """
 
     question: str
     text: str
@@ -31,9 +53,16 @@ class Answer:
     sources: list[Retrieved] = field(default_factory=list)
     evidence: list[Evidence] = field(default_factory=list)
     seconds: float = 0.0
+    generated: str = ""
+    grounded: bool = True
+    support: float = 1.0
+    answer_kind: str = "generated"
+    note: str = ""
 
     def as_dict(self, lines: int = 2) -> dict[str, Any]:
-        return {"question": self.question, "answer": self.text, "evidence": [e.as_dict() for e in self.evidence],
+        return {"question": self.question, "answer": self.text, "answer_kind": self.answer_kind,
+                "grounded": self.grounded, "support": round(self.support, 3), "note": self.note,
+                "generated": self.generated, "evidence": [e.as_dict() for e in self.evidence],
                 "sources": source_rows(self.sources, lines), "retriever": self.retriever,
                 "seconds": round(self.seconds, 3)}
 
@@ -59,6 +88,32 @@ def _budget(question: str, llm: Any, count: Callable[[str], int] | None, token_b
     return evidence_budget(window, bare, max_new_tokens, cap=token_budget)
 
 
+def _generate(llm: Any, messages: list[dict[str, str]], max_new_tokens: int,
+              on_text: Callable[[str], None] | None) -> str:
+    if on_text is None:
+        return llm.generate([messages], max_new_tokens=max_new_tokens)[0]
+    pieces = []
+    for piece in llm.stream(messages, max_new_tokens=max_new_tokens):
+        pieces.append(piece)
+        on_text(piece)
+    return "".join(pieces).strip()
+
+
+def _judged(answer: Answer, generated: str, threshold: float | None) -> Answer:
+    """``answer`` with the generated text checked against its evidence: shown when supported, else replaced
+    by the best evidence sentence (``answer_kind`` "evidence") or nothing ("none")."""
+    answer.generated = answer.text = generated
+    if threshold is None:
+        return answer
+    support = check_support(generated, [e.text for e in answer.evidence], answer.question, threshold)
+    answer.grounded, answer.support = support.grounded, support.score
+    if not support.grounded:
+        best = answer.evidence[0].text if answer.evidence else ""
+        answer.text, answer.answer_kind = best, "evidence" if best else "none"
+        answer.note = UNSUPPORTED_NOTE if best else NO_EVIDENCE_NOTE
+    return answer
+
+
 def answer_question(
     question: str,
     retriever: Any,
@@ -68,6 +123,9 @@ def answer_question(
     on_text: Callable[[str], None] | None = None,
     embedder: Any = None,
     token_budget: int = DEFAULT_EVIDENCE_TOKENS,
+    answer_ratio: float = DEFAULT_ANSWER_RATIO,
+    support_threshold: float | None = DEFAULT_SUPPORT_THRESHOLD,
+    finish: bool = True,
 ) -> Answer:
     """Answer ``question`` from the evidence sentences of the parents ``retriever`` finds.
 
@@ -77,38 +135,47 @@ def answer_question(
         llm: a :class:`fourbit.rag.llm.LLM`; its ``count_tokens`` and ``context_window``, when it has them,
             size the evidence in its own tokens.
         max_new_tokens: answer length cap.
-        on_text: called with each streamed piece of the answer (e.g. print); None generates in one go.
+        on_text: called with each streamed piece of the generated answer (e.g. print); None generates in one
+            go. What it receives is the model's text before the support check: print ``Answer.text``
+            instead where an unsupported answer must not be seen.
         embedder: scores the sentences; default ``retriever.embedder`` (the index's).
         token_budget: tokens of the LLM the evidence may take at most.
+        answer_ratio: the answer may take at most this many tokens per token of evidence (at least 32, at
+            most ``max_new_tokens``); 0: ``max_new_tokens`` alone.
+        support_threshold: the share of the answer's content words the evidence (or question) must hold for
+            the answer to be shown (:func:`fourbit.rag.support.check_support`); None: no check.
+        finish: end the answer at its first paragraph and drop a last sentence the length cap cut short.
 
     Returns:
-        The :class:`Answer` (text, evidence best first, the retrieved parents, wall seconds).
+        The :class:`Answer` (text, evidence best first, the retrieved parents, wall seconds, the check).
 
     Raises:
-        FieldError: an empty question; ``token_budget`` or ``max_new_tokens`` below 1.
+        FieldError: an empty question; ``token_budget`` or ``max_new_tokens`` below 1; ``answer_ratio``
+            below 0; ``support_threshold`` outside [0, 1].
     """
     if not question.strip():
         raise FieldError("question", "is empty")
-    if token_budget < 1:
-        raise FieldError("token_budget", f"must be >= 1, got {token_budget}")
-    if max_new_tokens < 1:
-        raise FieldError("max_new_tokens", f"must be >= 1, got {max_new_tokens}")
+    for name, value, low in (("token_budget", token_budget, 1), ("max_new_tokens", max_new_tokens, 1),
+                             ("answer_ratio", answer_ratio, 0)):
+        if value < low:
+            raise FieldError(name, f"must be >= {low}, got {value}")
+    if support_threshold is not None and not 0.0 <= support_threshold <= 1.0:
+        raise FieldError("support_threshold", f"must be in [0, 1], got {support_threshold}")
     start = time.perf_counter()
     parents = retriever.retrieve(question)
     count = getattr(llm, "count_tokens", None)
     budget = _budget(question, llm, count, token_budget, max_new_tokens)
     evidence, messages = grounded_prompt(question, parents, embedder or retriever.embedder, token_budget=budget,
                                          count_tokens=count)
-    if on_text is None:
-        text = llm.generate([messages], max_new_tokens=max_new_tokens)[0]
-    else:
-        pieces = []
-        for piece in llm.stream(messages, max_new_tokens=max_new_tokens):
-            pieces.append(piece)
-            on_text(piece)
-        text = "".join(pieces).strip()
-    return Answer(question=question, text=text, retriever=getattr(retriever, "mode", "?"), sources=parents,
-                  evidence=evidence, seconds=time.perf_counter() - start)
+    if count is not None:
+        max_new_tokens = answer_token_limit(sum(count(e.text) for e in evidence), max_new_tokens,
+                                            ratio=answer_ratio)
+    text = _generate(llm, messages, max_new_tokens, on_text)
+    answer = Answer(question=question, text=text, retriever=getattr(retriever, "mode", "?"), sources=parents,
+                    evidence=evidence)
+    answer = _judged(answer, finish_answer(text) if finish else text.strip(), support_threshold)
+    answer.seconds = time.perf_counter() - start
+    return answer
 
 
 def read_question_file(path: str | Path) -> list[str]:

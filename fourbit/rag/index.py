@@ -11,6 +11,9 @@
 6. **embed and store** the missing records batch by batch, then **mark the file complete**;
 7. **remove** the records of files that were under an indexed folder and are gone.
 
+Nothing is written before the first file that can be used (indexed or found unchanged): when every file
+found is skipped, :class:`NothingIndexedError` is raised and the index is left as it was.
+
 Re-indexing is cheap and safe: unchanged files cost a hash; a killed run (even by SIGKILL) leaves files
 whose bookkeeping row is missing or stale, because a row is written only after the file's last batch, so
 the next run re-embeds only what is missing, under the same stable ids, never duplicating a record.
@@ -30,7 +33,7 @@ from fourbit._errors import FieldError, InputFileError
 from fourbit.rag.chunking import ChunkConfig, Parent, split_children, split_parents
 from fourbit.rag.loaders import Document, discover_files, doc_id_for, file_sha256, load_document
 
-__all__ = ["IndexConfig", "IndexReport", "Sources", "build_index", "find_sources"]
+__all__ = ["IndexConfig", "IndexReport", "NothingIndexedError", "Sources", "build_index", "find_sources"]
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +92,22 @@ class IndexReport:
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+class NothingIndexedError(InputFileError):
+    """Every file found was skipped (damaged, encrypted, binary, no text) and none was indexed before: the
+    run has nothing to index. Raised before anything is written, so an existing index is left as it was.
+
+    Attributes:
+        report: the run's :class:`IndexReport`; ``report.skipped`` names each file and why.
+    """
+
+    def __init__(self, paths: list[Path], report: IndexReport):
+        where = ", ".join(str(p) for p in paths)
+        n = len(report.skipped)
+        super().__init__(where, f"nothing could be indexed: the {n} file{'s' if n != 1 else ''} found "
+                                f"{'were' if n != 1 else 'was'} skipped (damaged, encrypted, binary or without text)")
+        self.report = report
 
 
 @dataclass
@@ -229,6 +248,22 @@ def _embed_and_store(store: Any, embedder: Any, todo: list, batch_size: int, lab
     return len(todo)
 
 
+def _index_file(doc: Document, store: Any, embedder: Any, config: IndexConfig, extractor: Any, sha: str,
+                keys: tuple[str, str], report: IndexReport, progress: bool) -> None:
+    """Steps 4 to 6 for one loaded file, then its bookkeeping row (written last)."""
+    path = doc.path
+    if doc.encoding != "utf-8":
+        report.notes.append((str(path), f"not UTF-8; read as {doc.encoding}"))
+    parents, wanted = _chunk(doc, config, embedder, extractor, keys, progress)
+    todo, deleted = _replace_stale(store, doc.doc_id, wanted)
+    report.deleted += deleted
+    report.embedded += _embed_and_store(store, embedder, todo, config.embed_batch, path.name, progress)
+    store.mark_file(doc.doc_id, {"path": str(path), "sha256": sha, "base_key": keys[0], "meta_key": keys[1],
+                                 "records": len(wanted), "parents": len(parents)})
+    report.indexed.append(str(path))
+    report.parents += len(parents)
+
+
 def _under(path: Path, roots: list[Path]) -> bool:
     return any(path == root or root in path.parents for root in roots)
 
@@ -273,6 +308,8 @@ def build_index(
     Raises:
         FileNotFoundError / InputFileError / FieldError: a path is missing, a folder empty, a file named
             explicitly cannot be used, a setting is wrong; all raised before the index is touched.
+        NothingIndexedError: every file found was skipped (``err.report`` says why each); the index is
+            untouched.
     """
     config = config or IndexConfig()
     if config.metadata and extractor is None:
@@ -283,37 +320,34 @@ def build_index(
     doc_ids = _assign_doc_ids(sources.files, rows)
     chunk_key = config.chunk.key()
     meta_key_cfg = extractor.key(config) if config.metadata else "none"
-    report = IndexReport(resumed=store.begin_run())
+    report = IndexReport()
     notify = on_file or (lambda path, status: None)
+    started = False
 
     for path in sources.files:
         doc_id = doc_ids[path]
         try:
             sha = sources.loaded[path].sha256 if path in sources.loaded else file_sha256(path)
             base_key, meta_key = _file_keys(sha, path, chunk_key, meta_key_cfg)
-            if _is_unchanged(rows.get(doc_id), path, base_key, meta_key):
-                report.unchanged.append(str(path))
-                notify(str(path), "unchanged")
-                continue
-            doc = _load(path, doc_id, sources)
+            unchanged = _is_unchanged(rows.get(doc_id), path, base_key, meta_key)
+            doc = None if unchanged else _load(path, doc_id, sources)
         except (InputFileError, OSError) as err:  # only files found in a folder get here: skip, say why
             reason = err.message if isinstance(err, InputFileError) else f"cannot be read ({err.strerror or err})"
             log.debug("skipped %s: %s", path, reason)
             report.skipped.append((str(path), reason))
             notify(str(path), "skipped")
             continue
-        if doc.encoding != "utf-8":
-            report.notes.append((str(path), f"not UTF-8; read as {doc.encoding}"))
-        parents, wanted = _chunk(doc, config, embedder, extractor, (base_key, meta_key), progress)
-        todo, deleted = _replace_stale(store, doc_id, wanted)
-        report.deleted += deleted
-        report.embedded += _embed_and_store(store, embedder, todo, config.embed_batch, path.name, progress)
-        store.mark_file(doc_id, {"path": str(path), "sha256": sha, "base_key": base_key, "meta_key": meta_key,
-                                 "records": len(wanted), "parents": len(parents)})
-        report.indexed.append(str(path))
-        report.parents += len(parents)
+        if not started:  # the first usable file: only now does the run touch the index
+            report.resumed, started = store.begin_run(), True
+        if doc is None:
+            report.unchanged.append(str(path))
+            notify(str(path), "unchanged")
+            continue
+        _index_file(doc, store, embedder, config, extractor, sha, (base_key, meta_key), report, progress)
         notify(str(path), "indexed")
 
+    if not started:
+        raise NothingIndexedError(sources.paths, report)
     _remove_missing(store, rows, sources, set(doc_ids.values()), report, notify)
     store.end_run()
     return report

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import re
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,17 @@ class StoreHit:
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+
+
+@dataclass
+class _Created:
+    """What :func:`open_store` created, so that a run that wrote nothing can leave no trace
+    (:meth:`VectorStore.discard_created`)."""
+
+    folder: bool = False  # the ``db`` folder itself
+    database: bool = False  # the database files inside it
+    entries_before: frozenset[Path] = frozenset()  # what the folder held before
+    collections: tuple[str, ...] = ()
 
 
 @contextlib.contextmanager
@@ -113,12 +125,32 @@ class VectorStore:
     """An index in Chroma (see the module docstring for its layout). Build it with :func:`open_store`."""
 
     def __init__(self, client: Any, collection: Any, files: Any, location: str, *, db: Path | None = None,
-                 host: str | None = None, port: int = 8000) -> None:
+                 host: str | None = None, port: int = 8000, created: _Created | None = None) -> None:
         self.client = client
         self.collection = collection
         self.files_collection = files
         self.location = location
         self.db, self.host, self.port = db, host, port
+        self.created = created or _Created()
+
+    @_guarded
+    def discard_created(self) -> None:
+        """Undo what :func:`open_store` created, for a run that wrote nothing: the collections it made and,
+        when the database did not exist before, its files (and the ``db`` folder when it made that too).
+        An index that existed is left exactly as it was; the store cannot be used afterwards."""
+        for name in self.created.collections:
+            self.client.delete_collection(name)
+        if self.db is None or not self.created.database:
+            return
+        self.client.close()  # releases the SQLite file before it is removed
+        if self.created.folder:
+            shutil.rmtree(self.db, ignore_errors=True)
+            return
+        for entry in set(self.db.iterdir()) - self.created.entries_before:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
 
     # ---- description -------------------------------------------------------------------------------
     @property
@@ -281,7 +313,9 @@ def server_heartbeat(host: str, port: int = 8000, timeout: float = 5.0) -> int:
         raise _server_down(host, port) from None
 
 
-def _client(db: str | Path | None, host: str | None, port: int, create: bool) -> tuple[Any, str, Path | None]:
+def _client(db: str | Path | None, host: str | None, port: int, create: bool,
+            created: _Created | None = None) -> tuple[Any, str, Path | None]:
+    """(client, location, folder); ``created`` (when given) is filled in with the folder and database made."""
     import chromadb
 
     if host:
@@ -289,6 +323,10 @@ def _client(db: str | Path | None, host: str | None, port: int, create: bool) ->
         with _chroma_errors(None, host, port):
             return chromadb.HttpClient(host=host, port=port, settings=_settings()), f"http://{host}:{port}", None
     folder = _db_folder(db, create)
+    if created is not None:
+        created.folder = not folder.exists()
+        created.database = not (folder / "chroma.sqlite3").exists()
+        created.entries_before = frozenset(folder.iterdir()) if folder.is_dir() else frozenset()
     folder.mkdir(parents=True, exist_ok=True)
     with _chroma_errors(folder, None, port):
         return chromadb.PersistentClient(path=str(folder), settings=_settings()), str(folder), folder
@@ -347,9 +385,11 @@ def open_store(
         InputFileError: the database in ``db`` is damaged or truncated.
     """
     _check_name(index)
-    client, location, folder = _client(db, host, port, create)
+    created = _Created()
+    client, location, folder = _client(db, host, port, create, created)
     with _chroma_errors(folder, host, port):
         existing = _collection_names(client)
+        created.collections = tuple(name for name in (index, f"{index}.files") if name not in existing)
         if index not in existing:
             if not create:
                 known = ", ".join(sorted(n for n in existing if not n.endswith(".files"))) or "none"
@@ -363,7 +403,7 @@ def open_store(
         else:
             collection = client.get_collection(index, embedding_function=None)
         files = client.get_or_create_collection(f"{index}.files", embedding_function=None)
-    store = VectorStore(client, collection, files, location, db=folder, host=host, port=port)
+    store = VectorStore(client, collection, files, location, db=folder, host=host, port=port, created=created)
     if embedding is not None:
         store.check_embedder(embedding["embedding_model"], int(embedding["embedding_dim"]))
     return store

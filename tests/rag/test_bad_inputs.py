@@ -226,3 +226,71 @@ def test_eval_questions_file_errors_name_file_and_line(tmp_path, docs_dir, sessi
     assert_clean_error(run_cli("rag", "eval", "--questions", bad, "--db", tmp_path / "db"), f"{bad}:2")
     bad.write_text('{"question": "q", "evidence": "e"}\n{not json\n', encoding="utf-8")
     assert_clean_error(run_cli("rag", "eval", "--questions", bad, "--db", tmp_path / "db"), f"{bad}:2")
+
+
+# ---- a folder where nothing can be indexed: exit 1, each file named, no new database left behind ----------
+@pytest.fixture
+def unusable_dir(tmp_path, make_pdf) -> Path:
+    folder = tmp_path / "unusable"
+    folder.mkdir()
+    (folder / "broken.pdf").write_bytes(b"%PDF-1.4\n garbage")
+    make_pdf(folder / "secret.pdf", ["classified"], encrypt=True)
+    (folder / "binary.txt").write_bytes(bytes(range(256)) * 8)
+    return folder
+
+
+def _nothing_indexed(result, folder: Path) -> None:
+    message = assert_clean_error(result, str(folder), "nothing could be indexed")
+    assert "3 files" in message
+    warnings = [line for line in result.err.splitlines() if ": warning: skipped " in line]
+    assert sorted(Path(w.split("skipped ", 1)[1].split(":", 1)[0]).name for w in warnings) == \
+        ["binary.txt", "broken.pdf", "secret.pdf"]
+
+
+def test_nothing_indexable_fails_and_leaves_no_new_database(tmp_path, unusable_dir, session_model):
+    db = tmp_path / "db"
+    _nothing_indexed(_index(unusable_dir, "--db", db), unusable_dir)
+    assert not db.exists()
+    given = tmp_path / "empty-db"  # a folder the user made for it: kept, and left empty
+    given.mkdir()
+    _nothing_indexed(_index(unusable_dir, "--db", given, "--json"), unusable_dir)
+    assert given.is_dir() and list(given.iterdir()) == []
+    # The same folder, once it holds a usable file, indexes into the same place.
+    (unusable_dir / "fine.txt").write_text("Comets have tails that point away from the Sun.", encoding="utf-8")
+    assert _index(unusable_dir, "--db", db).code == 0
+    assert json.loads(run_cli("rag", "query", "comet tails", "--db", db, "--no-answer", "--json").out)["sources"]
+
+
+def test_nothing_indexable_leaves_an_existing_database_as_it_was(tmp_path, docs_dir, unusable_dir,
+                                                                  session_model):
+    from fourbit.rag.store import open_store
+
+    db = tmp_path / "db"
+    assert _index(docs_dir, "--db", db).code == 0
+    before = _tree(db)
+    _nothing_indexed(_index(unusable_dir, "--db", db), unusable_dir)
+    assert _tree(db) == before  # not a byte written
+    _nothing_indexed(_index(unusable_dir, "--db", db, "--index", "other"), unusable_dir)
+    store = open_store(db)
+    assert sorted(c.name for c in store.client.list_collections()) == ["fourbit", "fourbit.files"]
+    assert not store.interrupted and len(store.files()) == 3
+    assert sorted(_tree(db)) == sorted(before)  # the same files (no new collection folder)
+    hits = json.loads(run_cli("rag", "query", "comet tails", "--db", db, "--no-answer", "--json").out)["sources"]
+    assert hits and hits[0]["source"].startswith("comets")
+
+
+def test_build_index_raises_before_touching_the_store(tmp_path, unusable_dir, embedder, small_config):
+    from fourbit.rag.index import NothingIndexedError, build_index
+    from fourbit.rag.store import open_store
+
+    store = open_store(tmp_path / "db", create=True, embedding=embedder.describe())
+    seen = []
+    with pytest.raises(NothingIndexedError, match="nothing could be indexed") as caught:
+        build_index([unusable_dir], store, embedder, small_config, progress=False,
+                    on_file=lambda path, status: seen.append(status))
+    assert sorted(Path(p).name for p, _ in caught.value.report.skipped) == ["binary.txt", "broken.pdf",
+                                                                            "secret.pdf"]
+    assert seen == ["skipped"] * 3 and not caught.value.report.indexed
+    assert store.files() == {} and store.count() == 0 and not store.interrupted
+    store.discard_created()
+    assert not (tmp_path / "db").exists()

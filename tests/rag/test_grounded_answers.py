@@ -70,7 +70,7 @@ def test_evidence_comes_from_the_retrieved_parents_and_fits_the_budget(index, em
     other = [s for p in parents.values() for s in split_sentences(p.text)
              if s not in {e.text for e in answer.evidence}]
     assert not any(s in prompt for s in other if len(s) > 30)
-    assert answer.text == f"{len({e.parent_id for e in answer.evidence})} contexts"
+    assert answer.generated == f"{len({e.parent_id for e in answer.evidence})} contexts"
     row = answer.as_dict()
     assert {"question", "answer", "evidence", "sources", "seconds"} <= set(row)
     assert row["evidence"][0]["text"] == answer.evidence[0].text and row["seconds"] >= 0
