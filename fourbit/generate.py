@@ -131,11 +131,13 @@ def generate_ids(model, input_ids: list[int], *, max_new_tokens: int, stops: lis
         on_token: called with each new id as soon as it is chosen (streaming).
 
     Raises:
-        FieldError: ``decoder`` not in :data:`DECODERS`.
+        FieldError: ``decoder`` not in :data:`DECODERS`; no ``stops`` (transformers needs an end token).
         NotImplementedError: ``decoder="fast"`` for a model the fast decoder does not run (the reason named).
     """
     if decoder not in DECODERS:
         raise FieldError("decoder", f"must be one of {', '.join(DECODERS)}, got {decoder!r}")
+    if not stops:
+        raise FieldError("stops", "must name at least one token id that ends generation")
     kwargs = _hf_kwargs(stops, pad, do_sample, temperature, top_p)
     reason = _fast_reason(model, len(input_ids) + max_new_tokens, decoder)
     processors = None if reason else _logits_processors(model, dict(kwargs, max_new_tokens=max_new_tokens),
