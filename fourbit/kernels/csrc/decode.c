@@ -24,6 +24,8 @@
  * whose upper bound reaches the best lower bound can be the argmax; their exact logits decide. The result is
  * the exact head's argmax while reading about a quarter of a float32 head.
  */
+#include <stdlib.h>
+
 #include "fourbit_cpu.h"
 
 /* ------------------------------------------------------------------------------------------ row kernels */
@@ -242,20 +244,17 @@ static void rope(float *v, const float *cs, const float *sn, int64_t d) {
     for (int64_t i = h; i < d; ++i) v[i] = tmp[i] * cs[i] + tmp[i - h] * sn[i];
 }
 
-FB_INLINE float dot_f32(const float *a, const float *b, int64_t n) {
-    float s = 0.0f;
-    _Pragma("omp simd reduction(+:s)") for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-    return s;
-}
-
 /* Softmax attention of one query head over positions 0..pos of its K/V head; scores: pos + 1 floats. */
-static void attend(const fb_dmodel *m, const fb_dlayer *L, const float *q, int64_t kvh, int64_t pos,
-                   float *scores, float *out) {
-    const int64_t d = m->head_dim;
-    const float *K = L->k_cache + kvh * m->max_len * d, *V = L->v_cache + kvh * m->max_len * d;
+#define FB_ATTEND_ARGS                                                                                      \
+    const float *q, const float *K, const float *V, int64_t d, int64_t pos, float scale, float *scores, float *out
+#define FB_ATTEND_PASS q, K, V, d, pos, scale, scores, out
+FB_INLINE void attend_body(FB_ATTEND_ARGS) {
     float mx = -INFINITY;
     for (int64_t t = 0; t <= pos; ++t) {
-        scores[t] = dot_f32(q, K + t * d, d) * m->attn_scale;
+        const float *k = K + t * d;
+        float s = 0.0f;
+        _Pragma("omp simd reduction(+:s)") for (int64_t i = 0; i < d; ++i) s += q[i] * k[i];
+        scores[t] = s * scale;
         mx = scores[t] > mx ? scores[t] : mx;
     }
     float sum = 0.0f;
@@ -270,27 +269,25 @@ static void attend(const fb_dmodel *m, const fb_dlayer *L, const float *q, int64
         _Pragma("omp simd") for (int64_t i = 0; i < d; ++i) out[i] += p * v[i];
     }
 }
+FB_ISA_VARIANTS(attend, attend_body, FB_ATTEND_ARGS, FB_ATTEND_PASS, FB_AVX512)
 
-/* Scratch layout (floats): x, xn, xp [max(hidden, intermediate)], q, att [heads * d], k, v [kv * d],
- * h [intermediate], scores [heads * max_len], rows [max(vocab, 1)]. */
+/* Scratch layout (floats): x [hidden], q, att [heads * d], k, v [kv * d], h [intermediate],
+ * scores [heads * max_len], rows [vocab]; then per thread (fb_decode_step allocates them) xn [hidden] and
+ * xp [max(hidden, heads * d, intermediate)]. */
 int64_t fb_decode_work_floats(const fb_dmodel *m) {
-    const int64_t wide = m->hidden > m->intermediate ? m->hidden : m->intermediate;
     const int64_t hd = m->n_heads * m->head_dim, kvd = m->n_kv_heads * m->head_dim;
-    return 2 * m->hidden + wide + 2 * hd + 2 * kvd + m->intermediate + m->n_heads * m->max_len + m->vocab + 64;
+    return m->hidden + 2 * hd + 2 * kvd + m->intermediate + m->n_heads * m->max_len + m->vocab + 64;
 }
 
 typedef struct {
-    float *x, *xn, *xp, *q, *att, *k, *v, *h, *scores, *rows;
+    float *x, *q, *att, *k, *v, *h, *scores, *rows;
 } scratch;
 
 static scratch carve(const fb_dmodel *m, float *w) {
-    const int64_t wide = m->hidden > m->intermediate ? m->hidden : m->intermediate;
     const int64_t hd = m->n_heads * m->head_dim, kvd = m->n_kv_heads * m->head_dim;
     scratch s;
     s.x = w;
-    s.xn = s.x + m->hidden;
-    s.xp = s.xn + m->hidden;
-    s.q = s.xp + wide;
+    s.q = s.x + m->hidden;
     s.att = s.q + hd;
     s.k = s.att + hd;
     s.v = s.k + kvd;
@@ -300,11 +297,17 @@ static scratch carve(const fb_dmodel *m, float *w) {
     return s;
 }
 
-/* out[r] (+)= row r for r in this thread's share of the three layers' stacked rows (NULL layers skipped). */
+/* A thread's own normed input and its permuted copy: every thread computes the (small) norm itself rather
+ * than one thread computing it while the others wait at a barrier. */
+typedef struct {
+    float *xn, *xp;
+} mine;
+
+/* out[r] (+)= row r for r in this thread's share of the layers' stacked rows (up to three; NULL ends). */
 static void rows3(const step_ctx *c, const fb_dlinear *const ls[3], float *const outs[3], const float *x,
                   const float *xp, int add) {
     int64_t n = 0;
-    for (int j = 0; j < 3; ++j) n += ls[j] ? ls[j]->rows : 0;
+    for (int j = 0; j < 3 && ls[j]; ++j) n += ls[j]->rows;
     int64_t lo, hi;
     my_rows(n, &lo, &hi);
     int64_t base = 0;
@@ -327,15 +330,13 @@ static void gated_rows(const step_ctx *c, const fb_dlayer *L, const float *x, co
     }
 }
 
-/* Q/K norms (Qwen3), RoPE, the new K/V into the cache at pos. One thread. */
-static void qk_prepare(const fb_dmodel *m, const fb_dlayer *L, scratch *s, int64_t pos) {
-    const int64_t d = m->head_dim;
+/* Attention: K heads normed (Qwen3), rotated and written with V into the cache at pos; then each query head
+ * normed, rotated and attended. Two worksharing loops, each ending at a barrier. */
+static void attention(const step_ctx *c, const fb_dlayer *L, const scratch *s, int64_t pos) {
+    const fb_dmodel *m = c->m;
+    const int64_t d = m->head_dim, group = m->n_heads / m->n_kv_heads;
     const float *cs = m->rope_cos + pos * d, *sn = m->rope_sin + pos * d;
-    for (int64_t h = 0; h < m->n_heads; ++h) {
-        float *qh = s->q + h * d;
-        if (L->q_norm) rms_norm_row(qh, L->q_norm, m->eps, qh, d);
-        rope(qh, cs, sn, d);
-    }
+#pragma omp for schedule(static)
     for (int64_t h = 0; h < m->n_kv_heads; ++h) {
         float *kh = s->k + h * d;
         if (L->k_norm) rms_norm_row(kh, L->k_norm, m->eps, kh, d);
@@ -343,50 +344,52 @@ static void qk_prepare(const fb_dmodel *m, const fb_dlayer *L, scratch *s, int64
         memcpy(L->k_cache + (h * m->max_len + pos) * d, kh, d * sizeof(float));
         memcpy(L->v_cache + (h * m->max_len + pos) * d, s->v + h * d, d * sizeof(float));
     }
+    __typeof__(&attend_scalar) const run = c->vec ? FB_PICK(attend) : attend_scalar;
+#pragma omp for schedule(static)
+    for (int64_t h = 0; h < m->n_heads; ++h) {
+        float *qh = s->q + h * d;
+        if (L->q_norm) rms_norm_row(qh, L->q_norm, m->eps, qh, d);
+        rope(qh, cs, sn, d);
+        const int64_t kvh = h / group;
+        run(qh, L->k_cache + kvh * m->max_len * d, L->v_cache + kvh * m->max_len * d, d, pos, m->attn_scale,
+            s->scores + h * m->max_len, s->att + h * d);
+    }
 }
 
-static void layer_step(const step_ctx *c, const fb_dlayer *L, scratch *s, int64_t pos) {
+static void normed(const fb_dmodel *m, const float *x, const float *w, const mine *t) {
+    rms_norm_row(x, w, m->eps, t->xn, m->hidden);
+    permute_x(t->xn, t->xp, m->hidden);
+}
+
+/* One transformer block, run by every thread of the region: six barriers (after Q/K/V, K/V into the cache,
+ * attention, the output projection, silu(gate) * up, down). */
+static void layer_step(const step_ctx *c, const fb_dlayer *L, const scratch *s, const mine *t, int64_t pos) {
     const fb_dmodel *m = c->m;
-#pragma omp single
-    {
-        rms_norm_row(s->x, L->attn_norm, m->eps, s->xn, m->hidden);
-        permute_x(s->xn, s->xp, m->hidden);
-    }
+    normed(m, s->x, L->attn_norm, t);
     const fb_dlinear *qkv[3] = {&L->q, &L->k, &L->v};
     float *const qkv_out[3] = {s->q, s->k, s->v};
-    rows3(c, qkv, qkv_out, s->xn, s->xp, 0);
+    rows3(c, qkv, qkv_out, t->xn, t->xp, 0);
 #pragma omp barrier
-#pragma omp single
-    qk_prepare(m, L, s, pos);
-    const int64_t group = m->n_heads / m->n_kv_heads;
-#pragma omp for schedule(static)
-    for (int64_t h = 0; h < m->n_heads; ++h)
-        attend(m, L, s->q + h * m->head_dim, h / group, pos, s->scores + h * m->max_len, s->att + h * m->head_dim);
-#pragma omp single
-    permute_x(s->att, s->xp, m->n_heads * m->head_dim);
+    attention(c, L, s, pos);
+    permute_x(s->att, t->xp, m->n_heads * m->head_dim);
     const fb_dlinear *o[3] = {&L->o, NULL, NULL};
     float *const x_out[3] = {s->x, NULL, NULL};
-    rows3(c, o, x_out, s->att, s->xp, 1);
+    rows3(c, o, x_out, s->att, t->xp, 1);
 #pragma omp barrier
-#pragma omp single
-    {
-        rms_norm_row(s->x, L->mlp_norm, m->eps, s->xn, m->hidden);
-        permute_x(s->xn, s->xp, m->hidden);
-    }
-    gated_rows(c, L, s->xn, s->xp, s->h);
+    normed(m, s->x, L->mlp_norm, t);
+    gated_rows(c, L, t->xn, t->xp, s->h);
 #pragma omp barrier
-#pragma omp single
-    permute_x(s->h, s->xp, m->intermediate);
+    permute_x(s->h, t->xp, m->intermediate);
     const fb_dlinear *down[3] = {&L->down, NULL, NULL};
-    rows3(c, down, x_out, s->h, s->xp, 1);
+    rows3(c, down, x_out, s->h, t->xp, 1);
 #pragma omp barrier
 }
 
 /* The screened argmax of the head (see the top of this file); runs on one thread after the approximations. */
-static int64_t screened_argmax(const step_ctx *c, const scratch *s) {
+static int64_t screened_argmax(const step_ctx *c, const scratch *s, const mine *t) {
     const fb_dmodel *m = c->m;
     double nx2 = 0.0;
-    for (int64_t i = 0; i < m->hidden; ++i) nx2 += (double)s->xn[i] * s->xn[i];
+    for (int64_t i = 0; i < m->hidden; ++i) nx2 += (double)t->xn[i] * t->xn[i];
     const float nx = (float)sqrt(nx2) * (1.0f + 1e-6f);
     float floor_ = -INFINITY;
     for (int64_t r = 0; r < m->vocab; ++r) {
@@ -397,25 +400,25 @@ static int64_t screened_argmax(const step_ctx *c, const scratch *s) {
     float best_v = -INFINITY;
     for (int64_t r = 0; r < m->vocab; ++r) {
         if (s->rows[r] + nx * m->screen_err[r] < floor_) continue;
-        const float v = row_of(c, &m->head, s->xn, s->xp, r);
+        const float v = row_of(c, &m->head, t->xn, t->xp, r);
         if (best < 0 || v > best_v) best = r, best_v = v;
     }
     return best;
 }
 
-static void head_rows(const step_ctx *c, const scratch *s, float *logits, int screen) {
+static void head_rows(const step_ctx *c, const scratch *s, const mine *t, float *logits, int screen) {
     const fb_dmodel *m = c->m;
     int64_t lo, hi;
     my_rows(m->vocab, &lo, &hi);
     for (int64_t r = lo; r < hi; ++r) {
 #ifdef FB_X86
         if (screen)
-            s->rows[r] = c->vec ? row_screen_avx2(m->screen_q, m->screen_scale, s->xn, m->hidden, r)
-                                : row_screen_scalar(m->screen_q, m->screen_scale, s->xn, m->hidden, r);
+            s->rows[r] = c->vec ? row_screen_avx2(m->screen_q, m->screen_scale, t->xn, m->hidden, r)
+                                : row_screen_scalar(m->screen_q, m->screen_scale, t->xn, m->hidden, r);
 #else
-        if (screen) s->rows[r] = row_screen_scalar(m->screen_q, m->screen_scale, s->xn, m->hidden, r);
+        if (screen) s->rows[r] = row_screen_scalar(m->screen_q, m->screen_scale, t->xn, m->hidden, r);
 #endif
-        else logits[r] = row_of(c, &m->head, s->xn, s->xp, r);
+        else logits[r] = row_of(c, &m->head, t->xn, t->xp, r);
     }
 }
 
@@ -452,26 +455,32 @@ int fb_decode_step(const fb_dmodel *m, int64_t token, int64_t pos, float *logits
     scratch s = carve(m, work);
     const int screen = logits == NULL && next != NULL && m->screen_q != NULL;
     float *out = logits ? logits : s.rows;
-#pragma omp parallel num_threads(nthreads)
+    int64_t wide = m->hidden > m->intermediate ? m->hidden : m->intermediate;
+    wide = wide > m->n_heads * m->head_dim ? wide : m->n_heads * m->head_dim;
+    const int64_t per = (m->hidden + wide + 15) / 16 * 16;
+    const int nt = nthreads > 0 ? nthreads : 1;
+    float *own = malloc((size_t)(nt * per) * sizeof(float));
+    if (!own) return FB_ERR_BLOCKSIZE;
+#pragma omp parallel num_threads(nt)
     {
+#ifdef _OPENMP
+        float *base = own + omp_get_thread_num() * per;
+#else
+        float *base = own;
+#endif
+        const mine t = {base, base + m->hidden};
 #pragma omp single
         for (int64_t i = 0; i < m->hidden; ++i) s.x[i] = dense_at(m->embed, m->embed_dtype, token * m->hidden + i);
-        for (int64_t l = 0; l < m->n_layers; ++l) layer_step(&c, &m->layers[l], &s, pos);
-#pragma omp single
-        {
-            rms_norm_row(s.x, m->final_norm, m->eps, s.xn, m->hidden);
-            permute_x(s.xn, s.xp, m->hidden);
-        }
-        head_rows(&c, &s, out, screen);
-#pragma omp barrier
+        for (int64_t l = 0; l < m->n_layers; ++l) layer_step(&c, &m->layers[l], &s, &t, pos);
+        normed(m, s.x, m->final_norm, &t);
+        head_rows(&c, &s, &t, out, screen);
     }
-    if (next == NULL) return FB_OK;
-    if (screen) {
-        *next = screened_argmax(&c, &s);
-        return FB_OK;
-    }
+    const mine first = {own, own + m->hidden};
     int64_t best = 0;
-    for (int64_t r = 1; r < m->vocab; ++r) best = out[r] > out[best] ? r : best;
-    *next = best;
+    if (next != NULL && screen) best = screened_argmax(&c, &s, &first);
+    else if (next != NULL)
+        for (int64_t r = 1; r < m->vocab; ++r) best = out[r] > out[best] ? r : best;
+    if (next != NULL) *next = best;
+    free(own);
     return FB_OK;
 }
