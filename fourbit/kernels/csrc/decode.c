@@ -24,6 +24,7 @@
  * whose upper bound reaches the best lower bound can be the argmax; their exact logits decide. The result is
  * the exact head's argmax while reading about a quarter of a float32 head.
  */
+#include <sched.h>
 #include <stdlib.h>
 
 #include "fourbit_cpu.h"
@@ -203,19 +204,6 @@ static float row_of(const step_ctx *c, const fb_dlinear *l, const float *x, cons
     return l->bias ? v + l->bias[r] : v;
 }
 
-/* This thread's share [lo, hi) of n rows, in units of 8 rows. */
-FB_INLINE void my_rows(int64_t n, int64_t *lo, int64_t *hi) {
-#ifdef _OPENMP
-    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-    const int64_t t = 0, nt = 1;
-#endif
-    const int64_t units = (n + 7) / 8, per = units / nt, extra = units % nt;
-    const int64_t u0 = t * per + (t < extra ? t : extra), u1 = u0 + per + (t < extra ? 1 : 0);
-    *lo = u0 * 8 < n ? u0 * 8 : n;
-    *hi = u1 * 8 < n ? u1 * 8 : n;
-}
-
 /* Within each group of 8: the even elements, then the odd ones (the order row4_avx2 decodes weights in). */
 static void permute_x(const float *x, float *xp, int64_t n) {
     int64_t g = 0;
@@ -297,95 +285,155 @@ static scratch carve(const fb_dmodel *m, float *w) {
     return s;
 }
 
-/* A thread's own normed input and its permuted copy: every thread computes the (small) norm itself rather
- * than one thread computing it while the others wait at a barrier. */
+/*
+ * Phases instead of barriers. Each dependent step of the token (Q/K/V rows, K/V into the cache, query heads,
+ * output rows, gate/up rows, down rows, head rows) is a phase: its work is cut into chunks that threads claim
+ * from a shared counter, and a phase is over when all its chunks are done -- not when every thread has
+ * arrived. On a machine where other processes hold the cores, a thread that is descheduled while holding no
+ * chunk delays nothing (a barrier would wait for it, ~ms each, ~180 times per token); when it runs again it
+ * finds the phases it missed finished and skips them. Every row is still computed by one thread with the same
+ * code, so results do not depend on which thread takes it.
+ */
 typedef struct {
-    float *xn, *xp;
-} mine;
+    int64_t next, done;
+} phase;
 
-/* out[r] (+)= row r for r in this thread's share of the layers' stacked rows (up to three; NULL ends). */
-static void rows3(const step_ctx *c, const fb_dlinear *const ls[3], float *const outs[3], const float *x,
-                  const float *xp, int add) {
-    int64_t n = 0;
-    for (int j = 0; j < 3 && ls[j]; ++j) n += ls[j]->rows;
-    int64_t lo, hi;
-    my_rows(n, &lo, &hi);
-    int64_t base = 0;
-    for (int j = 0; j < 3 && ls[j]; base += ls[j]->rows, ++j) {
-        const int64_t a = lo > base ? lo - base : 0, b = hi - base < ls[j]->rows ? hi - base : ls[j]->rows;
-        for (int64_t r = a; r < b; ++r) {
-            const float v = row_of(c, ls[j], x, xp, r);
-            outs[j][r] = add ? outs[j][r] + v : v;
+FB_INLINE int64_t claim(phase *p) { return __atomic_fetch_add(&p->next, 1, __ATOMIC_RELAXED); }
+
+FB_INLINE void finish(phase *p) { __atomic_fetch_add(&p->done, 1, __ATOMIC_RELEASE); }
+
+static void wait_all(phase *p, int64_t n) {
+    int spins = 0;
+    while (__atomic_load_n(&p->done, __ATOMIC_ACQUIRE) < n) {
+        if (++spins < 4000) {
+#ifdef FB_X86
+            _mm_pause();
+#endif
+        } else {
+            spins = 0;
+            sched_yield();  /* let a descheduled thread that holds a chunk run */
         }
     }
 }
 
-/* silu(gate) * up for this thread's rows, as torch: g / (1 + exp(-g)) * u. */
-static void gated_rows(const step_ctx *c, const fb_dlayer *L, const float *x, const float *xp, float *h) {
-    int64_t lo, hi;
-    my_rows(L->gate.rows, &lo, &hi);
-    for (int64_t r = lo; r < hi; ++r) {
-        const float g = row_of(c, &L->gate, x, xp, r), u = row_of(c, &L->up, x, xp, r);
-        h[r] = g / (1.0f + expf(-g)) * u;
-    }
+/* A thread's own normed input and permuted copy, made when it first takes a chunk of a phase that reads them
+ * (the norm of a few thousand values is cheaper than a barrier). */
+typedef struct {
+    float *xn, *xp;
+} mine;
+
+typedef struct {
+    const step_ctx *c;
+    const scratch *s;
+    const mine *t;
+    phase *ph;  /* the next phase of this token */
+    int64_t pos;
+} walk;
+
+/* Rows per chunk: about 32K weights (~10 us), a multiple of 8. */
+FB_INLINE int64_t chunk_rows(int64_t cols) {
+    const int64_t r = (32768 / (cols > 0 ? cols : 1)) / 8 * 8;
+    return r < 8 ? 8 : r;
 }
 
-/* Attention: K heads normed (Qwen3), rotated and written with V into the cache at pos; then each query head
- * normed, rotated and attended. Two worksharing loops, each ending at a barrier. */
-static void attention(const step_ctx *c, const fb_dlayer *L, const scratch *s, int64_t pos) {
-    const fb_dmodel *m = c->m;
-    const int64_t d = m->head_dim, group = m->n_heads / m->n_kv_heads;
+typedef void (*prepare_fn)(const walk *w, const void *arg);
+
+/* One phase over the stacked rows of up to three layers (NULL ends): out[r] (+)= row r, or with gated,
+ * out0[r] = silu(row r of layer 0) * row r of layer 1. ``prepare`` runs before a thread's first chunk. */
+static void rows_phase(walk *w, const fb_dlinear *const ls[3], float *const outs[3], const float *const *x,
+                       int add, int gated, prepare_fn prepare, const void *arg) {
+    int64_t n = 0;
+    for (int j = 0; j < (gated ? 1 : 3) && ls[j]; ++j) n += ls[j]->rows;
+    const int64_t per = chunk_rows(ls[0]->cols), chunks = (n + per - 1) / per;
+    phase *p = w->ph++;
+    int prepared = 0;
+    for (int64_t ch = claim(p); ch < chunks; ch = claim(p)) {
+        if (!prepared) prepare(w, arg), prepared = 1;
+        const int64_t lo = ch * per, hi = lo + per < n ? lo + per : n;
+        int64_t base = 0;
+        for (int j = 0; j < 3 && ls[j] && base < hi; base += ls[j]->rows, ++j) {
+            const int64_t a = lo > base ? lo - base : 0, b = hi - base < ls[j]->rows ? hi - base : ls[j]->rows;
+            for (int64_t r = a; r < b; ++r) {
+                const float v = row_of(w->c, ls[j], *x, w->t->xp, r);
+                if (gated) {
+                    const float u = row_of(w->c, ls[1], *x, w->t->xp, r);
+                    outs[0][r] = v / (1.0f + expf(-v)) * u;  /* silu(g) * u, as torch: g / (1 + exp(-g)) */
+                } else {
+                    outs[j][r] = add ? outs[j][r] + v : v;
+                }
+            }
+            if (gated) break;
+        }
+        finish(p);
+    }
+    wait_all(p, chunks);
+}
+
+static void prep_norm(const walk *w, const void *weight) {
+    rms_norm_row(w->s->x, (const float *)weight, w->c->m->eps, w->t->xn, w->c->m->hidden);
+    permute_x(w->t->xn, w->t->xp, w->c->m->hidden);
+}
+
+static void prep_att(const walk *w, const void *unused) {
+    (void)unused;
+    permute_x(w->s->att, w->t->xp, w->c->m->n_heads * w->c->m->head_dim);
+}
+
+static void prep_h(const walk *w, const void *unused) {
+    (void)unused;
+    permute_x(w->s->h, w->t->xp, w->c->m->intermediate);
+}
+
+/* Attention: K heads normed (Qwen3), rotated and written with V into the cache at pos (a phase); then each
+ * query head normed, rotated and attended (a phase). */
+static void attention(walk *w, const fb_dlayer *L) {
+    const fb_dmodel *m = w->c->m;
+    const scratch *s = w->s;
+    const int64_t d = m->head_dim, group = m->n_heads / m->n_kv_heads, pos = w->pos;
     const float *cs = m->rope_cos + pos * d, *sn = m->rope_sin + pos * d;
-#pragma omp for schedule(static)
-    for (int64_t h = 0; h < m->n_kv_heads; ++h) {
+    phase *p = w->ph++;
+    for (int64_t h = claim(p); h < m->n_kv_heads; h = claim(p)) {
         float *kh = s->k + h * d;
         if (L->k_norm) rms_norm_row(kh, L->k_norm, m->eps, kh, d);
         rope(kh, cs, sn, d);
         memcpy(L->k_cache + (h * m->max_len + pos) * d, kh, d * sizeof(float));
         memcpy(L->v_cache + (h * m->max_len + pos) * d, s->v + h * d, d * sizeof(float));
+        finish(p);
     }
-    __typeof__(&attend_scalar) const run = c->vec ? FB_PICK(attend) : attend_scalar;
-#pragma omp for schedule(static)
-    for (int64_t h = 0; h < m->n_heads; ++h) {
+    wait_all(p, m->n_kv_heads);
+    __typeof__(&attend_scalar) const run = w->c->vec ? FB_PICK(attend) : attend_scalar;
+    p = w->ph++;
+    for (int64_t h = claim(p); h < m->n_heads; h = claim(p)) {
         float *qh = s->q + h * d;
         if (L->q_norm) rms_norm_row(qh, L->q_norm, m->eps, qh, d);
         rope(qh, cs, sn, d);
         const int64_t kvh = h / group;
         run(qh, L->k_cache + kvh * m->max_len * d, L->v_cache + kvh * m->max_len * d, d, pos, m->attn_scale,
             s->scores + h * m->max_len, s->att + h * d);
+        finish(p);
     }
+    wait_all(p, m->n_heads);
 }
 
-static void normed(const fb_dmodel *m, const float *x, const float *w, const mine *t) {
-    rms_norm_row(x, w, m->eps, t->xn, m->hidden);
-    permute_x(t->xn, t->xp, m->hidden);
+/* Phases of one transformer block, and of the whole token. */
+#define FB_PHASES_PER_LAYER 6
+
+static void layer_step(walk *w, const fb_dlayer *L) {
+    const scratch *s = w->s;
+    const float *xn = w->t->xn;
+    const fb_dlinear *qkv[3] = {&L->q, &L->k, &L->v}, *o[3] = {&L->o, NULL, NULL};
+    const fb_dlinear *gu[3] = {&L->gate, &L->up, NULL}, *down[3] = {&L->down, NULL, NULL};
+    float *const qkv_out[3] = {s->q, s->k, s->v}, *const x_out[3] = {s->x, NULL, NULL};
+    float *const h_out[3] = {s->h, NULL, NULL};
+    const float *att = s->att, *h = s->h;
+    rows_phase(w, qkv, qkv_out, &xn, 0, 0, prep_norm, L->attn_norm);
+    attention(w, L);
+    rows_phase(w, o, x_out, &att, 1, 0, prep_att, NULL);
+    rows_phase(w, gu, h_out, &xn, 0, 1, prep_norm, L->mlp_norm);
+    rows_phase(w, down, x_out, &h, 1, 0, prep_h, NULL);
 }
 
-/* One transformer block, run by every thread of the region: six barriers (after Q/K/V, K/V into the cache,
- * attention, the output projection, silu(gate) * up, down). */
-static void layer_step(const step_ctx *c, const fb_dlayer *L, const scratch *s, const mine *t, int64_t pos) {
-    const fb_dmodel *m = c->m;
-    normed(m, s->x, L->attn_norm, t);
-    const fb_dlinear *qkv[3] = {&L->q, &L->k, &L->v};
-    float *const qkv_out[3] = {s->q, s->k, s->v};
-    rows3(c, qkv, qkv_out, t->xn, t->xp, 0);
-#pragma omp barrier
-    attention(c, L, s, pos);
-    permute_x(s->att, t->xp, m->n_heads * m->head_dim);
-    const fb_dlinear *o[3] = {&L->o, NULL, NULL};
-    float *const x_out[3] = {s->x, NULL, NULL};
-    rows3(c, o, x_out, s->att, t->xp, 1);
-#pragma omp barrier
-    normed(m, s->x, L->mlp_norm, t);
-    gated_rows(c, L, t->xn, t->xp, s->h);
-#pragma omp barrier
-    permute_x(s->h, t->xp, m->intermediate);
-    const fb_dlinear *down[3] = {&L->down, NULL, NULL};
-    rows3(c, down, x_out, s->h, t->xp, 1);
-#pragma omp barrier
-}
-
-/* The screened argmax of the head (see the top of this file); runs on one thread after the approximations. */
+/* The screened argmax of the head (see the top of this file); one thread, after the approximations. */
 static int64_t screened_argmax(const step_ctx *c, const scratch *s, const mine *t) {
     const fb_dmodel *m = c->m;
     double nx2 = 0.0;
@@ -406,20 +454,28 @@ static int64_t screened_argmax(const step_ctx *c, const scratch *s, const mine *
     return best;
 }
 
-static void head_rows(const step_ctx *c, const scratch *s, const mine *t, float *logits, int screen) {
-    const fb_dmodel *m = c->m;
-    int64_t lo, hi;
-    my_rows(m->vocab, &lo, &hi);
-    for (int64_t r = lo; r < hi; ++r) {
+/* The head's rows (exact logits), or the int8 screen's approximations into s->rows. */
+static void head_phase(walk *w, float *logits, int screen) {
+    const fb_dmodel *m = w->c->m;
+    const int64_t per = chunk_rows(m->hidden), chunks = (m->vocab + per - 1) / per;
+    phase *p = w->ph++;
+    int prepared = 0;
+    for (int64_t ch = claim(p); ch < chunks; ch = claim(p)) {
+        if (!prepared) prep_norm(w, m->final_norm), prepared = 1;
+        const int64_t hi = (ch + 1) * per < m->vocab ? (ch + 1) * per : m->vocab;
+        for (int64_t r = ch * per; r < hi; ++r) {
 #ifdef FB_X86
-        if (screen)
-            s->rows[r] = c->vec ? row_screen_avx2(m->screen_q, m->screen_scale, t->xn, m->hidden, r)
-                                : row_screen_scalar(m->screen_q, m->screen_scale, t->xn, m->hidden, r);
+            if (screen)
+                w->s->rows[r] = w->c->vec ? row_screen_avx2(m->screen_q, m->screen_scale, w->t->xn, m->hidden, r)
+                                          : row_screen_scalar(m->screen_q, m->screen_scale, w->t->xn, m->hidden, r);
 #else
-        if (screen) s->rows[r] = row_screen_scalar(m->screen_q, m->screen_scale, t->xn, m->hidden, r);
+            if (screen) w->s->rows[r] = row_screen_scalar(m->screen_q, m->screen_scale, w->t->xn, m->hidden, r);
 #endif
-        else logits[r] = row_of(c, &m->head, t->xn, t->xp, r);
+            else logits[r] = row_of(w->c, &m->head, w->t->xn, w->t->xp, r);
+        }
+        finish(p);
     }
+    wait_all(p, chunks);
 }
 
 /* The byte planes of m->code4, the codebook of the layers row4_avx2 takes (fast4). */
@@ -439,6 +495,12 @@ static void make_planes(step_ctx *c) {
 #endif
 }
 
+FB_INLINE int64_t own_floats(const fb_dmodel *m) {
+    int64_t wide = m->hidden > m->intermediate ? m->hidden : m->intermediate;
+    wide = wide > m->n_heads * m->head_dim ? wide : m->n_heads * m->head_dim;
+    return (m->hidden + wide + 15) / 16 * 16;
+}
+
 /*
  * Run token ``token`` at position ``pos`` (0-based; the caches hold positions < pos). Writes the float32
  * logits [vocab] when ``logits`` is not NULL, and the greedy token into *next when ``next`` is not NULL (from
@@ -452,35 +514,42 @@ int fb_decode_step(const fb_dmodel *m, int64_t token, int64_t pos, float *logits
     step_ctx c;
     c.m = m;
     make_planes(&c);
-    scratch s = carve(m, work);
+    const scratch s = carve(m, work);
     const int screen = logits == NULL && next != NULL && m->screen_q != NULL;
     float *out = logits ? logits : s.rows;
-    int64_t wide = m->hidden > m->intermediate ? m->hidden : m->intermediate;
-    wide = wide > m->n_heads * m->head_dim ? wide : m->n_heads * m->head_dim;
-    const int64_t per = (m->hidden + wide + 15) / 16 * 16;
     const int nt = nthreads > 0 ? nthreads : 1;
-    float *own = malloc((size_t)(nt * per) * sizeof(float));
-    if (!own) return FB_ERR_BLOCKSIZE;
+    const int64_t per = own_floats(m), nphases = m->n_layers * FB_PHASES_PER_LAYER + 1;
+    float *own = malloc((size_t)((nt + 1) * per) * sizeof(float));
+    phase *phases = calloc((size_t)nphases, sizeof(phase));
+    if (!own || !phases) {
+        free(own);
+        free(phases);
+        return FB_ERR_BLOCKSIZE;
+    }
+    for (int64_t i = 0; i < m->hidden; ++i) s.x[i] = dense_at(m->embed, m->embed_dtype, token * m->hidden + i);
 #pragma omp parallel num_threads(nt)
     {
 #ifdef _OPENMP
-        float *base = own + omp_get_thread_num() * per;
+        float *base = own + (1 + omp_get_thread_num()) * per;
 #else
-        float *base = own;
+        float *base = own + per;
 #endif
         const mine t = {base, base + m->hidden};
-#pragma omp single
-        for (int64_t i = 0; i < m->hidden; ++i) s.x[i] = dense_at(m->embed, m->embed_dtype, token * m->hidden + i);
-        for (int64_t l = 0; l < m->n_layers; ++l) layer_step(&c, &m->layers[l], &s, &t, pos);
-        normed(m, s.x, m->final_norm, &t);
-        head_rows(&c, &s, &t, out, screen);
+        walk w = {&c, &s, &t, phases, pos};
+        for (int64_t l = 0; l < m->n_layers; ++l) layer_step(&w, &m->layers[l]);
+        head_phase(&w, out, screen);
     }
-    const mine first = {own, own + m->hidden};
     int64_t best = 0;
-    if (next != NULL && screen) best = screened_argmax(&c, &s, &first);
-    else if (next != NULL)
+    if (next != NULL && screen) {
+        const mine t = {own, own + m->hidden};
+        walk w = {&c, &s, &t, NULL, pos};
+        prep_norm(&w, m->final_norm);
+        best = screened_argmax(&c, &s, &t);
+    } else if (next != NULL) {
         for (int64_t r = 1; r < m->vocab; ++r) best = out[r] > out[best] ? r : best;
+    }
     if (next != NULL) *next = best;
     free(own);
+    free(phases);
     return FB_OK;
 }
