@@ -6,8 +6,8 @@
  *
  * Why in C: at batch 1 a small model's step is hundreds of tiny operations; through PyTorch modules each costs
  * microseconds of Python and dispatch, more than its arithmetic (SmolLM2-135M: ~400 ops per token). Here the
- * whole step runs inside one OpenMP parallel region, the threads splitting each matrix's rows and meeting at a
- * barrier between dependent steps, as llama.cpp does.
+ * whole step runs inside one OpenMP parallel region, the threads claiming chunks of each matrix's rows phase by
+ * phase (see "Phases instead of barriers" below).
  *
  * Weights are read where the model holds them (fourbit/models/decode.py passes the tensors' pointers): 4-bit
  * layers in bitsandbytes' layout (fb_scales, plain or double-quantized), dense ones in float32/bfloat16/float16.
