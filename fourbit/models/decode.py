@@ -75,15 +75,23 @@ def unsupported_reason(model: nn.Module, total_len: int | None = None) -> str | 
     if window is not None and total_len is not None and total_len > window:
         return f"{total_len} tokens exceed the sliding attention window of {window}"
     inner = getattr(model, "model", None)
-    if inner is None or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
+    if inner is None or not hasattr(inner, "layers") or not len(inner.layers) or not hasattr(model, "lm_head"):
         return "the model has no .model.layers / .lm_head"
     for i, layer in enumerate(inner.layers):
         for part, proj in _PROJECTIONS:
             reason = _linear_reason(f"layer {i} {proj}", getattr(getattr(layer, part), proj))
             if reason:
                 return reason
-    if type(inner.embed_tokens) is not nn.Embedding or inner.embed_tokens.weight.dtype not in _DTYPE_CODES:
-        return "the input embedding is not a float nn.Embedding"
+    if type(inner.embed_tokens) is not nn.Embedding or inner.embed_tokens.weight.dtype not in _DTYPE_CODES \
+            or not inner.embed_tokens.weight.is_cpu:
+        return "the input embedding is not a float nn.Embedding on the CPU"
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    attn = inner.layers[0].self_attn
+    if heads % kv or head_dim > 1024 or head_dim % 2 or attn.q_proj.out_features != heads * head_dim \
+            or attn.k_proj.out_features != kv * head_dim:
+        return f"attention shapes ({heads} heads, {kv} K/V heads of {head_dim}) the decoder does not take"
     return _linear_reason("lm_head", model.lm_head) or _hooked(model)
 
 
