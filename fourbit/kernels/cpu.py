@@ -2,7 +2,8 @@
 
 The sources (``csrc/fourbit_cpu.h``, the shared header; ``csrc/quant4.c``, 4-bit quantization,
 dequantization and the fused matmul; ``csrc/train_rows.c``, the softmax cross-entropy, SwiGLU and RMSNorm row
-kernels; ``csrc/fourbit_cpu.c``, the ABI version and vector-code choice) are compiled together with the system
+kernels; ``csrc/decode.c``, a Llama-family decoding step; ``csrc/fourbit_cpu.c``, the ABI version and
+vector-code choice) are compiled together with the system
 C compiler (``$CC``, default ``cc``) into ``$FOURBIT_CACHE/kernels`` (default ``~/.cache/fourbit``), under a
 name keyed by the hash of every source, the flags, the machine type and :data:`ABI_VERSION`.
 
@@ -40,20 +41,21 @@ from fourbit.kernels.scales import BlockScales, check_output_dtype
 
 __all__ = ["ABI_VERSION", "ISA_NAMES", "MAX_QUANT_BLOCKSIZE", "available", "isa", "set_isa", "library_path",
            "quantize_4bit_blocks", "dequantize_4bit_blocks", "can_fuse", "fused_linear_4bit",
-           "softmax_cross_entropy_", "swiglu", "swiglu_backward", "rms_norm", "rms_norm_backward", "dropout"]
+           "softmax_cross_entropy_", "swiglu", "swiglu_backward", "rms_norm", "rms_norm_backward", "dropout",
+           "DecodeLinear", "DecodeLayer", "DecodeModel", "decode_work_floats", "decode_step"]
 
 log = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).parent / "csrc"
 #: Compiled into the one library; the header is part of the cache key too.
-_SOURCES = ("fourbit_cpu.c", "quant4.c", "train_rows.c")
+_SOURCES = ("fourbit_cpu.c", "quant4.c", "train_rows.c", "decode.c")
 _HEADERS = ("fourbit_cpu.h",)
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _X86 = ("x86_64", "amd64")
 
 #: The library interface this module calls (signatures, ``fb_scales``, status codes): must equal
 #: ``FB_ABI_VERSION`` in ``csrc/fourbit_cpu.h``; bump both together.
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 #: The largest block the compiled quantizer takes (``FB_MAX_QUANT_BLOCKSIZE``); larger ones run the reference.
 MAX_QUANT_BLOCKSIZE = 4096
@@ -177,6 +179,34 @@ class _Scales(ctypes.Structure):
                 ("absmax2", ctypes.c_void_p), ("blocksize2", ctypes.c_int64), ("offset", ctypes.c_float)]
 
 
+class DecodeLinear(ctypes.Structure):
+    """Mirror of ``fb_dlinear``: one 4-bit (``packed`` set) or dense linear layer of a decoder."""
+
+    _fields_ = [("packed", ctypes.c_void_p), ("scales", _Scales), ("code", ctypes.c_void_p),
+                ("blocksize", ctypes.c_int64), ("dense", ctypes.c_void_p), ("dense_dtype", ctypes.c_int64),
+                ("bias", ctypes.c_void_p), ("rows", ctypes.c_int64), ("cols", ctypes.c_int64)]
+
+
+class DecodeLayer(ctypes.Structure):
+    """Mirror of ``fb_dlayer``: one transformer block's norms, linear layers and KV cache."""
+
+    _fields_ = [("attn_norm", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p), ("q_norm", ctypes.c_void_p),
+                ("k_norm", ctypes.c_void_p), *((n, DecodeLinear) for n in ("q", "k", "v", "o", "gate", "up", "down")),
+                ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p)]
+
+
+class DecodeModel(ctypes.Structure):
+    """Mirror of ``fb_dmodel``: the shapes and weights of a Llama-family decoder for ``fb_decode_step``."""
+
+    _fields_ = [*((n, ctypes.c_int64) for n in ("n_layers", "hidden", "n_heads", "n_kv_heads", "head_dim",
+                                                "intermediate", "vocab", "max_len", "embed_rows")),
+                ("eps", ctypes.c_float), ("attn_scale", ctypes.c_float), ("embed", ctypes.c_void_p),
+                ("embed_dtype", ctypes.c_int64), ("final_norm", ctypes.c_void_p), ("head", DecodeLinear),
+                ("screen_q", ctypes.c_void_p), ("screen_scale", ctypes.c_void_p), ("screen_err", ctypes.c_void_p),
+                ("code4", ctypes.c_void_p), ("rope_cos", ctypes.c_void_p), ("rope_sin", ctypes.c_void_p),
+                ("layers", ctypes.POINTER(DecodeLayer))]
+
+
 @lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
     """The loaded library, ABI-checked and declared; None (after one warning) when it cannot be had."""
@@ -203,12 +233,14 @@ def _declare(lib: ctypes.CDLL) -> None:
         "fb_swiglu": [ptr, ptr, ptr, ptr, ptr, i32, i64, i32],
         "fb_rmsnorm": [ptr, ptr, ptr, ptr, ptr, i32, i64, i64, ctypes.c_float, i32],
         "fb_dropout": [ptr, ptr, i32, i64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float, i32],
+        "fb_decode_step": [ctypes.POINTER(DecodeModel), i64, i64, ptr, ptr, ptr, i64, i32],
         "fb_isa": [],
         "fb_set_isa": [i32],
     }
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, i32
+    lib.fb_decode_work_floats.argtypes, lib.fb_decode_work_floats.restype = [ctypes.POINTER(DecodeModel)], i64
 
 
 def _call(kernel: str, *args, blocksize: int | None = None) -> None:
@@ -448,3 +480,29 @@ def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     _call("fb_dropout", x.data_ptr(), out.data_ptr(), _DTYPE_CODES[x.dtype], x.numel(), seed & (2**64 - 1),
           reference.dropout_threshold(p), 1.0 / (1.0 - p), _threads(x.numel()))
     return out
+
+
+def decode_work_floats(model: DecodeModel) -> int:
+    """Float32 scratch elements :func:`decode_step` needs for ``model``."""
+    return int(_library().fb_decode_work_floats(ctypes.byref(model)))
+
+
+def decode_step(model: DecodeModel, token: int, pos: int, work: torch.Tensor, logits: torch.Tensor | None = None,
+                want_token: bool = True, nthreads: int | None = None) -> int | None:
+    """One decoding step of ``model`` (``csrc/decode.c``): token ``token`` at position ``pos`` (the caches hold
+    positions below it), its K/V written into the caches. The float32 logits go into ``logits`` [vocab] when
+    given; the greedy next token is returned when ``want_token`` (else None). The caller keeps every tensor
+    ``model`` points to alive and the structure consistent (``fourbit.models.decode`` builds it).
+
+    Raises:
+        ValueError: ``pos``/``token`` out of range, or a ``work`` buffer smaller than :func:`decode_work_floats`.
+    """
+    nxt = ctypes.c_int64(-1)
+    status = _library().fb_decode_step(ctypes.byref(model), int(token), int(pos),
+                                       None if logits is None else logits.data_ptr(),
+                                       ctypes.byref(nxt) if want_token else None, work.data_ptr(), work.numel(),
+                                       int(nthreads or max(1, torch.get_num_threads())))
+    if status != _OK:
+        raise ValueError(f"fb_decode_step refused token {token} at position {pos} (out of range of the model's "
+                         f"vocabulary or cache of {model.max_len}, or a scratch buffer of {work.numel()} floats)")
+    return int(nxt.value) if want_token else None

@@ -5,7 +5,7 @@
  * Written by hand because no maintained library offers these on the CPU with bitsandbytes' exact byte layout
  * (PyTorch needs several full passes, and int64 index tensors, for each; bitsandbytes' own CPU kernels are
  * slower than memory bandwidth allows), nor the fused training rows in one pass each. The library exports seven
- * kernels and three functions about itself:
+ * kernels, a decoding step and three functions about itself:
  *
  *   quant4.c      fb_quantize_4bit    blockwise absmax 4-bit quantization (NF4/FP4/INT4 codes, two per byte)
  *                 fb_dequantize_4bit  codes back to float32/float16/bfloat16 (plain or double-quantized scales)
@@ -14,6 +14,8 @@
  *                 fb_swiglu           silu(gate) * up, or its two gradients
  *                 fb_rmsnorm          RMSNorm of each row, or its input gradient
  *                 fb_dropout          x * mask / (1 - p) with a mask made again from a seed, never stored
+ *   decode.c      fb_decode_step      one decoding step of a Llama-family model (batch 1, static KV cache)
+ *                 fb_decode_work_floats  the scratch that step needs
  *   fourbit_cpu.c fb_abi_version      FB_ABI_VERSION, which cpu.py checks before any other call
  *                 fb_isa, fb_set_isa  the vector code in use, and a lower one for tests and benchmarks
  *
@@ -44,7 +46,7 @@
 
 /* Bump on any change of an exported signature, of fb_scales or of a status code; cpu.py's ABI_VERSION must
  * match, and a cached build reporting another version is rebuilt, never called. */
-#define FB_ABI_VERSION 2
+#define FB_ABI_VERSION 3
 
 /* The largest block quantize can take: it holds one block in two stack buffers of this size. */
 #define FB_MAX_QUANT_BLOCKSIZE 4096
@@ -177,6 +179,46 @@ FB_INLINE void store_one(void *out, int dtype, int64_t i, float v) {
     else if (dtype == FB_BF16) ((uint16_t *)out)[i] = f32_to_bf16(v);
     else ((_Float16 *)out)[i] = (_Float16)v;
 }
+
+/* ------------------------------------------------------------------------------ decoding (decode.c) */
+
+/* One linear layer of a decoder: 4-bit (packed != NULL; bitsandbytes' layout) or dense [rows, cols]. */
+typedef struct {
+    const uint8_t *packed;
+    fb_scales scales;
+    const float *code;      /* the 16-entry 4-bit codebook */
+    int64_t blocksize;
+    const void *dense;      /* when packed == NULL: float32/float16/bfloat16 weight [rows, cols] */
+    int64_t dense_dtype;
+    const float *bias;      /* float32 [rows] or NULL */
+    int64_t rows, cols;
+} fb_dlinear;
+
+typedef struct {
+    const float *attn_norm, *mlp_norm;  /* float32 [hidden] */
+    const float *q_norm, *k_norm;       /* Qwen3's per-head norms, float32 [head_dim], or NULL */
+    fb_dlinear q, k, v, o, gate, up, down;
+    float *k_cache, *v_cache;           /* float32 [n_kv_heads, max_len, head_dim], keys after RoPE */
+} fb_dlayer;
+
+typedef struct {
+    int64_t n_layers, hidden, n_heads, n_kv_heads, head_dim, intermediate, vocab, max_len, embed_rows;
+    float eps, attn_scale;
+    const void *embed;                  /* [embed_rows, hidden] */
+    int64_t embed_dtype;
+    const float *final_norm;
+    fb_dlinear head;
+    const int8_t *screen_q;             /* optional int8 copy of a dense head, blocks of 32 along hidden */
+    const float *screen_scale;          /* [vocab, hidden / 32] */
+    const float *screen_err;            /* [vocab]: bound on |w_r - w~_r|_2 with rounding slack */
+    const float *code4;                 /* the codebook of the 4-bit layers that the vector code takes */
+    const float *rope_cos, *rope_sin;   /* float32 [max_len, head_dim] */
+    const fb_dlayer *layers;
+} fb_dmodel;
+
+int64_t fb_decode_work_floats(const fb_dmodel *m);
+int fb_decode_step(const fb_dmodel *m, int64_t token, int64_t pos, float *logits, int64_t *next, float *work,
+                   int64_t work_floats, int nthreads);
 
 #define FB_F32_LOAD(v) (v)
 #define FB_F32_STORE(v) (v)
