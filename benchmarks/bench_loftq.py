@@ -3,6 +3,7 @@ the float weight W, per layer, against plain NF4 (``Q`` alone, B = 0), for LoftQ
 
     python benchmarks/bench_loftq.py                 # r = 16, NF4 + double quantization, every linear layer
     python benchmarks/bench_loftq.py --rank 64 --iters 1,5 --json
+    python benchmarks/bench_loftq.py --decoder-layers 4       # the first four decoder layers only
 
 The relative error ``||W - W0||_F / ||W||_F`` of each starting weight W0 is printed per projection type (median
 and range over the 30 layers) and overall; ``--json`` prints every layer. The weights are the bundled GGUF's
@@ -43,6 +44,7 @@ def main() -> int:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--iters", default="1,2,4", help="comma-separated LoftQ iteration counts")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--decoder-layers", type=int, default=None, help="only the first N decoder layers (a quick look)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -50,6 +52,9 @@ def main() -> int:
     model, _ = load_model(quant=None, torch_dtype=torch.float32)
     rows, t0 = {}, time.perf_counter()
     for name, module in model.named_modules():
+        layer = next((int(p) for p in name.split(".") if p.isdigit()), 0)
+        if args.decoder_layers is not None and layer >= args.decoder_layers:
+            continue
         if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
             rows[name] = layer_errors(module.weight, args.rank, iters)
     seconds = time.perf_counter() - t0
