@@ -179,7 +179,9 @@ def _plan_quantize(c: ModelCounts, q4: int, float_bytes: int) -> dict[str, int]:
 
 def _plan_generate(c: ModelCounts, q4: int, float_bytes: int, tokens: int) -> dict[str, int]:
     """A 4-bit checkpoint loaded as saved, a KV cache of ``tokens`` positions in the leftovers' dtype, one
-    layer's weight dequantized to float32 for the prompt's matmuls, and the prompt's logits in float32."""
+    layer's weight dequantized to float32 for the prompt's matmuls, and the prompt's logits in float32: the
+    transformers path (``--decoder hf``). The compiled decode step's own buffers (an int8 copy of the head, a
+    float32 KV cache) are not planned yet."""
     return {"runtime": RUNTIME_BYTES, "4-bit weights": q4, "float leftovers": c.float_params * float_bytes,
             "KV cache": 2 * c.layers * c.kv_dim * tokens * float_bytes,
             "one weight dequantized": c.largest_quantized * 4, "logits": tokens * c.vocab * 4}

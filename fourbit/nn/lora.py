@@ -479,7 +479,7 @@ def find_target_modules(
     if not names:
         asked = target_modules if isinstance(target_modules, str) else ",".join(target_modules)
         have = dict.fromkeys(n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                             if n and not n.startswith(inside_lora) and m is not head
+                             if n and not n.startswith(inside_lora)
                              and (isinstance(m, LoRALinear) or is_linear_like(m)))
         raise FieldError("target_modules", f"{asked!r} matched no linear module of {type(model).__name__} (its linear "
                                            f"modules: {', '.join(have) or 'none'})")
