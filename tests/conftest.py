@@ -31,6 +31,17 @@ def _deterministic():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _default_ctrl_c():
+    """Every test starts with Python's own SIGINT handler (KeyboardInterrupt): a test that runs a command
+    in-process may leave another one installed (the CLI ignores SIGINT once its command has returned)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @pytest.fixture
 def make_llama():
     """Factory fixture: ``make_llama(seed=0, tie_word_embeddings=False, intermediate_size=96)`` builds a fresh
