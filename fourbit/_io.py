@@ -30,6 +30,7 @@ from fourbit._errors import FieldError, InputFileError
 
 __all__ = [
     "SafetensorsStreamWriter",
+    "tensor_nbytes",
     "TEMP_PREFIX",
     "atomic_dir",
     "atomic_write_bytes",
@@ -346,7 +347,7 @@ class SafetensorsStreamWriter:
         header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
         offset = 0
         for name, dtype, shape in self.entries:
-            size = _numel(shape) * _element_size(dtype)
+            size = tensor_nbytes(dtype, shape)
             header[name] = {"dtype": _SAFETENSORS_DTYPES[str(dtype).removeprefix("torch.")],
                             "shape": list(shape), "data_offsets": [offset, offset + size]}
             offset += size
@@ -386,14 +387,11 @@ class SafetensorsStreamWriter:
         self._tmp.unlink(missing_ok=True)
 
 
-def _numel(shape) -> int:
-    n = 1
+def tensor_nbytes(dtype, shape) -> int:
+    """Bytes of a tensor of ``dtype`` and ``shape``, without making it."""
+    import torch
+
+    n = torch.empty((), dtype=dtype).element_size()
     for d in shape:
         n *= int(d)
     return n
-
-
-def _element_size(dtype) -> int:
-    import torch
-
-    return torch.empty((), dtype=dtype).element_size()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,29 @@ def tiny_llama_dir(tmp_path):
     make_tiny_llama().save_pretrained(path)
     make_tiny_tokenizer().save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def ctrl_c_after_step(monkeypatch) -> Callable[[int], None]:
+    """``ctrl_c_after_step(n)``: the next training run of this test to finish optimizer step ``n`` gets a real
+    SIGINT, as from Ctrl-C, right after it (once: a resumed run goes on). The trainer's own handler takes it:
+    the run stops at that step boundary with a checkpoint and raises
+    :class:`~fourbit.train.trainer.TrainingInterrupted`. (The step function is wrapped by monkeypatching;
+    nothing in fourbit knows about it.)"""
+    import signal
+
+    from fourbit.train.step import Stepper
+
+    def arm(n: int) -> None:
+        real, fired = Stepper.step, []
+
+        def step(self, stream, state, **kw):
+            result = real(self, stream, state, **kw)
+            if state.step == n and not fired:
+                fired.append(n)
+                signal.raise_signal(signal.SIGINT)
+            return result
+
+        monkeypatch.setattr(Stepper, "step", step)
+
+    return arm

@@ -200,13 +200,13 @@ def write_merged_shards(model: Any, folder: str | os.PathLike, dtype: Any,
     Returns:
         The shard files.
     """
-    from fourbit._io import SafetensorsStreamWriter, atomic_write_text
+    from fourbit._io import SafetensorsStreamWriter, atomic_write_text, tensor_nbytes
 
     entries = _merged_entries(model, dtype)
     shards: list[list] = [[]]
     size = 0
     for entry in entries:
-        nbytes = _numel(entry[2]) * _element_size(entry[1])
+        nbytes = tensor_nbytes(entry[1], entry[2])
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
@@ -225,24 +225,11 @@ def write_merged_shards(model: Any, folder: str | os.PathLike, dtype: Any,
             raise
         writer.close()
     if len(shards) > 1:
-        total = sum(_numel(s) * _element_size(d) for _, d, s, _ in entries)
+        total = sum(tensor_nbytes(d, s) for _, d, s, _ in entries)
         index = {"metadata": {"total_size": total},
                  "weight_map": {k: file for shard, file in zip(shards, names, strict=True) for k, *_ in shard}}
         atomic_write_text(folder / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
     return [folder / n for n in names]
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
-
-
-def _element_size(dtype: Any) -> int:
-    import torch
-
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def _streamable(model: Any) -> bool:

@@ -4,7 +4,6 @@ optimizer seam (``build_optimizer``) maps every name to fourbit's AdamW and name
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,6 @@ from fourbit.train import config as config_mod
 from fourbit.train import metrics as metrics_mod
 from fourbit.train import trainer
 from fourbit.train.optimizers import build_optimizer
-from fourbit.train.step import Stepper
 
 
 def _tokenizer():
@@ -56,21 +54,6 @@ def _run(cfg, **kw):
     return trainer.train(cfg, _llama(), _tokenizer(), log=lambda *_: None, **kw)
 
 
-def _ctrl_c_after_step(monkeypatch, n: int) -> None:
-    """A real SIGINT (Ctrl-C) right after the first time a run finishes optimizer step ``n``: the trainer's handler
-    stops the run there with a checkpoint (``TrainingInterrupted``). The step function is wrapped here."""
-    real, fired = Stepper.step, []
-
-    def step(self, stream, state, **kw):
-        result = real(self, stream, state, **kw)
-        if state.step == n and not fired:
-            fired.append(n)
-            signal.raise_signal(signal.SIGINT)
-        return result
-
-    monkeypatch.setattr(Stepper, "step", step)
-
-
 def _curve(out: str) -> list[tuple]:
     rows = metrics_mod.read_metrics(Path(out) / "metrics.jsonl")
     return [(r["step"], r["loss"]) for r in rows if "loss" in r]
@@ -98,12 +81,12 @@ def test_trainer_optimizer_names(tmp_path: Path, plain: str, paged: str, bits: i
     assert curve_a == curve_b
 
 
-def test_trainer_resume_with_8bit_states_is_exact(tmp_path: Path, monkeypatch) -> None:
+def test_trainer_resume_with_8bit_states_is_exact(tmp_path: Path, ctrl_c_after_step) -> None:
     # uint8 codes and float32 absmax survive the trainer's safetensors checkpoint and load_state_dict.
     full = _config(tmp_path, "paged_adamw_8bit", "full")
     _run(full)
     part = _config(tmp_path, "paged_adamw_8bit", "part")
-    _ctrl_c_after_step(monkeypatch, 2)
+    ctrl_c_after_step(2)
     with pytest.raises(trainer.TrainingInterrupted):
         _run(part)
     res = _run(part.replace(resume=True))
