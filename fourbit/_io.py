@@ -126,10 +126,28 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
-    """Write ``tensors`` to a safetensors file atomically (see :func:`atomic_write_bytes`)."""
-    from safetensors.torch import save
+    """Write ``tensors`` to a safetensors file atomically, one tensor at a time.
 
-    return atomic_write_bytes(path, save(tensors, metadata={"format": "pt", **(metadata or {})}))
+    ``safetensors.torch.save`` builds the whole file in memory first: for a 4-bit 8B model that is a second
+    copy of 5.6 GB. Streaming through :class:`SafetensorsStreamWriter` keeps one tensor's bytes in flight;
+    the tensors go in safetensors' own order (larger element size first, then by name), so the file reads the
+    same everywhere. A failed write raises an ``OSError`` naming ``path`` and leaves no temporary file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    writer = SafetensorsStreamWriter(path, [(k, tensors[k].dtype, tuple(tensors[k].shape)) for k in order],
+                                     {"format": "pt", **(metadata or {})})
+    try:
+        for k in order:
+            writer.write(k, tensors[k])
+        return writer.close()
+    except OSError as err:
+        writer.abort()
+        raise _with_path(err, path) from err
+    except BaseException:
+        writer.abort()
+        raise
 
 
 def load_safetensors(path: str | os.PathLike) -> dict:

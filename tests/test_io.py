@@ -118,3 +118,27 @@ def test_user_message_turns_library_names_into_flags():
     assert user_message(err, flags) == "--out: x already holds files; choose another --out or pass --overwrite"
     full = OSError(errno.ENOSPC, "No space left on device", "/data/run/optimizer.safetensors")
     assert user_message(full, flags) == "/data/run/optimizer.safetensors: no space left on device: free some space and run again"
+
+
+def test_save_safetensors_streams_in_safetensors_order_and_reads_back(tmp_path):
+    """The streaming writer gives a file safetensors reads back exactly (every dtype, an empty and a
+    non-contiguous tensor), its metadata, and safetensors' own tensor order (wider elements first, then name)."""
+    import json
+
+    import torch
+    from safetensors import safe_open
+
+    from fourbit._io import save_safetensors
+
+    tensors = {"b.u8": torch.arange(7, dtype=torch.uint8), "a.f32": torch.randn(3, 5).t(),
+               "c.bf16": torch.randn(4, dtype=torch.bfloat16), "d.i32": torch.tensor([1, -2], dtype=torch.int32),
+               "e.empty": torch.zeros(0, 3), "f.bool": torch.tensor([True, False])}
+    path = save_safetensors(tensors, tmp_path / "x.safetensors", {"note": "hi"})
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata() == {"format": "pt", "note": "hi"}
+        for name, t in tensors.items():
+            assert torch.equal(f.get_tensor(name), t), name
+    header = json.loads(path.read_bytes()[8:8 + int.from_bytes(path.read_bytes()[:8], "little")])
+    offsets = sorted((v["data_offsets"], k) for k, v in header.items() if k != "__metadata__")
+    assert [k for _, k in offsets] == ["a.f32", "d.i32", "e.empty", "c.bf16", "b.u8", "f.bool"]
+    assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]

@@ -18,33 +18,29 @@ def cmd_plan(args: argparse.Namespace) -> int:
     """Estimate the peak RSS of quantize, finetune (with the given finetune flags), merge and generate for MODEL,
     from its config.json and the flags alone: no weight is read."""
     from fourbit.models import QuantConfig
-    from fourbit.models.memory_plan import FinetuneSettings, float_bytes_of, model_counts, plan_memory
-    from fourbit.nn.linear4bit import resolve_compute_dtype
-    from fourbit.optim import OPTIMIZER_OPTIONS
+    from fourbit.models.memory_plan import model_counts
     from fourbit.train.config import config_from_args
+    from fourbit.train.memory_check import available_memory_bytes, finetune_plan
 
     config = config_from_args(args, config_file=args.config, model=args.model)
     quant = (QuantConfig(include=()) if config.quant == "none"
              else QuantConfig(quant_type=config.quant, double_quant=config.double_quant))
     counts = model_counts(config.model, quant)
-    compute = resolve_compute_dtype(config.compute_dtype, "cpu")
-    settings = FinetuneSettings(
-        max_length=config.max_length, batch_size=config.batch_size, lora_r=config.lora_r,
-        target_modules=config.target_module_list, optimizer_bits=OPTIMIZER_OPTIONS[config.optim]["bits"],
-        gradient_checkpointing=config.gradient_checkpointing, loss_chunk_size=config.loss_chunk_size,
-        compute_bytes=compute.itemsize)
-    plan = plan_memory(counts, quant, float_bytes=float_bytes_of(config.model), finetune=settings,
-                       prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
-                       merge_bytes=4 if args.merge_dtype == "fp32" else 2)
+    plan = finetune_plan(config, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                         merge_bytes=4 if args.merge_dtype == "fp32" else 2)
+    available = available_memory_bytes()
     if args.json:
         print(json.dumps({"model": str(config.model), "parameters": counts.total_params,
                           "quantized_parameters": counts.quantized_params,
-                          "peak_bytes": {c: plan.peak(c) for c in plan.terms}, "terms": plan.terms}, indent=2))
+                          "peak_bytes": {c: plan.peak(c) for c in plan.terms}, "terms": plan.terms,
+                          "available_bytes": available}, indent=2))
         return 0
     print(f"{config.model}: {counts.total_params:,} parameters, {counts.quantized_params:,} in 4 bits")
     for command, terms in plan.terms.items():
         print(f"{command:>9}: {_gib(plan.peak(command))} peak RSS  ("
               + ", ".join(f"{k} {_gib(v)}" for k, v in terms.items() if v) + ")")
+    if available is not None:
+        print(f"available now: {_gib(available)}")
     return 0
 
 

@@ -218,7 +218,20 @@ def _library() -> ctypes.CDLL | None:
         log.warning("fourbit: compiled CPU kernels unavailable (%s); using the PyTorch reference kernels", err)
         return None
     _declare(lib)
+    _cap_isa(lib, os.environ.get("FOURBIT_MAX_CPU_ISA", ""))
     return lib
+
+
+def _cap_isa(lib: ctypes.CDLL, name: str) -> None:
+    """Hold the kernels to at most the vector code ``name`` (``FOURBIT_MAX_CPU_ISA``: ``avx2`` or ``scalar``),
+    as oneDNN's ``ONEDNN_MAX_CPU_ISA`` holds oneDNN: to measure an AVX2-only machine's path on a wider CPU."""
+    levels = {"scalar": 0, "avx2": 1, "avx512": 2}
+    if not name:
+        return
+    if name.lower() not in levels:
+        log.warning("fourbit: FOURBIT_MAX_CPU_ISA=%r is not one of %s; ignored", name, ", ".join(levels))
+        return
+    lib.fb_set_isa(levels[name.lower()])
 
 
 def _declare(lib: ctypes.CDLL) -> None:

@@ -48,6 +48,7 @@ class FinetuneSettings:
     target_modules: str | tuple[str, ...] = "all-linear"
     optimizer_bits: int = 32
     gradient_checkpointing: bool = False
+    checkpoint_policy: str = "auto"
     loss_chunk_size: int = 1024
     compute_bytes: int = 4
 
@@ -165,16 +166,11 @@ def plan_memory(counts: ModelCounts, config: QuantConfig, *, float_bytes: int = 
 
 def _plan_quantize(c: ModelCounts, q4: int, float_bytes: int) -> dict[str, int]:
     """Streaming quantization (:mod:`fourbit.models.stream`), then the save. The float leftovers stay in the
-    checkpoint's dtype. The working set on top is the larger of the two phases: while reading, the largest
-    weight alive once as read and once in float32 inside the quantizer; while saving, ``save_quantized``
-    serialising the whole checkpoint into memory, which safetensors' ``save`` holds twice (each tensor's
-    bytes, then the joined file: measured 1.9x the checkpoint)."""
-    leftovers = c.float_params * float_bytes
-    reading = c.largest_quantized * (float_bytes + 4)
-    saving = 2 * (q4 + leftovers)
-    return {"runtime": RUNTIME_BYTES, "4-bit weights": q4, "float leftovers": leftovers,
-            "largest weight being quantized" if reading > saving else "checkpoint serialised for writing (x2)":
-                max(reading, saving)}
+    checkpoint's dtype. The working set on top is the largest weight alive once as read and once in float32
+    inside the quantizer; the save streams tensor by tensor (:func:`fourbit._io.save_safetensors`) and adds
+    nothing that counts."""
+    return {"runtime": RUNTIME_BYTES, "4-bit weights": q4, "float leftovers": c.float_params * float_bytes,
+            "largest weight being quantized": c.largest_quantized * (float_bytes + 4)}
 
 
 def _plan_generate(c: ModelCounts, q4: int, float_bytes: int, tokens: int) -> dict[str, int]:
@@ -196,23 +192,29 @@ def _lora_params(c: ModelCounts, s: FinetuneSettings) -> int:
 
 
 def _plan_finetune(c: ModelCounts, q4: int, s: FinetuneSettings) -> dict[str, int]:
-    """The 4-bit base with float32 leftovers (training loads them so), the adapter with its gradient and
-    AdamW's two moments, the activations autograd keeps, and the loss's logits chunk.
+    """The 4-bit base with its float leftovers in the compute dtype (training casts them so), the adapter with
+    its gradient and AdamW's two moments, the activations autograd keeps, and the loss's logits chunk.
 
     Activations per token and decoder layer (compute dtype): the input of every linear layer and the output
     of every matmul it feeds (hidden: q, o, two norms, the residuals, x4 for attention's inputs and outputs;
     intermediate: gate, up, their product and activation), plus the attention probabilities (heads x length,
-    float32). With gradient checkpointing only each layer's input is kept, and one layer's full set while it
-    is recomputed."""
+    float32). With gradient checkpointing each layer's input is kept, and one layer's full set while it is
+    recomputed; the ``keep-matmuls`` policy (``auto`` up to 1,024 tokens) also keeps every LoRA layer's output
+    (q, k, v, o, gate, up, down) so that the recomputation skips the matmuls."""
+    from fourbit.nn.lora_matmul import AUTO_KEEP_MAX_SEQ_LEN
+
     tokens = s.batch_size * s.max_length
     lora = _lora_params(c, s)
     per_layer = (10 * c.hidden + 2 * c.kv_dim + 4 * c.intermediate) * s.compute_bytes + 4 * c.heads * s.max_length
     if s.gradient_checkpointing:
-        activations = tokens * (c.layers * c.hidden * s.compute_bytes + per_layer)
+        keeps = s.checkpoint_policy == "keep-matmuls" or (
+            s.checkpoint_policy == "auto" and s.max_length <= AUTO_KEEP_MAX_SEQ_LEN)
+        kept = (3 * c.hidden + 2 * c.kv_dim + 2 * c.intermediate) * s.compute_bytes if keeps else 0
+        activations = tokens * (c.layers * (c.hidden * s.compute_bytes + kept) + per_layer)
     else:
         activations = tokens * c.layers * per_layer
-    chunk = min(tokens, s.loss_chunk_size)
-    return {"runtime": RUNTIME_BYTES, "4-bit weights": q4, "float leftovers (float32)": c.float_params * 4,
+    chunk = min(tokens, s.loss_chunk_size or tokens)
+    return {"runtime": RUNTIME_BYTES, "4-bit weights": q4, "float leftovers": c.float_params * s.compute_bytes,
             "adapter, gradient and optimizer": lora * (8 + _OPTIMIZER_STATE_BYTES.get(s.optimizer_bits, 8)),
             "activations": activations, "logits chunk": 3 * chunk * c.vocab * 4,
             "one weight dequantized": c.largest_quantized * s.compute_bytes}

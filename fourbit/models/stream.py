@@ -50,6 +50,22 @@ _HEADER_LIMIT = 100 * 2**20  # safetensors' own limit on the JSON header
 _READ_CHUNK = 1 << 30  # os.preadv reads at most ~2 GiB per call on Linux
 
 
+def release_freed_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Weights of a few MB come from the heap once glibc has raised its mmap threshold, and the ones freed after
+    quantizing stay mapped: at the end of a streaming load they were 40 % of the growth in resident memory
+    (tests/models/test_memory_plan.py's model: 242 MiB resident for 137 MiB of tensors). Trimming after each
+    layer keeps the resident set at what the model holds.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 @dataclass(frozen=True)
 class TensorEntry:
     """Where one tensor lies in a safetensors file: ``nbytes`` bytes from absolute offset ``start``."""
@@ -256,6 +272,8 @@ class _Load:
             raise InputFileError(source, str(err)) from None
         self.model.set_submodule(name, q)
         self.pending.discard(name)
+        del layer
+        release_freed_memory()
 
 
 def _load_plan(model: nn.Module, tensors: CheckpointTensors, sources: dict[str, Path]) -> dict:

@@ -90,6 +90,8 @@ class TrainConfig:
         fused_kernels: run the fused LoRA, gated-MLP and RMSNorm training paths (default); off, the model runs
             the plain composition of PyTorch modules they are tested against
             (:func:`fourbit.nn.fused.fused_kernels`).
+        memory_check: refuse a run, before the model loads, whose planned peak memory
+            (:mod:`fourbit.train.memory_check`) is above the memory available, naming the settings that fit.
 
     Raises:
         FieldError: naming the field, for a value of the wrong type, a number that is not finite or out of its
@@ -138,6 +140,7 @@ class TrainConfig:
     gradient_checkpointing_policy: str = "auto"
     loss_chunk_size: int = 1024
     fused_kernels: bool = True
+    memory_check: bool = True
     eval_steps: int = 50
     eval_batch_size: int = 8
     save_steps: int = 100

@@ -68,6 +68,10 @@ def load_for_training(config: TrainConfig, *, label_names: Sequence[str] = ()) -
         model, tokenizer = load_model(config.model, quant=quant_config(config), torch_dtype=torch.float32)
     if tokenizer is None:
         raise FieldError("model", f"{config.model} comes without a tokenizer; add one to the folder")
+    rows = model.get_input_embeddings().num_embeddings
+    if (tokenizer.vocab_size or 0) > rows:
+        raise FieldError("model", f"{config.model}: its tokenizer has {tokenizer.vocab_size:,} tokens but the "
+                                  f"model embeds only {rows:,}: the tokenizer files belong to another model")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None:

@@ -323,7 +323,7 @@ def merge_adapter(
         if qc is not None and _streamable(merged):  # one layer's float weights at a time
             write_merged_shards(merged, tmp, torch_dtype, max_shard_bytes)
             plain_for_saving(merged)
-            merged.config.torch_dtype = torch_dtype
+            merged.config.dtype = torch_dtype
             merged.config.save_pretrained(tmp)
             if getattr(merged, "generation_config", None) is not None:
                 merged.generation_config.save_pretrained(tmp)

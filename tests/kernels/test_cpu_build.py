@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -189,3 +190,21 @@ def test_nothing_but_the_version_is_called_on_a_library_that_fails_the_check(tmp
     assert lib is None and version == -7
     assert cpu._open_checked(tmp_path / "missing.so") == (None, None)
     assert ctypes.CDLL(str(path)).fb_abi_version() == -7  # the fake itself loads fine
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(("setting", "expected"), [("scalar", 0), ("avx2", 1), ("bogus", None)])
+def test_max_cpu_isa_holds_the_kernels_down(setting: str, expected: int | None) -> None:
+    """``FOURBIT_MAX_CPU_ISA`` caps the vector code (never above what the CPU has); an unknown name is ignored."""
+    import subprocess
+    import sys
+
+    from fourbit.kernels import cpu
+
+    best = cpu.isa()
+    code = "from fourbit.kernels import cpu; print(cpu.isa())"
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "FOURBIT_MAX_CPU_ISA": setting},
+                          capture_output=True, text=True, check=True)
+    assert int(done.stdout.strip()) == (best if expected is None else min(expected, best))
+    if expected is None:
+        assert "FOURBIT_MAX_CPU_ISA" in done.stderr

@@ -131,3 +131,28 @@ def test_plan_cli_prints_every_command_and_names_a_bad_model(folder, tmp_path):
     assert all(v > RUNTIME_BYTES for v in doc["peak_bytes"].values())
     bad = run_cli("plan", tmp_path / "nothing")
     assert bad.code == 1 and "MODEL" in bad.err and "config.json" in bad.err
+
+
+def _text_data(path: Path, tokens_per_record: int, records: int) -> Path:
+    words = " ".join(f"w{i % 97}" for i in range(tokens_per_record))
+    path.write_text("".join(json.dumps({"text": words}) + "\n" for _ in range(records)))
+    return path
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["no-checkpointing", "checkpointing"])
+def test_finetune_and_merge_peaks_are_planned(folder, tmp_path, checkpointing):
+    from fourbit.train.config import TrainConfig
+    from fourbit.train.memory_check import finetune_plan
+
+    data = _text_data(tmp_path / "train.jsonl", 600, 8)
+    flags = ["--max-length", "256", "--batch-size", "2", "--lora-r", "16", "--max-steps", "2", "--eval-fraction",
+             "0", "--save-steps", "0", "--compute-dtype", "fp32", "--no-progress", "--no-memory-check",
+             "--gradient-checkpointing" if checkpointing else "--no-gradient-checkpointing"]
+    config = TrainConfig(model=str(folder), max_length=256, batch_size=2, lora_r=16, compute_dtype="fp32",
+                         gradient_checkpointing=checkpointing)
+    plan = finetune_plan(config, new_tokens=8, prompt_tokens=8)
+    run = tmp_path / "run"
+    _assert_within(plan.peak("finetune"), _measure("finetune", folder, "--data", data, "--out", run, *flags))
+    if checkpointing:
+        return
+    _assert_within(plan.peak("merge"), _measure("merge", "--adapter", run, "--out", tmp_path / "merged"))
