@@ -1,0 +1,171 @@
+"""Base-model batches through the compiled decode step (fourbit.serve.fastpath) give the tokens the model's
+forward gives (the engine with ``decoder="hf"``), at batch 1 and batched, with rows joining mid-batch; adapter
+rows and unsupported models keep the forward."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from _server import reference_ids
+
+from fourbit.serve import Engine, GenRequest, Sampling
+
+PROMPTS = ["Tell me about comets.", "Bread?", "What is two plus two, and why?", "Hi"]
+
+
+def fp32_engine(model_dir, decoder: str, **kw) -> Engine:
+    """The tiny 4-bit llama computing in float32, as the compiled step does (a bf16 forward would round
+    otherwise, and greedy tokens could differ at near ties)."""
+    from fourbit.models import QuantConfig, load_model
+
+    model, tokenizer = load_model(model_dir, quant=QuantConfig(compute_dtype="fp32"))
+    return Engine(model, tokenizer, model_name="tiny", decoder=decoder, context_window=1024, **kw)
+
+
+def run_together(engine: Engine, specs: list[tuple[str, Sampling]], adapter: str | None = None) -> list[GenRequest]:
+    done, reqs = threading.Semaphore(0), []
+    with engine.hold():  # they start together: one batch
+        for prompt, sampling in specs:
+            ids = engine.chat_prompt([{"role": "user", "content": prompt}])
+            sink = lambda kind, value: done.release() if kind in ("done", "error") else None  # noqa: E731
+            reqs.append(engine.submit(GenRequest(ids, engine.adapter_index(adapter), sampling, sink)))
+    for _ in reqs:
+        assert done.acquire(timeout=120)
+    assert all(r.finish_reason in ("stop", "length") for r in reqs), [r.finish_reason for r in reqs]
+    return reqs
+
+
+def logprob_sink(req: GenRequest, entries: list) -> None:
+    inner = req.sink
+
+    def sink(kind, value):
+        if kind == "logprob":
+            entries.append(value)
+        inner(kind, value)
+
+    req.sink = sink
+
+
+@pytest.fixture(scope="module")
+def engines(model_dir):
+    fast, hf = fp32_engine(model_dir, "auto"), fp32_engine(model_dir, "hf")
+    yield fast, hf
+    fast.close()
+    hf.close()
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_compiled_batches_give_the_forward_paths_greedy_tokens(engines, batch):
+    fast, hf = engines
+    compiled = fast.stats["compiled_steps"]
+    specs = [(PROMPTS[i], Sampling(24, 0.0)) for i in range(batch)]
+    got = [r.output_ids for r in run_together(fast, specs)]
+    want = [r.output_ids for r in run_together(hf, specs)]
+    assert got == want and all(len(ids) >= 1 for ids in got)
+    # the first token of each row from the batched prefill, each further one from a compiled step of its row
+    # (one more for a row that ends with its end token, which is not in output_ids)
+    steps = fast.stats["compiled_steps"] - compiled
+    tokens = sum(len(ids) for ids in got)
+    assert tokens - batch <= steps <= tokens and hf.stats["compiled_steps"] == 0
+
+
+def test_logprobs_stop_strings_and_seeded_sampling_on_the_compiled_step(engines):
+    fast, hf = engines
+    specs = [(PROMPTS[0], Sampling(16, 0.0, logprobs=3)), (PROMPTS[1], Sampling(16, 0.0, stop=("e",))),
+             (PROMPTS[2], Sampling(16, 0.8, top_p=0.9, seed=7))]
+    results = []
+    for engine in (fast, hf):
+        reqs = run_together(engine, specs)
+        results.append(reqs)
+    (f_lp, f_stop, f_seed), (h_lp, h_stop, h_seed) = results
+    assert f_lp.output_ids == h_lp.output_ids and f_stop.output_ids == h_stop.output_ids
+    assert f_seed.output_ids == h_seed.output_ids  # same seed, same distribution to float32 rounding
+
+
+def test_rows_joining_a_compiled_batch_match_their_single_runs(model_dir):
+    engine = fp32_engine(model_dir, "auto")
+    try:
+        done = threading.Semaphore(0)
+
+        def request(prompt: str, n: int) -> GenRequest:
+            sink = lambda kind, value: done.release() if kind in ("done", "error") else None  # noqa: E731
+            return GenRequest(engine.chat_prompt([{"role": "user", "content": prompt}]), -1, Sampling(n, 0.0), sink)
+
+        first = engine.submit(request("A long story, please.", 150))
+        deadline = time.monotonic() + 30
+        while first.completion_tokens < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        with engine.hold():
+            later = [engine.submit(request("Hi", 20)), engine.submit(request("What is 2+2?", 30))]
+        for _ in range(3):
+            assert done.acquire(timeout=120)
+        assert first.finish_reason == "length" and first.completion_tokens == 150
+        assert engine.stats["batches"] == 1 and engine.stats["max_rows"] == 3
+        for req in (first, *later):
+            want = reference_ids(model_dir, None, req.prompt_ids, req.sampling.max_tokens, engine.end_ids)
+            assert req.output_ids == want
+    finally:
+        engine.close()
+
+
+def test_adapter_rows_keep_the_forward_and_base_rows_do_not_jump_the_queue(model_dir, adapter_dirs):
+    engine = fp32_engine(model_dir, "auto", adapters={"alpha": str(adapter_dirs["alpha"])})
+    try:
+        base = run_together(engine, [(PROMPTS[0], Sampling(12, 0.0))])[0]
+        compiled = engine.stats["compiled_steps"]
+        assert compiled > 0
+        adapted = run_together(engine, [(PROMPTS[0], Sampling(12, 0.0))], adapter="alpha")[0]
+        assert engine.stats["compiled_steps"] == compiled  # the adapter's row ran the forward
+        assert base.output_ids == reference_ids(model_dir, None, base.prompt_ids, 12, engine.end_ids)
+        assert adapted.output_ids == reference_ids(model_dir, adapter_dirs["alpha"], adapted.prompt_ids, 12,
+                                                   engine.end_ids)
+        assert adapted.output_ids != base.output_ids
+        # a base request queued behind an adapter's waits for it: it does not join the compiled batch ahead of it
+        events, done = [], threading.Semaphore(0)
+
+        def sink_of(label: str):
+            def sink(kind, value):
+                events.append((label, kind))
+                if kind in ("done", "error"):
+                    done.release()
+            return sink
+
+        ids = engine.chat_prompt([{"role": "user", "content": "A long story, please."}])
+        long = engine.submit(GenRequest(ids, -1, Sampling(120, 0.0), sink_of("long")))
+        while long.completion_tokens < 2:
+            time.sleep(0.005)
+        batches = engine.stats["batches"]
+        with engine.hold():
+            waiting = [engine.submit(GenRequest(ids, engine.adapter_index("alpha"), Sampling(4, 0.0), sink_of("a"))),
+                       engine.submit(GenRequest(ids, -1, Sampling(4, 0.0), sink_of("base")))]
+        for _ in range(3):
+            assert done.acquire(timeout=120)
+        assert all(r.finish_reason == "length" for r in (long, *waiting))
+        first_base = events.index(("base", "delta"))
+        assert events.index(("long", "done")) < first_base  # it waited for the compiled batch to end
+        assert engine.stats["batches"] == batches + 1  # then ran in one batch with the adapter's row
+    finally:
+        engine.close()
+
+
+def test_a_model_the_compiled_step_cannot_run_falls_back(model_dir, monkeypatch, caplog):
+    import fourbit.serve.fastpath as fastpath
+
+    monkeypatch.setattr(fastpath, "unsupported_reason", lambda model: "hooks everywhere")
+    engine = fp32_engine(model_dir, "auto")
+    try:
+        with caplog.at_level("INFO", logger="fourbit.serve.engine"):
+            req = run_together(engine, [(PROMPTS[0], Sampling(8, 0.0))])[0]
+        assert req.output_ids == reference_ids(model_dir, None, req.prompt_ids, 8, engine.end_ids)
+        assert engine.stats["compiled_steps"] == 0 and "hooks everywhere" in caplog.text
+    finally:
+        engine.close()
+
+
+def test_decoder_must_be_known(model_dir):
+    from fourbit._errors import FieldError
+
+    with pytest.raises(FieldError, match="decoder"):
+        fp32_engine(model_dir, "fast-please")
