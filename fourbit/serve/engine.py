@@ -10,6 +10,12 @@ while a batch runs join it between two steps when there is room (continuous batc
 prefilled on their own, then their KV cache and the batch's are left-padded to a common length (the
 padding is masked out) and stacked.
 
+Two paths decode the rows of a batch, step by step together. Rows that ask for the base model run the compiled
+decode step (:mod:`.fastpath`: after the batched prefill each row has a cache of its own and one compiled call
+per token). Adapter rows (all rows, where the compiled step does not apply) run the model's forward with the
+shared cache above, each LoRA layer adding each row's adapter as gathered for the batch (:mod:`.gathered`), so a
+batch mixing many adapters costs about what a batch of one adapter costs.
+
 Adapters are loaded and unloaded while serving (:meth:`Engine.load_adapter`, :meth:`Engine.unload_adapter`):
 the change is a task the worker runs between two decode steps (the only moment no forward pass uses the
 model), so a running batch pauses for one adapter read and goes on. Adapter row indices are never reused, so
@@ -419,12 +425,9 @@ class Engine:
         log.info("unloaded adapter %r", name)
 
     # ---- the worker -------------------------------------------------------------------------------
-    def _take(self, n: int, base_only: bool = False) -> list[GenRequest]:
-        """Up to ``n`` waiting requests (those already cancelled are answered and dropped); with ``base_only``
-        those at the head of the queue that ask for the base model (never one queued behind an adapter's)."""
+    def _take(self, n: int) -> list[GenRequest]:
+        """Up to ``n`` waiting requests (those already cancelled are answered and dropped)."""
         with self._cond:
-            if base_only:
-                n = min(n, next((i for i, r in enumerate(self._waiting) if r.adapter != -1), len(self._waiting)))
             taken, self._waiting = self._waiting[:n], self._waiting[n:]
         live = []
         for req in taken:
@@ -467,48 +470,64 @@ class Engine:
         params = inspect.signature(self.model.forward).parameters
         return "cache" if "cache" in params else "past_key_values"
 
-    def _fast_decoder(self, batch: list[GenRequest]) -> Any:
-        """The compiled decoder when it decodes ``batch`` (every row asks for the base model, the model is one
-        it computes, the rows fit a sliding attention window), else None."""
-        if self._fast_reason is not None or any(req.adapter != -1 for req in batch):
+    def _fast_decoder(self, req: GenRequest) -> Any:
+        """The compiled decoder when it decodes ``req`` (it asks for the base model, the model is one the
+        decoder computes, it fits a sliding attention window), else None."""
+        if self._fast_reason is not None or req.adapter != -1:
             return None
         if self._fast is None:
             self._fast, self._fast_reason = build_decoder(self.model, 256)
-            log.info("decoding base-model batches with %s", self._fast_reason or "the compiled decode step")
+            log.info("decoding base-model requests with %s", self._fast_reason or "the compiled decode step")
             if self._fast is None:
                 return None
         window = getattr(self.model.config, "sliding_window", None)
-        if window is not None and any(len(r.prompt_ids) + r.sampling.max_tokens > window for r in batch):
+        if window is not None and len(req.prompt_ids) + req.sampling.max_tokens > window:
             return None
         return self._fast
 
     @torch.inference_mode()
     def _decode(self, batch: list[GenRequest]) -> None:
-        """Decode ``batch`` to the end; requests that queue meanwhile join it while there is room."""
+        """Decode ``batch`` to the end; requests that queue meanwhile join it while there is room.
+
+        The batch is two groups decoded step by step together: base-model rows on the compiled step (each with
+        its own cache) and rows through the model's forward (adapter rows; every row when the compiled step
+        does not apply), which share one left-padded cache.
+        """
         self.stats["batches"] += 1
-        decoder = self._fast_decoder(batch)
-        if decoder is not None:
-            self._decode_fast(decoder, batch)
-            return
-        state = self._advance(self._prefill_state(batch))
-        while state is not None:
+        fast, state = self._start(batch)
+        while fast or state is not None:
             if self._closed:
-                for row in state.rows:
+                for row in [f.row for f in fast] + (state.rows if state is not None else []):
                     row.req.finish_reason = "error"
                     row.req.sink("error", "the server is shutting down")
                 return
             if self._tasks:
                 self._run_tasks()
-            room = self.max_batch - len(state.rows)
-            if room > 0 and self._waiting and mergeable(state.cache):
+            room = self.max_batch - len(fast) - (len(state.rows) if state is not None else 0)
+            if room > 0 and self._waiting and (state is None or mergeable(state.cache)):
                 joining = self._take(room)
                 if joining:
                     self._running.extend(joining)
-                    newcomers = self._advance(self._prefill_state(joining))
-                    if newcomers is not None:
+                    more, newcomers = self._start(joining)
+                    fast += more
+                    if state is None or newcomers is None:
+                        state = state or newcomers
+                    else:
                         state.merge(newcomers)
-            self.stats["max_rows"] = max(self.stats["max_rows"], len(state.rows))
-            state = self._advance(state)
+            self.stats["max_rows"] = max(self.stats["max_rows"],
+                                         len(fast) + (len(state.rows) if state is not None else 0))
+            fast = [f for f in fast if self._fast_step(f)]
+            if state is not None:
+                state = self._advance(state)
+
+    def _start(self, batch: list[GenRequest]) -> tuple[list[FastRow], Batch | None]:
+        """Prefill ``batch``, each row's first token handed out: the rows that go on, split into those of the
+        compiled step and the batch of those through the forward (None when there are none)."""
+        compiled, others = [], []
+        for req in batch:
+            (compiled if self._fast_decoder(req) is not None else others).append(req)
+        fast = self._fast_prefill(self._fast, compiled) if compiled else []
+        return fast, (self._advance(self._prefill_state(others)) if others else None)
 
     def _prefill_state(self, batch: list[GenRequest]) -> Batch:
         """The left-padded prompts of ``batch`` as a batch about to be prefilled."""
@@ -573,29 +592,7 @@ class Engine:
         state.positions = state.positions[:, -1:] + 1
         return state
 
-    # ---- base-model batches through the compiled step (see .fastpath) ------------------------------
-    def _decode_fast(self, decoder: Any, batch: list[GenRequest]) -> None:
-        """Decode ``batch`` of base-model rows with the compiled step, each row in a cache of its own; base-model
-        requests that queue meanwhile join while there is room (none while an adapter's request waits: the
-        batch ends, and the next one takes it)."""
-        rows = self._fast_prefill(decoder, batch)
-        while rows:
-            if self._closed:
-                for fast in rows:
-                    fast.row.req.finish_reason = "error"
-                    fast.row.req.sink("error", "the server is shutting down")
-                return
-            if self._tasks:
-                self._run_tasks()
-            room = self.max_batch - len(rows)
-            if room > 0 and self._waiting:
-                joining = self._take(room, base_only=True)
-                if joining:
-                    self._running.extend(joining)
-                    rows += self._fast_prefill(decoder, joining)
-            self.stats["max_rows"] = max(self.stats["max_rows"], len(rows))
-            rows = [fast for fast in rows if self._fast_step(decoder, fast)]
-
+    # ---- base-model rows through the compiled step (see .fastpath) -----------------------------------
     def _fast_prefill(self, decoder: Any, batch: list[GenRequest]) -> list[FastRow]:
         """The prompts of ``batch`` through one batched forward, each row's first token handed out; the rows
         that go on, each with its K/V in a cache of its own."""
@@ -607,17 +604,19 @@ class Engine:
             if self._emit(row, token):
                 kept.append(i)
                 tokens.append(token)
+        if not kept:
+            return []
         reqs = [state.rows[i].req for i in kept]
         lengths = [len(r.prompt_ids) for r in reqs]
         room = [r.sampling.max_tokens + 1 for r in reqs]
         states = prefill_states(decoder, state.rows_cache(kept), lengths, room)
         return [FastRow(state.rows[i], st, t) for i, st, t in zip(kept, states, tokens, strict=True)]
 
-    def _fast_step(self, decoder: Any, fast: FastRow) -> bool:
+    def _fast_step(self, fast: FastRow) -> bool:
         """One compiled step of one row; True while the row goes on."""
         if fast.row.req.cancelled.is_set():
             return self._emit(fast.row, None)
-        fast.token = step_row(decoder, fast)
+        fast.token = step_row(self._fast, fast)
         self.stats["compiled_steps"] += 1
         return self._emit(fast.row, fast.token)
 

@@ -1,6 +1,6 @@
-"""Base-model batches through the compiled decode step (fourbit.serve.fastpath) give the tokens the model's
-forward gives (the engine with ``decoder="hf"``), at batch 1 and batched, with rows joining mid-batch; adapter
-rows and unsupported models keep the forward."""
+"""Base-model rows through the compiled decode step (fourbit.serve.fastpath) give the tokens the model's forward
+gives (the engine with ``decoder="hf"``), at batch 1 and batched, with rows joining mid-batch; adapter rows (in
+the same batch) and unsupported models keep the forward."""
 
 from __future__ import annotations
 
@@ -110,42 +110,33 @@ def test_rows_joining_a_compiled_batch_match_their_single_runs(model_dir):
         engine.close()
 
 
-def test_adapter_rows_keep_the_forward_and_base_rows_do_not_jump_the_queue(model_dir, adapter_dirs):
+def test_adapter_rows_run_the_forward_beside_compiled_rows_of_the_same_batch(model_dir, adapter_dirs):
     engine = fp32_engine(model_dir, "auto", adapters={"alpha": str(adapter_dirs["alpha"])})
     try:
-        base = run_together(engine, [(PROMPTS[0], Sampling(12, 0.0))])[0]
-        compiled = engine.stats["compiled_steps"]
-        assert compiled > 0
         adapted = run_together(engine, [(PROMPTS[0], Sampling(12, 0.0))], adapter="alpha")[0]
-        assert engine.stats["compiled_steps"] == compiled  # the adapter's row ran the forward
-        assert base.output_ids == reference_ids(model_dir, None, base.prompt_ids, 12, engine.end_ids)
+        assert engine.stats["compiled_steps"] == 0  # the adapter's row ran the forward
         assert adapted.output_ids == reference_ids(model_dir, adapter_dirs["alpha"], adapted.prompt_ids, 12,
                                                    engine.end_ids)
-        assert adapted.output_ids != base.output_ids
-        # a base request queued behind an adapter's waits for it: it does not join the compiled batch ahead of it
-        events, done = [], threading.Semaphore(0)
-
-        def sink_of(label: str):
-            def sink(kind, value):
-                events.append((label, kind))
-                if kind in ("done", "error"):
-                    done.release()
-            return sink
-
+        # a long base-model row on the compiled step; an adapter's row and another base row join it
+        done = threading.Semaphore(0)
+        sink = lambda kind, value: done.release() if kind in ("done", "error") else None  # noqa: E731
         ids = engine.chat_prompt([{"role": "user", "content": "A long story, please."}])
-        long = engine.submit(GenRequest(ids, -1, Sampling(120, 0.0), sink_of("long")))
-        while long.completion_tokens < 2:
+        long = engine.submit(GenRequest(ids, -1, Sampling(100, 0.0), sink))
+        deadline = time.monotonic() + 30
+        while long.completion_tokens < 2 and time.monotonic() < deadline:
             time.sleep(0.005)
         batches = engine.stats["batches"]
         with engine.hold():
-            waiting = [engine.submit(GenRequest(ids, engine.adapter_index("alpha"), Sampling(4, 0.0), sink_of("a"))),
-                       engine.submit(GenRequest(ids, -1, Sampling(4, 0.0), sink_of("base")))]
+            joining = [engine.submit(GenRequest(ids, engine.adapter_index("alpha"), Sampling(30, 0.0), sink)),
+                       engine.submit(GenRequest(engine.encode("Hi"), -1, Sampling(30, 0.0), sink))]
         for _ in range(3):
             assert done.acquire(timeout=120)
-        assert all(r.finish_reason == "length" for r in (long, *waiting))
-        first_base = events.index(("base", "delta"))
-        assert events.index(("long", "done")) < first_base  # it waited for the compiled batch to end
-        assert engine.stats["batches"] == batches + 1  # then ran in one batch with the adapter's row
+        assert engine.stats["batches"] == batches and engine.stats["max_rows"] == 3  # they joined it
+        assert engine.stats["compiled_steps"] > 100
+        for req, adapter in zip((long, *joining), (None, adapter_dirs["alpha"], None), strict=True):
+            want = reference_ids(model_dir, adapter, req.prompt_ids, req.sampling.max_tokens, engine.end_ids)
+            assert req.output_ids == want
+        assert joining[0].output_ids != reference_ids(model_dir, None, ids, 30, engine.end_ids)
     finally:
         engine.close()
 
