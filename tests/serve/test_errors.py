@@ -263,7 +263,6 @@ def test_bad_inputs_of_the_new_options_and_endpoints_log_no_traceback(http, tmp_
         ("/v1/chat/completions", {**CHAT, "temperature": "hot"}, 400, "temperature"),
         ("/v1/chat/completions", {**CHAT, "messages": "hi"}, 400, "messages"),
         ("/v1/chat/completions", {**CHAT, "model": 5}, 400, "model"),
-        ("/v1/chat/completions", {**CHAT, "max_tokens": 10**30}, 400, "max_tokens"),
         ("/v1/chat/completions", {**CHAT, "seed": "lucky"}, 400, "seed"),
         ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": str(tmp_path / "nope")}, 400, "lora_path"),
         ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": str(tmp_path / "file.txt")}, 400, "lora_path"),
