@@ -7,8 +7,9 @@ The server keeps ONE copy of the 4-bit model. Each adapter (``--adapter NAME=DIR
 wrapped once by the one LoRA layer, :class:`fourbit.nn.lora.LoRALinear`, in its mixed-batch mode: it holds the
 A/B pair of every adapter that targets it (:meth:`~fourbit.nn.lora.LoRALinear.add_row_adapter`).
 
-A batch may mix adapters (punica / S-LoRA style, without the custom kernels): before each forward the
-engine sets one adapter index per row (:func:`set_row_adapters`), and a layer computes
+A batch may mix adapters (punica / S-LoRA style, without the custom kernels): one adapter index per row
+(:func:`set_row_adapters` for the layer's own loop; the engine gathers each row's adapter once per batch
+instead, :mod:`.gathered`), and a layer computes
 
     y = base(x) + sum over adapters a of  mask_a * scaling_a * B_a(A_a(x))
 
