@@ -160,3 +160,46 @@ def test_decoder_must_be_known(model_dir):
 
     with pytest.raises(FieldError, match="decoder"):
         fp32_engine(model_dir, "fast-please")
+
+
+def test_decoder_sequences_interleave_and_grow_like_one_sequence_each(model_dir):
+    """Decoder.new_state / using (the API the engine adds rows with): two sequences stepped in turn give what each
+    gives decoded alone, a state's cache grows past its first length, the decoder's own sequence is untouched."""
+    import torch
+
+    from fourbit.models import QuantConfig, load_model
+    from fourbit.models.decode import Decoder
+
+    model, _ = load_model(model_dir, quant=QuantConfig(compute_dtype="fp32"))
+    prompts = [[5, 9, 11, 30, 2], [7, 7, 100]]
+
+    def alone(ids: list[int], n: int) -> list[int]:
+        dec = Decoder(model, 4)
+        token = int(torch.argmax(dec.prefill(ids)))
+        out = [token]
+        for _ in range(n - 1):
+            token = dec.step(token)[0]
+            out.append(token)
+        return out
+
+    want = [alone(ids, 12) for ids in prompts]
+    dec = Decoder(model, 64)
+    own = int(torch.argmax(dec.prefill(prompts[0])))
+    states, tokens, got = [], [], [[], []]
+    for i, ids in enumerate(prompts):
+        with torch.inference_mode():
+            out = model(input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+        cache = out["cache"] if "cache" in out else out["past_key_values"]
+        kv = [(layer.keys[0].float(), layer.values[0].float()) for layer in cache.layers]
+        states.append(dec.new_state(len(ids) + 2, kv))  # room for 2 more: the cache must grow
+        tokens.append(int(torch.argmax(out.logits[0, -1])))
+        got[i].append(tokens[i])
+    for _ in range(11):
+        for i, state in enumerate(states):
+            with dec.using(state):
+                tokens[i] = dec.step(tokens[i])[0]
+            got[i].append(tokens[i])
+    assert got == want
+    assert all(s.pos == len(p) + 11 for s, p in zip(states, prompts, strict=True))
+    assert states[0].caches[0][0].shape[1] >= len(prompts[0]) + 11  # grown
+    assert dec.pos == len(prompts[0]) and dec.step(own)[0] == want[0][1]  # its own sequence went on untouched
