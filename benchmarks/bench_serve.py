@@ -1,18 +1,21 @@
 """Serving throughput: requests/s and tokens/s at 1, 4 and 8 concurrent clients, with waiting requests
-decoded together in one batch (``--max-batch 8``) against handled one by one (``--max-batch 1``).
+decoded together in one batch (``--max-batch 8``) against handled one by one (``--max-batch 1``), for each
+``--decoder``: ``auto`` (the server's default: base-model batches through the compiled decode step, one cache per
+row) and ``hf`` (every step through the model's forward, the whole batch at once).
 
 A real uvicorn server on 127.0.0.1 over the bundled SmolLM2-135M-Instruct in 4 bits (``--tiny``: the
 2-layer random llama of the tests, a smoke run); each client sends ``--requests`` chat completions one
 after the other (greedy, ``--tokens`` at most); tokens are the completion tokens the server reports.
 
-    python benchmarks/bench_serve.py [--clients 1,4,8] [--requests 2] [--tokens 32] [--tiny] [--json]
+    python benchmarks/bench_serve.py [--clients 1,4,8] [--requests 2] [--tokens 32] [--decoder auto,hf] [--tiny]
 
 ``--adapters N`` measures many adapters resident instead (issue 21 item 4): N small random adapters (rank 8 to
 16, every other one all-linear, the rest q_proj/v_proj; written to a temp folder in peft's format and loaded
 as ``--adapter`` would) over the same base, and batches of ``--batch`` requests, each naming a random adapter,
 decoded together in one batch (the engine directly, no HTTP: the batch is the point). Reported against the
-same batches all naming one adapter (the single-adapter case, one adapter resident), and the random mix
-again with the gathered formulation of :mod:`fourbit.serve.gathered` (a prototype):
+same batches all naming one adapter (the single-adapter case, one adapter resident); the engine gathers each
+row's adapter once per batch (:mod:`fourbit.serve.gathered`), and the random mix is run again with the LoRA
+layer's own loop over the adapters of the batch at every layer and step (the path before, for comparison):
 
     python benchmarks/bench_serve.py --adapters 100 [--batch 8] [--tokens 32] [--rounds 3] [--tiny] [--json]
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import os
 import socket
@@ -112,6 +116,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2, help="requests per client")
     parser.add_argument("--tokens", type=int, default=32, help="max_tokens per request")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--decoder", default="auto,hf", help="the engine's decoders to run, comma-separated")
     parser.add_argument("--tiny", action="store_true", help="the tests' 2-layer random llama (smoke run)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--adapters", type=int, default=0,
@@ -125,32 +130,43 @@ def main() -> None:
         _adapters_main(args)
         return
 
+    _clients_main(args)
+
+
+def _clients_main(args) -> None:
+    """Concurrent HTTP clients against a server, one by one and batched, for each decoder."""
     from fourbit.serve import Engine, create_app
 
     model, tokenizer = _load(args.tiny)
     clients = [int(c) for c in args.clients.split(",")]
+    decoders = args.decoder.split(",")
     rows: dict[str, dict] = {}
     load_before = load_average()
-    for mode, max_batch in (("one by one", 1), ("batched", 8)):
-        engine = Engine(model, tokenizer, model_name="base", max_batch=max_batch)
-        try:
-            with _Server(create_app(engine)) as srv:
-                _run_clients(srv.url, 1, 1, 4)  # warm-up
-                for c in clients:
-                    result = _run_clients(srv.url, c, args.requests, args.tokens)
-                    result["max_rows"] = engine.stats["max_rows"]
-                    rows[f"{mode}, {c} clients"] = result
-                    print(f"{mode:>10}, {c} clients: {result['requests_per_s']:.2f} req/s, "
-                          f"{result['tokens_per_s']:.1f} tok/s ({result['tokens']} tokens in {result['wall_s']:.1f} s)",
-                          flush=True)
-        finally:
-            engine.close()
-    print("\nbatched / one by one:")
+    for decoder in decoders:
+        for mode, max_batch in (("one by one", 1), ("batched", 8)):
+            engine = Engine(model, tokenizer, model_name="base", max_batch=max_batch, decoder=decoder)
+            try:
+                with _Server(create_app(engine)) as srv:
+                    _run_clients(srv.url, 1, 1, 4)  # warm-up
+                    for c in clients:
+                        result = _run_clients(srv.url, c, args.requests, args.tokens)
+                        result["max_rows"] = engine.stats["max_rows"]
+                        result["compiled_steps"] = engine.stats["compiled_steps"]
+                        label = f"{decoder}, {mode}, {c} clients"
+                        rows[label] = result
+                        print(f"{label:>28}: {result['requests_per_s']:.2f} req/s, {result['tokens_per_s']:.1f} "
+                              f"tok/s ({result['tokens']} tokens in {result['wall_s']:.1f} s)", flush=True)
+            finally:
+                engine.close()
+    print("\ntokens/s ratios:")
     for c in clients:
-        one, batched = rows[f"one by one, {c} clients"], rows[f"batched, {c} clients"]
-        print(f"  {c} clients: requests/s x{batched['requests_per_s'] / one['requests_per_s']:.2f}, "
-              f"tokens/s x{batched['tokens_per_s'] / one['tokens_per_s']:.2f}")
-    print(f"load average before/after: {load_before} / {load_average()}")
+        for decoder in decoders:
+            one, batched = rows[f"{decoder}, one by one, {c} clients"], rows[f"{decoder}, batched, {c} clients"]
+            print(f"  {c} clients, {decoder}: batched / one by one x{batched['tokens_per_s'] / one['tokens_per_s']:.2f}")
+        if len(decoders) > 1:
+            first, other = (rows[f"{d}, batched, {c} clients"]["tokens_per_s"] for d in decoders[:2])
+            print(f"  {c} clients, batched: {decoders[0]} / {decoders[1]} x{first / other:.2f}")
+    print(f"load average before/after: {load_before} / {load_average()} (a shared machine: numbers are noisy)")
     if args.json:
         print(json.dumps(rows, indent=2))
 
@@ -208,13 +224,27 @@ def _decode_batches(engine, names: list[str], tokens: int, rounds: int) -> dict:
             "adapters_in_batch": len(set(names))}
 
 
+@contextlib.contextmanager
+def _per_adapter_loop():
+    """The engine's batches computed by the LoRA layer's own mixed-batch loop instead of the gathered rows."""
+    from fourbit.serve.adapters import set_row_adapters
+    from fourbit.serve.gathered import RowGather
+
+    use, select = RowGather.use, RowGather.select
+    RowGather.use = lambda self, rows: set_row_adapters(self.model, torch.tensor(rows))
+    RowGather.select = lambda self, keep: None
+    try:
+        yield
+    finally:
+        RowGather.use, RowGather.select = use, select
+
+
 def _adapters_main(args) -> None:
     """Many adapters resident against one: the same batches, one adapter for every row against a random mix."""
     import random
 
     from fourbit.nn.lora import unload_lora
     from fourbit.serve import Engine
-    from fourbit.serve.gathered import gathered_rows
 
     model, tokenizer = _load(args.tiny)
     rng = random.Random(args.seed)
@@ -228,15 +258,15 @@ def _adapters_main(args) -> None:
         mix = [rng.choice(names) for _ in range(args.batch)]
         cases = [("single adapter", {names[0]: folders[names[0]]}, [names[0]] * args.batch, False),
                  (f"{len(names)} adapters, random mix", folders, mix, False),
-                 (f"{len(names)} adapters, random mix, gathered", folders, mix, True)]
-        for label, served, row_names, gathered in cases:
+                 (f"{len(names)} adapters, random mix, per-adapter loop", folders, mix, True)]
+        for label, served, row_names, loop in cases:
             started = time.perf_counter()
             engine = Engine(model, tokenizer, adapters={n: str(f) for n, f in served.items()}, model_name="base",
                             max_batch=args.batch)
             loaded = time.perf_counter() - started
             try:
-                if gathered:
-                    with gathered_rows(model):
+                if loop:
+                    with _per_adapter_loop():
                         result = _decode_batches(engine, row_names, args.tokens, args.rounds)
                 else:
                     result = _decode_batches(engine, row_names, args.tokens, args.rounds)

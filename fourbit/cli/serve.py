@@ -53,7 +53,8 @@ def build_engine(args: argparse.Namespace) -> Any:
         store = open_store(args.db, index=args.index, create=True, embedding=embedder.describe())
     name = args.name or (Path(args.model).name if args.model else "smollm2-135m-instruct")
     return Engine(model, tokenizer, adapters={n: str(f) for n, f in args.adapters}, embedder=embedder,
-                  store=store, model_name=name, max_batch=args.max_batch, max_queue=args.max_queue)
+                  store=store, model_name=name, max_batch=args.max_batch, max_queue=args.max_queue,
+                  decoder=args.decoder)
 
 
 # The serve extra's packages, by import name (python-multipart imports as python_multipart, before 0.0.13 only
@@ -159,5 +160,9 @@ def add_parser(subparsers: Any) -> None:
                    "are answered 429 with Retry-After at once (default: 64)")
     p.add_argument("--threads", type=int, help="CPU threads for the model (default: torch's, one per core); on a "
                    "machine busy with other work, 1 can be several times faster")
+    p.add_argument("--decoder", choices=("auto", "hf"), default="auto",
+                   help="auto: batches of base-model requests run the compiled decode step where the model allows it "
+                        "(Llama-family models on the CPU); hf: every step through the model's forward "
+                        "(default: auto)")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest uploaded document (default: 20)")
     p.set_defaults(func=cmd_serve)

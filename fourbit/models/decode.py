@@ -22,6 +22,9 @@ the exact head's argmax at about a quarter of a float32 head's memory traffic.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -29,7 +32,7 @@ from torch import nn
 from fourbit.kernels import cpu
 from fourbit.nn.linear4bit import Linear4bit
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "Decoder", "decoder_for", "unsupported_reason"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "DecodeState", "Decoder", "decoder_for", "unsupported_reason"]
 
 #: ``config.model_type`` values whose layers :class:`Decoder` computes.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -120,6 +123,15 @@ def _screen(weight: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torc
     return q, scale, err
 
 
+@dataclass
+class DecodeState:
+    """One sequence decoded beside others by one :class:`Decoder` (:meth:`Decoder.using`): its own K/V cache
+    (per layer, float32 ``[kv_heads, length, head_dim]``) and the position of its next step."""
+
+    caches: list[tuple[torch.Tensor, torch.Tensor]]
+    pos: int
+
+
 class Decoder:
     """Batch-1 decoding of one sequence of ``model`` with a static KV cache (see the module docstring).
 
@@ -149,8 +161,10 @@ class Decoder:
         for i, layer in enumerate(inner.layers):
             self._set_layer(self.layers[i], layer)
         self.struct = self._model_struct(screen_head)
-        self.max_len = 0
-        self.reserve(max_len)
+        self.max_len, self._caches = 0, []
+        self.work = torch.empty(0, dtype=torch.float32)
+        self._rope = (torch.empty(0, self.head_dim), torch.empty(0, self.head_dim))  # grown by _attach
+        self.reserve(max(max_len, 1))
 
     # ----------------------------------------------------------------------------------------- building
     def _hold(self, t: torch.Tensor | None) -> int | None:
@@ -212,21 +226,54 @@ class Decoder:
         """Make the cache hold at least ``max_len`` positions (a larger cache keeps what it held)."""
         if max_len <= self.max_len:
             return
-        old = self.max_len
-        cos, sin = self._rope_tables(max_len)
-        self._rope = (cos, sin)
-        self.struct.rope_cos, self.struct.rope_sin = cos.data_ptr(), sin.data_ptr()
-        caches = []
-        for i, layer in enumerate(self.layers):
-            k = torch.zeros(self.n_kv, max_len, self.head_dim)
-            v = torch.zeros(self.n_kv, max_len, self.head_dim)
-            if old:
-                k[:, :old], v[:, :old] = self._caches[i]
+        caches = self._new_caches(max_len)
+        for (k, v), (old_k, old_v) in zip(caches, self._caches, strict=False):
+            k[:, :self.max_len], v[:, :self.max_len] = old_k, old_v
+        self._attach(caches, self.pos)
+
+    def _new_caches(self, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        shape = (self.n_kv, length, self.head_dim)
+        return [(torch.zeros(shape), torch.zeros(shape)) for _ in range(self.n_layers)]
+
+    def _attach(self, caches: list[tuple[torch.Tensor, torch.Tensor]], pos: int) -> None:
+        """Point the compiled step at ``caches`` (their length is the cache size) and continue at ``pos``; the
+        RoPE tables and the scratch buffer grow to fit."""
+        length = caches[0][0].shape[1]
+        if length > self._rope[0].shape[0]:
+            self._rope = self._rope_tables(length)
+            self.struct.rope_cos, self.struct.rope_sin = self._rope[0].data_ptr(), self._rope[1].data_ptr()
+        for layer, (k, v) in zip(self.layers, caches, strict=True):
             layer.k_cache, layer.v_cache = k.data_ptr(), v.data_ptr()
-            caches.append((k, v))
-        self._caches = caches
-        self.struct.max_len = self.max_len = max_len
-        self.work = torch.empty(cpu.decode_work_floats(self.struct), dtype=torch.float32)
+        self._caches, self.pos = caches, pos
+        self.struct.max_len = self.max_len = length
+        need = cpu.decode_work_floats(self.struct)
+        if self.work.numel() < need:
+            self.work = torch.empty(need, dtype=torch.float32)
+
+    # ------------------------------------------------------------------------------ several sequences
+    def new_state(self, length: int, keys_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                  ) -> DecodeState:
+        """A sequence of its own (a server's batch row) for :meth:`using`: a cache of ``length`` positions,
+        holding ``keys_values`` (per layer, K and V ``[kv_heads, tokens, head_dim]``, e.g. one row of a batched
+        prefill) at positions ``0..tokens-1``, the next step at position ``tokens`` (0 without them)."""
+        tokens = keys_values[0][0].shape[1] if keys_values else 0
+        caches = self._new_caches(max(length, tokens, 1))
+        for (k, v), (keys, values) in zip(caches, keys_values or (), strict=False):
+            k[:, :tokens], v[:, :tokens] = keys, values
+        return DecodeState(caches, tokens)
+
+    @contextmanager
+    def using(self, state: DecodeState) -> Iterator[None]:
+        """Inside the block :meth:`step` continues ``state`` (its cache, grown when full, and its position);
+        the decoder's own sequence is back afterwards. Several sequences share the weights this way, each
+        decoded batch-1."""
+        home = (self._caches, self.pos)
+        self._attach(state.caches, state.pos)
+        try:
+            yield
+        finally:
+            state.caches, state.pos = self._caches, self.pos
+            self._attach(*home)
 
     def _rope_tables(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [n, head_dim] float32 from the model's own rotary module (its scaling included)."""

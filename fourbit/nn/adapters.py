@@ -8,6 +8,7 @@ saved by peft. Files are written atomically; weights are read only through safet
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -21,6 +22,7 @@ from torch import nn
 from fourbit._errors import FieldError, InputFileError
 from fourbit._io import atomic_write_text, check_output_dir, load_safetensors, read_json, save_safetensors
 
+from .info import fourbit_info
 from .lora import (
     LoRASpec,
     _features,
@@ -245,6 +247,20 @@ def load_adapter_weights(model: nn.Module, folder: str | os.PathLike) -> None:
             p.copy_(tensors[k].to(p.dtype))
 
 
+def _replace_saved_modules(model: nn.Module, modules_to_save: Sequence[str]) -> None:
+    """Put a copy in place of each module an adapter's ``modules_to_save`` names, for its weights to be loaded
+    into, and record the original (``fourbit_info(model).replaced_modules``) for :func:`unload_lora` to put
+    back: loading into the model's own module would change the base for good (and, for a head tied to the
+    input embeddings, the embeddings with it). peft keeps such a copy too (``ModulesToSaveWrapper``)."""
+    replaced = fourbit_info(model).replaced_modules
+    for entry in modules_to_save:
+        for name in [n for n, _ in model.named_modules() if n == entry or n.endswith("." + entry)]:
+            if name not in replaced:
+                original = model.get_submodule(name)
+                model.set_submodule(name, copy.deepcopy(original))
+                replaced[name] = original
+
+
 def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     """Inject LoRA as the adapter in ``folder`` describes and load its weights (peft or fourbit format).
 
@@ -255,7 +271,9 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
         folder: adapter folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
 
     Returns:
-        ``model`` with LoRA layers holding the adapter (in eval mode, no dropout).
+        ``model`` with LoRA layers holding the adapter (in eval mode, no dropout); modules the adapter's
+        ``modules_to_save`` names are trained copies in place of the model's own, which
+        :func:`fourbit.nn.lora.unload_lora` puts back.
 
     Raises:
         InputFileError: adapter missing, malformed, truncated, or its target modules or shapes do not fit the
@@ -306,6 +324,7 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
                                       f"{' ...' if len(problems) > 4 else ''}; was it trained on another model?")
     inject_lora(model, spec)
     try:
+        _replace_saved_modules(model, spec.modules_to_save)
         load_adapter_weights(model, folder)
     except BaseException:
         unload_lora(model)  # the model is left as it was given

@@ -12,7 +12,7 @@ is never part of the state dict (so ``save_pretrained`` and ``load_state_dict`` 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -35,11 +35,15 @@ class FourbitInfo:
             by fourbit in this process; a loaded checkpoint's settings are read from its layers).
         footprint: the ``fourbit.models.Footprint`` measured when the model was quantized or loaded.
         lora_spec: the :class:`fourbit.nn.lora.LoRASpec` injected into the model (None: no LoRA layers).
+        replaced_modules: the model's own modules that a loaded adapter's ``modules_to_save`` replaced by
+            trained copies (:func:`fourbit.nn.adapters.load_adapter`), by name: put back by
+            :func:`fourbit.nn.lora.unload_lora`, so that unloading leaves the base model as it was.
     """
 
     quant_config: Any = None
     footprint: Any = None
     lora_spec: LoRASpec | None = None
+    replaced_modules: dict[str, Any] = field(default_factory=dict)
 
 
 def fourbit_info(model: Any) -> FourbitInfo:

@@ -587,7 +587,8 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
         dtype = model.get_input_embeddings().weight.dtype
     for name, m in list(lora_modules(model).items()):
         model.set_submodule(name, m.merged_linear(dtype))
-    fourbit_info(model).lora_spec = None
+    info = fourbit_info(model)
+    info.lora_spec, info.replaced_modules = None, {}  # the adapter's modules_to_save stay: they are merged too
     return model
 
 
@@ -595,12 +596,16 @@ def unload_lora(model: nn.Module) -> nn.Module:
     """Remove every :class:`LoRALinear`, putting its untouched base layer (4-bit or not) back in place.
 
     The opposite of :func:`inject_lora` (peft's ``unload``): the adapters are dropped, not merged, so the
-    model computes exactly what it computed before injection. Save the adapter first to keep it.
+    model computes exactly what it computed before injection; modules a loaded adapter's ``modules_to_save``
+    replaced get their originals back. Save the adapter first to keep it.
     """
     for name, m in list(lora_modules(model).items()):
         if m.merged:
             m.unmerge()
         m.rows = None
         model.set_submodule(name, m.base)
-    fourbit_info(model).lora_spec = None
+    info = fourbit_info(model)
+    for name, original in info.replaced_modules.items():  # an adapter's modules_to_save: the originals back
+        model.set_submodule(name, original)
+    info.lora_spec, info.replaced_modules = None, {}
     return model

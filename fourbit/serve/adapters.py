@@ -7,8 +7,9 @@ The server keeps ONE copy of the 4-bit model. Each adapter (``--adapter NAME=DIR
 wrapped once by the one LoRA layer, :class:`fourbit.nn.lora.LoRALinear`, in its mixed-batch mode: it holds the
 A/B pair of every adapter that targets it (:meth:`~fourbit.nn.lora.LoRALinear.add_row_adapter`).
 
-A batch may mix adapters (punica / S-LoRA style, without the custom kernels): before each forward the
-engine sets one adapter index per row (:func:`set_row_adapters`), and a layer computes
+A batch may mix adapters (punica / S-LoRA style, without the custom kernels): one adapter index per row
+(:func:`set_row_adapters` for the layer's own loop; the engine gathers each row's adapter once per batch
+instead, :mod:`.gathered`), and a layer computes
 
     y = base(x) + sum over adapters a of  mask_a * scaling_a * B_a(A_a(x))
 
@@ -35,7 +36,7 @@ from fourbit._errors import FieldError
 from fourbit.nn.lora import LoRALinear, lora_modules
 
 __all__ = ["AdapterWeights", "add_adapter", "check_adapter_folder", "install_adapters", "read_adapter",
-           "remove_adapter", "set_row_adapters"]
+           "remove_adapter", "serving_layers_set_aside", "set_row_adapters"]
 
 
 @dataclass
@@ -99,7 +100,7 @@ def read_adapter(model: nn.Module, name: str, folder: str | os.PathLike, *,
         raise FieldError(field, f"adapter {name!r}: it replaces whole modules ({', '.join(saved)}: peft's "
                                 "modules_to_save), which one base model shared by every request cannot serve; "
                                 "merge it (`fourbit merge`) and serve the merged model")
-    with _serving_layers_set_aside(model):
+    with serving_layers_set_aside(model):
         try:
             load_adapter(model, path)
         except (ValueError, NotImplementedError, OSError) as err:
@@ -119,7 +120,7 @@ def _one_line(err: BaseException) -> str:
 
 
 @contextmanager
-def _serving_layers_set_aside(model: nn.Module) -> Iterator[None]:
+def serving_layers_set_aside(model: nn.Module) -> Iterator[None]:
     """The model without its mixed-batch LoRA layers (their bases in their place) inside the block."""
     serving = lora_modules(model)
     for layer_name, layer in serving.items():

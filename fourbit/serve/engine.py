@@ -10,6 +10,12 @@ while a batch runs join it between two steps when there is room (continuous batc
 prefilled on their own, then their KV cache and the batch's are left-padded to a common length (the
 padding is masked out) and stacked.
 
+Two paths decode the rows of a batch, step by step together. Rows that ask for the base model run the compiled
+decode step (:mod:`.fastpath`: after the batched prefill each row has a cache of its own and one compiled call
+per token). Adapter rows (all rows, where the compiled step does not apply) run the model's forward with the
+shared cache above, each LoRA layer adding each row's adapter as gathered for the batch (:mod:`.gathered`), so a
+batch mixing many adapters costs about what a batch of one adapter costs.
+
 Adapters are loaded and unloaded while serving (:meth:`Engine.load_adapter`, :meth:`Engine.unload_adapter`):
 the change is a task the worker runs between two decode steps (the only moment no forward pass uses the
 model), so a running batch pauses for one adapter read and goes on. Adapter row indices are never reused, so
@@ -20,7 +26,6 @@ never decoded with another adapter.
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -39,11 +44,16 @@ from fourbit.serve.adapters import (
     install_adapters,
     read_adapter,
     remove_adapter,
-    set_row_adapters,
 )
+from fourbit.serve.batch import Batch, Row, mergeable
 from fourbit.serve.constrain import GrammarTokenizer
+from fourbit.serve.fastpath import FastRow, build_decoder, prefill_states, step_row
+from fourbit.serve.gathered import RowGather
 
-__all__ = ["AdapterInUse", "Engine", "GenRequest", "QueueFull", "Sampling", "UnknownModel"]
+__all__ = ["DECODERS", "AdapterInUse", "Engine", "GenRequest", "QueueFull", "Sampling", "UnknownModel"]
+
+#: How the engine decodes base-model batches (the ``decoder`` argument, ``fourbit serve --decoder``).
+DECODERS = ("auto", "hf")
 
 log = logging.getLogger(__name__)
 
@@ -119,80 +129,6 @@ class GenRequest:
         self.cancelled.set()
 
 
-class _Row:
-    """Decoding state of one request inside a batch."""
-
-    def __init__(self, req: GenRequest, tokenizer: Any, end_ids: set[int]) -> None:
-        self.req, self.tokenizer, self.end_ids = req, tokenizer, end_ids
-        self.ids = req.output_ids
-        self.sent = 0  # characters of the decoded text already handed out
-        seed = req.sampling.seed if req.sampling.seed is not None else random.getrandbits(63)
-        self.generator = torch.Generator().manual_seed(int(seed))
-        self.hold = max((len(s) for s in req.sampling.stop), default=1) - 1
-
-    def choose(self, logits: torch.Tensor) -> int:
-        """The next token from a row of logits ``[vocab]``: within what the constraint allows, picked, and its
-        log-probability reported when asked for."""
-        s = self.req.sampling
-        token = self.pick(logits if s.constraint is None else s.constraint.mask(logits))
-        if s.constraint is not None:
-            s.constraint.consume(token)
-        if s.logprobs is not None and token not in self.end_ids:
-            logprobs = torch.log_softmax(logits.float(), dim=-1)
-            top = torch.topk(logprobs, s.logprobs) if s.logprobs else None
-            self.req.sink("logprob", {"token": token, "logprob": float(logprobs[token]),
-                                      "top": [] if top is None else list(zip(top.indices.tolist(),
-                                                                             top.values.tolist(), strict=True))})
-        return token
-
-    def pick(self, logits: torch.Tensor) -> int:
-        """The next token from a row of logits ``[vocab]``: argmax, or a top-p sample at the temperature."""
-        s = self.req.sampling
-        if s.temperature <= 0:
-            return int(torch.argmax(logits))
-        probs = torch.softmax(logits.float() / s.temperature, dim=-1)
-        if s.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            keep = torch.cumsum(sorted_probs, 0) - sorted_probs < s.top_p
-            keep[0] = True
-            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-        return int(torch.multinomial(probs, 1, generator=self.generator))
-
-    def push(self, token: int) -> bool:
-        """Record ``token``, hand out the new text; True when the row is finished."""
-        req = self.req
-        if token in self.end_ids:
-            self._flush(None)
-            req.finish_reason = "stop"
-            return True
-        self.ids.append(token)
-        req.completion_tokens += 1
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        for stop in req.sampling.stop:
-            at = text.find(stop, max(0, self.sent - len(stop)))
-            if at >= 0:
-                self._flush(text[:at])
-                req.finish_reason = "stop"
-                return True
-        if req.completion_tokens >= req.sampling.max_tokens:
-            self._flush(text)
-            req.finish_reason = "length"
-            return True
-        if not text.endswith("\ufffd"):
-            ready = len(text) - self.hold
-            if ready > self.sent:
-                req.sink("delta", text[self.sent:ready])
-                self.sent = ready
-        return False
-
-    def _flush(self, text: str | None) -> None:
-        if text is None:
-            text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if len(text) > self.sent:
-            self.req.sink("delta", text[self.sent:])
-            self.sent = len(text)
-
-
 class Engine:
     """Owns the model, tokenizer, adapters, embedder and index; decodes queued requests in batches.
 
@@ -209,9 +145,11 @@ class Engine:
         default_max_tokens: completion length when a request gives none.
         upload_dir: where uploaded documents are stored (default ``<db>/uploads`` for a local index).
         index_config: a :class:`fourbit.rag.index.IndexConfig` for uploads (default sizes by default).
+        decoder: "auto" decodes batches of base-model requests with the compiled decode step where the model
+            allows it (:mod:`.fastpath`), "hf" always through the model's forward.
 
     Raises:
-        FieldError: a bad adapter (field ``adapters``), max_batch or max_queue.
+        FieldError: a bad adapter (field ``adapters``), max_batch, max_queue or decoder.
     """
 
     def __init__(
@@ -229,11 +167,14 @@ class Engine:
         default_max_tokens: int = 256,
         upload_dir: str | None = None,
         index_config: Any = None,
+        decoder: str = "auto",
     ) -> None:
         if max_batch < 1:
             raise FieldError("max_batch", f"must be >= 1, got {max_batch}")
         if max_queue < 1:
             raise FieldError("max_queue", f"must be >= 1, got {max_queue}")
+        if decoder not in DECODERS:
+            raise FieldError("decoder", f"must be one of {', '.join(DECODERS)}, got {decoder!r}")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.embedder, self.store = embedder, store
         self.model_name = model_name
@@ -263,7 +204,12 @@ class Engine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.end_ids, default=0)
         self.device = next(model.parameters()).device
         self._cache_kw = self._cache_arg()
-        self.stats = {"requests": 0, "batches": 0, "max_rows": 0, "cancelled": 0, "steps": 0}
+        self._gather = RowGather(model)  # adapter rows of the running batch, gathered into the LoRA layers
+        # the compiled decode step for base-model batches: built on first use; the reason when it is not used
+        self._fast: Any = None
+        self._fast_reason: str | None = None if decoder == "auto" else "the model's forward (decoder 'hf')"
+        self.stats = {"requests": 0, "batches": 0, "max_rows": 0, "cancelled": 0, "steps": 0,
+                      "compiled_steps": 0}
         # An observer of the engine's work (fourbit.serve.metrics.ServeMetrics, set by create_app): told of
         # each generated token (token(req, now)) and each request that ends (done(req, kind, value)).
         self.metrics: Any = None
@@ -441,6 +387,8 @@ class Engine:
         """Run the adapter loads and unloads asked for since the last step (worker thread, between steps)."""
         with self._cond:
             tasks, self._tasks = self._tasks, []
+        if tasks:
+            self._gather.clear()  # the LoRA layers may change: gathered again at the next step
         for task, future in tasks:
             try:
                 future.set_result(task())
@@ -513,7 +461,7 @@ class Engine:
                         req.sink("error", f"generation failed: {type(err).__name__}: {err}")
             finally:
                 self._running = []
-                set_row_adapters(self.model, None)
+                self._gather.clear()
 
     def _cache_arg(self) -> str:
         # transformers 5.x renames ``past_key_values`` to ``cache`` (the old name warns until 5.40).
@@ -522,31 +470,66 @@ class Engine:
         params = inspect.signature(self.model.forward).parameters
         return "cache" if "cache" in params else "past_key_values"
 
+    def _fast_decoder(self, req: GenRequest) -> Any:
+        """The compiled decoder when it decodes ``req`` (it asks for the base model, the model is one the
+        decoder computes, it fits a sliding attention window), else None."""
+        if self._fast_reason is not None or req.adapter != -1:
+            return None
+        if self._fast is None:
+            self._fast, self._fast_reason = build_decoder(self.model, 256)
+            log.info("decoding base-model requests with %s", self._fast_reason or "the compiled decode step")
+            if self._fast is None:
+                return None
+        window = getattr(self.model.config, "sliding_window", None)
+        if window is not None and len(req.prompt_ids) + req.sampling.max_tokens > window:
+            return None
+        return self._fast
+
     @torch.inference_mode()
     def _decode(self, batch: list[GenRequest]) -> None:
-        """Decode ``batch`` to the end; requests that queue meanwhile join it while there is room."""
+        """Decode ``batch`` to the end; requests that queue meanwhile join it while there is room.
+
+        The batch is two groups decoded step by step together: base-model rows on the compiled step (each with
+        its own cache) and rows through the model's forward (adapter rows; every row when the compiled step
+        does not apply), which share one left-padded cache.
+        """
         self.stats["batches"] += 1
-        state = self._advance(self._prefill_state(batch))
-        while state is not None:
+        fast, state = self._start(batch)
+        while fast or state is not None:
             if self._closed:
-                for row in state.rows:
+                for row in [f.row for f in fast] + (state.rows if state is not None else []):
                     row.req.finish_reason = "error"
                     row.req.sink("error", "the server is shutting down")
                 return
             if self._tasks:
                 self._run_tasks()
-            room = self.max_batch - len(state.rows)
-            if room > 0 and self._waiting and _mergeable(state.cache):
+            room = self.max_batch - len(fast) - (len(state.rows) if state is not None else 0)
+            if room > 0 and self._waiting and (state is None or mergeable(state.cache)):
                 joining = self._take(room)
                 if joining:
                     self._running.extend(joining)
-                    newcomers = self._advance(self._prefill_state(joining))
-                    if newcomers is not None:
+                    more, newcomers = self._start(joining)
+                    fast += more
+                    if state is None or newcomers is None:
+                        state = state or newcomers
+                    else:
                         state.merge(newcomers)
-            self.stats["max_rows"] = max(self.stats["max_rows"], len(state.rows))
-            state = self._advance(state)
+            self.stats["max_rows"] = max(self.stats["max_rows"],
+                                         len(fast) + (len(state.rows) if state is not None else 0))
+            fast = [f for f in fast if self._fast_step(f)]
+            if state is not None:
+                state = self._advance(state)
 
-    def _prefill_state(self, batch: list[GenRequest]) -> _Batch:
+    def _start(self, batch: list[GenRequest]) -> tuple[list[FastRow], Batch | None]:
+        """Prefill ``batch``, each row's first token handed out: the rows that go on, split into those of the
+        compiled step and the batch of those through the forward (None when there are none)."""
+        compiled, others = [], []
+        for req in batch:
+            (compiled if self._fast_decoder(req) is not None else others).append(req)
+        fast = self._fast_prefill(self._fast, compiled) if compiled else []
+        return fast, (self._advance(self._prefill_state(others)) if others else None)
+
+    def _prefill_state(self, batch: list[GenRequest]) -> Batch:
         """The left-padded prompts of ``batch`` as a batch about to be prefilled."""
         from transformers import DynamicCache
 
@@ -560,46 +543,82 @@ class Engine:
             mask[i, width - n:] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         adapters = torch.tensor([req.adapter for req in batch], dtype=torch.long)
-        rows = [_Row(req, self.tokenizer, self.end_ids) for req in batch]
+        rows = [Row(req, self.tokenizer, self.end_ids) for req in batch]
         d = self.device
-        return _Batch(rows, DynamicCache(), ids.to(d), mask.to(d), positions.to(d), adapters.to(d))
+        return Batch(rows, DynamicCache(), ids.to(d), mask.to(d), positions.to(d), adapters.to(d))
 
-    def _advance(self, state: _Batch) -> _Batch | None:
+    def _forward(self, state: Batch) -> torch.Tensor:
+        """One forward pass over the pending tokens of ``state`` (its cache grows); float32 logits [B, vocab]."""
+        self._gather.use(state.adapters.tolist())
+        out = self.model(input_ids=state.ids, attention_mask=state.mask, position_ids=state.positions,
+                         use_cache=True, logits_to_keep=1, **{self._cache_kw: state.cache})
+        self.stats["steps"] += 1
+        return out.logits[:, -1, :].float().cpu()
+
+    def _emit(self, row: Row, token: int | None) -> bool:
+        """Hand ``row``'s new ``token`` out (None: the row was cancelled); True while the row goes on."""
+        if token is None or row.req.cancelled.is_set():
+            self.stats["cancelled"] += 1
+            row.req.finish_reason = "cancelled"
+            row.req.sink("done", "cancelled")
+            return False
+        if self.metrics is not None and token not in self.end_ids:
+            self.metrics.token(row.req, time.monotonic())
+        if row.push(token):
+            row.req.sink("done", row.req.finish_reason)
+            return False
+        return True
+
+    def _advance(self, state: Batch) -> Batch | None:
         """One forward pass over the pending tokens, one new token per row; finished rows leave the batch.
 
         Returns:
             The batch with its next pending tokens, or None when every row has finished.
         """
-        adapters = state.adapters
-        set_row_adapters(self.model, adapters if bool((adapters >= 0).any()) else None)
-        out = self.model(input_ids=state.ids, attention_mask=state.mask, position_ids=state.positions,
-                         use_cache=True, logits_to_keep=1, **{self._cache_kw: state.cache})
-        self.stats["steps"] += 1
-        logits = out.logits[:, -1, :].float().cpu()
+        logits = self._forward(state)
         keep, tokens = [], []
         for i, row in enumerate(state.rows):
-            if row.req.cancelled.is_set():
-                self.stats["cancelled"] += 1
-                row.req.finish_reason = "cancelled"
-                row.req.sink("done", "cancelled")
-                continue
-            token = row.choose(logits[i])
-            if self.metrics is not None and token not in self.end_ids:
-                self.metrics.token(row.req, time.monotonic())
-            if row.push(token):
-                row.req.sink("done", row.req.finish_reason)
-                continue
-            keep.append(i)
-            tokens.append(token)
+            token = None if row.req.cancelled.is_set() else row.choose(logits[i])
+            if self._emit(row, token):
+                keep.append(i)
+                tokens.append(token)
         if not keep:
             return None
         if len(keep) < len(state.rows):
             state.select(keep)
+            self._gather.select(keep)
         state.ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
         state.mask = torch.cat([state.mask, torch.ones_like(state.mask[:, :1])], dim=1)
         state.positions = state.positions[:, -1:] + 1
         return state
 
+    # ---- base-model rows through the compiled step (see .fastpath) -----------------------------------
+    def _fast_prefill(self, decoder: Any, batch: list[GenRequest]) -> list[FastRow]:
+        """The prompts of ``batch`` through one batched forward, each row's first token handed out; the rows
+        that go on, each with its K/V in a cache of its own."""
+        state = self._prefill_state(batch)
+        logits = self._forward(state)
+        kept, tokens = [], []
+        for i, row in enumerate(state.rows):
+            token = None if row.req.cancelled.is_set() else row.choose(logits[i])
+            if self._emit(row, token):
+                kept.append(i)
+                tokens.append(token)
+        if not kept:
+            return []
+        reqs = [state.rows[i].req for i in kept]
+        lengths = [len(r.prompt_ids) for r in reqs]
+        room = [r.sampling.max_tokens + 1 for r in reqs]
+        states = prefill_states(decoder, state.rows_cache(kept), lengths, room)
+        return [FastRow(state.rows[i], st, t) for i, st, t in zip(kept, states, tokens, strict=True)]
+
+    def _fast_step(self, fast: FastRow) -> bool:
+        """One compiled step of one row; True while the row goes on."""
+        if fast.row.req.cancelled.is_set():
+            return self._emit(fast.row, None)
+        fast.token = step_row(self._fast, fast)
+        self.stats["compiled_steps"] += 1
+        return self._emit(fast.row, fast.token)
 
     @property
     def queue_depth(self) -> int:
@@ -616,54 +635,3 @@ class Engine:
         """Raise FieldError (field ``db``) when no embedder/index was loaded."""
         if self.embedder is None or self.store is None:
             raise FieldError("db", "no document index is loaded: start the server with `db`")
-
-
-def _mergeable(cache: Any) -> bool:
-    """True for a cache whose layers are plain growing key/value tensors (what :meth:`_Batch.merge` pads)."""
-    from transformers.cache_utils import DynamicLayer
-
-    layers = getattr(cache, "layers", None)
-    return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
-
-
-@dataclass
-class _Batch:
-    """Rows decoded together: their KV cache, the pending input tokens ``ids [B, t]``, the attention
-    ``mask [B, cached + t]`` (0 on left padding), ``positions [B, t]`` and adapter indices ``[B]``."""
-
-    rows: list[_Row]
-    cache: Any
-    ids: torch.Tensor
-    mask: torch.Tensor
-    positions: torch.Tensor
-    adapters: torch.Tensor
-
-    def select(self, keep: list[int]) -> None:
-        index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
-        self.cache.batch_select_indices(index)
-        self.mask, self.positions, self.adapters = self.mask[index], self.positions[index], self.adapters[index]
-        self.rows = [self.rows[i] for i in keep]
-
-    def merge(self, other: _Batch) -> None:
-        """Append ``other``'s rows (both hold one pending token per row): the shorter cache and mask are
-        left-padded (masked out, so they change nothing) to a common length, then stacked."""
-        width = max(self.mask.shape[1], other.mask.shape[1])
-        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
-            mine.keys = torch.cat([_left_pad(mine.keys, width - 1), _left_pad(theirs.keys, width - 1)], dim=0)
-            mine.values = torch.cat([_left_pad(mine.values, width - 1), _left_pad(theirs.values, width - 1)], dim=0)
-        self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(other.mask, width)], dim=0)
-        self.ids = torch.cat([self.ids, other.ids], dim=0)
-        self.positions = torch.cat([self.positions, other.positions], dim=0)
-        self.adapters = torch.cat([self.adapters, other.adapters], dim=0)
-        self.rows = self.rows + other.rows
-
-
-def _left_pad(x: torch.Tensor, length: int) -> torch.Tensor:
-    """Zeros on the left of dim -2 (KV ``[B, H, T, D]``) or dim -1 (a mask ``[B, T]``) up to ``length``."""
-    dim = -2 if x.dim() == 4 else -1
-    missing = length - x.shape[dim]
-    if missing <= 0:
-        return x
-    shape = list(x.shape)
-    shape[dim] = missing
-    return torch.cat([x.new_zeros(shape), x], dim=dim)

@@ -1,30 +1,32 @@
-"""A gathered formulation of the mixed-adapter LoRA update: a prototype for ``LoRALinear._forward_rows``.
+"""Mixed-adapter batches with each row's adapter gathered once per batch, not looked up at every step.
 
-``LoRALinear._forward_rows`` loops in Python over every adapter a layer holds (a comparison, a ``nonzero``, two
-matmuls and an ``index_add`` each): with 100 adapters resident that is 100 iterations per layer per decode step
-even when the batch names only 8 of them, and the step costs grow with the adapters resident, not with the
-batch. Here a layer's adapters are stacked once (punica / S-LoRA's layout, without their kernels), ``A``
-zero-padded to the largest rank and each adapter's scaling folded into its ``B``:
+The LoRA layer's own mixed-batch mode (``LoRALinear._forward_rows``) loops, at every layer of every decode step,
+over the adapters the batch names: a ``unique``, and per adapter a ``nonzero``, an ``index_select``, two matmuls,
+a scaling and an ``index_add``. A batch of 8 rows naming 8 adapters costs 8 times the operations of one naming a
+single adapter, and at the sizes a CPU serves each operation's overhead outweighs its arithmetic: that loop is
+where a mixed batch lost its throughput (``benchmarks/bench_serve.py --adapters``). Which adapter each row uses
+changes only when rows join or leave, so here it is gathered then (punica / S-LoRA's layout, without their
+kernels): per layer, each row's ``A`` transposed and zero-padded to the batch's largest rank, and its ``B`` with
+its scaling folded in,
 
-    A_stack [S, r_max, in]        B_stack [S, out, r_max]
+    A_rows [batch, in, r_max]        B_rows [batch, r_max, out]
 
-and a step gathers each row's pair and runs two batched matmuls over the rows that use an adapter:
+and a step is two batched matmuls added onto the base output, whatever the number of adapters in the batch or
+resident:
 
-    h = bmm(x_rows, A_stack[slot]ᵀ)    update = bmm(h, B_stack[slot]ᵀ)    y = base(x) index_add update
+    y = base(x) + bmm(bmm(x, A_rows), B_rows)
 
-a fixed number of ops whatever the number of adapters resident or in the batch. Rows of the base model (index
--1), and rows whose adapter does not target this layer, get exactly the base layer's output. The padded ranks
-are zeros, so the result equals the loop's up to float rounding.
+When every row uses the same adapter the pair is that adapter's own (``y = base(x) + (x Aᵀ)(s B)ᵀ``, plain
+matmuls). A row of the base model (index -1), or whose adapter does not target the layer, has zeros: it gets
+exactly the base layer's output (``y + 0``). A layer no row's adapter targets computes only its base.
 
-This is a prototype that lives outside the LoRA layer (the layer is owned by :mod:`fourbit.nn.lora`):
-:func:`gathered_rows` switches a model's mixed-batch layers to it for a block (``benchmarks/bench_serve.py
---adapters``), so it can be measured against the loop before the layer adopts it.
+:class:`RowGather` installs this as the mixed-batch computation of the model's LoRA layers (each layer's
+``_forward_rows``, the hook the layer's ``forward`` calls while ``rows`` is set), so the layer class is unchanged
+and a layer outside a gathered batch computes as before.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -32,78 +34,103 @@ from torch import nn
 
 from fourbit.nn.lora import LoRALinear, lora_modules
 
-__all__ = ["RowStacks", "gathered_rows", "gathered_rows_forward", "stack_row_adapters"]
+__all__ = ["GatheredRows", "RowGather", "gather_rows"]
 
 
 @dataclass
-class RowStacks:
-    """A layer's row adapters stacked: ``slot_of [max index + 1]`` (an adapter index -> its slot, -1 where the
-    adapter does not target this layer), ``a [S, r_max, in]`` and ``b [S, out, r_max]`` (scaling folded in)."""
+class GatheredRows:
+    """One layer's adapters for the rows of a batch: ``a [in, r]`` and ``b [r, out]`` (every row the same
+    adapter), ``a [batch, in, r_max]`` and ``b [batch, r_max, out]`` (a mix), or both None (no row's adapter
+    targets the layer). The scaling is folded into ``b``."""
 
-    slot_of: torch.Tensor
-    a: torch.Tensor
-    b: torch.Tensor
+    base: nn.Module
+    a: torch.Tensor | None
+    b: torch.Tensor | None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``base(x)`` plus each row's update. Shapes: ``x [batch, ..., in]`` -> ``[batch, ..., out]``."""
+        y = self.base(x)
+        if self.a is None:
+            return y
+        h = x.to(self.a.dtype)
+        if self.a.dim() == 2:
+            return y + ((h @ self.a) @ self.b).to(y.dtype)
+        if self.a.shape[0] != x.shape[0]:
+            raise RuntimeError(f"row adapters gathered for {self.a.shape[0]} rows, batch has {x.shape[0]}")
+        update = torch.bmm(torch.bmm(h.reshape(x.shape[0], -1, x.shape[-1]), self.a), self.b)
+        return y + update.reshape(y.shape).to(y.dtype)
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep the rows ``index`` (in that order), as the batch does when rows finish."""
+        if self.a is not None and self.a.dim() == 3:
+            self.a, self.b = self.a.index_select(0, index), self.b.index_select(0, index)
 
 
-def stack_row_adapters(layer: LoRALinear) -> RowStacks | None:
-    """The row adapters of ``layer`` (:meth:`LoRALinear.add_row_adapter`) stacked; None when it holds none."""
-    indices = sorted(layer.row_scaling)
-    if not indices:
-        return None
-    pairs = [(layer.get_buffer(f"row_A_{i}"), layer.get_buffer(f"row_B_{i}"), layer.row_scaling[i]) for i in indices]
-    rank = max(a.shape[0] for a, _, _ in pairs)
-    a0 = pairs[0][0]
-    a_stack = a0.new_zeros((len(pairs), rank, layer.in_features))
-    b_stack = a0.new_zeros((len(pairs), layer.out_features, rank))
-    for slot, (a, b, scaling) in enumerate(pairs):
-        a_stack[slot, : a.shape[0]] = a
-        b_stack[slot, :, : b.shape[1]] = b.to(a0.dtype) * scaling
-    slot_of = torch.full((indices[-1] + 1,), -1, dtype=torch.long, device=a0.device)
-    slot_of[torch.tensor(indices, device=a0.device)] = torch.arange(len(indices), device=a0.device)
-    return RowStacks(slot_of, a_stack, b_stack)
+def gather_rows(layer: LoRALinear, rows: list[int]) -> GatheredRows:
+    """``layer``'s row adapters (:meth:`LoRALinear.add_row_adapter`) gathered for a batch whose row ``i`` uses
+    adapter ``rows[i]`` (-1: the base model)."""
+    used = {index: layer.row_scaling[index] for index in rows if index in layer.row_scaling}
+    if not used:
+        return GatheredRows(layer.base, None, None)
+    pairs = {index: (layer.get_buffer(f"row_A_{index}"), layer.get_buffer(f"row_B_{index}")) for index in used}
+    if len(set(rows)) == 1:
+        (index, (a, b)), = pairs.items()
+        return GatheredRows(layer.base, a.t(), (b * used[index]).t())
+    a0 = next(iter(pairs.values()))[0]
+    rank = max(a.shape[0] for a, _ in pairs.values())
+    a_rows = a0.new_zeros((len(rows), layer.in_features, rank))
+    b_rows = a0.new_zeros((len(rows), rank, layer.out_features))
+    for i, index in enumerate(rows):
+        if index in pairs:
+            a, b = pairs[index]
+            a_rows[i, :, : a.shape[0]] = a.t()
+            b_rows[i, : b.shape[1]] = b.t().to(a0.dtype) * used[index]
+    return GatheredRows(layer.base, a_rows, b_rows)
 
 
-def gathered_rows_forward(layer: LoRALinear, x: torch.Tensor, stacks: RowStacks, rows: torch.Tensor) -> torch.Tensor:
-    """``base(x)`` plus, on each row ``i`` whose adapter ``rows[i]`` targets this layer, that adapter's update.
+class RowGather:
+    """The adapters of a running batch's rows, gathered into every mixed-batch LoRA layer of ``model``.
 
-    Shapes:
-        x: ``[batch, ..., in]``; rows: ``[batch]`` long (-1: base model) -> ``[batch, ..., out]``.
+    The engine calls :meth:`use` before each forward pass with the batch's adapter index per row (it gathers
+    only when they changed), :meth:`select` when rows leave the batch, :meth:`clear` when the batch ends or the
+    model's adapters change. Not thread-safe: the engine's worker alone calls it.
     """
-    y = layer.base(x)
-    if rows.shape[0] != x.shape[0]:
-        raise RuntimeError(f"row adapters set for {rows.shape[0]} rows, batch has {x.shape[0]}")
-    known = (rows >= 0) & (rows < stacks.slot_of.shape[0])
-    slots = torch.where(known, stacks.slot_of[rows.clamp(0, stacks.slot_of.shape[0] - 1)], -1)
-    selected = (slots >= 0).nonzero().flatten()
-    if selected.numel() == 0:
-        return y
-    slots = slots.index_select(0, selected)
-    h = x.index_select(0, selected).to(stacks.a.dtype).flatten(1, -2)  # [n, tokens, in]
-    h = torch.bmm(h, stacks.a.index_select(0, slots).transpose(1, 2))  # [n, tokens, r_max]
-    update = torch.bmm(h, stacks.b.index_select(0, slots).transpose(1, 2))  # [n, tokens, out]
-    return y.index_add(0, selected, update.reshape(selected.shape[0], *y.shape[1:]).to(y.dtype))
 
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.rows: list[int] | None = None
+        self._layers: list[tuple[LoRALinear, GatheredRows]] = []
 
-@contextmanager
-def gathered_rows(model: nn.Module) -> Iterator[None]:
-    """Inside the block, every mixed-batch LoRA layer of ``model`` computes its row updates by
-    :func:`gathered_rows_forward` over stacks built on entry (adapters added or removed inside the block are
-    not seen). Outside a mixed batch (``rows`` None) a layer computes as before."""
-    patched = []
-    for layer in lora_modules(model).values():
-        stacks = stack_row_adapters(layer)
-        if stacks is None:
-            continue
+    def use(self, rows: list[int]) -> None:
+        """Gather for a batch whose row ``i`` uses adapter ``rows[i]`` (-1: the base model)."""
+        if rows == self.rows:
+            return
+        self.clear()
+        self.rows = list(rows)
+        if all(index < 0 for index in rows):
+            return
+        for layer in lora_modules(self.model).values():
+            if not layer.row_scaling:
+                continue
+            gathered = gather_rows(layer, rows)
+            device = gathered.a.device if gathered.a is not None else torch.device("cpu")
+            layer.rows = torch.tensor(rows, dtype=torch.long, device=device)
+            layer._forward_rows = gathered.forward  # the layer's mixed-batch hook, for this batch
+            self._layers.append((layer, gathered))
 
-        def forward(x: torch.Tensor, layer: LoRALinear = layer, stacks: RowStacks = stacks) -> torch.Tensor:
-            if layer.rows is None:
-                return LoRALinear.forward(layer, x)
-            return gathered_rows_forward(layer, x, stacks, layer.rows)
+    def select(self, keep: list[int]) -> None:
+        """Rows ``keep`` (positions, in order) stay in the batch; the others have left."""
+        if self.rows is None:
+            return
+        self.rows = [self.rows[i] for i in keep]
+        for layer, gathered in self._layers:
+            index = torch.tensor(keep, dtype=torch.long, device=layer.rows.device)
+            gathered.select(index)
+            layer.rows = layer.rows.index_select(0, index)
 
-        layer.forward = forward  # an instance attribute over the class's method, removed on exit
-        patched.append(layer)
-    try:
-        yield
-    finally:
-        for layer in patched:
-            del layer.forward
+    def clear(self) -> None:
+        """Every layer back to its own computation, with no rows selected."""
+        for layer, _ in self._layers:
+            layer.rows = None
+            layer.__dict__.pop("_forward_rows", None)
+        self._layers, self.rows = [], None

@@ -60,7 +60,9 @@ def make_adapter(base_dir: Path, folder: Path, seed: int) -> Path:
     from fourbit.nn.lora import LoRASpec, inject_lora, lora_modules
 
     model, _ = load_model(base_dir)
-    inject_lora(model, LoRASpec(r=4, alpha=8, dropout=0.0, target_modules=("q_proj", "v_proj", "down_proj")))
+    with torch.random.fork_rng():  # A's init from the seed too: the same adapter whatever ran before
+        torch.manual_seed(seed)
+        inject_lora(model, LoRASpec(r=4, alpha=8, dropout=0.0, target_modules=("q_proj", "v_proj", "down_proj")))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in lora_modules(model).values():

@@ -22,9 +22,12 @@ def test_bench_serve_smoke_run():
     )
     assert out.returncode == 0, out.stderr[-2000:]
     rows = json.loads(out.stdout[out.stdout.index("{"):])
-    assert set(rows) == {f"{mode}, {c} clients" for mode in ("one by one", "batched") for c in (1, 3)}
+    assert set(rows) == {f"{d}, {mode}, {c} clients" for d in ("auto", "hf") for mode in ("one by one", "batched")
+                         for c in (1, 3)}
     assert all(r["tokens"] == 4 * c for name, r in rows.items() for c in (1, 3) if name.endswith(f" {c} clients"))
-    assert rows["one by one, 3 clients"]["max_rows"] == 1
+    assert all(rows[f"{d}, one by one, 3 clients"]["max_rows"] == 1 for d in ("auto", "hf"))
+    assert rows["auto, batched, 3 clients"]["compiled_steps"] > 0
+    assert rows["hf, batched, 3 clients"]["compiled_steps"] == 0
 
 
 def test_bench_serve_many_adapters_smoke_run():
@@ -35,7 +38,7 @@ def test_bench_serve_many_adapters_smoke_run():
     )
     assert out.returncode == 0, out.stderr[-2000:]
     rows = json.loads(out.stdout[out.stdout.index("{"):])
-    assert set(rows) == {"single adapter", "4 adapters, random mix", "4 adapters, random mix, gathered"}
+    assert set(rows) == {"single adapter", "4 adapters, random mix", "4 adapters, random mix, per-adapter loop"}
     assert [r["resident"] for r in rows.values()] == [1, 4, 4]
     assert all(r["one_batch"] and r["rows"] == 3 and 0 < r["tokens"] <= 3 * 4 for r in rows.values())
     assert rows["single adapter"]["adapters_in_batch"] == 1 and rows["single adapter"]["vs_single"] == 1.0

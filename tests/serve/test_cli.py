@@ -44,9 +44,12 @@ def run(*argv: str) -> tuple[int, str]:
 def test_flags_and_defaults():
     args = parser().parse_args(["serve", "m", "--adapter", "a=x/y", "--adapter", "b = z"])
     assert args.adapters == [("a", Path("x/y")), ("b", Path("z"))]
-    assert (args.host, args.port, args.api_key, args.db) == ("127.0.0.1", 8000, None, None)
+    assert (args.host, args.port, args.api_key, args.db, args.decoder) == ("127.0.0.1", 8000, None, None, "auto")
+    assert parser().parse_args(["serve", "--decoder", "hf"]).decoder == "hf"
     with pytest.raises(SystemExit):
         parser().parse_args(["serve", "--adapter", "no-equals-sign"])
+    with pytest.raises(SystemExit):
+        parser().parse_args(["serve", "--decoder", "fast"])
 
 
 def test_bad_adapter_folder_names_the_flag(model_dir, tmp_path):

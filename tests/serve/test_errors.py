@@ -4,6 +4,7 @@ body limits; a full queue answers 429 with Retry-After; a client that goes away 
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import time
 
@@ -215,3 +216,65 @@ def test_client_disconnect_cancels_its_generation(model_dir):
             assert engine.stats["cancelled"] == 2
     finally:
         engine.close()
+
+
+class _Records(logging.Handler):
+    """Every record logged while installed, on the root logger and uvicorn's (which do not propagate)."""
+
+    NAMES = ("", "uvicorn", "uvicorn.error", "uvicorn.access", "fastapi", "fourbit")
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def __enter__(self) -> _Records:
+        for name in self.NAMES:
+            logging.getLogger(name).addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name in self.NAMES:
+            logging.getLogger(name).removeHandler(self)
+
+    def tracebacks(self) -> list[str]:
+        formatter = logging.Formatter()
+        return [formatter.format(r) for r in self.records if r.exc_info or "Traceback" in r.getMessage()]
+
+
+SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}}
+NAMELESS_TOOL = [{"type": "function", "function": {"parameters": {"type": "object"}}}]
+
+
+def test_bad_inputs_of_the_new_options_and_endpoints_log_no_traceback(http, tmp_path):
+    """Issue 23's server cases and wrongly typed fields: each a 4xx with one line naming the field, nothing but
+    that in the server's log (no traceback), and the server serves the next request."""
+    (tmp_path / "file.txt").write_text("not an adapter")
+    (tmp_path / "empty").mkdir()
+    cases = [
+        ("/v1/chat/completions", {**CHAT, "response_format": SCHEMA_FORMAT}, 400, "response_format.json_schema.schema"),
+        ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "object", "properties": {"a": {"minimum": "zero"}}}}}}, 400,
+         "response_format.json_schema.schema"),
+        ("/v1/chat/completions", {**CHAT, "tools": NAMELESS_TOOL}, 400, "tools[0].function.name"),
+        ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function"}]}, 400, "tools[0].function"),
+        ("/v1/chat/completions", {**CHAT, "temperature": "hot"}, 400, "temperature"),
+        ("/v1/chat/completions", {**CHAT, "messages": "hi"}, 400, "messages"),
+        ("/v1/chat/completions", {**CHAT, "model": 5}, 400, "model"),
+        ("/v1/chat/completions", {**CHAT, "seed": "lucky"}, 400, "seed"),
+        ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": str(tmp_path / "nope")}, 400, "lora_path"),
+        ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": str(tmp_path / "file.txt")}, 400, "lora_path"),
+        ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": str(tmp_path / "empty")}, 400, "lora_path"),
+        ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": 7}, 400, "lora_path"),
+        ("/v1/unload_lora_adapter", {"lora_name": "never-loaded"}, 404, "lora_name"),
+    ]
+    with _Records() as log:
+        for path, body, status, param in cases:
+            r = http.post(path, json=body)
+            error = assert_error(r, status, param)
+            assert "\n" not in error["message"] and param.split("[")[0].split(".")[0] in error["message"], error
+        still_serving(http)
+    assert log.tracebacks() == []
+    assert not [r for r in log.records if r.levelno >= logging.ERROR]
