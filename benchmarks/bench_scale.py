@@ -354,7 +354,7 @@ def _finetune_flags(run: Run, seq: int, steps: int) -> list:
             "--packing", "--batch-size", 1, "--gradient-accumulation-steps", 1, "--lora-r", 16,
             "--target-modules", "all-linear", "--gradient-checkpointing", "--max-steps", steps, "--save-steps", 0,
             "--eval-fraction", 0, "--eval-steps", 0, "--compute-dtype", run.compute, "--no-progress", "--json",
-            "--overwrite"]
+            "--overwrite", "--gradient-checkpointing-policy", run.args.policy]
 
 
 def step_finetune(run: Run) -> dict:
@@ -447,6 +447,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--emulate-avx2", action="store_true", help="hold every library to AVX2, fp32 compute")
     p.add_argument("--seq", type=int, default=1024, help="fine-tuning tokens per step (packed 1 x seq)")
     p.add_argument("--long-seq", type=int, default=8192, help="the long-context step's tokens")
+    p.add_argument("--policy", default="auto", choices=("auto", "keep-matmuls", "full"),
+                   help="fine-tuning's gradient-checkpointing policy (auto: fourbit's default)")
     p.add_argument("--train-steps", type=int, default=3, help="fine-tuning steps (the first is not timed)")
     p.add_argument("--print-bounds", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--vocab", type=int, default=SHAPE["vocab_size"],
