@@ -274,7 +274,7 @@ def run_measured(argv: list[str], limit_bytes: int, env: dict | None = None) -> 
         result["stderr"] = err.strip().splitlines()[-3:] if err.strip() else []
     if proc.returncode == 0:
         doc = _last_json(out)
-        result["reported"] = {k: doc[k] for k in _REPORTED if k in doc}
+        result["reported"] = {k: doc[k] for k in _REPORTED if k in doc} or doc
     return result
 
 

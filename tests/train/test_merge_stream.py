@@ -105,3 +105,32 @@ def test_a_writer_refuses_a_tensor_out_of_order_and_leaves_no_file(tmp_path: Pat
     with pytest.raises(ValueError, match="were not written"):
         writer.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_disk_full_in_the_second_shard_names_the_output_and_keeps_the_previous_merge(tmp_path: Path,
+                                                                                   monkeypatch) -> None:
+    import errno
+    import os
+
+    from _cli import assert_clean_error, run_cli
+
+    base = _base(tmp_path, "llama")
+    adapter = _adapter(tmp_path, base, "all-linear")
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "keep.txt").write_text("an earlier merge")
+    write_shards = merge_mod.write_merged_shards
+    monkeypatch.setattr(merge_mod, "write_merged_shards", lambda m, f, d, _size=0: write_shards(m, f, d, 100_000))
+    synced = []
+
+    def full_on_second_shard(fd):
+        synced.append(fd)
+        if len(synced) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full_on_second_shard)
+    result = run_cli("merge", base, "--adapter", adapter, "--out", out, "--quant", "nf4", "--overwrite")
+    message = assert_clean_error(result, "no space left")
+    assert str(out) in message
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"], "the earlier merge is untouched"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base-llama", "merged"], "no temporaries"
