@@ -151,7 +151,7 @@ def quantize_named_layer(name: str, layer: nn.Module, config: QuantConfig, compu
     return q
 
 
-def _relative_error(layer: nn.Module, q: nn.Module, chunk: int = 1 << 22) -> float:
+def _relative_error(layer: nn.Module, q: nn.Module, chunk: int = 1 << 20) -> float:
     """||W - dequant(quant(W))|| / ||W||, for a linear layer ``chunk`` elements at a time: at 8B the whole
     weight three times over in float32 (the weight, its dequantized copy, their difference) would be 0.7 GB
     above what streaming quantization otherwise holds."""
@@ -171,8 +171,8 @@ def _relative_error(layer: nn.Module, q: nn.Module, chunk: int = 1 << 22) -> flo
                           shape=(w.numel(),), code=state.code, blocksize=state.blocksize,
                           quant_type=state.quant_type, dtype=torch.float32)
         w_hat = dequantize_4bit(q.weight.reshape(-1)[s // 2:(s + w.numel() + 1) // 2], part, torch.float32)
-        diff += (w_hat - w).double().square().sum()
-        total += w.double().square().sum()
+        total += w.square().sum(dtype=torch.float64)
+        diff += w_hat.sub_(w).square_().sum(dtype=torch.float64)
     return float(diff.sqrt() / total.sqrt().clamp(min=1e-30))
 
 
