@@ -261,18 +261,17 @@ _KILLABLE = textwrap.dedent("""
     import sys, time
     import fourbit._io as io
 
-    real = io.atomic_write_bytes
+    real = io.SafetensorsStreamWriter.write
 
-    def stall(path, data):
-        # Write half of the weights where the real writer would, say so, and wait for the SIGKILL.
-        if path.name == "model.safetensors":
-            partial = path.parent / io._temp_name(path.name)
-            partial.write_bytes(data[: len(data) // 2])
+    def stall(self, name, tensor):
+        # Halfway through the weights file's tensors, say so and wait for the SIGKILL.
+        if self.path.name == "model.safetensors" and self._next == len(self.entries) // 2:
+            self._file.flush()
             open(sys.argv[1], "w").close()
             time.sleep(600)
-        return real(path, data)
+        return real(self, name, tensor)
 
-    io.atomic_write_bytes = stall
+    io.SafetensorsStreamWriter.write = stall
     from fourbit.cli import main
     sys.exit(main(sys.argv[2:]))
 """)
