@@ -13,6 +13,7 @@ peft so that adapters move between the two (see :mod:`fourbit.nn.adapters`).
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -513,9 +514,26 @@ def inject_lora(model: nn.Module, spec: LoRASpec) -> list[str]:
         if not found:
             raise FieldError("modules_to_save", f"entry {m!r} matched no module of {type(model).__name__}")
         for n in found:
+            _untie_parameters(model, n)
             model.get_submodule(n).requires_grad_(True)
     fourbit_info(model).lora_spec = spec
     return names
+
+
+def _untie_parameters(model: nn.Module, name: str) -> None:
+    """Put a copy in place of module ``name`` when it shares parameters with another module (a head tied to the
+    input embeddings), as peft's ``modules_to_save`` does: training the head then leaves the embeddings alone,
+    and the adapter file holds the head under its own name. The original is recorded
+    (``fourbit_info(model).replaced_modules``) for :func:`unload_lora` to put back."""
+    module = model.get_submodule(name)
+    own = {id(p) for p in module.parameters()}
+    if not any(id(p) in own for n, m in model.named_modules() if n != name and not n.startswith(name + ".")
+               for p in m.parameters(recurse=False)):
+        return
+    replaced = fourbit_info(model).replaced_modules
+    if name not in replaced:
+        model.set_submodule(name, copy.deepcopy(module))
+        replaced[name] = module
 
 
 def lora_spec(model: nn.Module) -> LoRASpec | None:
@@ -589,7 +607,19 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
         model.set_submodule(name, m.merged_linear(dtype))
     info = fourbit_info(model)
     info.lora_spec, info.replaced_modules = None, {}  # the adapter's modules_to_save stay: they are merged too
+    _untie_config_if_untied(model)
     return model
+
+
+def _untie_config_if_untied(model: nn.Module) -> None:
+    """A trained head copied off tied embeddings stays its own: the config must say so, or saving the merged
+    model (and loading it) would tie it back to the embeddings."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "tie_word_embeddings", False) or not hasattr(model, "get_output_embeddings"):
+        return
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and embeddings is not None and head.weight is not embeddings.weight:
+        config.tie_word_embeddings = False
 
 
 def unload_lora(model: nn.Module) -> nn.Module:

@@ -77,3 +77,30 @@ def test_a_failed_load_leaves_the_saved_modules_as_they_were(tmp_path):
         load_adapter(base, tmp_path / "a")
     assert base.lm_head is head and not lora_modules(base)
     assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+
+
+def test_a_head_tied_to_the_embeddings_is_trained_and_saved_on_its_own(tmp_path):
+    """``modules_to_save=("lm_head",)`` over a tied base: as in peft, the head gets its own copy, so training it
+    leaves the input embeddings alone and the adapter file holds it (it used to be dropped: the shared tensor was
+    listed under the embeddings' name)."""
+    model = make_llama(tie_word_embeddings=True).eval()
+    embeddings = model.model.embed_tokens.weight.detach().clone()
+    inject_lora(model, LoRASpec(r=4, alpha=8, dropout=0.0, target_modules=("q_proj",), modules_to_save=("lm_head",)))
+    assert model.lm_head.weight is not model.model.embed_tokens.weight and model.lm_head.weight.requires_grad
+    assert not model.model.embed_tokens.weight.requires_grad
+    ids = torch.randint(0, 256, (2, 7))
+    model(ids, labels=ids).loss.backward()
+    with torch.no_grad():
+        model.lm_head.weight.sub_(model.lm_head.weight.grad)
+    assert torch.equal(model.model.embed_tokens.weight, embeddings)
+    save_adapter(model, tmp_path / "a")
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "a" / ADAPTER_WEIGHTS))
+    head = [k for k in saved if k.endswith("lm_head.weight")]
+    assert len(head) == 1 and torch.equal(saved[head[0]], model.lm_head.weight)
+    fresh = load_adapter(make_llama(tie_word_embeddings=True).eval(), tmp_path / "a")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, model(ids).logits, rtol=0, atol=0)
+    merge_and_unload(fresh)  # the merged model keeps its own head, and says so
+    assert fresh.config.tie_word_embeddings is False and fresh.lm_head.weight is not fresh.model.embed_tokens.weight
