@@ -1,5 +1,6 @@
 """The relative weight error ``fourbit quantize`` reports is computed in chunks; it equals the whole-tensor
-formula ||W - dequant(quant(W))|| / ||W|| (float64 reference) on awkward shapes, dtypes and layouts."""
+formula ||W - dequant(quant(W))|| / ||W|| (float64 reference) on awkward shapes, dtypes and layouts, within a
+relative 1e-5 (float32 dot products per chunk; the value is reported to 4 digits)."""
 
 from __future__ import annotations
 
@@ -22,9 +23,9 @@ def test_chunked_error_equals_the_whole_tensor_formula(shape, dtype, quant_type)
     q = quantize_named_layer("x", layer, config, torch.float32, errors)
     w = layer.weight.detach().double()
     want = float((q.dequantize(torch.float64) - w).norm() / w.norm())
-    assert errors[0] == pytest.approx(want, rel=1e-6)
+    assert errors[0] == pytest.approx(want, rel=1e-5)
     for chunk in (128, 256, 1 << 22):  # chunk edges inside rows, and a last partial chunk
-        assert _relative_error(layer, q, chunk=max(chunk, 128)) == pytest.approx(want, rel=1e-6)
+        assert _relative_error(layer, q, chunk=max(chunk, 128)) == pytest.approx(want, rel=1e-5)
 
 
 def test_conv1d_layout_error_is_over_the_transposed_weight():
@@ -35,4 +36,4 @@ def test_conv1d_layout_error_is_over_the_transposed_weight():
     errors: list[float] = []
     q = quantize_named_layer("c", conv, QuantConfig(), torch.float32, errors)
     w = conv.weight.detach().t().double()
-    assert errors[0] == pytest.approx(float((q.dequantize(torch.float64) - w).norm() / w.norm()), rel=1e-6)
+    assert errors[0] == pytest.approx(float((q.dequantize(torch.float64) - w).norm() / w.norm()), rel=1e-5)
