@@ -43,23 +43,6 @@ FB_INLINE int32_t rint_i32(float v) {
 
 FB_INLINE int32_t clamp_i32(int32_t v, int32_t lo, int32_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
-/* numpy's pairwise float32 sum of 16 or 32 values (n a multiple of 8, at most 128). */
-FB_INLINE float pairwise_sum(const float *a, int n) {
-    float r[8];
-    for (int j = 0; j < 8; ++j) r[j] = a[j];
-    for (int i = 8; i < n; i += 8)
-        for (int j = 0; j < 8; ++j) r[j] += a[i + j];
-    return 0.0f + (((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7])));
-}
-
-FB_INLINE double pairwise_sum_f64(const double *a, int n) {
-    double r[8];
-    for (int j = 0; j < 8; ++j) r[j] = a[j];
-    for (int i = 8; i < n; i += 8)
-        for (int j = 0; j < 8; ++j) r[j] += a[i + j];
-    return 0.0 + (((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7])));
-}
-
 /* The index of the first value of largest magnitude, or of the first NaN (numpy's abs(x).argmax()). */
 FB_INLINE int first_absmax(const float *x, int n) {
     int pick = 0;
@@ -107,95 +90,139 @@ FB_INLINE void q4_0_block(const float *x, uint8_t *out) {
     for (int i = 0; i < 16; ++i) out[2 + i] = (uint8_t)(q[i] | (q[i + 16] << 4));
 }
 
-/* ----------------------------------------------------------------------------------------------- Q4_K */
-
 /*
- * make_qkx2_quants(32, nmax=15, x, w, L, rmin=-1, rdelta=0.1, nstep=20): the (scale, min) of least weighted
- * squared error among 21 grids, each fitted by least squares (kquants._make_qkx2_quants, one row).
+ * Q4_K and Q6_K work on the sub-blocks of one super-block side by side: x is transposed to [value][sub-block],
+ * and every loop runs over the sub-blocks innermost, so the compiler makes one vector lane of each sub-block
+ * (8 for Q4_K, 16 for Q6_K) and the per-sub-block choices become blends. Each lane does the reference's
+ * arithmetic in the reference's order.
  */
-FB_INLINE void make_qkx2_32(const float *x, const float *w, float *scale_out, float *min_out, uint8_t *L) {
-    float xmin = x[0], hi = x[0];
-    for (int i = 1; i < 32; ++i) {
-        xmin = x[i] < xmin ? x[i] : xmin;
-        hi = x[i] > hi ? x[i] : hi;
-    }
-    const float lo = xmin < 0.0f ? xmin : 0.0f;  /* np.minimum(min, 0): +0 on a tie */
-    const int flat = hi == lo;
-    float t[32], t2[32], t3[32];
-    int32_t lev[32];
-    for (int i = 0; i < 32; ++i) t[i] = w[i] * x[i];
-    const float sum_w = pairwise_sum(w, 32), sum_x = pairwise_sum(t, 32);
-    const float iscale0 = 15.0f / (flat ? 1.0f : hi - lo);
-    float scale = 1.0f / iscale0;
-    double e64[32];
-    for (int i = 0; i < 32; ++i) {
-        lev[i] = clamp_i32(rint_i32(iscale0 * (x[i] - lo)), 0, 15);
-        const double diff = (double)scale * (double)lev[i] + (double)lo - (double)x[i];
-        e64[i] = (double)w[i] * diff * diff;  /* float32 * int32 is float64 in numpy */
-    }
-    double best = pairwise_sum_f64(e64, 32);
-    float the_min = lo;
-    for (int step = 0; step <= 20; ++step) {
-        const float span = (flat || hi == the_min) ? 1.0f : hi - the_min;
-        const float iscale = (-1.0f + 0.1f * (float)step + 15.0f) / span;
-        float aux[32];
-        for (int i = 0; i < 32; ++i) {
-            aux[i] = (float)clamp_i32(rint_i32(iscale * (x[i] - the_min)), 0, 15);
-            t[i] = w[i] * aux[i];
-            t2[i] = t[i] * aux[i];
-            t3[i] = t[i] * x[i];
-        }
-        const float sum_l = pairwise_sum(t, 32), sum_l2 = pairwise_sum(t2, 32), sum_xl = pairwise_sum(t3, 32);
-        const float det = sum_w * sum_l2 - sum_l * sum_l;
-        const int ok = det > 0.0f;
-        const float safe_det = ok ? det : 1.0f;
-        float this_scale = (sum_w * sum_xl - sum_x * sum_l) / safe_det;
-        float this_min = (sum_l2 * sum_x - sum_l * sum_xl) / safe_det;
-        if (this_min > 0.0f) {
-            this_min = 0.0f;
-            this_scale = sum_xl / (sum_l2 > 0.0f ? sum_l2 : 1.0f);
-        }
-        for (int i = 0; i < 32; ++i) {
-            const float diff = this_scale * aux[i] + this_min - x[i];
-            t[i] = w[i] * diff * diff;
-        }
-        const float err = pairwise_sum(t, 32);
-        if (ok && (double)err < best && !flat) {
-            for (int i = 0; i < 32; ++i) lev[i] = (int32_t)aux[i];
-            best = (double)err;
-            scale = this_scale;
-            the_min = this_min;
-        }
-    }
-    *scale_out = flat ? 0.0f : scale;
-    *min_out = -the_min;
-    for (int i = 0; i < 32; ++i) L[i] = flat ? 0 : (uint8_t)lev[i];
+
+/* (float)clamp(rint_i32(v), lo, hi), in float: NaN and out-of-int32 values give lo, as INT32_MIN would. */
+FB_INLINE float level(float v, float lo, float hi) {
+    const float r = rintf(v);
+    return (r >= lo && r < 2147483648.0f) ? (r > hi ? hi : r) : lo;
 }
 
-/* quantize_row_q4_K_ref on one super-block of 256 values -> 144 bytes (kquants._q4_k_blocks). */
-FB_INLINE void q4_k_block(const float *x, uint8_t *out) {
-    float scales[8], mins[8], t[32], w[32];
-    uint8_t L[QK_K], ls[8], lm[8];
-    for (int j = 0; j < 8; ++j) {
-        const float *sub = x + 32 * j;
-        for (int i = 0; i < 32; ++i) t[i] = sub[i] * sub[i];
-        const float av_x = sqrtf(pairwise_sum(t, 32) / 32.0f);
-        for (int i = 0; i < 32; ++i) w[i] = av_x + fabsf(sub[i]);
-        make_qkx2_32(sub, w, &scales[j], &mins[j], L + 32 * j);
+/* numpy's pairwise sum of 32 values a[i][lane] for each of 8 lanes. */
+FB_INLINE void lanes_sum32(const float a[32][8], float *out) {
+    float r[8][8];
+    for (int j = 0; j < 8; ++j)
+        for (int l = 0; l < 8; ++l) r[j][l] = ((a[j][l] + a[8 + j][l]) + a[16 + j][l]) + a[24 + j][l];
+    for (int l = 0; l < 8; ++l)
+        out[l] = 0.0f + (((r[0][l] + r[1][l]) + (r[2][l] + r[3][l])) + ((r[4][l] + r[5][l]) + (r[6][l] + r[7][l])));
+}
+
+FB_INLINE void lanes_sum32_f64(const double a[32][8], double *out) {
+    double r[8][8];
+    for (int j = 0; j < 8; ++j)
+        for (int l = 0; l < 8; ++l) r[j][l] = ((a[j][l] + a[8 + j][l]) + a[16 + j][l]) + a[24 + j][l];
+    for (int l = 0; l < 8; ++l)
+        out[l] = 0.0 + (((r[0][l] + r[1][l]) + (r[2][l] + r[3][l])) + ((r[4][l] + r[5][l]) + (r[6][l] + r[7][l])));
+}
+
+/* The starting point of make_qkx2_quants: min (<= 0) and max, the flat sub-blocks, sum(w), sum(w x), and the
+ * levels and weighted error of the plain min-max grid (that error in double: numpy's float32 * int32). */
+FB_INLINE void qkx2_start(const float x[32][8], const float w[32][8], float *lo, float *hi, int32_t *flat,
+                          float *sum_w, float *sum_x, float *scale, double *best, float L[32][8]) {
+    float xmin[8], t[32][8], iscale[8];
+    double e[32][8];
+    for (int l = 0; l < 8; ++l) xmin[l] = hi[l] = x[0][l];
+    for (int i = 1; i < 32; ++i)
+        for (int l = 0; l < 8; ++l) {
+            xmin[l] = x[i][l] < xmin[l] ? x[i][l] : xmin[l];
+            hi[l] = x[i][l] > hi[l] ? x[i][l] : hi[l];
+        }
+    for (int l = 0; l < 8; ++l) {
+        lo[l] = xmin[l] < 0.0f ? xmin[l] : 0.0f;  /* np.minimum(min, 0): +0 on a tie */
+        flat[l] = hi[l] == lo[l];
+        iscale[l] = 15.0f / (flat[l] ? 1.0f : hi[l] - lo[l]);
+        scale[l] = 1.0f / iscale[l];
     }
+    for (int i = 0; i < 32; ++i)
+        for (int l = 0; l < 8; ++l) {
+            t[i][l] = w[i][l] * x[i][l];
+            L[i][l] = level(iscale[l] * (x[i][l] - lo[l]), 0.0f, 15.0f);
+            const double diff = (double)scale[l] * (double)L[i][l] + (double)lo[l] - (double)x[i][l];
+            e[i][l] = (double)w[i][l] * diff * diff;
+        }
+    lanes_sum32(w, sum_w);
+    lanes_sum32(t, sum_x);
+    lanes_sum32_f64(e, best);
+}
+
+/*
+ * make_qkx2_quants(32, nmax=15, x, w, L, rmin=-1, rdelta=0.1, nstep=20) for the 8 sub-blocks x[i][sub-block]:
+ * the (scale, min) of least weighted squared error among 21 grids, each fitted by least squares
+ * (kquants._make_qkx2_quants). L gets the levels as floats.
+ */
+FB_INLINE void make_qkx2_lanes(const float x[32][8], const float w[32][8], float *scale_out, float *min_out,
+                               float L[32][8]) {
+    float lo[8], hi[8], sum_w[8], sum_x[8], scale[8], the_min[8], iscale[8];
+    float sum_l[8], sum_l2[8], sum_xl[8], err[8], this_scale[8], this_min[8];
+    float aux[32][8], t[32][8], t2[32][8], t3[32][8];
+    int32_t flat[8], ok[8];
+    double best[8];
+    qkx2_start(x, w, lo, hi, flat, sum_w, sum_x, scale, best, L);
+    for (int l = 0; l < 8; ++l) the_min[l] = lo[l];
+    for (int step = 0; step <= 20; ++step) {
+        for (int l = 0; l < 8; ++l)
+            iscale[l] = (-1.0f + 0.1f * (float)step + 15.0f) /
+                        ((flat[l] || hi[l] == the_min[l]) ? 1.0f : hi[l] - the_min[l]);
+        for (int i = 0; i < 32; ++i)
+            for (int l = 0; l < 8; ++l) {
+                aux[i][l] = level(iscale[l] * (x[i][l] - the_min[l]), 0.0f, 15.0f);
+                t[i][l] = w[i][l] * aux[i][l];
+                t2[i][l] = t[i][l] * aux[i][l];
+                t3[i][l] = t[i][l] * x[i][l];
+            }
+        lanes_sum32(t, sum_l);
+        lanes_sum32(t2, sum_l2);
+        lanes_sum32(t3, sum_xl);
+        for (int l = 0; l < 8; ++l) {
+            const float det = sum_w[l] * sum_l2[l] - sum_l[l] * sum_l[l];
+            ok[l] = det > 0.0f;
+            const float safe_det = ok[l] ? det : 1.0f;
+            const float ts = (sum_w[l] * sum_xl[l] - sum_x[l] * sum_l[l]) / safe_det;
+            const float tm = (sum_l2[l] * sum_x[l] - sum_l[l] * sum_xl[l]) / safe_det;
+            const int positive = tm > 0.0f;
+            this_min[l] = positive ? 0.0f : tm;
+            this_scale[l] = positive ? sum_xl[l] / (sum_l2[l] > 0.0f ? sum_l2[l] : 1.0f) : ts;
+        }
+        for (int i = 0; i < 32; ++i)
+            for (int l = 0; l < 8; ++l) {
+                const float diff = this_scale[l] * aux[i][l] + this_min[l] - x[i][l];
+                t[i][l] = w[i][l] * diff * diff;
+            }
+        lanes_sum32(t, err);
+        for (int l = 0; l < 8; ++l) {
+            ok[l] = ok[l] && (double)err[l] < best[l] && !flat[l];  /* now: this grid is better */
+            best[l] = ok[l] ? (double)err[l] : best[l];
+            scale[l] = ok[l] ? this_scale[l] : scale[l];
+            the_min[l] = ok[l] ? this_min[l] : the_min[l];
+        }
+        for (int i = 0; i < 32; ++i)
+            for (int l = 0; l < 8; ++l) L[i][l] = ok[l] ? aux[i][l] : L[i][l];
+    }
+    for (int l = 0; l < 8; ++l) {
+        scale_out[l] = flat[l] ? 0.0f : scale[l];
+        min_out[l] = -the_min[l];
+    }
+    for (int i = 0; i < 32; ++i)
+        for (int l = 0; l < 8; ++l) L[i][l] = flat[l] ? 0.0f : L[i][l];
+}
+
+/* Q4_K's 6-bit scales and mins, fp16 d and dmin, and the 12 bytes that pack them (kquants._q4_k_blocks). */
+FB_INLINE void q4_k_scales(const float *scales, const float *mins, float *dl, float *ml, uint8_t *out) {
+    uint8_t ls[8], lm[8];
     const float max_scale = last_max(scales, 8), max_min = last_max(mins, 8);
     const float inv_scale = max_scale > 0.0f ? 63.0f / max_scale : 0.0f;
     const float inv_min = max_min > 0.0f ? 63.0f / max_min : 0.0f;
+    const uint16_t d = fp16_bits(max_scale / 63.0f), dmin = fp16_bits(max_min / 63.0f);
     for (int j = 0; j < 8; ++j) {
         ls[j] = (uint8_t)clamp_i32(rint_i32(inv_scale * scales[j]), 0, 63);
         lm[j] = (uint8_t)clamp_i32(rint_i32(inv_min * mins[j]), 0, 63);
-    }
-    const uint16_t d = fp16_bits(max_scale / 63.0f), dmin = fp16_bits(max_min / 63.0f);
-    const float d32 = fp16_value(d), dmin32 = fp16_value(dmin);
-    for (int j = 0; j < 8; ++j) {  /* requantize against the scales as stored */
-        const float dl = d32 * (float)ls[j], ml = dmin32 * (float)lm[j];
-        if (dl == 0.0f) continue;
-        for (int i = 0; i < 32; ++i) L[32 * j + i] = (uint8_t)clamp_i32(rint_i32((x[32 * j + i] + ml) / dl), 0, 15);
+        dl[j] = fp16_value(d) * (float)ls[j];
+        ml[j] = fp16_value(dmin) * (float)lm[j];
     }
     put_u16(out, d);
     put_u16(out + 2, dmin);
@@ -204,58 +231,103 @@ FB_INLINE void q4_k_block(const float *x, uint8_t *out) {
         out[8 + j] = (uint8_t)(lm[j] | ((lm[j + 4] >> 4) << 6));
         out[12 + j] = (uint8_t)((ls[j + 4] & 0xF) | ((lm[j + 4] & 0xF) << 4));
     }
+}
+
+/* quantize_row_q4_K_ref on one super-block of 256 values -> 144 bytes (kquants._q4_k_blocks). */
+FB_INLINE void q4_k_block(const float *x, uint8_t *out) {
+    float xt[32][8], w[32][8], t[32][8], L[32][8];
+    float sum_x2[8], scales[8], mins[8], dl[8], ml[8];
+    for (int l = 0; l < 8; ++l)
+        for (int i = 0; i < 32; ++i) xt[i][l] = x[32 * l + i];
+    for (int i = 0; i < 32; ++i)
+        for (int l = 0; l < 8; ++l) t[i][l] = xt[i][l] * xt[i][l];
+    lanes_sum32(t, sum_x2);
+    for (int l = 0; l < 8; ++l) sum_x2[l] = sqrtf(sum_x2[l] / 32.0f);
+    for (int i = 0; i < 32; ++i)
+        for (int l = 0; l < 8; ++l) w[i][l] = sum_x2[l] + fabsf(xt[i][l]);
+    make_qkx2_lanes(xt, w, scales, mins, L);
+    q4_k_scales(scales, mins, dl, ml, out);
+    for (int i = 0; i < 32; ++i)  /* requantize against the scales as stored, where the scale is not 0 */
+        for (int l = 0; l < 8; ++l)
+            L[i][l] = dl[l] != 0.0f ? level((xt[i][l] + ml[l]) / (dl[l] != 0.0f ? dl[l] : 1.0f), 0.0f, 15.0f)
+                                    : L[i][l];
     for (int c = 0; c < 4; ++c)
-        for (int l = 0; l < 32; ++l) out[16 + 32 * c + l] = (uint8_t)(L[64 * c + l] | (L[64 * c + 32 + l] << 4));
+        for (int i = 0; i < 32; ++i)
+            out[16 + 32 * c + i] = (uint8_t)((uint8_t)L[i][2 * c] | ((uint8_t)L[i][2 * c + 1] << 4));
 }
 
 /* ----------------------------------------------------------------------------------------------- Q6_K */
 
-/* One grid of make_qx_quants: levels of iscale * x in [-32, 31], and sum(w x l), sum(w l l). */
-FB_INLINE void qx_grid(const float *x, const float *w, float iscale, int32_t *lv, float *sumlx, float *suml2) {
-    float a[16], b[16];
-    for (int i = 0; i < 16; ++i) {
-        lv[i] = clamp_i32(rint_i32(iscale * x[i]), -32, 31);
-        const float l = (float)lv[i];
-        a[i] = w[i] * x[i] * l;
-        b[i] = w[i] * l * l;
-    }
-    *sumlx = pairwise_sum(a, 16);
-    *suml2 = pairwise_sum(b, 16);
+/* numpy's pairwise sum of 16 values a[i][lane] for each of 16 lanes. */
+FB_INLINE void lanes_sum16(const float a[16][16], float *out) {
+    float r[8][16];
+    for (int j = 0; j < 8; ++j)
+        for (int l = 0; l < 16; ++l) r[j][l] = a[j][l] + a[8 + j][l];
+    for (int l = 0; l < 16; ++l)
+        out[l] = 0.0f + (((r[0][l] + r[1][l]) + (r[2][l] + r[3][l])) + ((r[4][l] + r[5][l]) + (r[6][l] + r[7][l])));
 }
 
-/* make_qx_quants(16, nmax=32, x, L, rmse_type=1): a symmetric scale searched over 19 grids, weighted by x^2
- * (kquants._make_qx_quants, one row); L in 0..63, or all 0 for a group of zeros. */
-FB_INLINE float make_qx_16(const float *x, uint8_t *L) {
-    const float peak = x[first_absmax(x, 16)];
-    if (fabsf(peak) < 1e-15f) {
-        memset(L, 0, 16);
-        return 0.0f;
+/* One grid of make_qx_quants for the 16 groups: levels of iscale * x in [-32, 31], sum(w x l), sum(w l l). */
+FB_INLINE void qx_grid(const float x[16][16], const float w[16][16], const float *iscale, float lv[16][16],
+                       float *sumlx, float *suml2) {
+    float a[16][16], b[16][16];
+    for (int i = 0; i < 16; ++i)
+        for (int l = 0; l < 16; ++l) {
+            lv[i][l] = level(iscale[l] * x[i][l], -32.0f, 31.0f);
+            a[i][l] = w[i][l] * x[i][l] * lv[i][l];
+            b[i][l] = w[i][l] * lv[i][l] * lv[i][l];
+        }
+    lanes_sum16(a, sumlx);
+    lanes_sum16(b, suml2);
+}
+
+/* make_qx_quants(16, nmax=32, x, L, rmse_type=1) for the 16 groups x[i][group]: a symmetric scale searched
+ * over 19 grids, weighted by x^2 (kquants._make_qx_quants); L in 0..63, or all 0 for a group of zeros. */
+FB_INLINE void make_qx_lanes(const float x[16][16], float *scale, float L[16][16]) {
+    float w[16][16], lv[16][16], peak[16], amax[16], iscale[16], sumlx[16], suml2[16], best[16];
+    for (int l = 0; l < 16; ++l) {
+        peak[l] = x[0][l];
+        amax[l] = fabsf(x[0][l]);
     }
-    float w[16];
-    int32_t levels[16], lv[16];
-    for (int i = 0; i < 16; ++i) w[i] = x[i] * x[i];
-    float sumlx, suml2;
-    qx_grid(x, w, -32.0f / peak, levels, &sumlx, &suml2);
-    float scale = suml2 > 0.0f ? sumlx / suml2 : 0.0f;
-    float best = scale * sumlx;
+    for (int i = 1; i < 16; ++i)  /* the first value of largest magnitude */
+        for (int l = 0; l < 16; ++l) {
+            const int more = fabsf(x[i][l]) > amax[l];
+            amax[l] = more ? fabsf(x[i][l]) : amax[l];
+            peak[l] = more ? x[i][l] : peak[l];
+        }
+    for (int i = 0; i < 16; ++i)
+        for (int l = 0; l < 16; ++l) w[i][l] = x[i][l] * x[i][l];
+    for (int l = 0; l < 16; ++l) iscale[l] = -32.0f / peak[l];
+    qx_grid(x, w, iscale, L, sumlx, suml2);
+    for (int l = 0; l < 16; ++l) {
+        scale[l] = suml2[l] > 0.0f ? sumlx[l] / suml2[l] : 0.0f;
+        best[l] = scale[l] * sumlx[l];
+    }
     for (int step = -9; step <= 9; ++step) {
         if (step == 0) continue;
-        qx_grid(x, w, -(32.0f + 0.1f * (float)step) / peak, lv, &sumlx, &suml2);
-        if (suml2 > 0.0f && sumlx * sumlx > best * suml2) {
-            memcpy(levels, lv, sizeof(levels));
-            scale = sumlx / suml2;
-            best = scale * sumlx;
+        for (int l = 0; l < 16; ++l) iscale[l] = -(32.0f + 0.1f * (float)step) / peak[l];
+        qx_grid(x, w, iscale, lv, sumlx, suml2);
+        int32_t better[16];
+        for (int l = 0; l < 16; ++l) {
+            better[l] = suml2[l] > 0.0f && sumlx[l] * sumlx[l] > best[l] * suml2[l];
+            scale[l] = better[l] ? sumlx[l] / (suml2[l] > 0.0f ? suml2[l] : 1.0f) : scale[l];
+            best[l] = better[l] ? scale[l] * sumlx[l] : best[l];
         }
+        for (int i = 0; i < 16; ++i)
+            for (int l = 0; l < 16; ++l) L[i][l] = better[l] ? lv[i][l] : L[i][l];
     }
-    for (int i = 0; i < 16; ++i) L[i] = (uint8_t)(levels[i] + 32);
-    return scale;
+    for (int l = 0; l < 16; ++l) scale[l] = fabsf(peak[l]) < 1e-15f ? 0.0f : scale[l];
+    for (int i = 0; i < 16; ++i)
+        for (int l = 0; l < 16; ++l) L[i][l] = fabsf(peak[l]) < 1e-15f ? 0.0f : L[i][l] + 32.0f;
 }
 
 /* quantize_row_q6_K_ref on one super-block of 256 values -> 210 bytes (kquants._q6_k_blocks). */
 FB_INLINE void q6_k_block(const float *x, uint8_t *out) {
-    float scales[16];
+    float xt[16][16], Lf[16][16], scales[16], dl[16];
     uint8_t L[QK_K];
-    for (int j = 0; j < 16; ++j) scales[j] = make_qx_16(x + 16 * j, L + 16 * j);
+    for (int l = 0; l < 16; ++l)
+        for (int i = 0; i < 16; ++i) xt[i][l] = x[16 * l + i];
+    make_qx_lanes(xt, scales, Lf);
     const float max_scale = scales[first_absmax(scales, 16)];
     if (fabsf(max_scale) < 1e-15f) {
         memset(out, 0, 210);
@@ -263,15 +335,18 @@ FB_INLINE void q6_k_block(const float *x, uint8_t *out) {
     }
     const float iscale = -128.0f / max_scale;
     const uint16_t d = fp16_bits(1.0f / iscale);
-    const float d32 = fp16_value(d);
     int8_t sc[16];
     for (int j = 0; j < 16; ++j) {
         const int32_t v = rint_i32(iscale * scales[j]);
         sc[j] = (int8_t)(v < 127 ? v : 127);
-        const float dl = d32 * (float)sc[j];
-        if (dl == 0.0f) continue;
-        for (int i = 0; i < 16; ++i) L[16 * j + i] = (uint8_t)(clamp_i32(rint_i32(x[16 * j + i] / dl), -32, 31) + 32);
+        dl[j] = fp16_value(d) * (float)sc[j];
     }
+    for (int i = 0; i < 16; ++i)  /* requantize against the scales as stored, where the scale is not 0 */
+        for (int l = 0; l < 16; ++l)
+            Lf[i][l] = dl[l] != 0.0f ? level(xt[i][l] / (dl[l] != 0.0f ? dl[l] : 1.0f), -32.0f, 31.0f) + 32.0f
+                                     : Lf[i][l];
+    for (int l = 0; l < 16; ++l)
+        for (int i = 0; i < 16; ++i) L[16 * l + i] = (uint8_t)Lf[i][l];
     for (int h = 0; h < 2; ++h) {  /* two halves of 128 values: 64 bytes of low nibbles, 32 of high bits */
         const uint8_t *q = L + 128 * h;
         for (int l = 0; l < 32; ++l) {
