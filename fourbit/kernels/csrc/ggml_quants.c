@@ -384,7 +384,14 @@ int fb_quantize_ggml(const float *x, int type, int64_t n, uint8_t *out, int nthr
     if (type < FB_GGML_Q8_0 || type > FB_GGML_Q6_K) return FB_ERR_DTYPE;
     const int64_t block = type <= FB_GGML_Q4_0 ? 32 : QK_K;
     if (n % block) return FB_ERR_BLOCKSIZE;
-    /* ~8k values per unit of work: whole rows of a big matrix spread evenly over the threads */
-    FB_PARALLEL_CHUNKS(ggml_quantize, n / block, ((int64_t)1 << 13) / block, b0, b1, FB_GGML_PASS);
+    /* Units of ~8k values, handed out as threads come free (on a shared machine a thread may lose its core
+     * for a while); every unit writes its own blocks, so the bytes do not depend on who runs which. */
+    const int64_t count = n / block, per = ((int64_t)1 << 13) / block, nchunks = (count + per - 1) / per;
+    __typeof__(&ggml_quantize_scalar) const run = FB_PICK(ggml_quantize);
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 4)
+    for (int64_t c = 0; c < nchunks; ++c) {
+        const int64_t b0 = c * per, b1 = b0 + per < count ? b0 + per : count;
+        run(FB_GGML_PASS);
+    }
     return FB_OK;
 }
