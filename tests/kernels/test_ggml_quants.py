@@ -5,6 +5,8 @@ where float rounding, signed zeros and overflow decide a byte."""
 
 from __future__ import annotations
 
+import platform
+
 import numpy as np
 import pytest
 import torch
@@ -35,7 +37,7 @@ def _reference(values: np.ndarray, type_name: str) -> np.ndarray:
 def _awkward(rows: int, cols: int, seed: int) -> dict[str, np.ndarray]:
     """Named [rows, cols] float32 inputs: Gaussian and heavy-tailed, zeros (both signs), one huge outlier,
     one-signed rows, values near fp16's and float32's subnormals, small integers and halves (rounding ties),
-    sparse rows, and values so large that squares and scales overflow."""
+    sparse rows, and (on x86-64) values so large that squares and scales overflow."""
     rng = np.random.default_rng(seed)
     g = rng.standard_normal((rows, cols)).astype(np.float32)
     signed_zeros = np.where(rng.random((rows, cols)) < 0.5, np.float32(-0.0), np.float32(0.0)).astype(np.float32)
@@ -45,7 +47,7 @@ def _awkward(rows: int, cols: int, seed: int) -> dict[str, np.ndarray]:
     sparse[:, ::2] = 0
     mixed = g.copy()
     mixed[:, : cols // 2] = np.abs(mixed[:, : cols // 2])  # super-blocks whose every min is a zero
-    return {
+    cases = {
         "gaussian": g,
         "heavy": (g * np.exp(2 * rng.standard_normal((rows, cols)))).astype(np.float32),
         "zeros": np.zeros((rows, cols), np.float32),
@@ -60,9 +62,13 @@ def _awkward(rows: int, cols: int, seed: int) -> dict[str, np.ndarray]:
         "halves": (rng.integers(-64, 64, (rows, cols)) / 2).astype(np.float32),
         "sparse": sparse,
         "beyond_fp16": (g * 7e4).astype(np.float32),
-        "squares_overflow": (g * 1e30).astype(np.float32),
-        "float32_max": (np.sign(g) * 3.4e38).astype(np.float32),
     }
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        # squares that overflow make NaN levels, which numpy casts to INT32_MIN on x86-64 (the kernel copies
+        # that) but to 0 on ARM: compared where the reference's bytes are the ones the kernel follows
+        cases["squares_overflow"] = (g * 1e30).astype(np.float32)
+        cases["float32_max"] = (np.sign(g) * 3.4e38).astype(np.float32)
+    return cases
 
 
 @pytest.mark.parametrize("type_name", TYPES)
