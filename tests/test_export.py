@@ -336,6 +336,28 @@ def test_q6_k_decodes_with_gguf_and_keeps_zero_blocks():
     assert np.all(np.abs(decoded - x).reshape(-1, 16) <= 0.75 * step + 1e-6)
 
 
+@pytest.mark.parametrize("gguf_type", ["q8_0", "q4_0", "q4_k_m"])
+def test_compiled_quantizers_write_the_reference_files_byte_for_byte(trained, tmp_path, monkeypatch, gguf_type):
+    """The export through fourbit's compiled GGUF quantizers (Q8_0, Q4_0, Q4_K, Q6_K: q4_k_m of this 2-layer
+    model has all of Q4_K and Q6_K) is the file the numpy reference writes (``FOURBIT_KERNELS=reference``)."""
+    from fourbit.kernels import cpu
+
+    if not cpu.available():
+        pytest.skip("no C compiler: the compiled kernels are not built")
+    calls = []
+    compiled = cpu.quantize_ggml
+    monkeypatch.setattr(cpu, "quantize_ggml", lambda values, name: calls.append(name) or compiled(values, name))
+    fast = export_gguf(trained["model"], trained["tokenizer"], tmp_path / "fast.gguf", gguf_type=gguf_type,
+                       modelfile=False)
+    used = set(calls)
+    monkeypatch.setenv("FOURBIT_KERNELS", "reference")
+    reference = export_gguf(trained["model"], trained["tokenizer"], tmp_path / "reference.gguf",
+                            gguf_type=gguf_type, modelfile=False)
+    assert len(calls) == sum(n for t, n in fast.tensor_types.items() if t != "F32")  # the reference ran numpy
+    assert used == {t for t in fast.tensor_types if t != "F32"}
+    assert fast.path.read_bytes() == reference.path.read_bytes()
+
+
 # --- bad inputs: one line, exit 1, nothing written ------------------------------------------------------
 
 

@@ -42,20 +42,21 @@ from fourbit.kernels.scales import BlockScales, check_output_dtype
 __all__ = ["ABI_VERSION", "ISA_NAMES", "MAX_QUANT_BLOCKSIZE", "available", "isa", "set_isa", "library_path",
            "quantize_4bit_blocks", "dequantize_4bit_blocks", "can_fuse", "fused_linear_4bit",
            "softmax_cross_entropy_", "swiglu", "swiglu_backward", "rms_norm", "rms_norm_backward", "dropout",
-           "DecodeLinear", "DecodeLayer", "DecodeModel", "decode_work_floats", "decode_step"]
+           "DecodeLinear", "DecodeLayer", "DecodeModel", "decode_work_floats", "decode_step", "GGML_BLOCKS",
+           "quantize_ggml"]
 
 log = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).parent / "csrc"
 #: Compiled into the one library; the header is part of the cache key too.
-_SOURCES = ("fourbit_cpu.c", "quant4.c", "train_rows.c", "decode.c")
+_SOURCES = ("fourbit_cpu.c", "quant4.c", "train_rows.c", "decode.c", "ggml_quants.c")
 _HEADERS = ("fourbit_cpu.h",)
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _X86 = ("x86_64", "amd64")
 
 #: The library interface this module calls (signatures, ``fb_scales``, status codes): must equal
 #: ``FB_ABI_VERSION`` in ``csrc/fourbit_cpu.h``; bump both together.
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 #: The largest block the compiled quantizer takes (``FB_MAX_QUANT_BLOCKSIZE``); larger ones run the reference.
 MAX_QUANT_BLOCKSIZE = 4096
@@ -247,6 +248,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "fb_rmsnorm": [ptr, ptr, ptr, ptr, ptr, i32, i64, i64, ctypes.c_float, i32],
         "fb_dropout": [ptr, ptr, i32, i64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float, i32],
         "fb_decode_step": [ctypes.POINTER(DecodeModel), i64, i64, ptr, ptr, ptr, i64, i32],
+        "fb_quantize_ggml": [ptr, i32, i64, ptr, i32],
         "fb_isa": [],
         "fb_set_isa": [i32],
     }
@@ -519,3 +521,34 @@ def decode_step(model: DecodeModel, token: int, pos: int, work: torch.Tensor, lo
         raise ValueError(f"fb_decode_step refused token {token} at position {pos} (out of range of the model's "
                          f"vocabulary or cache of {model.max_len}, or a scratch buffer of {work.numel()} floats)")
     return int(nxt.value) if want_token else None
+
+
+#: The GGML block types :func:`quantize_ggml` writes: name -> (values per block, bytes per block, C type code).
+GGML_BLOCKS = {"Q8_0": (32, 34, 0), "Q4_0": (32, 18, 1), "Q4_K": (256, 144, 2), "Q6_K": (256, 210, 3)}
+
+
+def quantize_ggml(values: torch.Tensor, type_name: str) -> torch.Tensor:
+    """llama.cpp's ``type_name`` blocks (a key of :data:`GGML_BLOCKS`) of ``values`` [..., k], byte for byte
+    what the reference gives: ``gguf.quants.quantize`` for Q8_0 and Q4_0, ``fourbit.models.export.kquants``
+    for Q4_K and Q6_K (``csrc/ggml_quants.c`` says how the sums and roundings follow them).
+
+    Args:
+        values: float32 [..., k], k a multiple of the block (32, or 256 for Q4_K/Q6_K); finite (the caller
+            checks: a NaN or Inf gives meaningless bytes, not an error).
+
+    Returns:
+        uint8 [..., k / block · bytes per block].
+
+    Raises:
+        ValueError: a row that does not split into whole blocks, or an unknown ``type_name``.
+    """
+    if type_name not in GGML_BLOCKS:
+        raise ValueError(f"quantize_ggml: no compiled kernel for {type_name!r}; it writes {', '.join(GGML_BLOCKS)}")
+    block, size, code = GGML_BLOCKS[type_name]
+    if values.dim() < 1 or values.shape[-1] % block:
+        raise ValueError(f"quantize_ggml: rows of {values.shape[-1] if values.dim() else 0} values do not split "
+                         f"into {type_name} blocks of {block}")
+    x = values if values.dtype == torch.float32 and values.is_contiguous() else values.float().contiguous()
+    out = torch.empty(*x.shape[:-1], x.shape[-1] // block * size, dtype=torch.uint8)
+    _call("fb_quantize_ggml", x.data_ptr(), code, x.numel(), out.data_ptr(), _threads(x.numel()), blocksize=block)
+    return out

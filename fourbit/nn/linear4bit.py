@@ -434,7 +434,9 @@ def float_layer(module: nn.Module, dtype: torch.dtype = torch.float32,
             if bias is None:
                 new.bias = None  # Conv1D always has one; keep the layer's own structure
         else:
-            new = nn.Linear(in_features, out_features, bias=bias is not None, device=w.device, dtype=dtype)
+            # no random initialization of a matrix about to be overwritten (it costs as much as the dequantization)
+            new = torch.nn.utils.skip_init(nn.Linear, in_features, out_features, bias=bias is not None,
+                                           device=w.device, dtype=dtype)
             new.weight.copy_(w)
         if bias is not None:
             new.bias.copy_(bias)

@@ -4,7 +4,7 @@
  *
  * Written by hand because no maintained library offers these on the CPU with bitsandbytes' exact byte layout
  * (PyTorch needs several full passes, and int64 index tensors, for each; bitsandbytes' own CPU kernels are
- * slower than memory bandwidth allows), nor the fused training rows in one pass each. The library exports seven
+ * slower than memory bandwidth allows), nor the fused training rows in one pass each. The library exports eight
  * kernels, a decoding step and three functions about itself:
  *
  *   quant4.c      fb_quantize_4bit    blockwise absmax 4-bit quantization (NF4/FP4/INT4 codes, two per byte)
@@ -14,12 +14,13 @@
  *                 fb_swiglu           silu(gate) * up, or its two gradients
  *                 fb_rmsnorm          RMSNorm of each row, or its input gradient
  *                 fb_dropout          x * mask / (1 - p) with a mask made again from a seed, never stored
+ *   ggml_quants.c fb_quantize_ggml    llama.cpp's Q8_0, Q4_0, Q4_K, Q6_K blocks, as fourbit's GGUF export writes
  *   decode.c      fb_decode_step      one decoding step of a Llama-family model (batch 1, static KV cache)
  *                 fb_decode_work_floats  the scratch that step needs
  *   fourbit_cpu.c fb_abi_version      FB_ABI_VERSION, which cpu.py checks before any other call
  *                 fb_isa, fb_set_isa  the vector code in use, and a lower one for tests and benchmarks
  *
- * Built on first use by cpu.py with the system C compiler (-O3 -fopenmp -ffp-contract=off, all three sources
+ * Built on first use by cpu.py with the system C compiler (-O3 -fopenmp -ffp-contract=off, all the sources
  * into one shared library). One build serves every x86-64 CPU: each kernel's unit of work is compiled three
  * times, for AVX-512 (avx512f/bw/vl), AVX2 (avx2/fma/f16c) and plain C, by target attributes, and FB_PICK
  * chooses one at run time from what the CPU reports (__builtin_cpu_supports) -- the one dispatch mechanism
@@ -27,7 +28,8 @@
  * which the compiler vectorizes.
  *
  * Results are bit-identical to fourbit/kernels/reference.py on every path for quantization and
- * dequantization (the tests run each path and check this); the matrix-vector product and the training rows
+ * dequantization (the tests run each path and check this), and to the numpy reference of the GGUF export
+ * for the GGML block types; the matrix-vector product and the training rows
  * sum in float32 in another order than PyTorch, and their exp is a polynomial good to ~1e-7 relative.
  *
  * Every kernel returns FB_OK, or an FB_ERR_* status for arguments it cannot compute (checked before anything
@@ -46,7 +48,7 @@
 
 /* Bump on any change of an exported signature, of fb_scales or of a status code; cpu.py's ABI_VERSION must
  * match, and a cached build reporting another version is rebuilt, never called. */
-#define FB_ABI_VERSION 3
+#define FB_ABI_VERSION 4
 
 /* The largest block quantize can take: it holds one block in two stack buffers of this size. */
 #define FB_MAX_QUANT_BLOCKSIZE 4096
@@ -141,6 +143,8 @@ int fb_rmsnorm(const void *x, const void *w, const void *dy, float *rstd, void *
                int64_t cols, float eps, int nthreads);
 int fb_dropout(const void *x, void *out, int dtype, int64_t n, uint64_t seed, uint32_t threshold, float scale,
                int nthreads);
+/* llama.cpp's block types for GGUF export (ggml_quants.c): type 0 Q8_0, 1 Q4_0, 2 Q4_K, 3 Q6_K. */
+int fb_quantize_ggml(const float *x, int type, int64_t n, uint8_t *out, int nthreads);
 
 /* ------------------------------------------------------------------------------------------- scalars */
 

@@ -25,7 +25,7 @@ import torch
 from fourbit._errors import FieldError
 
 __all__ = ["ARCHITECTURES", "FOUR_BIT_TYPES", "GGUF_TYPES", "Arch", "add_hyperparameters", "arch_of", "check_type",
-           "gguf_name", "permute_rows", "quantize_tensor", "rope_freqs", "tensor_type"]
+           "gguf_name", "permute_rows", "quantize_tensor", "reference_quantize", "rope_freqs", "tensor_type"]
 
 GGUF_TYPES = ("f16", "bf16", "q8_0", "q4_0", "q4_k_m")
 FOUR_BIT_TYPES = ("q4_0", "q4_k_m")
@@ -183,8 +183,18 @@ def tensor_type(name: str, shape: tuple[int, ...], gguf_type: str, n_layers: int
     return chosen
 
 
-def quantize_tensor(values: np.ndarray, qtype) -> np.ndarray:
-    """``values`` (float32, numpy layout) in GGML type ``qtype``: float arrays for F32/F16, bytes otherwise."""
+def _compiled_kernels():
+    """fourbit's compiled CPU kernels when they run here (a C compiler built them, and ``FOURBIT_KERNELS`` is
+    not ``reference``), else None."""
+    from fourbit.kernels.dispatch import backend_for
+
+    backend = backend_for(torch.empty(0))
+    return backend if hasattr(backend, "quantize_ggml") else None
+
+
+def reference_quantize(values: np.ndarray, qtype) -> np.ndarray:
+    """:func:`quantize_tensor` in numpy: ``gguf.quants`` for the simple types, :mod:`.kquants` for Q4_K and
+    Q6_K. The reference the compiled kernels match byte for byte."""
     from gguf import GGMLQuantizationType as T
     from gguf import quants
 
@@ -199,6 +209,19 @@ def quantize_tensor(values: np.ndarray, qtype) -> np.ndarray:
     if qtype == T.Q6_K:
         return quantize_q6_k(values)
     return quants.quantize(values, qtype)
+
+
+def quantize_tensor(values: np.ndarray, qtype) -> np.ndarray:
+    """``values`` (float32, numpy layout, finite) in GGML type ``qtype``: float arrays for F32/F16, bytes
+    otherwise. Q8_0, Q4_0, Q4_K and Q6_K run fourbit's compiled kernels (``csrc/ggml_quants.c``, on every
+    core) where they are available, else :func:`reference_quantize`, which gives the same bytes."""
+    kernels = _compiled_kernels()
+    if kernels is None or qtype.name not in kernels.GGML_BLOCKS or values.ndim < 1:
+        return reference_quantize(values, qtype)
+    rows = np.ascontiguousarray(values, dtype=np.float32)
+    if not rows.flags.writeable:  # torch.from_numpy wants a writable array; the kernel only reads it
+        rows = rows.copy()
+    return kernels.quantize_ggml(torch.from_numpy(rows), qtype.name).numpy()
 
 
 def check_type(gguf_type: str, field: str = "gguf_type") -> str:

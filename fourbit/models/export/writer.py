@@ -94,12 +94,21 @@ def _is_4bit(module: nn.Module) -> bool:
     return is_linear_4bit(module) or hasattr(module, "dequantized_module")
 
 
+def _dequantized(module: nn.Module) -> torch.Tensor:
+    """A 4-bit linear layer's weight in float32 and its state-dict layout, dequantized in one pass of the
+    kernels (no float layer is built around it, as :func:`fourbit.nn.linear4bit.float_layer` would)."""
+    from fourbit.nn.linear4bit import frozen_weight
+
+    weight = frozen_weight(module, torch.float32)
+    return weight.t() if getattr(module, "layout", "linear") == "conv1d" else weight
+
+
 def float_tensors(model: nn.Module) -> Iterator[tuple[str, tuple[int, ...], Callable[[], torch.Tensor], bool]]:
     """``(name, shape, load, from_4bit)`` for every parameter of ``model`` under its transformers state-dict
     name; ``load()`` gives the float32 tensor a merged float model would hold (4-bit layers dequantized, LoRA
     layers merged). Tied duplicates appear once."""
     from fourbit.nn.linear4bit import float_layer
-    from fourbit.nn.lora import LoRALinear, _features
+    from fourbit.nn.lora import LoRALinear, _features, is_linear_4bit
 
     seen: set[int] = set()
     handled: list[str] = []
@@ -118,7 +127,8 @@ def float_tensors(model: nn.Module) -> Iterator[tuple[str, tuple[int, ...], Call
         elif _is_4bit(module):
             handled.append(name)
             in_f, out_f = _features(module)
-            yield f"{prefix}weight", (out_f, in_f), lambda m=module: float_layer(m).weight, True
+            load = _dequantized if is_linear_4bit(module) else (lambda m: float_layer(m).weight)
+            yield f"{prefix}weight", (out_f, in_f), lambda m=module, f=load: f(m), True
             if module.bias is not None:
                 yield f"{prefix}bias", (out_f,), lambda m=module: m.bias.detach().float(), False
         else:
@@ -174,7 +184,7 @@ def _tensor_bytes(load: Callable[[], torch.Tensor], heads: int | None, qtype) ->
         values = load().detach().float().cpu()
         if heads is not None:
             values = permute_rows(values, heads)
-        if not torch.isfinite(values).all():
+        if values.numel() and not all(torch.isfinite(v) for v in torch.aminmax(values)):  # one pass, no copy
             raise ValueError("holds NaN or Inf values")
     return quantize_tensor(values.numpy(), qtype)
 

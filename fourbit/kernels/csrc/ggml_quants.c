@@ -1,0 +1,397 @@
+/*
+ * llama.cpp's block quantizations for GGUF export (see fourbit_cpu.h): Q8_0, Q4_0, Q4_K and Q6_K.
+ *
+ * Each gives, byte for byte, what fourbit's reference gives: gguf-py's ``gguf.quants`` for Q8_0 and Q4_0, and
+ * ``fourbit/models/export/kquants.py`` (numpy ports of ggml-quants.c's ``quantize_row_q4_K_ref`` and
+ * ``quantize_row_q6_K_ref``) for Q4_K and Q6_K. So the arithmetic follows numpy, not ggml, where they differ:
+ * - sums of 16 or 32 values run in numpy's pairwise order (eight running sums a[j], a[j+8], ..., then
+ *   ((s0+s1)+(s2+s3))+((s4+s5)+(s6+s7)), then 0 + that), and Q4_K's first error estimate in double, as numpy
+ *   promotes float32 * int32;
+ * - nearest_int is rint (half to even), and a value outside int32 (or NaN) becomes INT32_MIN, as numpy's cast
+ *   does on x86-64;
+ * - the maximum of eight scales is the last of equal values (numpy's reduction), which decides the sign of a
+ *   zero fp16 scale.
+ * The library is built with -ffp-contract=off and without -ffast-math, so no product is fused and no sum is
+ * reordered, whichever vector code the compiler makes of each loop.
+ */
+#include "fourbit_cpu.h"
+
+enum { FB_GGML_Q8_0 = 0, FB_GGML_Q4_0 = 1, FB_GGML_Q4_K = 2, FB_GGML_Q6_K = 3 };
+
+#define QK_K 256
+
+FB_INLINE uint16_t fp16_bits(float v) {
+    const _Float16 h = (_Float16)v;
+    uint16_t u;
+    memcpy(&u, &h, 2);
+    return u;
+}
+
+FB_INLINE float fp16_value(uint16_t u) {
+    _Float16 h;
+    memcpy(&h, &u, 2);
+    return (float)h;
+}
+
+FB_INLINE void put_u16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
+
+/* np.rint(v).astype(np.int32) on x86-64: out of range or NaN gives INT32_MIN. */
+FB_INLINE int32_t rint_i32(float v) {
+    const float r = rintf(v);
+    return (r >= -2147483648.0f && r < 2147483648.0f) ? (int32_t)r : INT32_MIN;
+}
+
+FB_INLINE int32_t clamp_i32(int32_t v, int32_t lo, int32_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+/* The index of the first value of largest magnitude, or of the first NaN (numpy's abs(x).argmax()). */
+FB_INLINE int first_absmax(const float *x, int n) {
+    int pick = 0;
+    float best = fabsf(x[0]);
+    for (int i = 1; i < n && best == best; ++i) {
+        const float a = fabsf(x[i]);
+        if (a > best || a != a) {
+            best = a;
+            pick = i;
+        }
+    }
+    return pick;
+}
+
+/* numpy's x.max() over a few values: the last of equal values wins (signed zeros), and a NaN wins. */
+FB_INLINE float last_max(const float *x, int n) {
+    float m = x[0];
+    for (int i = 1; i < n && m == m; ++i) m = (x[i] >= m || x[i] != x[i]) ? x[i] : m;
+    return m;
+}
+
+/* ------------------------------------------------------------------------------------ Q8_0 and Q4_0 */
+
+/* gguf.quants.Q8_0: d = max|x| / 127, q = round-half-away(x / d); 34 bytes per 32 values. */
+FB_INLINE void q8_0_block(const float *x, uint8_t *out) {
+    float amax = 0.0f;
+    for (int i = 0; i < 32; ++i) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
+    const float d = amax / 127.0f;
+    const float id = d == 0.0f ? 0.0f : 1.0f / d;
+    put_u16(out, fp16_bits(d));
+    for (int i = 0; i < 32; ++i) out[2 + i] = (uint8_t)(int8_t)roundf(x[i] * id);
+}
+
+/* gguf.quants.Q4_0: d = (the value of largest magnitude) / -8, q = min(15, trunc(x / d + 8.5)); 18 bytes. */
+FB_INLINE void q4_0_block(const float *x, uint8_t *out) {
+    const float d = x[first_absmax(x, 32)] / -8.0f;
+    const float id = d == 0.0f ? 0.0f : 1.0f / d;
+    put_u16(out, fp16_bits(d));
+    uint8_t q[32];
+    for (int i = 0; i < 32; ++i) {
+        const float v = x[i] * id + 8.5f;
+        const int t = (int)v;
+        q[i] = (uint8_t)(t < 0 ? 0 : (t > 15 ? 15 : t));
+    }
+    for (int i = 0; i < 16; ++i) out[2 + i] = (uint8_t)(q[i] | (q[i + 16] << 4));
+}
+
+/*
+ * Q4_K and Q6_K work on the sub-blocks of one super-block side by side: x is transposed to [value][sub-block],
+ * and every loop runs over the sub-blocks innermost, so the compiler makes one vector lane of each sub-block
+ * (8 for Q4_K, 16 for Q6_K) and the per-sub-block choices become blends. Each lane does the reference's
+ * arithmetic in the reference's order.
+ */
+
+/* (float)clamp(rint_i32(v), lo, hi), in float: NaN and out-of-int32 values give lo, as INT32_MIN would. */
+FB_INLINE float level(float v, float lo, float hi) {
+    const float r = rintf(v);
+    return (r >= lo && r < 2147483648.0f) ? (r > hi ? hi : r) : lo;
+}
+
+/* numpy's pairwise sum of 32 values a[i][lane] for each of 8 lanes. */
+FB_INLINE void lanes_sum32(const float a[32][8], float *out) {
+    float r[8][8];
+    for (int j = 0; j < 8; ++j)
+        for (int l = 0; l < 8; ++l) r[j][l] = ((a[j][l] + a[8 + j][l]) + a[16 + j][l]) + a[24 + j][l];
+    for (int l = 0; l < 8; ++l)
+        out[l] = 0.0f + (((r[0][l] + r[1][l]) + (r[2][l] + r[3][l])) + ((r[4][l] + r[5][l]) + (r[6][l] + r[7][l])));
+}
+
+FB_INLINE void lanes_sum32_f64(const double a[32][8], double *out) {
+    double r[8][8];
+    for (int j = 0; j < 8; ++j)
+        for (int l = 0; l < 8; ++l) r[j][l] = ((a[j][l] + a[8 + j][l]) + a[16 + j][l]) + a[24 + j][l];
+    for (int l = 0; l < 8; ++l)
+        out[l] = 0.0 + (((r[0][l] + r[1][l]) + (r[2][l] + r[3][l])) + ((r[4][l] + r[5][l]) + (r[6][l] + r[7][l])));
+}
+
+/* The starting point of make_qkx2_quants: min (<= 0) and max, the flat sub-blocks, sum(w), sum(w x), and the
+ * levels and weighted error of the plain min-max grid (that error in double: numpy's float32 * int32). */
+FB_INLINE void qkx2_start(const float x[32][8], const float w[32][8], float *lo, float *hi, int32_t *flat,
+                          float *sum_w, float *sum_x, float *scale, double *best, float L[32][8]) {
+    float xmin[8], t[32][8], iscale[8];
+    double e[32][8];
+    for (int l = 0; l < 8; ++l) xmin[l] = hi[l] = x[0][l];
+    for (int i = 1; i < 32; ++i)
+        for (int l = 0; l < 8; ++l) {
+            xmin[l] = x[i][l] < xmin[l] ? x[i][l] : xmin[l];
+            hi[l] = x[i][l] > hi[l] ? x[i][l] : hi[l];
+        }
+    for (int l = 0; l < 8; ++l) {
+        lo[l] = xmin[l] < 0.0f ? xmin[l] : 0.0f;  /* np.minimum(min, 0): +0 on a tie */
+        flat[l] = hi[l] == lo[l];
+        iscale[l] = 15.0f / (flat[l] ? 1.0f : hi[l] - lo[l]);
+        scale[l] = 1.0f / iscale[l];
+    }
+    for (int i = 0; i < 32; ++i)
+        for (int l = 0; l < 8; ++l) {
+            t[i][l] = w[i][l] * x[i][l];
+            L[i][l] = level(iscale[l] * (x[i][l] - lo[l]), 0.0f, 15.0f);
+            const double diff = (double)scale[l] * (double)L[i][l] + (double)lo[l] - (double)x[i][l];
+            e[i][l] = (double)w[i][l] * diff * diff;
+        }
+    lanes_sum32(w, sum_w);
+    lanes_sum32(t, sum_x);
+    lanes_sum32_f64(e, best);
+}
+
+/*
+ * make_qkx2_quants(32, nmax=15, x, w, L, rmin=-1, rdelta=0.1, nstep=20) for the 8 sub-blocks x[i][sub-block]:
+ * the (scale, min) of least weighted squared error among 21 grids, each fitted by least squares
+ * (kquants._make_qkx2_quants). L gets the levels as floats.
+ */
+FB_INLINE void make_qkx2_lanes(const float x[32][8], const float w[32][8], float *scale_out, float *min_out,
+                               float L[32][8]) {
+    float lo[8], hi[8], sum_w[8], sum_x[8], scale[8], the_min[8], iscale[8];
+    float sum_l[8], sum_l2[8], sum_xl[8], err[8], this_scale[8], this_min[8];
+    float aux[32][8], t[32][8], t2[32][8], t3[32][8];
+    int32_t flat[8], ok[8];
+    double best[8];
+    qkx2_start(x, w, lo, hi, flat, sum_w, sum_x, scale, best, L);
+    for (int l = 0; l < 8; ++l) the_min[l] = lo[l];
+    for (int step = 0; step <= 20; ++step) {
+        for (int l = 0; l < 8; ++l)
+            iscale[l] = (-1.0f + 0.1f * (float)step + 15.0f) /
+                        ((flat[l] || hi[l] == the_min[l]) ? 1.0f : hi[l] - the_min[l]);
+        for (int i = 0; i < 32; ++i)
+            for (int l = 0; l < 8; ++l) {
+                aux[i][l] = level(iscale[l] * (x[i][l] - the_min[l]), 0.0f, 15.0f);
+                t[i][l] = w[i][l] * aux[i][l];
+                t2[i][l] = t[i][l] * aux[i][l];
+                t3[i][l] = t[i][l] * x[i][l];
+            }
+        lanes_sum32(t, sum_l);
+        lanes_sum32(t2, sum_l2);
+        lanes_sum32(t3, sum_xl);
+        for (int l = 0; l < 8; ++l) {
+            const float det = sum_w[l] * sum_l2[l] - sum_l[l] * sum_l[l];
+            ok[l] = det > 0.0f;
+            const float safe_det = ok[l] ? det : 1.0f;
+            const float ts = (sum_w[l] * sum_xl[l] - sum_x[l] * sum_l[l]) / safe_det;
+            const float tm = (sum_l2[l] * sum_x[l] - sum_l[l] * sum_xl[l]) / safe_det;
+            const int positive = tm > 0.0f;
+            this_min[l] = positive ? 0.0f : tm;
+            this_scale[l] = positive ? sum_xl[l] / (sum_l2[l] > 0.0f ? sum_l2[l] : 1.0f) : ts;
+        }
+        for (int i = 0; i < 32; ++i)
+            for (int l = 0; l < 8; ++l) {
+                const float diff = this_scale[l] * aux[i][l] + this_min[l] - x[i][l];
+                t[i][l] = w[i][l] * diff * diff;
+            }
+        lanes_sum32(t, err);
+        for (int l = 0; l < 8; ++l) {
+            ok[l] = ok[l] && (double)err[l] < best[l] && !flat[l];  /* now: this grid is better */
+            best[l] = ok[l] ? (double)err[l] : best[l];
+            scale[l] = ok[l] ? this_scale[l] : scale[l];
+            the_min[l] = ok[l] ? this_min[l] : the_min[l];
+        }
+        for (int i = 0; i < 32; ++i)
+            for (int l = 0; l < 8; ++l) L[i][l] = ok[l] ? aux[i][l] : L[i][l];
+    }
+    for (int l = 0; l < 8; ++l) {
+        scale_out[l] = flat[l] ? 0.0f : scale[l];
+        min_out[l] = -the_min[l];
+    }
+    for (int i = 0; i < 32; ++i)
+        for (int l = 0; l < 8; ++l) L[i][l] = flat[l] ? 0.0f : L[i][l];
+}
+
+/* Q4_K's 6-bit scales and mins, fp16 d and dmin, and the 12 bytes that pack them (kquants._q4_k_blocks). */
+FB_INLINE void q4_k_scales(const float *scales, const float *mins, float *dl, float *ml, uint8_t *out) {
+    uint8_t ls[8], lm[8];
+    const float max_scale = last_max(scales, 8), max_min = last_max(mins, 8);
+    const float inv_scale = max_scale > 0.0f ? 63.0f / max_scale : 0.0f;
+    const float inv_min = max_min > 0.0f ? 63.0f / max_min : 0.0f;
+    const uint16_t d = fp16_bits(max_scale / 63.0f), dmin = fp16_bits(max_min / 63.0f);
+    for (int j = 0; j < 8; ++j) {
+        ls[j] = (uint8_t)clamp_i32(rint_i32(inv_scale * scales[j]), 0, 63);
+        lm[j] = (uint8_t)clamp_i32(rint_i32(inv_min * mins[j]), 0, 63);
+        dl[j] = fp16_value(d) * (float)ls[j];
+        ml[j] = fp16_value(dmin) * (float)lm[j];
+    }
+    put_u16(out, d);
+    put_u16(out + 2, dmin);
+    for (int j = 0; j < 4; ++j) {
+        out[4 + j] = (uint8_t)(ls[j] | ((ls[j + 4] >> 4) << 6));
+        out[8 + j] = (uint8_t)(lm[j] | ((lm[j + 4] >> 4) << 6));
+        out[12 + j] = (uint8_t)((ls[j + 4] & 0xF) | ((lm[j + 4] & 0xF) << 4));
+    }
+}
+
+/* quantize_row_q4_K_ref on one super-block of 256 values -> 144 bytes (kquants._q4_k_blocks). */
+FB_INLINE void q4_k_block(const float *x, uint8_t *out) {
+    float xt[32][8], w[32][8], t[32][8], L[32][8];
+    float sum_x2[8], scales[8], mins[8], dl[8], ml[8];
+    for (int l = 0; l < 8; ++l)
+        for (int i = 0; i < 32; ++i) xt[i][l] = x[32 * l + i];
+    for (int i = 0; i < 32; ++i)
+        for (int l = 0; l < 8; ++l) t[i][l] = xt[i][l] * xt[i][l];
+    lanes_sum32(t, sum_x2);
+    for (int l = 0; l < 8; ++l) sum_x2[l] = sqrtf(sum_x2[l] / 32.0f);
+    for (int i = 0; i < 32; ++i)
+        for (int l = 0; l < 8; ++l) w[i][l] = sum_x2[l] + fabsf(xt[i][l]);
+    make_qkx2_lanes(xt, w, scales, mins, L);
+    q4_k_scales(scales, mins, dl, ml, out);
+    for (int i = 0; i < 32; ++i)  /* requantize against the scales as stored, where the scale is not 0 */
+        for (int l = 0; l < 8; ++l)
+            L[i][l] = dl[l] != 0.0f ? level((xt[i][l] + ml[l]) / (dl[l] != 0.0f ? dl[l] : 1.0f), 0.0f, 15.0f)
+                                    : L[i][l];
+    for (int c = 0; c < 4; ++c)
+        for (int i = 0; i < 32; ++i)
+            out[16 + 32 * c + i] = (uint8_t)((uint8_t)L[i][2 * c] | ((uint8_t)L[i][2 * c + 1] << 4));
+}
+
+/* ----------------------------------------------------------------------------------------------- Q6_K */
+
+/* numpy's pairwise sum of 16 values a[i][lane] for each of 16 lanes. */
+FB_INLINE void lanes_sum16(const float a[16][16], float *out) {
+    float r[8][16];
+    for (int j = 0; j < 8; ++j)
+        for (int l = 0; l < 16; ++l) r[j][l] = a[j][l] + a[8 + j][l];
+    for (int l = 0; l < 16; ++l)
+        out[l] = 0.0f + (((r[0][l] + r[1][l]) + (r[2][l] + r[3][l])) + ((r[4][l] + r[5][l]) + (r[6][l] + r[7][l])));
+}
+
+/* One grid of make_qx_quants for the 16 groups: levels of iscale * x in [-32, 31], sum(w x l), sum(w l l). */
+FB_INLINE void qx_grid(const float x[16][16], const float w[16][16], const float *iscale, float lv[16][16],
+                       float *sumlx, float *suml2) {
+    float a[16][16], b[16][16];
+    for (int i = 0; i < 16; ++i)
+        for (int l = 0; l < 16; ++l) {
+            lv[i][l] = level(iscale[l] * x[i][l], -32.0f, 31.0f);
+            a[i][l] = w[i][l] * x[i][l] * lv[i][l];
+            b[i][l] = w[i][l] * lv[i][l] * lv[i][l];
+        }
+    lanes_sum16(a, sumlx);
+    lanes_sum16(b, suml2);
+}
+
+/* make_qx_quants(16, nmax=32, x, L, rmse_type=1) for the 16 groups x[i][group]: a symmetric scale searched
+ * over 19 grids, weighted by x^2 (kquants._make_qx_quants); L in 0..63, or all 0 for a group of zeros. */
+FB_INLINE void make_qx_lanes(const float x[16][16], float *scale, float L[16][16]) {
+    float w[16][16], lv[16][16], peak[16], amax[16], iscale[16], sumlx[16], suml2[16], best[16];
+    for (int l = 0; l < 16; ++l) {
+        peak[l] = x[0][l];
+        amax[l] = fabsf(x[0][l]);
+    }
+    for (int i = 1; i < 16; ++i)  /* the first value of largest magnitude */
+        for (int l = 0; l < 16; ++l) {
+            const int more = fabsf(x[i][l]) > amax[l];
+            amax[l] = more ? fabsf(x[i][l]) : amax[l];
+            peak[l] = more ? x[i][l] : peak[l];
+        }
+    for (int i = 0; i < 16; ++i)
+        for (int l = 0; l < 16; ++l) w[i][l] = x[i][l] * x[i][l];
+    for (int l = 0; l < 16; ++l) iscale[l] = -32.0f / peak[l];
+    qx_grid(x, w, iscale, L, sumlx, suml2);
+    for (int l = 0; l < 16; ++l) {
+        scale[l] = suml2[l] > 0.0f ? sumlx[l] / suml2[l] : 0.0f;
+        best[l] = scale[l] * sumlx[l];
+    }
+    for (int step = -9; step <= 9; ++step) {
+        if (step == 0) continue;
+        for (int l = 0; l < 16; ++l) iscale[l] = -(32.0f + 0.1f * (float)step) / peak[l];
+        qx_grid(x, w, iscale, lv, sumlx, suml2);
+        int32_t better[16];
+        for (int l = 0; l < 16; ++l) {
+            better[l] = suml2[l] > 0.0f && sumlx[l] * sumlx[l] > best[l] * suml2[l];
+            scale[l] = better[l] ? sumlx[l] / (suml2[l] > 0.0f ? suml2[l] : 1.0f) : scale[l];
+            best[l] = better[l] ? scale[l] * sumlx[l] : best[l];
+        }
+        for (int i = 0; i < 16; ++i)
+            for (int l = 0; l < 16; ++l) L[i][l] = better[l] ? lv[i][l] : L[i][l];
+    }
+    for (int l = 0; l < 16; ++l) scale[l] = fabsf(peak[l]) < 1e-15f ? 0.0f : scale[l];
+    for (int i = 0; i < 16; ++i)
+        for (int l = 0; l < 16; ++l) L[i][l] = fabsf(peak[l]) < 1e-15f ? 0.0f : L[i][l] + 32.0f;
+}
+
+/* quantize_row_q6_K_ref on one super-block of 256 values -> 210 bytes (kquants._q6_k_blocks). */
+FB_INLINE void q6_k_block(const float *x, uint8_t *out) {
+    float xt[16][16], Lf[16][16], scales[16], dl[16];
+    uint8_t L[QK_K];
+    for (int l = 0; l < 16; ++l)
+        for (int i = 0; i < 16; ++i) xt[i][l] = x[16 * l + i];
+    make_qx_lanes(xt, scales, Lf);
+    const float max_scale = scales[first_absmax(scales, 16)];
+    if (fabsf(max_scale) < 1e-15f) {
+        memset(out, 0, 210);
+        return;
+    }
+    const float iscale = -128.0f / max_scale;
+    const uint16_t d = fp16_bits(1.0f / iscale);
+    int8_t sc[16];
+    for (int j = 0; j < 16; ++j) {
+        const int32_t v = rint_i32(iscale * scales[j]);
+        sc[j] = (int8_t)(v < 127 ? v : 127);
+        dl[j] = fp16_value(d) * (float)sc[j];
+    }
+    for (int i = 0; i < 16; ++i)  /* requantize against the scales as stored, where the scale is not 0 */
+        for (int l = 0; l < 16; ++l)
+            Lf[i][l] = dl[l] != 0.0f ? level(xt[i][l] / (dl[l] != 0.0f ? dl[l] : 1.0f), -32.0f, 31.0f) + 32.0f
+                                     : Lf[i][l];
+    for (int l = 0; l < 16; ++l)
+        for (int i = 0; i < 16; ++i) L[16 * l + i] = (uint8_t)Lf[i][l];
+    for (int h = 0; h < 2; ++h) {  /* two halves of 128 values: 64 bytes of low nibbles, 32 of high bits */
+        const uint8_t *q = L + 128 * h;
+        for (int l = 0; l < 32; ++l) {
+            out[64 * h + l] = (uint8_t)((q[l] & 0xF) | ((q[64 + l] & 0xF) << 4));
+            out[64 * h + 32 + l] = (uint8_t)((q[32 + l] & 0xF) | ((q[96 + l] & 0xF) << 4));
+            out[128 + 32 * h + l] = (uint8_t)((q[l] >> 4) | ((q[32 + l] >> 4) << 2) | ((q[64 + l] >> 4) << 4) |
+                                              ((q[96 + l] >> 4) << 6));
+        }
+    }
+    memcpy(out + 192, sc, 16);
+    put_u16(out + 208, d);
+}
+
+/* --------------------------------------------------------------------------------------------- driver */
+
+FB_INLINE void ggml_blocks(const float *x, int type, uint8_t *out, int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+        switch (type) {
+        case FB_GGML_Q8_0: q8_0_block(x + 32 * b, out + 34 * b); break;
+        case FB_GGML_Q4_0: q4_0_block(x + 32 * b, out + 18 * b); break;
+        case FB_GGML_Q4_K: q4_k_block(x + QK_K * b, out + 144 * b); break;
+        default: q6_k_block(x + QK_K * b, out + 210 * b); break;
+        }
+    }
+}
+
+#define FB_GGML_ARGS const float *x, int type, uint8_t *out, int64_t b0, int64_t b1
+#define FB_GGML_PASS x, type, out, b0, b1
+
+FB_ISA_VARIANTS(ggml_quantize, ggml_blocks, FB_GGML_ARGS, FB_GGML_PASS, FB_AVX512)
+
+/* Quantize n float32 values (n a multiple of the type's block: 32 for Q8_0/Q4_0, 256 for Q4_K/Q6_K) to
+ * GGML type `type` (FB_GGML_*), blocks in order into `out`. */
+int fb_quantize_ggml(const float *x, int type, int64_t n, uint8_t *out, int nthreads) {
+    if (type < FB_GGML_Q8_0 || type > FB_GGML_Q6_K) return FB_ERR_DTYPE;
+    const int64_t block = type <= FB_GGML_Q4_0 ? 32 : QK_K;
+    if (n % block) return FB_ERR_BLOCKSIZE;
+    /* Units of ~8k values, handed out as threads come free (on a shared machine a thread may lose its core
+     * for a while); every unit writes its own blocks, so the bytes do not depend on who runs which. */
+    const int64_t count = n / block, per = ((int64_t)1 << 13) / block, nchunks = (count + per - 1) / per;
+    __typeof__(&ggml_quantize_scalar) const run = FB_PICK(ggml_quantize);
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 4)
+    for (int64_t c = 0; c < nchunks; ++c) {
+        const int64_t b0 = c * per, b1 = b0 + per < count ? b0 + per : count;
+        run(FB_GGML_PASS);
+    }
+    return FB_OK;
+}

@@ -1,0 +1,111 @@
+"""The compiled GGUF block quantizers (``csrc/ggml_quants.c``, :func:`fourbit.kernels.cpu.quantize_ggml`) give the
+bytes of the numpy reference they replace: ``gguf.quants`` (gguf-py) for Q8_0 and Q4_0, fourbit's
+``models/export/kquants.py`` for Q4_K and Q6_K, on every vector path and thread count, including the inputs
+where float rounding, signed zeros and overflow decide a byte."""
+
+from __future__ import annotations
+
+import platform
+
+import numpy as np
+import pytest
+import torch
+
+from fourbit.kernels import cpu
+from fourbit.models.export.kquants import quantize_q4_k, quantize_q6_k
+
+TYPES = ("Q8_0", "Q4_0", "Q4_K", "Q6_K")
+
+
+@pytest.fixture
+def compiled():
+    if not cpu.available():
+        pytest.skip("no C compiler: the compiled kernels are not built")
+
+
+def _reference(values: np.ndarray, type_name: str) -> np.ndarray:
+    from gguf import GGMLQuantizationType, quants
+
+    with np.errstate(all="ignore"):  # the overflow cases warn in numpy; the bytes are what count
+        if type_name == "Q4_K":
+            return quantize_q4_k(values)
+        if type_name == "Q6_K":
+            return quantize_q6_k(values)
+        return quants.quantize(values, GGMLQuantizationType[type_name])
+
+
+def _awkward(rows: int, cols: int, seed: int) -> dict[str, np.ndarray]:
+    """Named [rows, cols] float32 inputs: Gaussian and heavy-tailed, zeros (both signs), one huge outlier,
+    one-signed rows, values near fp16's and float32's subnormals, small integers and halves (rounding ties),
+    sparse rows, and (on x86-64) values so large that squares and scales overflow."""
+    rng = np.random.default_rng(seed)
+    g = rng.standard_normal((rows, cols)).astype(np.float32)
+    signed_zeros = np.where(rng.random((rows, cols)) < 0.5, np.float32(-0.0), np.float32(0.0)).astype(np.float32)
+    outlier = g.copy()
+    outlier[rows // 2, cols // 3] = 3e4
+    sparse = g.copy()
+    sparse[:, ::2] = 0
+    mixed = g.copy()
+    mixed[:, : cols // 2] = np.abs(mixed[:, : cols // 2])  # super-blocks whose every min is a zero
+    cases = {
+        "gaussian": g,
+        "heavy": (g * np.exp(2 * rng.standard_normal((rows, cols)))).astype(np.float32),
+        "zeros": np.zeros((rows, cols), np.float32),
+        "signed_zeros": signed_zeros,
+        "outlier": outlier,
+        "negative": -np.abs(g),
+        "positive": np.abs(g),
+        "half_positive": mixed,
+        "fp16_subnormal": (g * 6e-8).astype(np.float32),
+        "f32_subnormal": (g * 1e-40).astype(np.float32),
+        "integers": rng.integers(-8, 8, (rows, cols)).astype(np.float32),
+        "halves": (rng.integers(-64, 64, (rows, cols)) / 2).astype(np.float32),
+        "sparse": sparse,
+        "beyond_fp16": (g * 7e4).astype(np.float32),
+    }
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        # squares that overflow make NaN levels, which numpy casts to INT32_MIN on x86-64 (the kernel copies
+        # that) but to 0 on ARM: compared where the reference's bytes are the ones the kernel follows
+        cases["squares_overflow"] = (g * 1e30).astype(np.float32)
+        cases["float32_max"] = (np.sign(g) * 3.4e38).astype(np.float32)
+    return cases
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+@pytest.mark.parametrize("rows", [1, 7])
+def test_bytes_equal_the_numpy_reference_on_every_path(type_name, rows, isa):
+    cols = 512 if type_name in ("Q4_K", "Q6_K") else 96
+    for case, values in _awkward(rows, cols, seed=rows).items():
+        got = cpu.quantize_ggml(torch.from_numpy(values), type_name).numpy()
+        want = _reference(values, type_name)
+        assert got.shape == want.shape and got.dtype == np.uint8, case
+        assert np.array_equal(got, want), f"{type_name} {case}: blocks differ"
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+def test_a_large_matrix_over_two_threads_equals_the_reference(type_name, two_threads, compiled):
+    """Enough rows that the work is split over threads (chunks of whole blocks), odd row count."""
+    rng = np.random.default_rng(3)
+    values = (rng.standard_normal((129, 2304)) * rng.uniform(1e-3, 10, (129, 1))).astype(np.float32)
+    got = cpu.quantize_ggml(torch.from_numpy(values), type_name).numpy()
+    assert np.array_equal(got, _reference(values, type_name))
+
+
+def test_the_reference_bytes_decode_back_near_the_input(compiled):
+    """An independent check of the reference itself: gguf's dequantizers read the blocks back close to the
+    input (the parity tests above would pass for two equally wrong implementations)."""
+    from gguf import GGMLQuantizationType, quants
+
+    values = np.random.default_rng(4).standard_normal((8, 512)).astype(np.float32)
+    bounds = {"Q8_0": 0.01, "Q4_0": 0.15, "Q4_K": 0.08, "Q6_K": 0.025}
+    for type_name, bound in bounds.items():
+        decoded = quants.dequantize(cpu.quantize_ggml(torch.from_numpy(values), type_name).numpy(),
+                                    GGMLQuantizationType[type_name])
+        assert np.linalg.norm(decoded - values) / np.linalg.norm(values) < bound, type_name
+
+
+def test_rows_that_do_not_split_into_blocks_and_unknown_types_are_refused(compiled):
+    with pytest.raises(ValueError, match="Q4_K blocks of 256"):
+        cpu.quantize_ggml(torch.zeros(2, 320), "Q4_K")
+    with pytest.raises(ValueError, match="no compiled kernel for 'Q5_0'"):
+        cpu.quantize_ggml(torch.zeros(2, 256), "Q5_0")
