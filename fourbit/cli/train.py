@@ -131,9 +131,10 @@ def _prepare(args: argparse.Namespace, world: Any, log: Any) -> tuple[Any, Any, 
     if eval_records is not None:
         check_records(eval_records, format=config.format, text_column=config.text_column,
                       label_column=label_column)
-    if config.memory_check and world.is_main:  # before the slow load: a run that cannot fit never starts
-        from fourbit.train.memory_check import check_finetune_fits
+    from fourbit.train.memory_check import check_finetune_fits, resolve_checkpoint_policy
 
+    config = resolve_checkpoint_policy(config)  # every rank alike
+    if config.memory_check and world.is_main:  # before the slow load: a run that cannot fit never starts
         config = check_finetune_fits(config, processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if world.size > 1 else 1)
     labels: list[str] = []
     if config.task == "classify":

@@ -35,6 +35,8 @@ __all__ = ["RUNTIME_BYTES", "FinetuneSettings", "MemoryPlan", "ModelCounts", "fl
 #: RSS of a process that has imported torch, fourbit and transformers with its modeling code (measured: 463 MiB
 #: for a llama on x86-64 Linux, torch 2.x, transformers 5; 258 MiB of it before transformers.modeling_utils)
 RUNTIME_BYTES = 470 * 2**20
+#: The most the ``auto`` checkpointing policy keeps of the LoRA layers' outputs (see :func:`keeps_matmul_outputs`).
+AUTO_KEEP_MAX_BYTES = 2**30
 _OPTIMIZER_STATE_BYTES = {32: 8, 8: 2}  # AdamW's two moments per trainable parameter, by state bits
 
 
@@ -191,6 +193,29 @@ def _lora_params(c: ModelCounts, s: FinetuneSettings) -> int:
     return sum(s.lora_r * (i + o) for _, i, o in chosen)
 
 
+def kept_matmul_output_bytes(c: ModelCounts, s: FinetuneSettings) -> int:
+    """What the ``keep-matmuls`` checkpointing policy keeps: every LoRA layer's output (q, k, v, o, gate, up,
+    down) for every token of every layer, in the compute dtype."""
+    per_token = (3 * c.hidden + 2 * c.kv_dim + 2 * c.intermediate) * s.compute_bytes
+    return s.batch_size * s.max_length * c.layers * per_token
+
+
+def keeps_matmul_outputs(c: ModelCounts, s: FinetuneSettings) -> bool:
+    """Whether a run with these settings keeps the LoRA layers' outputs through gradient checkpointing.
+
+    ``keep-matmuls`` always does and ``full`` never; ``auto`` does for sequences of up to
+    :data:`fourbit.nn.lora_matmul.AUTO_KEEP_MAX_SEQ_LEN` tokens when what it keeps costs at most
+    :data:`AUTO_KEEP_MAX_BYTES`: it saves a matmul pass (about a fifth of the step) but at 8B and 1,024
+    tokens it would keep 2.6 GiB in bf16, half as much again as the 4-bit weights; there memory is the point."""
+    from fourbit.nn.lora_matmul import AUTO_KEEP_MAX_SEQ_LEN
+
+    if not s.gradient_checkpointing or s.checkpoint_policy == "full":
+        return False
+    if s.checkpoint_policy == "keep-matmuls":
+        return True
+    return s.max_length <= AUTO_KEEP_MAX_SEQ_LEN and kept_matmul_output_bytes(c, s) <= AUTO_KEEP_MAX_BYTES
+
+
 def _plan_finetune(c: ModelCounts, q4: int, s: FinetuneSettings) -> dict[str, int]:
     """The 4-bit base with its float leftovers in the compute dtype (training casts them so), the adapter with
     its gradient and AdamW's two moments, the activations autograd keeps, and the loss's logits chunk.
@@ -201,16 +226,12 @@ def _plan_finetune(c: ModelCounts, q4: int, s: FinetuneSettings) -> dict[str, in
     float32). With gradient checkpointing each layer's input is kept, and one layer's full set while it is
     recomputed; the ``keep-matmuls`` policy (``auto`` up to 1,024 tokens) also keeps every LoRA layer's output
     (q, k, v, o, gate, up, down) so that the recomputation skips the matmuls."""
-    from fourbit.nn.lora_matmul import AUTO_KEEP_MAX_SEQ_LEN
-
     tokens = s.batch_size * s.max_length
     lora = _lora_params(c, s)
     per_layer = (10 * c.hidden + 2 * c.kv_dim + 4 * c.intermediate) * s.compute_bytes + 4 * c.heads * s.max_length
     if s.gradient_checkpointing:
-        keeps = s.checkpoint_policy == "keep-matmuls" or (
-            s.checkpoint_policy == "auto" and s.max_length <= AUTO_KEEP_MAX_SEQ_LEN)
-        kept = (3 * c.hidden + 2 * c.kv_dim + 2 * c.intermediate) * s.compute_bytes if keeps else 0
-        activations = tokens * (c.layers * (c.hidden * s.compute_bytes + kept) + per_layer)
+        kept = kept_matmul_output_bytes(c, s) if keeps_matmul_outputs(c, s) else 0
+        activations = tokens * c.layers * c.hidden * s.compute_bytes + kept + tokens * per_layer
     else:
         activations = tokens * c.layers * per_layer
     chunk = min(tokens, s.loss_chunk_size or tokens)

@@ -85,7 +85,8 @@ class TrainConfig:
         gradient_checkpointing_policy: ``keep-matmuls`` keeps the LoRA layers' outputs and recomputes only the
             cheap parts (norms, rotary embeddings, activations, attention); ``full`` recomputes everything
             (least memory); ``auto`` (default) is keep-matmuls for sequences of up to 1,024 tokens and full
-            beyond, where attention dominates the recomputation and kept outputs would cost much memory.
+            beyond, where attention dominates the recomputation and kept outputs would cost much memory; and
+            full for a model whose kept outputs would pass 1 GiB (an 8B at 1,024 tokens: 2.6 GiB in bf16).
         loss_chunk_size: tokens per chunk of the fused output-head cross-entropy; 0 computes the full logits.
         fused_kernels: run the fused LoRA, gated-MLP and RMSNorm training paths (default); off, the model runs
             the plain composition of PyTorch modules they are tested against

@@ -15,7 +15,8 @@ from fourbit.models.memory_plan import FinetuneSettings, MemoryPlan
 
 from .config import TrainConfig
 
-__all__ = ["MemoryWontFit", "available_memory_bytes", "check_finetune_fits", "finetune_plan", "finetune_settings"]
+__all__ = ["MemoryWontFit", "available_memory_bytes", "check_finetune_fits", "finetune_plan", "finetune_settings",
+           "resolve_checkpoint_policy"]
 
 
 class MemoryWontFit(ValueError):
@@ -38,14 +39,19 @@ def finetune_settings(config: TrainConfig) -> FinetuneSettings:
 
 def finetune_plan(config: TrainConfig, **plan_kwargs) -> MemoryPlan:
     """The memory plan of ``config.model`` (a folder with config.json) under ``config``'s settings."""
-    from fourbit.models import QuantConfig
     from fourbit.models.memory_plan import float_bytes_of, model_counts, plan_memory
 
-    quant = (QuantConfig(include=()) if config.quant == "none"
-             else QuantConfig(quant_type=config.quant, double_quant=config.double_quant))
+    quant = _quant_config(config)
     counts = model_counts(config.model, quant)
     return plan_memory(counts, quant, float_bytes=float_bytes_of(config.model), finetune=finetune_settings(config),
                        **plan_kwargs)
+
+
+def _quant_config(config: TrainConfig):
+    from fourbit.models import QuantConfig
+
+    return (QuantConfig(include=()) if config.quant == "none"
+            else QuantConfig(quant_type=config.quant, double_quant=config.double_quant))
 
 
 def available_memory_bytes() -> int | None:
@@ -84,6 +90,21 @@ def _peak(config: TrainConfig, processes: int = 1) -> int:
     return processes * finetune_plan(config).peak("finetune")
 
 
+def resolve_checkpoint_policy(config: TrainConfig) -> TrainConfig:
+    """The ``auto`` checkpointing policy as ``full`` when it would not keep the matmul outputs of a model this
+    size (:func:`fourbit.models.memory_plan.keeps_matmul_outputs`): the run then does what the plan assumed.
+    A model with no config.json to plan from is returned as it is."""
+    if config.model is None or not (Path(config.model) / "config.json").is_file():
+        return config
+    if not config.gradient_checkpointing or config.gradient_checkpointing_policy != "auto":
+        return config
+    from fourbit.models.memory_plan import keeps_matmul_outputs, model_counts
+
+    if keeps_matmul_outputs(model_counts(config.model, _quant_config(config)), finetune_settings(config)):
+        return config
+    return dataclasses.replace(config, gradient_checkpointing_policy="full")
+
+
 def check_finetune_fits(config: TrainConfig, available: int | None = None, processes: int = 1) -> TrainConfig:
     """``config``, checked against the memory available; raise :class:`MemoryWontFit` when its planned peak
     is above it, naming each single setting change that would bring it under (or saying none does).
@@ -99,6 +120,7 @@ def check_finetune_fits(config: TrainConfig, available: int | None = None, proce
     """
     if config.model is None or not (Path(config.model) / "config.json").is_file():
         return config
+    config = resolve_checkpoint_policy(config)
     available = available_memory_bytes() if available is None else available
     peak = _peak(config, processes)
     if available is None or peak <= available:

@@ -119,3 +119,19 @@ def test_a_tokenizer_larger_than_the_embedding_is_named_before_training(model, d
                      "--no-progress")
     message = assert_clean_error(result, "MODEL", "tokenizer")
     assert "200" in message and "259" in message and not (tmp_path / "run").exists()
+
+
+def test_auto_checkpointing_keeps_matmul_outputs_only_under_the_budget(model, monkeypatch):
+    """``auto`` keeps the LoRA layers' outputs when they cost at most ``AUTO_KEEP_MAX_BYTES`` (the tiny model at
+    1 x 512); with the budget below what they cost, the checked config says ``full`` and the plan drops them."""
+    from fourbit.models import memory_plan
+
+    config = TrainConfig(model=str(model), max_length=512, batch_size=1, gradient_checkpointing=True)
+    huge = 100 * _peak(model, max_length=512, batch_size=1)
+    assert check_finetune_fits(config, available=huge).gradient_checkpointing_policy == "auto"
+    kept = memory_plan.kept_matmul_output_bytes(memory_plan.model_counts(model), memory_check.finetune_settings(config))
+    assert kept > 0
+    auto_peak = _peak(model, **_settings(config))
+    monkeypatch.setattr(memory_plan, "AUTO_KEEP_MAX_BYTES", kept - 1)
+    assert check_finetune_fits(config, available=huge).gradient_checkpointing_policy == "full"
+    assert _peak(model, **_settings(config)) == _peak(model, **_settings(config, "full")) < auto_peak
