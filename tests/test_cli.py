@@ -95,6 +95,28 @@ def test_a_wrapped_field_error_names_its_flag_once():
     assert user_message(ValueError("a: b: c"), {}) == "a: b: c"  # different names stay
 
 
+def test_the_console_entry_point_starts_without_torch() -> None:
+    """Until ``console_main`` runs, a Ctrl-C meets Python's default handler: a traceback and the process ended by
+    the signal. Importing the entry point (``fourbit.cli``, and the package above it) must therefore be quick:
+    torch (seconds to import) comes later, inside ``console_main``'s own handling."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import sys, fourbit.cli; print(sorted(m for m in ('torch', 'numpy', 'transformers') if m in sys.modules))"
+    root = str(Path(__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": root},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+    import fourbit  # the package's names still come from fourbit.quant, on first use
+    from fourbit.quant import quantize_4bit
+
+    assert fourbit.quantize_4bit is quantize_4bit and "quantize_4bit" in dir(fourbit)
+    with pytest.raises(AttributeError, match="no_such_name"):
+        fourbit.no_such_name  # noqa: B018
+
+
 @pytest.mark.parametrize("returned", [0, KeyboardInterrupt])
 def test_console_main_exits_with_the_code_and_then_ignores_ctrl_c(monkeypatch, capsys, returned):
     """A Ctrl-C before a command began (while the arguments are parsed) exits 130 with one line; once the
