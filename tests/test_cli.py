@@ -117,6 +117,32 @@ def test_the_console_entry_point_starts_without_torch() -> None:
         fourbit.no_such_name  # noqa: B018
 
 
+@pytest.mark.parametrize("handler", ["python's", "fourbit's"])
+def test_a_ctrl_c_during_an_import_waits_for_the_import_to_finish(tmp_path, monkeypatch, handler) -> None:
+    """A module that gets a SIGINT while it initializes: under Python's handler the KeyboardInterrupt cuts its
+    initialization short (what left numpy half-made under torch's import); under fourbit's the import finishes
+    and the KeyboardInterrupt comes right after it."""
+    import importlib
+    import sys
+    import time
+
+    from fourbit.cli import CtrlCOutsideImports
+
+    name = f"ctrl_c_victim_{handler[:-2].replace(' ', '_')}"
+    (tmp_path / f"{name}.py").write_text("import signal\nsignal.raise_signal(signal.SIGINT)\nfinished = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    if handler == "python's":
+        with pytest.raises(KeyboardInterrupt):
+            importlib.import_module(name)
+        assert name not in sys.modules  # its initialization was cut short
+        return
+    with CtrlCOutsideImports.installed() as ctrl_c, pytest.raises(KeyboardInterrupt):
+        module = importlib.import_module(name)
+        assert ctrl_c.pending and module.finished
+        time.sleep(60)  # the kept Ctrl-C arrives here (SIGINT is sent again 20 ms after it was kept)
+    assert not ctrl_c.pending and sys.modules[name].finished
+
+
 @pytest.mark.parametrize("returned", [0, KeyboardInterrupt])
 def test_console_main_exits_with_the_code_and_then_ignores_ctrl_c(monkeypatch, capsys, returned):
     """A Ctrl-C before a command began (while the arguments are parsed) exits 130 with one line; once the

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
 import logging
@@ -18,8 +19,10 @@ import re
 import signal
 import sys
 import threading
+from collections.abc import Iterator
+from typing import Any
 
-__all__ = ["build_parser", "console_main", "main", "user_message"]
+__all__ = ["CtrlCOutsideImports", "build_parser", "console_main", "main", "user_message"]
 
 _COMMAND_MODULES = ("fourbit.cli.quant", "fourbit.cli.generate", "fourbit.cli.demo", "fourbit.cli.train",
                     "fourbit.cli.rag", "fourbit.cli.serve", "fourbit.cli.export", "fourbit.cli.plan")
@@ -89,13 +92,70 @@ def user_message(err: BaseException, flags: dict[str, str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fourbit`` console script. Returns the process exit code: 0, 1 for an error the
     user can fix (one line on stderr), 2 for bad usage, 130 for Ctrl-C."""
-    parser = build_parser()
+    with CtrlCOutsideImports.installed() as ctrl_c:  # the commands' modules import torch: seconds
+        parser = build_parser()
+    if ctrl_c.pending:
+        raise KeyboardInterrupt
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     return _run(parser, args)
+
+
+def _inside_import(frame: Any) -> bool:
+    """Whether ``frame`` runs inside an ``import`` (under importlib's bootstrap frames)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib._bootstrap"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+class CtrlCOutsideImports:
+    """A SIGINT handler that raises ``KeyboardInterrupt`` as Python's does, but never inside an ``import``.
+
+    An exception raised while a module initializes can leave it half-made for the rest of the process, or be
+    swallowed by a library that guards the import with its own ``except`` (seen with torch and numpy: a Ctrl-C
+    while they loaded let the run go on and fail later with a RecursionError, or run to the end). Inside an
+    import the Ctrl-C is kept (``pending``) and SIGINT sent again 20 ms later, until it lands outside.
+    """
+
+    def __init__(self) -> None:
+        self.pending = False
+        self._timer: threading.Timer | None = None
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if not _inside_import(frame):
+            self.pending = False
+            raise KeyboardInterrupt
+        self.pending = True
+        if self._timer is None or not self._timer.is_alive():
+            self._timer = threading.Timer(0.02, os.kill, (os.getpid(), signal.SIGINT))
+            self._timer.daemon = True
+            self._timer.start()
+
+    def cancel(self) -> None:
+        """No more SIGINT sent again (a kept one stays in ``pending``)."""
+        if self._timer is not None:
+            self._timer.cancel()
+
+    @classmethod
+    @contextlib.contextmanager
+    def installed(cls) -> Iterator[Any]:
+        """A new handler in force inside the block, in the main thread (elsewhere nothing is installed); the
+        previous handler back after it."""
+        handler = cls()
+        if threading.current_thread() is not threading.main_thread():
+            yield handler
+            return
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield handler
+        finally:
+            handler.cancel()
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
 def console_main() -> None:

@@ -7,17 +7,14 @@ model, then calls the same functions a Python user calls.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
-import signal
 import sys
-import threading
-from collections.abc import Iterator
 from typing import Any
 
 from fourbit._errors import FieldError
+from fourbit.cli import CtrlCOutsideImports
 
 __all__ = ["add_parser", "cmd_finetune", "cmd_merge"]
 
@@ -173,34 +170,22 @@ def _stopped_at_once(out: Any, before: tuple[str, int] | None, *, resumed: bool)
             "--resume to continue")
 
 
-class _CtrlC:
-    """The SIGINT handler of ``finetune``: ``KeyboardInterrupt`` while ``stop_at_once`` (the loading), after that
-    a request to stop, recorded in ``requested``. The trainer's handler replaces it while the run trains and
-    starts with the request recorded here, if any (see :func:`fourbit.train.trainer.train`)."""
+class _CtrlC(CtrlCOutsideImports):
+    """The SIGINT handler of ``finetune``: ``KeyboardInterrupt`` while ``stop_at_once`` (the loading; never
+    inside an import, see :class:`~fourbit.cli.CtrlCOutsideImports`), after that a request to stop, recorded in
+    ``requested``. The trainer's handler replaces it while the run trains and starts with the request recorded
+    here, if any (see :func:`fourbit.train.trainer.train`)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.stop_at_once = True
         self.requested = False
 
     def __call__(self, signum: int, frame: Any) -> None:
         if self.stop_at_once:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    @classmethod
-    @contextlib.contextmanager
-    def installed(cls) -> Iterator[_CtrlC]:
-        """A new handler in force inside the block (in the main thread; elsewhere it only records nothing),
-        the previous one back after it."""
-        handler = cls()
-        if threading.current_thread() is not threading.main_thread():
-            yield handler
-            return
-        previous = signal.signal(signal.SIGINT, handler)
-        try:
-            yield handler
-        finally:
-            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+            super().__call__(signum, frame)
+        else:
+            self.requested = True
 
 
 def _print_summary(result: Any, as_json: bool) -> None:
