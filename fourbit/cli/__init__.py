@@ -104,10 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     return _run(parser, args)
 
 
+_BOOTSTRAP_FILES = (os.path.join("importlib", "_bootstrap.py"), os.path.join("importlib", "_bootstrap_external.py"))
+
+
 def _inside_import(frame: Any) -> bool:
-    """Whether ``frame`` runs inside an ``import`` (under importlib's bootstrap frames)."""
+    """Whether ``frame`` runs inside an ``import`` (under importlib's bootstrap frames, frozen or not)."""
     while frame is not None:
-        if frame.f_code.co_filename.startswith("<frozen importlib._bootstrap"):
+        name = frame.f_code.co_filename
+        if name.startswith("<frozen importlib._bootstrap") or name.endswith(_BOOTSTRAP_FILES):
             return True
         frame = frame.f_back
     return False
