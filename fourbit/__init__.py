@@ -34,11 +34,12 @@ _FROM_QUANT = frozenset(__all__) - {"__version__"}
 
 
 def __getattr__(name: str) -> Any:
-    """The public names of :mod:`fourbit.quant`, imported on first use (PEP 562)."""
-    if name in _FROM_QUANT:
+    """The public names of :mod:`fourbit.quant`, imported on first use (PEP 562); so are ``fourbit.quant`` and
+    ``fourbit.kernels`` themselves, which ``import fourbit`` used to import."""
+    if name in _FROM_QUANT or name in ("quant", "kernels"):
         import fourbit.quant
 
-        return getattr(fourbit.quant, name)
+        return getattr(fourbit.quant, name) if name in _FROM_QUANT else globals()[name]
     raise AttributeError(f"module 'fourbit' has no attribute {name!r}")
 
 

@@ -113,6 +113,7 @@ def test_the_console_entry_point_starts_without_torch() -> None:
     from fourbit.quant import quantize_4bit
 
     assert fourbit.quantize_4bit is quantize_4bit and "quantize_4bit" in dir(fourbit)
+    assert fourbit.quant.QuantState is fourbit.QuantState and fourbit.kernels.__name__ == "fourbit.kernels"
     with pytest.raises(AttributeError, match="no_such_name"):
         fourbit.no_such_name  # noqa: B018
 
