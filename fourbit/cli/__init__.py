@@ -91,17 +91,20 @@ def user_message(err: BaseException, flags: dict[str, str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fourbit`` console script. Returns the process exit code: 0, 1 for an error the
-    user can fix (one line on stderr), 2 for bad usage, 130 for Ctrl-C."""
-    with CtrlCOutsideImports.installed() as ctrl_c:  # the commands' modules import torch: seconds
+    user can fix (one line on stderr), 2 for bad usage, 130 for Ctrl-C.
+
+    A Ctrl-C raises ``KeyboardInterrupt`` as usual, but not inside an import (the commands import torch,
+    transformers and more as they go: see :class:`CtrlCOutsideImports`)."""
+    with CtrlCOutsideImports.installed() as ctrl_c:
         parser = build_parser()
-    if ctrl_c.pending:
-        raise KeyboardInterrupt
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    return _run(parser, args)
+        if ctrl_c.pending:  # kept while the commands' modules imported torch (seconds)
+            raise KeyboardInterrupt
+        args = parser.parse_args(argv)
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
+        return _run(parser, args)
 
 
 _BOOTSTRAP_FILES = (os.path.join("importlib", "_bootstrap.py"), os.path.join("importlib", "_bootstrap_external.py"))
