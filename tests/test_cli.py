@@ -122,7 +122,7 @@ def test_the_console_entry_point_starts_without_torch() -> None:
 def test_a_ctrl_c_during_an_import_waits_for_the_import_to_finish(tmp_path, monkeypatch, handler) -> None:
     """A module that gets a SIGINT while it initializes: under Python's handler the KeyboardInterrupt cuts its
     initialization short (what left numpy half-made under torch's import); under fourbit's the import finishes
-    and the KeyboardInterrupt comes right after it."""
+    and the KeyboardInterrupt comes right after it; a second Ctrl-C meanwhile stops it at once."""
     import importlib
     import sys
     import time
@@ -142,6 +142,13 @@ def test_a_ctrl_c_during_an_import_waits_for_the_import_to_finish(tmp_path, monk
         assert ctrl_c.pending and module.finished
         time.sleep(60)  # the kept Ctrl-C arrives here (SIGINT is sent again 20 ms after it was kept)
     assert not ctrl_c.pending and sys.modules[name].finished
+
+    # A second Ctrl-C while the first is kept stops at once, inside the import.
+    (tmp_path / f"{name}_twice.py").write_text("import signal\nsignal.raise_signal(signal.SIGINT)\n"
+                                                "signal.raise_signal(signal.SIGINT)\nfinished = True\n")
+    with CtrlCOutsideImports.installed(), pytest.raises(KeyboardInterrupt):
+        importlib.import_module(f"{name}_twice")
+    assert f"{name}_twice" not in sys.modules
 
 
 @pytest.mark.parametrize("returned", [0, KeyboardInterrupt])

@@ -126,22 +126,29 @@ class CtrlCOutsideImports:
     An exception raised while a module initializes can leave it half-made for the rest of the process, or be
     swallowed by a library that guards the import with its own ``except`` (seen with torch and numpy: a Ctrl-C
     while they loaded let the run go on and fail later with a RecursionError, or run to the end). Inside an
-    import the Ctrl-C is kept (``pending``) and SIGINT sent again 20 ms later, until it lands outside.
+    import the Ctrl-C is kept (``pending``) and SIGINT sent again 20 ms later, until it lands outside. A second
+    Ctrl-C while one is kept raises at once, wherever it lands (the way out of an import that hangs).
     """
 
     def __init__(self) -> None:
         self.pending = False
+        self._resent = False
         self._timer: threading.Timer | None = None
 
     def __call__(self, signum: int, frame: Any) -> None:
-        if not _inside_import(frame):
+        ours, self._resent = self._resent, False
+        if not _inside_import(frame) or (self.pending and not ours):
             self.pending = False
             raise KeyboardInterrupt
         self.pending = True
         if self._timer is None or not self._timer.is_alive():
-            self._timer = threading.Timer(0.02, os.kill, (os.getpid(), signal.SIGINT))
+            self._timer = threading.Timer(0.02, self._send_again)
             self._timer.daemon = True
             self._timer.start()
+
+    def _send_again(self) -> None:
+        self._resent = True
+        os.kill(os.getpid(), signal.SIGINT)
 
     def cancel(self) -> None:
         """No more SIGINT sent again (a kept one stays in ``pending``)."""
