@@ -95,6 +95,62 @@ def test_a_wrapped_field_error_names_its_flag_once():
     assert user_message(ValueError("a: b: c"), {}) == "a: b: c"  # different names stay
 
 
+def test_the_console_entry_point_starts_without_torch() -> None:
+    """Until ``console_main`` runs, a Ctrl-C meets Python's default handler: a traceback and the process ended by
+    the signal. Importing the entry point (``fourbit.cli``, and the package above it) must therefore be quick:
+    torch (seconds to import) comes later, inside ``console_main``'s own handling."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import sys, fourbit.cli; print(sorted(m for m in ('torch', 'numpy', 'transformers') if m in sys.modules))"
+    root = str(Path(__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": root},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+    import fourbit  # the package's names still come from fourbit.quant, on first use
+    from fourbit.quant import quantize_4bit
+
+    assert fourbit.quantize_4bit is quantize_4bit and "quantize_4bit" in dir(fourbit)
+    assert fourbit.quant.QuantState is fourbit.QuantState and fourbit.kernels.__name__ == "fourbit.kernels"
+    with pytest.raises(AttributeError, match="no_such_name"):
+        fourbit.no_such_name  # noqa: B018
+
+
+@pytest.mark.parametrize("handler", ["python's", "fourbit's"])
+def test_a_ctrl_c_during_an_import_waits_for_the_import_to_finish(tmp_path, monkeypatch, handler) -> None:
+    """A module that gets a SIGINT while it initializes: under Python's handler the KeyboardInterrupt cuts its
+    initialization short (what left numpy half-made under torch's import); under fourbit's the import finishes
+    and the KeyboardInterrupt comes right after it; a second Ctrl-C meanwhile stops it at once."""
+    import importlib
+    import sys
+    import time
+
+    from fourbit.cli import CtrlCOutsideImports
+
+    name = f"ctrl_c_victim_{handler[:-2].replace(' ', '_')}"
+    (tmp_path / f"{name}.py").write_text("import signal\nsignal.raise_signal(signal.SIGINT)\nfinished = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    if handler == "python's":
+        with pytest.raises(KeyboardInterrupt):
+            importlib.import_module(name)
+        assert name not in sys.modules  # its initialization was cut short
+        return
+    with CtrlCOutsideImports.installed() as ctrl_c, pytest.raises(KeyboardInterrupt):
+        module = importlib.import_module(name)
+        assert ctrl_c.pending and module.finished
+        time.sleep(60)  # the kept Ctrl-C arrives here (SIGINT is sent again 20 ms after it was kept)
+    assert not ctrl_c.pending and sys.modules[name].finished
+
+    # A second Ctrl-C while the first is kept stops at once, inside the import.
+    (tmp_path / f"{name}_twice.py").write_text("import signal\nsignal.raise_signal(signal.SIGINT)\n"
+                                                "signal.raise_signal(signal.SIGINT)\nfinished = True\n")
+    with CtrlCOutsideImports.installed(), pytest.raises(KeyboardInterrupt):
+        importlib.import_module(f"{name}_twice")
+    assert f"{name}_twice" not in sys.modules
+
+
 @pytest.mark.parametrize("returned", [0, KeyboardInterrupt])
 def test_console_main_exits_with_the_code_and_then_ignores_ctrl_c(monkeypatch, capsys, returned):
     """A Ctrl-C before a command began (while the arguments are parsed) exits 130 with one line; once the

@@ -1,8 +1,14 @@
 """Bad model files and folders through the command line: each fails with exit code 1 and one line that names
 the file, field or flag and says what to do; no traceback; inputs and earlier outputs are left as they were.
 
-Also: a quantize killed with SIGKILL in the middle of saving leaves nothing that looks like a finished
-checkpoint, and running it again gives the same bytes as a run that was never interrupted.
+Also: a quantize (of one file or streamed from shards) or an export killed with SIGKILL in the middle of
+writing leaves nothing that looks like a finished output, and running it again gives the same bytes as a run
+that was never interrupted; DoRA and LoftQ where they cannot apply are refused the same way.
+
+Elsewhere, the same treatment of the other new commands and fields: the memory planner's refusal
+(tests/train/test_memory_check.py), GGUF export's bad flags, architectures, folders and full disks
+(tests/test_export.py), the server's bad bodies, adapters and overload (tests/serve/test_errors.py,
+test_options.py, test_load_adapters.py, test_overload.py), nothing indexable (tests/rag/test_bad_inputs.py).
 """
 
 from __future__ import annotations
@@ -509,3 +515,124 @@ def test_sigkill_during_streaming_quantization_leaves_nothing_that_looks_complet
     _no_temps(tmp_path)
     assert _quantize(sharded, reference).code == 0
     assert _snapshot(out) == _snapshot(reference), "the rerun wrote the bytes of an uninterrupted run"
+
+
+@pytest.mark.parametrize("previous", [False, True])
+def test_disk_full_during_streaming_quantization_names_the_file_and_leaves_nothing(sharded, tmp_path, monkeypatch,
+                                                                                   previous):
+    """The disk fills while the tensors streamed from the shards are written (the third one): one line naming
+    the output file, exit 1, no temporary left, and an earlier checkpoint in --out as it was."""
+    import fourbit._io as fio
+
+    out = tmp_path / "q4"
+    if previous:
+        assert _quantize(sharded, out, "--quant-type", "fp4").code == 0
+    before = _snapshot(out) if previous else None
+    real, calls = fio.SafetensorsStreamWriter.write, []
+
+    def disk_full(self, name, tensor):
+        calls.append(name)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, name, tensor)
+
+    monkeypatch.setattr(fio.SafetensorsStreamWriter, "write", disk_full)
+    message = assert_clean_error(_quantize(sharded, out, "--overwrite"), str(out / "model.safetensors"))
+    assert "no space left" in message and len(calls) == 3
+    assert (_snapshot(out) == before) if previous else not out.exists()
+    _no_temps(tmp_path)
+
+
+# ---------------------------------------------------------------------------- DoRA and LoftQ where they cannot apply
+def _dora_run(model: Path, tmp_path: Path) -> Path:
+    """A finetune run with a DoRA adapter (one step)."""
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": f"{i} plus 3 is {i + 3}."}) + "\n" for i in range(12)))
+    out = tmp_path / "dora-run"
+    result = run_cli("finetune", model, "--data", data, "--out", out, "--use-dora", "--max-steps", "1",
+                     "--lora-r", "4", "--batch-size", "2", "--max-length", "64", "--compute-dtype", "fp32",
+                     "--no-progress", "--json")
+    assert result.code == 0, result.err
+    return out
+
+
+@pytest.mark.parametrize("case", ["loftq on a 4-bit checkpoint", "loftq without a 4-bit base",
+                                  "loftq for classification"])
+def test_loftq_where_it_cannot_apply_is_named_and_nothing_is_written(tiny_llama_dir, checkpoint, tmp_path, case):
+    """LoftQ fits the adapter to the error of quantizing the float weights: a base that is already 4-bit, a run
+    without a 4-bit base, and a classifier are refused with one line naming the flags (and the checkpoint)."""
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": f"{i} plus 3 is {i + 3}.", "label": str(i % 2)}) + "\n"
+                            for i in range(12)))
+    model, extra, names = {
+        "loftq on a 4-bit checkpoint": (checkpoint, [], ["--init-lora-weights", str(checkpoint), "float"]),
+        "loftq without a 4-bit base": (tiny_llama_dir, ["--quant", "none"], ["--init-lora-weights", "--quant"]),
+        "loftq for classification": (tiny_llama_dir, ["--task", "classify"], ["--init-lora-weights", "--task"]),
+    }[case]
+    before = _snapshot(checkpoint)
+    out = tmp_path / "run"
+    result = run_cli("finetune", model, "--data", data, "--out", out, "--init-lora-weights", "loftq",
+                     "--max-steps", "1", "--lora-r", "4", "--compute-dtype", "fp32", "--no-progress", *extra)
+    assert_clean_error(result, *names)
+    assert not out.exists() and _snapshot(checkpoint) == before
+    _no_temps(tmp_path)
+
+
+def test_a_dora_adapter_cannot_become_a_llama_cpp_lora_file(tiny_llama_dir, tmp_path):
+    """llama.cpp's LoRA file has no place for DoRA's magnitude vectors: ``export --lora-gguf`` of a DoRA run is
+    refused naming --adapter and what to do, and writes nothing; the merged model exports."""
+    run = _dora_run(tiny_llama_dir, tmp_path)
+    out = tmp_path / "exports"
+    out.mkdir()
+    message = assert_clean_error(run_cli("export", tiny_llama_dir, "--adapter", run, "--lora-gguf",
+                                         out / "a.gguf"), "--adapter", "DoRA")
+    assert "--gguf" in message
+    assert list(out.iterdir()) == []
+    merged = run_cli("export", tiny_llama_dir, "--adapter", run, "--gguf", out / "m.gguf", "--type", "q8_0",
+                     "--no-modelfile")
+    assert merged.code == 0, merged.err
+    assert sorted(p.name for p in out.iterdir()) == ["m.gguf"]
+
+
+# ---------------------------------------------------------------------------------------- killed GGUF export
+_KILLABLE_EXPORT = textwrap.dedent("""
+    import sys, time
+    import gguf
+
+    real = gguf.GGUFWriter.write_tensor_data
+    calls = []
+
+    def stall(self, *args, **kwargs):
+        # Two tensors written, the rest not yet: say so and wait for the SIGKILL.
+        calls.append(1)
+        if len(calls) == 3:
+            open(sys.argv[1], "w").close()
+            time.sleep(600)
+        return real(self, *args, **kwargs)
+
+    gguf.GGUFWriter.write_tensor_data = stall
+    from fourbit.cli import main
+    sys.exit(main(sys.argv[2:]))
+""")
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("previous", [False, True])
+def test_sigkill_during_export_leaves_nothing_that_looks_complete(tiny_llama_dir, tmp_path, previous):
+    """``fourbit export`` killed while it writes the tensors: no file under the output name (an older export
+    there is kept), only fourbit's temporary, which the rerun removes; the rerun's bytes equal an uninterrupted
+    export's."""
+    out = tmp_path / "m.gguf"
+    if previous:
+        out.write_bytes(b"an older export")
+    argv = ["export", str(tiny_llama_dir), "--gguf", str(out), "--type", "q8_0", "--no-modelfile"]
+    _kill_mid_save(tmp_path, argv, _KILLABLE_EXPORT)
+    assert (out.read_bytes() == b"an older export") if previous else not out.exists()
+    temps = [p for p in tmp_path.iterdir() if p.name.startswith(TEMP_PREFIX)]
+    assert temps and all(p.name.endswith("m.gguf") for p in temps), "the killed export's partial file is a temporary"
+
+    assert run_cli(*argv).code == 0
+    _no_temps(tmp_path)
+    reference = tmp_path / "reference.gguf"
+    assert run_cli("export", tiny_llama_dir, "--gguf", reference, "--type", "q8_0", "--no-modelfile").code == 0
+    assert out.read_bytes() == reference.read_bytes(), "the rerun wrote the bytes of an uninterrupted export"

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
 import logging
@@ -18,8 +19,10 @@ import re
 import signal
 import sys
 import threading
+from collections.abc import Iterator
+from typing import Any
 
-__all__ = ["build_parser", "console_main", "main", "user_message"]
+__all__ = ["CtrlCOutsideImports", "build_parser", "console_main", "main", "user_message"]
 
 _COMMAND_MODULES = ("fourbit.cli.quant", "fourbit.cli.generate", "fourbit.cli.demo", "fourbit.cli.train",
                     "fourbit.cli.rag", "fourbit.cli.serve", "fourbit.cli.export", "fourbit.cli.plan")
@@ -88,14 +91,85 @@ def user_message(err: BaseException, flags: dict[str, str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fourbit`` console script. Returns the process exit code: 0, 1 for an error the
-    user can fix (one line on stderr), 2 for bad usage, 130 for Ctrl-C."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    return _run(parser, args)
+    user can fix (one line on stderr), 2 for bad usage, 130 for Ctrl-C.
+
+    A Ctrl-C raises ``KeyboardInterrupt`` as usual, but not inside an import (the commands import torch,
+    transformers and more as they go: see :class:`CtrlCOutsideImports`)."""
+    with CtrlCOutsideImports.installed() as ctrl_c:
+        parser = build_parser()
+        if ctrl_c.pending:  # kept while the commands' modules imported torch (seconds)
+            raise KeyboardInterrupt
+        args = parser.parse_args(argv)
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
+        return _run(parser, args)
+
+
+_BOOTSTRAP_FILES = (os.path.join("importlib", "_bootstrap.py"), os.path.join("importlib", "_bootstrap_external.py"))
+
+
+def _inside_import(frame: Any) -> bool:
+    """Whether ``frame`` runs inside an ``import`` (under importlib's bootstrap frames, frozen or not)."""
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if name.startswith("<frozen importlib._bootstrap") or name.endswith(_BOOTSTRAP_FILES):
+            return True
+        frame = frame.f_back
+    return False
+
+
+class CtrlCOutsideImports:
+    """A SIGINT handler that raises ``KeyboardInterrupt`` as Python's does, but never inside an ``import``.
+
+    An exception raised while a module initializes can leave it half-made for the rest of the process, or be
+    swallowed by a library that guards the import with its own ``except`` (seen with torch and numpy: a Ctrl-C
+    while they loaded let the run go on and fail later with a RecursionError, or run to the end). Inside an
+    import the Ctrl-C is kept (``pending``) and SIGINT sent again 20 ms later, until it lands outside. A second
+    Ctrl-C while one is kept raises at once, wherever it lands (the way out of an import that hangs).
+    """
+
+    def __init__(self) -> None:
+        self.pending = False
+        self._resent = False
+        self._timer: threading.Timer | None = None
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        ours, self._resent = self._resent, False
+        if not _inside_import(frame) or (self.pending and not ours):
+            self.pending = False
+            raise KeyboardInterrupt
+        self.pending = True
+        if self._timer is None or not self._timer.is_alive():
+            self._timer = threading.Timer(0.02, self._send_again)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _send_again(self) -> None:
+        self._resent = True
+        os.kill(os.getpid(), signal.SIGINT)
+
+    def cancel(self) -> None:
+        """No more SIGINT sent again (a kept one stays in ``pending``)."""
+        if self._timer is not None:
+            self._timer.cancel()
+
+    @classmethod
+    @contextlib.contextmanager
+    def installed(cls) -> Iterator[Any]:
+        """A new handler in force inside the block, in the main thread (elsewhere nothing is installed); the
+        previous handler back after it."""
+        handler = cls()
+        if threading.current_thread() is not threading.main_thread():
+            yield handler
+            return
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield handler
+        finally:
+            handler.cancel()
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
 def console_main() -> None:

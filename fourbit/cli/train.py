@@ -7,17 +7,14 @@ model, then calls the same functions a Python user calls.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
-import signal
 import sys
-import threading
-from collections.abc import Iterator
 from typing import Any
 
 from fourbit._errors import FieldError
+from fourbit.cli import CtrlCOutsideImports
 
 __all__ = ["add_parser", "cmd_finetune", "cmd_merge"]
 
@@ -86,22 +83,31 @@ def _finetune(args: argparse.Namespace, world: Any) -> int:
 
     quiet = not world.is_main
     log = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-    try:
-        config, plan, model, tokenizer, data = world.agree(lambda: _prepare(args, world, log),
-                                                           "the loading of the model and data")
-    except KeyboardInterrupt:
+    # One SIGINT handler from here to the end of the command, so that no Ctrl-C meets Python's default one in
+    # between: it stops the loading at once, the trainer's own handler takes over while it trains (and takes a
+    # Ctrl-C that came before it did), and once the run is complete a Ctrl-C has nothing left to stop.
+    with _CtrlC.installed() as ctrl_c:
+        try:
+            config, plan, model, tokenizer, data = world.agree(lambda: _prepare(args, world, log),
+                                                               "the loading of the model and data")
+            ctrl_c.stop_at_once = False
+        except KeyboardInterrupt:
+            if not quiet:
+                print("fourbit finetune: interrupted before the first step; nothing was written", file=sys.stderr)
+            return 130
+        before = _newest_checkpoint(config.out) if not quiet else None
+        try:
+            result = train(config, model, tokenizer, data=data, plan=plan, log=log, world=world)
+        except TrainingInterrupted as stop:
+            if not quiet:
+                print(f"fourbit finetune: interrupted at step {stop.step}; checkpoint {stop.checkpoint} written: "
+                      "run the same command with --resume to continue", file=sys.stderr)
+            return 130
+        except KeyboardInterrupt:  # a second Ctrl-C stops at once; checkpoints are written whole or not at all
+            if not quiet:
+                print(_stopped_at_once(config.out, before, resumed=config.resume), file=sys.stderr)
+            return 130
         if not quiet:
-            print("fourbit finetune: interrupted before the first step; nothing was written", file=sys.stderr)
-        return 130
-    try:
-        result = train(config, model, tokenizer, data=data, plan=plan, log=log, world=world)
-    except TrainingInterrupted as stop:
-        if not quiet:
-            print(f"fourbit finetune: interrupted at step {stop.step}; checkpoint {stop.checkpoint} written: run "
-                  "the same command with --resume to continue", file=sys.stderr)
-        return 130
-    if not quiet:
-        with _sigint_ignored():  # the run is complete: a Ctrl-C now has nothing left to stop
             _print_summary(result, args.json)
     return 0
 
@@ -146,17 +152,41 @@ def _prepare(args: argparse.Namespace, world: Any, log: Any) -> tuple[Any, Any, 
     return config, plan, model, tokenizer, data
 
 
-@contextlib.contextmanager
-def _sigint_ignored() -> Iterator[None]:
-    """SIGINT ignored inside the block (in the main thread), the previous handler back after it."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+def _newest_checkpoint(out: Any) -> tuple[str, int] | None:
+    """The newest checkpoint folder under ``out`` as (path, inode), so that one written by this run is told
+    from an older run's of the same name; None if there is none."""
+    from fourbit.train.checkpoint import latest_checkpoint
+
+    folder = latest_checkpoint(out)
+    return (str(folder), folder.stat().st_ino) if folder is not None else None
+
+
+def _stopped_at_once(out: Any, before: tuple[str, int] | None, *, resumed: bool) -> str:
+    """The line for a run stopped at once by Ctrl-C: the checkpoint to resume from, or that nothing was written
+    (a new run's folder becomes ``out`` only at its first checkpoint; an older run there stays as it was)."""
+    newest = _newest_checkpoint(out)
+    if newest is None or (newest == before and not resumed):
+        return "fourbit finetune: interrupted before this run's first checkpoint; nothing was written"
+    return (f"fourbit finetune: interrupted; checkpoint {newest[0]} is the newest: run the same command with "
+            "--resume to continue")
+
+
+class _CtrlC(CtrlCOutsideImports):
+    """The SIGINT handler of ``finetune``: ``KeyboardInterrupt`` while ``stop_at_once`` (the loading; never
+    inside an import, see :class:`~fourbit.cli.CtrlCOutsideImports`), after that a request to stop, recorded in
+    ``requested``. The trainer's handler replaces it while the run trains and starts with the request recorded
+    here, if any (see :func:`fourbit.train.trainer.train`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stop_at_once = True
+        self.requested = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.stop_at_once:
+            super().__call__(signum, frame)
+        else:
+            self.requested = True
 
 
 def _print_summary(result: Any, as_json: bool) -> None:

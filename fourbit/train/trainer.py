@@ -221,8 +221,9 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 class _Interrupts:
     """Turns the first SIGINT into a request to stop at the next step boundary; a second one raises
-    ``KeyboardInterrupt`` at once. The previous handler is back when the block ends. Only the main thread can
-    install signal handlers; elsewhere this does nothing (``requested`` stays false)."""
+    ``KeyboardInterrupt`` at once. The previous handler is back when the block ends. A previous handler with a
+    true ``requested`` attribute (a caller's, which recorded a Ctrl-C instead of raising) hands that request on.
+    Only the main thread can install signal handlers; elsewhere this does nothing (``requested`` stays false)."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -238,6 +239,7 @@ class _Interrupts:
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handle)
             self._installed = True
+            self.requested = self.requested or getattr(self._previous, "requested", False) is True
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -192,6 +192,11 @@ def _start_and_wait(ws: dict[str, Path], out: Path, pause: str, *extra: str) -> 
     proc = subprocess.Popen([sys.executable, str(_LAUNCHER), pause, str(marker), "--",
                              *_finetune_args(ws, out, *extra)],
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(proc, marker, pause)
+    return proc, marker
+
+
+def _wait_for(proc: subprocess.Popen, marker: Path, pause: str) -> None:
     deadline = time.monotonic() + _DEADLINE_S
     while not marker.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -199,7 +204,6 @@ def _start_and_wait(ws: dict[str, Path], out: Path, pause: str, *extra: str) -> 
             _, err_text = proc.communicate()
             pytest.fail(f"finetune never reached {pause} (exit {proc.returncode}): {err_text[-2000:]}")
         time.sleep(0.05)
-    return proc, marker
 
 
 def _summary(stdout: str) -> dict:
@@ -234,8 +238,9 @@ def test_sigkill_while_writing_a_checkpoint_then_resume(workspace, uninterrupted
 # (pause point, --save-steps, the step the run stops after). Ctrl-C before the first step, between steps with
 # no periodic checkpoint (the one to resume from is written because of the Ctrl-C), while a checkpoint is being
 # written, during an evaluation, and after the last step: each stops at a step boundary with a checkpoint.
-_CTRL_C_POINTS = [("step:0", "1", 1), ("step:2", "0", 2), ("checkpoint:2", "1", 2), ("eval:1", "1", 2),
-                  ("step:4", "1", 4)]
+# Ctrl-C after the loading, before the trainer's own handler is in force, counts as one before the first step.
+_CTRL_C_POINTS = [("train:0", "1", 1), ("step:0", "1", 1), ("step:2", "0", 2), ("checkpoint:2", "1", 2),
+                  ("eval:1", "1", 2), ("step:4", "1", 4)]
 
 
 @pytest.mark.multiprocess
@@ -260,6 +265,64 @@ def test_sigint_stops_at_a_step_with_a_checkpoint_then_resume(workspace, uninter
     assert _summary(done.stdout)["resumed_from"] == stopped_at
     _assert_same_adapter(uninterrupted, out)
     assert _curve(uninterrupted) == _curve(out)
+
+
+@pytest.mark.multiprocess
+def test_a_second_sigint_stops_at_once_and_names_the_checkpoint_to_resume(workspace, uninterrupted) -> None:
+    """The first Ctrl-C after step 2 asks for a stop; a second one while step 2's checkpoint is written stops at
+    once: exit 130, one line naming step 1's checkpoint (step 2's was not finished, so it is not there), and
+    --resume from it is exact."""
+    out = workspace["root"] / "twice"
+    proc, marker = _start_and_wait(workspace, out, "step:2,checkpoint:2", "--save-steps", "1")
+    proc.send_signal(signal.SIGINT)
+    _wait_for(proc, Path(f"{marker}.1"), "checkpoint:2")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=_DEADLINE_S)
+    assert proc.returncode == 130, err[-3000:]
+    lines = [line for line in err.splitlines() if "interrupted" in line]
+    assert "Traceback" not in err and len(lines) == 1, err[-3000:]
+    assert f"checkpoint {out / 'checkpoints' / 'step-000001'} is the newest" in lines[0], lines
+    assert "--resume" in lines[0]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith(TEMP_PREFIX)) == [
+        "step-000001"]
+    done = _finish(workspace, out, "--save-steps", "1", "--resume")
+    assert _summary(done.stdout)["resumed_from"] == 1
+    _assert_same_adapter(uninterrupted, out)
+    assert _curve(uninterrupted) == _curve(out)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("pause", ["parse:0", "load:0"])
+def test_sigint_before_training_stops_at_once_and_writes_nothing(workspace, pause: str) -> None:
+    """While the command line is read or the model loads (Python's default handler, then the command's, raise
+    at once): exit 130 and one line, no traceback, nothing under --out."""
+    out = workspace["root"] / f"early-{pause.split(':')[0]}"
+    proc, _ = _start_and_wait(workspace, out, pause, "--save-steps", "1")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=_DEADLINE_S)
+    assert proc.returncode == 130, err[-3000:]
+    lines = [line for line in err.splitlines() if "interrupted" in line]
+    assert "Traceback" not in err and len(lines) == 1, err[-3000:]
+    assert lines[0] == ("fourbit: interrupted" if pause == "parse:0" else
+                        "fourbit finetune: interrupted before the first step; nothing was written"), lines
+    assert not out.exists()
+    assert not [p for p in workspace["root"].iterdir() if p.name.startswith(TEMP_PREFIX)]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("pause", ["finish:0", "returned:0"])
+def test_sigint_once_the_last_step_is_done_lets_the_run_complete(workspace, uninterrupted, pause: str) -> None:
+    """A Ctrl-C after the last step's boundary (while the finished run writes its loss curve, or once the trainer
+    has returned) has nothing left to stop: the run completes, exit 0, its results printed, no "interrupted"."""
+    out = workspace["root"] / f"late-{pause.split(':')[0]}"
+    proc, _ = _start_and_wait(workspace, out, pause, "--save-steps", "1")
+    proc.send_signal(signal.SIGINT)
+    stdout, err = proc.communicate(timeout=_DEADLINE_S)
+    assert proc.returncode == 0, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err and "interrupted" not in err, err[-3000:]
+    assert _summary(stdout)["steps"] == 4
+    _assert_same_adapter(uninterrupted, out)
+    assert (out / "loss_curve.png").is_file()
 
 
 @pytest.mark.multiprocess
