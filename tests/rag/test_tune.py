@@ -190,6 +190,8 @@ def test_rag_query_refuses_an_adapter_for_another_base_in_one_line(tmp_path, db,
 
 
 def test_demo_prints_the_base_answer_above_the_adapters(tmp_path, tiny_model_dir, embedder, monkeypatch):
+    import torch
+
     import fourbit.rag.embeddings
     import fourbit.rag.llm
     from fourbit.demo.rag import run_rag_demo
@@ -201,8 +203,9 @@ def test_demo_prints_the_base_answer_above_the_adapters(tmp_path, tiny_model_dir
     monkeypatch.setattr(fourbit.rag.llm, "ANSWER_ADAPTER_DIR", shipped)
     model, tokenizer = load_model(tiny_model_dir)
     shown: list[str] = []
-    result = run_rag_demo(model, tokenizer, tmp_path / "demo", max_new_tokens=6, on_text=shown.append,
-                          verbose=False)
+    with torch.inference_mode():  # as fourbit.demo runs it
+        result = run_rag_demo(model, tokenizer, tmp_path / "demo", max_new_tokens=6, on_text=shown.append,
+                              verbose=False)
     assert len(shown) == 2 and result["adapter"] == str(shipped)  # the base model's answer, then the adapter's
     assert shown[0].endswith(result["base"]["answer"]) and shown[1].endswith(result["answer"])
     assert result["base"]["question"] == result["question"]
