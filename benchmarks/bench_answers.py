@@ -36,9 +36,12 @@ Measured (bundled SmolLM2-135M, 4-bit, CPU, hybrid top_k 2; a 2-core machine sha
   evidence: 88 %; loops shown 0 (generated 1); the model's answer shown for 11, the best sentence for 23;
   the generated text alone 41 % / 41 %; the evidence sentences alone cover 91 %. Questions 21-34, not used
   to choose the threshold: 57 % / 86 %, 0 loops shown. Seconds per answer: median 12.6, p90 33.7 (load 6-9).
+* the shipped answer adapter (issue 24; ``--no-base --adapter fourbit/data/answer_adapter --threads 1``, all
+  34 questions, load 11-16): covers 44 %, inside 100 %, no loops, the model's answer shown for 29; the base
+  model in the same conditions 53 % / 88 %, 13 (benchmarks/RESULTS.md, "Answers (issue 24)").
 
     python benchmarks/bench_answers.py [--paper /work/shared/data/qlora_paper.txt] [--db DIR] [--adapter DIR]
-        [--retriever hybrid] [--top-k 2] [--max-new-tokens 256] [--limit N] [--threads N] [--json out.json]
+        [--no-base] [--retriever hybrid] [--top-k 2] [--max-new-tokens 256] [--limit N] [--threads N] [--json out.json]
         [--no-repeat-ngram N] [--repeat-scope answer|sequence] [--no-stop] [--no-finish] [--answer-ratio R]
         [--support-threshold T | --no-support-check] [--ablation] [--rescore ABLATION.json]
 """
@@ -258,6 +261,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--db", type=Path, help="index folder (built when missing; default a temporary one)")
     p.add_argument("--model", help="answering model (default: the bundled SmolLM2-135M-Instruct)")
     p.add_argument("--adapter", type=Path, help="also answer with this LoRA adapter, side by side")
+    p.add_argument("--no-base", action="store_true", help="only the adapter's run (the base model's saved by an "
+                   "earlier --json run; `--rescore` of both files' rows merged puts them side by side)")
     p.add_argument("--retriever", default="hybrid")
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=256, help="answer length cap (rag query's default)")
@@ -310,7 +315,10 @@ def main() -> None:
         print_table({label: summarize(rows) for label, rows in rescore(args.rescore, args).items()})
         return
     questions = read_jsonl(args.questions)[: args.limit]
-    runs = {"base": None, **({f"adapter {args.adapter.name}": args.adapter} if args.adapter else {})}
+    runs = {**({} if args.no_base else {"base": None}),
+            **({f"adapter {args.adapter.name}": args.adapter} if args.adapter else {})}
+    if not runs:
+        raise SystemExit("--no-base needs --adapter")
     load_before = load_average()
     with tempfile.TemporaryDirectory() as tmp:
         store, embedder = open_index(args.paper, args.db or Path(tmp) / "db")

@@ -18,6 +18,8 @@ from fourbit._errors import FieldError
 __all__ = ["add_parser", "build_engine", "cmd_serve"]
 
 API_KEY_ENV = "FOURBIT_API_KEY"
+# The name the grounded-answer adapter is served under (/v1/answers answers with it when no model is named).
+ANSWER_ADAPTER_NAME = "answer"
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -33,7 +35,8 @@ def build_engine(args: argparse.Namespace) -> Any:
     from fourbit.models import load_model
     from fourbit.serve import Engine
 
-    names = [name for name, _ in args.adapters]
+    adapters = [*args.adapters, *_answer_adapter(args)]
+    names = [name for name, _ in adapters]
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate is not None:
         raise FieldError("adapters", f"adapter name {duplicate!r} is given twice")
@@ -52,9 +55,22 @@ def build_engine(args: argparse.Namespace) -> Any:
         embedder = Embedder(args.embedding_model)
         store = open_store(args.db, index=args.index, create=True, embedding=embedder.describe())
     name = args.name or (Path(args.model).name if args.model else "smollm2-135m-instruct")
-    return Engine(model, tokenizer, adapters={n: str(f) for n, f in args.adapters}, embedder=embedder,
+    return Engine(model, tokenizer, adapters={n: str(f) for n, f in adapters}, embedder=embedder,
                   store=store, model_name=name, max_batch=args.max_batch, max_queue=args.max_queue,
-                  decoder=args.decoder)
+                  decoder=args.decoder, answer_model=ANSWER_ADAPTER_NAME if len(adapters) > len(args.adapters)
+                  else None)
+
+
+def _answer_adapter(args: argparse.Namespace) -> list[tuple[str, Path]]:
+    """``[(ANSWER_ADAPTER_NAME, folder)]`` of the adapter /v1/answers uses by default: ``--answer-adapter``, or
+    the grounded-answer adapter shipped for the bundled model (not with ``--no-answer-adapter``, another
+    ``model`` or no ``--db``); else ``[]``."""
+    from fourbit.rag.llm import answer_adapter
+
+    if args.db is None:
+        return []
+    folder = answer_adapter(args.model, args.answer_adapter, use_default=not args.no_answer_adapter)
+    return [(ANSWER_ADAPTER_NAME, folder)] if folder is not None else []
 
 
 # The serve extra's packages, by import name (python-multipart imports as python_multipart, before 0.0.13 only
@@ -148,6 +164,12 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--adapter", dest="adapters", type=_adapter, action="append", default=[], metavar="NAME=DIR",
                    help="a LoRA adapter served as model NAME over the same 4-bit base (repeatable)")
     p.add_argument("--name", help="the name the base model is served under (default: its folder name)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--answer-adapter", type=Path, metavar="DIR",
+                       help=f"the LoRA adapter /v1/answers answers with (served as model {ANSWER_ADAPTER_NAME!r}; "
+                            "default: the bundled model's grounded-answer adapter)")
+    which.add_argument("--no-answer-adapter", action="store_true",
+                       help="answer /v1/answers with the base model, without the default answer adapter")
     p.add_argument("--db", type=Path, help="folder of the document index (created when missing)")
     p.add_argument("--index", default="fourbit", help="index (collection) name (default: fourbit)")
     p.add_argument("--embedding-model", help="sentence-transformers folder or cached name "

@@ -37,6 +37,10 @@ EXAMPLES_FILE = "rag_tune_examples.jsonl"
 _HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$", re.MULTILINE)
 _DEFINITION = re.compile(r"^((?:[A-Z][\w\-]*|[A-Z0-9]{2,})(?:[ \-][\w\-]+){0,4}) (is|are) (?:a|an|the|used|how|what)\b")
 _WORDS = re.compile(r"[A-Za-z][A-Za-z0-9\-]*")
+_LEADING_ARTICLE = re.compile(r"^(A|An|The) (?=\S)")
+# How a key phrase of a sentence is asked about, in turn (readers ask the same thing in several ways).
+KEY_PHRASE_QUESTIONS = ("What does the document say about {}?", "Can you tell me about {}?",
+                        "What do the documents say about {}?")
 
 
 @dataclass
@@ -54,6 +58,9 @@ class TuneConfig:
         answer_sentences: evidence sentences per answer at most.
         min_relative_score: further sentences join the answer only when they score at least this fraction
             of the best one.
+        same_parent: keep a question only when its best evidence sentence comes from the parent it was
+            written about (a question whose retrieval went to another passage would teach an answer to
+            another question).
     """
 
     questions: str = "auto"
@@ -64,6 +71,7 @@ class TuneConfig:
     token_budget: int = DEFAULT_EVIDENCE_TOKENS
     answer_sentences: int = 2
     min_relative_score: float = 0.85
+    same_parent: bool = True
 
     def __post_init__(self) -> None:
         if self.questions not in QUESTION_SOURCES:
@@ -78,17 +86,19 @@ class TuneConfig:
 def template_questions(text: str, limit: int = 2) -> list[str]:
     """Questions that ``text`` answers, from templates: its headings ("What does the document say about
     Paged optimizers?"), its definitions ("Double quantization is ..." -> "What is Double quantization?"),
-    and the longest run of content words of its first substantial sentence."""
+    then, for each substantial sentence in turn, the longest run of its content words, asked in one of
+    :data:`KEY_PHRASE_QUESTIONS` (so a parent gives as many questions as it has sentences, not all alike)."""
     questions = [f"What does the document say about {h.strip()}?" for h in _HEADING.findall(text)]
     sentences = [s for s in split_sentences(text) if not s.startswith("#")]
     for sentence in sentences:
         match = _DEFINITION.match(sentence)
         if match:
-            questions.append(f"What {match.group(2)} {match.group(1)}?")
-    for sentence in sentences:
-        if len(content_words(sentence)) >= 4:
-            questions.append(f"What does the document say about {_key_phrase(sentence)}?")
-            break
+            subject = _LEADING_ARTICLE.sub(lambda m: m.group(1).lower() + " ", match.group(1))
+            questions.append(f"What {match.group(2)} {subject}?")
+    substantial = [s for s in sentences if len(content_words(s)) >= 4]
+    for number, sentence in enumerate(substantial):
+        template = KEY_PHRASE_QUESTIONS[number % len(KEY_PHRASE_QUESTIONS)]
+        questions.append(template.format(_key_phrase(sentence)))
     return list(dict.fromkeys(questions))[:limit]
 
 
@@ -148,7 +158,8 @@ def build_examples(store: Any, embedder: Any, config: TuneConfig | None = None, 
             embedder's.
 
     Returns:
-        The records, at most ``config.max_examples``; questions whose evidence gives no answer are left out.
+        The records, at most ``config.max_examples``; questions whose evidence gives no answer (or, with
+        ``config.same_parent``, whose best sentence is from another parent) are left out.
 
     Raises:
         FieldError: ``questions`` "metadata" on an index without generated questions; an empty index.
@@ -162,6 +173,8 @@ def build_examples(store: Any, embedder: Any, config: TuneConfig | None = None, 
         for question in questions:
             evidence, messages = grounded_prompt(question, retriever.retrieve(question), embedder,
                                                  token_budget=config.token_budget, count_tokens=count_tokens)
+            if config.same_parent and (not evidence or evidence[0].parent_id != parent_id):
+                continue
             answer = compose_answer(evidence, config.answer_sentences, config.min_relative_score)
             if answer:
                 records.append({"messages": [*messages, {"role": "assistant", "content": answer}],

@@ -147,9 +147,12 @@ class Engine:
         index_config: a :class:`fourbit.rag.index.IndexConfig` for uploads (default sizes by default).
         decoder: "auto" decodes batches of base-model requests with the compiled decode step where the model
             allows it (:mod:`.fastpath`), "hf" always through the model's forward.
+        answer_model: the served adapter that ``/v1/answers`` answers with when a request names no model (the
+            grounded-answer adapter, :func:`fourbit.rag.llm.answer_adapter`); None: the base model.
 
     Raises:
-        FieldError: a bad adapter (field ``adapters``), max_batch, max_queue or decoder.
+        FieldError: a bad adapter (field ``adapters``), max_batch, max_queue or decoder; an ``answer_model``
+            that is not one of ``adapters``.
     """
 
     def __init__(
@@ -168,7 +171,10 @@ class Engine:
         upload_dir: str | None = None,
         index_config: Any = None,
         decoder: str = "auto",
+        answer_model: str | None = None,
     ) -> None:
+        if answer_model is not None and answer_model not in (adapters or {}):
+            raise FieldError("answer_adapter", f"{answer_model!r} is not one of the served adapters")
         if max_batch < 1:
             raise FieldError("max_batch", f"must be >= 1, got {max_batch}")
         if max_queue < 1:
@@ -178,6 +184,7 @@ class Engine:
         self.model, self.tokenizer = model.eval(), tokenizer
         self.embedder, self.store = embedder, store
         self.model_name = model_name
+        self.answer_model = answer_model
         self.max_batch, self.max_queue = max_batch, max_queue
         self.default_max_tokens = default_max_tokens
         self.upload_dir = upload_dir

@@ -29,7 +29,8 @@ router = APIRouter()
 async def answers(body: AnswerRequest, request: Request):
     engine: Engine = request.app.state.engine
     engine.require_index()
-    adapter = engine.adapter_index(body.model)
+    # No model named: the grounded-answer adapter when the server loaded one (issue 24), else the base model.
+    adapter = engine.adapter_index(body.model if body.model is not None else engine.answer_model)
     max_tokens = body.max_tokens if body.max_tokens is not None else ANSWER_MAX_TOKENS
     prompt_ids, evidence, sources = await run_in_threadpool(prepare_answer, engine, body.question,
                                                             body.retriever, body.top_k, max_tokens)
@@ -38,7 +39,7 @@ async def answers(body: AnswerRequest, request: Request):
     found = {"evidence": evidence, "sources": sources}
     if not body.stream:
         text = "".join([v async for _, k, v in stream.events(request) if k == "delta"])
-        return {"answer": text.strip(), **found, "model": body.model or engine.model_name,
+        return {"answer": text.strip(), **found, "model": engine.model_of(adapter),
                 "finish_reason": stream.reqs[0].finish_reason, "usage": usage(stream.reqs)}
     return sse_response(_answer_events(stream, found), stream)
 

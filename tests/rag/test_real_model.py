@@ -50,3 +50,25 @@ def test_metadata_from_the_real_model_is_parsed(tmp_path):
     for value in out.values():
         assert all(q.endswith("?") for q in value["questions"])
         assert isinstance(value["summary"], str)
+
+
+@pytest.mark.slow
+def test_the_shipped_answer_adapter_fits_the_bundled_model_and_changes_it():
+    import torch
+
+    from fourbit.models import load_model
+    from fourbit.nn.adapters import load_adapter
+    from fourbit.nn.lora import adapters_disabled, lora_modules
+    from fourbit.rag.llm import ANSWER_ADAPTER_DIR, answer_adapter
+
+    assert answer_adapter(None) == ANSWER_ADAPTER_DIR
+    torch.set_num_threads(2)
+    model, tokenizer = load_model()
+    model = load_adapter(model, ANSWER_ADAPTER_DIR).eval()
+    assert len(lora_modules(model)) == 30 * 7  # every linear layer of the 30 decoder layers
+    ids = tokenizer("Paged optimizers move optimizer states to CPU memory.", return_tensors="pt").input_ids
+    with torch.inference_mode():
+        tuned = model(ids).logits
+        with adapters_disabled(model):
+            base = model(ids).logits
+    assert not torch.allclose(tuned, base, atol=1e-3)  # the trained update is there (B is no longer zero)

@@ -52,6 +52,38 @@ def test_flags_and_defaults():
         parser().parse_args(["serve", "--decoder", "fast"])
 
 
+def test_answers_use_the_shipped_answer_adapter_unless_told_otherwise(model_dir, adapter_dirs, serve_embedder,
+                                                                     tmp_path, monkeypatch):
+    import fourbit.rag.embeddings
+    import fourbit.rag.llm
+    from fourbit.cli.serve import ANSWER_ADAPTER_NAME, _answer_adapter, build_engine
+
+    shipped = tmp_path / "answer_adapter"
+    monkeypatch.setattr(fourbit.rag.llm, "ANSWER_ADAPTER_DIR", shipped)
+    db = ["--db", str(tmp_path / "db")]
+    assert _answer_adapter(parser().parse_args(["serve", *db])) == []  # none shipped
+    shipped.mkdir()
+    (shipped / "adapter_config.json").write_text("{}", encoding="utf-8")
+    assert _answer_adapter(parser().parse_args(["serve", *db])) == [(ANSWER_ADAPTER_NAME, shipped)]
+    assert _answer_adapter(parser().parse_args(["serve"])) == []  # no documents: no /v1/answers
+    assert _answer_adapter(parser().parse_args(["serve", *db, "--no-answer-adapter"])) == []
+    assert _answer_adapter(parser().parse_args(["serve", "other/model", *db])) == []  # another base
+    mine = parser().parse_args(["serve", str(model_dir), *db, "--answer-adapter", str(adapter_dirs["alpha"])])
+    assert _answer_adapter(mine) == [(ANSWER_ADAPTER_NAME, adapter_dirs["alpha"])]
+    with pytest.raises(SystemExit):
+        parser().parse_args(["serve", "--answer-adapter", "x", "--no-answer-adapter"])
+    monkeypatch.setattr(fourbit.rag.embeddings, "Embedder", lambda model=None: serve_embedder)
+    engine = build_engine(mine)
+    try:
+        assert engine.answer_model == ANSWER_ADAPTER_NAME and engine.models == ["tiny-llama", ANSWER_ADAPTER_NAME]
+    finally:
+        engine.close()
+    taken = parser().parse_args(["serve", str(model_dir), *db, "--answer-adapter", str(adapter_dirs["alpha"]),
+                                 "--adapter", f"{ANSWER_ADAPTER_NAME}={adapter_dirs['beta']}"])
+    with pytest.raises(ValueError, match="given twice"):
+        build_engine(taken)
+
+
 def test_bad_adapter_folder_names_the_flag(model_dir, tmp_path):
     code, err = run("serve", str(model_dir), "--port", "0", "--adapter", f"x={tmp_path / 'nope'}")
     assert code == 1

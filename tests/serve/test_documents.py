@@ -63,6 +63,22 @@ def test_answers_return_the_answer_evidence_and_sources(uploaded, http):
     assert body["usage"]["completion_tokens"] <= 8
 
 
+def test_answers_use_the_answer_adapter_when_no_model_is_named(uploaded, http, engine):
+    from fourbit.serve import Engine
+
+    ask = {"question": "Which way does the tail of a comet point?", "retriever": "all", "max_tokens": 4}
+    assert http.post("/v1/answers", json=ask).json()["model"] == "tiny"  # no answer adapter: the base model
+    engine.answer_model = "alpha"
+    try:
+        assert http.post("/v1/answers", json=ask).json()["model"] == "alpha"
+        assert http.post("/v1/answers", json={**ask, "model": "tiny"}).json()["model"] == "tiny"
+        assert http.post("/v1/answers", json={**ask, "model": "beta"}).json()["model"] == "beta"
+    finally:
+        engine.answer_model = None
+    with pytest.raises(ValueError, match="`answer_adapter`"):
+        Engine(engine.model, engine.tokenizer, answer_model="gamma")
+
+
 def test_answers_are_short_by_default_and_their_evidence_fits_the_budget(uploaded, http, engine):
     from fourbit.rag.grounding import DEFAULT_EVIDENCE_TOKENS
     from fourbit.serve.app import ANSWER_MAX_TOKENS
