@@ -471,3 +471,23 @@ def test_a_dora_adapter_is_refused_as_a_lora_file_and_nothing_is_written(tmp_pat
     with pytest.raises(NotImplementedError, match="DoRA"):
         export_lora_gguf(model, tmp_path / "a.gguf")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("qtype", ["F16", "F32", "Q8_0", "Q4_0", "Q4_K", "Q6_K"])
+def test_a_tensor_quantized_in_row_chunks_gives_the_bytes_of_the_whole(monkeypatch, qtype):
+    """Float tensors (an 8B's embedding and head: 2.1 GB each in float32) are converted and quantized a few rows
+    at a time; GGML types quantize within rows, so the bytes equal one pass over the whole tensor."""
+    from gguf import GGMLQuantizationType
+
+    from fourbit.models.export import writer
+
+    torch.manual_seed(0)
+    weight = torch.randn(301, 256, dtype=torch.bfloat16) * torch.logspace(-3, 2, 301).unsqueeze(1)
+    qt = GGMLQuantizationType[qtype]
+    whole = writer._tensor_bytes(lambda: weight, None, qt)
+    monkeypatch.setattr(writer, "_CHUNK_ELEMENTS", 256 * 7)  # 7 rows a chunk: 43 chunks, the last one short
+    chunked = writer._tensor_bytes(lambda: weight, None, qt)
+    assert whole.shape == chunked.shape and np.array_equal(whole, chunked)
+    weight[150, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        writer._tensor_bytes(lambda: weight, None, qt)

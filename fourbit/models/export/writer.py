@@ -105,8 +105,9 @@ def _dequantized(module: nn.Module) -> torch.Tensor:
 
 def float_tensors(model: nn.Module) -> Iterator[tuple[str, tuple[int, ...], Callable[[], torch.Tensor], bool]]:
     """``(name, shape, load, from_4bit)`` for every parameter of ``model`` under its transformers state-dict
-    name; ``load()`` gives the float32 tensor a merged float model would hold (4-bit layers dequantized, LoRA
-    layers merged). Tied duplicates appear once."""
+    name; ``load()`` gives the tensor a merged float model would hold (4-bit layers dequantized and LoRA layers
+    merged, in float32; float parameters in their own dtype, converted later in row chunks: an 8B's embedding in
+    float32 is 2.1 GB). Tied duplicates appear once."""
     from fourbit.nn.linear4bit import float_layer
     from fourbit.nn.lora import LoRALinear, _features, is_linear_4bit
 
@@ -136,7 +137,7 @@ def float_tensors(model: nn.Module) -> Iterator[tuple[str, tuple[int, ...], Call
                 if id(param) in seen:
                     continue
                 seen.add(id(param))
-                yield f"{prefix}{pname}", tuple(param.shape), lambda p=param: p.detach().float(), False
+                yield f"{prefix}{pname}", tuple(param.shape), lambda p=param: p.detach(), False
 
 
 @dataclass
@@ -179,14 +180,25 @@ def _plan(model: nn.Module, gguf_type: str) -> list[_Planned]:
     return plan
 
 
+#: Elements converted to float32 and quantized at a time: GGML types quantize within rows, so row chunks give the
+#: bytes of the whole tensor without its float32 copy.
+_CHUNK_ELEMENTS = 1 << 24
+
+
 def _tensor_bytes(load: Callable[[], torch.Tensor], heads: int | None, qtype) -> np.ndarray:
     with torch.no_grad():
-        values = load().detach().float().cpu()
+        values = load().detach().cpu()
         if heads is not None:
-            values = permute_rows(values, heads)
-        if values.numel() and not all(torch.isfinite(v) for v in torch.aminmax(values)):  # one pass, no copy
-            raise ValueError("holds NaN or Inf values")
-    return quantize_tensor(values.numpy(), qtype)
+            values = permute_rows(values.float(), heads)
+        rows = values.shape[0] if values.ndim > 1 else 1
+        step = max(1, _CHUNK_ELEMENTS // max(1, values.numel() // max(rows, 1))) if values.ndim > 1 else 1
+        parts = []
+        for start in range(0, rows, step):
+            part = (values[start:start + step] if values.ndim > 1 else values).float()
+            if part.numel() and not all(torch.isfinite(v) for v in torch.aminmax(part)):  # one pass, no copy
+                raise ValueError("holds NaN or Inf values")
+            parts.append(quantize_tensor(part.numpy(), qtype))
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def gguf_temp_file(out: Path) -> Path:
