@@ -64,11 +64,14 @@ def _fourbit_prefill(model, ids: list[int]) -> float:
     return len(ids) / (time.perf_counter() - start)
 
 
-def _llama_cpp(path: str, threads: int, ctx: int):
+def _llama_cpp(path: str | None, threads: int, ctx: int):
+    """llama.cpp's model for ``path`` (None: only whether llama-cpp-python imports), or None without it."""
     try:
         from llama_cpp import Llama
     except ImportError:
         return None
+    if path is None:
+        return Llama
     return Llama(model_path=path, n_ctx=ctx, n_batch=512, n_ubatch=512, n_threads=threads, n_threads_batch=threads,
                  verbose=False)
 
@@ -118,6 +121,34 @@ def _prompts(tokenizer, n: int) -> tuple[list[int], list[int]]:
     return short, long
 
 
+def _llama_rows(args, gguf: str | None, model, tokenizer, short: list[int], long: list[int]) -> dict | None:
+    """llama.cpp's rows: the model's own GGUF (``gguf``) and, unless ``--no-export``, the benchmarked model
+    exported by fourbit at q4_0 (its NF4 weights dequantized and quantized again); None without llama-cpp-python."""
+    import tempfile
+
+    files = [gguf] if gguf else []
+    ctx = len(long) + args.tokens + 8
+    if (not files and args.no_export) or _llama_cpp(None, args.threads, ctx) is None:
+        return None
+    rows: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-generate-") as tmp:
+        if not args.no_export:
+            from fourbit.models.export import export_gguf
+
+            out = os.path.join(tmp, "fourbit-q4_0.gguf")
+            source = args.model if args.model and args.model.endswith(".gguf") else None
+            source = gguf if args.model is None else source  # the tokenizer metadata, copied as it is
+            export_gguf(model, tokenizer, out, gguf_type="q4_0", modelfile=False, source_gguf=source)
+            files.append(out)
+        for path in files:
+            llm = _llama_cpp(path, args.threads, ctx)
+            lc, _ = _median(lambda llm=llm: _llama_decode(llm, short, args.tokens), args.repeats)
+            lpp, _ = _median(lambda llm=llm: _llama_prefill(llm, long), args.repeats)
+            rows[f"llama.cpp ({os.path.basename(path)})"] = {"decode_tokens_per_s": lc, "prompt_tokens_per_s": lpp}
+            llm.close()
+    return rows
+
+
 def run(args) -> dict:
     model, tokenizer, gguf = _load(args)
     short, long = _prompts(tokenizer, args.prompt_tokens)
@@ -128,16 +159,13 @@ def run(args) -> dict:
     rows["fourbit nf4, fast decoder"] = {"decode_tokens_per_s": fast, "prompt_tokens_per_s": pp}
     rows["fourbit nf4, transformers generate"] = {"decode_tokens_per_s": hf, "prompt_tokens_per_s": pp}
     same = fast_ids == hf_ids
-    llm = _llama_cpp(gguf, args.threads, len(long) + args.tokens + 8) if gguf else None
-    if llm is not None:
-        lc, _ = _median(lambda: _llama_decode(llm, short, args.tokens), args.repeats)
-        lpp, _ = _median(lambda: _llama_prefill(llm, long), args.repeats)
-        rows[f"llama.cpp ({os.path.basename(gguf)})"] = {"decode_tokens_per_s": lc, "prompt_tokens_per_s": lpp}
+    llama = _llama_rows(args, gguf, model, tokenizer, short, long)
+    rows.update(llama or {})
     from fourbit.kernels import cpu
 
     return {"cpu": cpu_description(), "fourbit_isa": cpu.ISA_NAMES[cpu.isa()] if cpu.available() else "none",
             "threads": args.threads, "tokens": args.tokens, "prompt_tokens": len(long),
-            "greedy_tokens_equal_fast_vs_transformers": same, "llama_cpp": llm is not None,
+            "greedy_tokens_equal_fast_vs_transformers": same, "llama_cpp": llama is not None,
             "load_average_after": load_average(), "results": rows}
 
 
@@ -175,6 +203,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--model", help="fourbit side: model folder, checkpoint, hub id or GGUF (default bundled)")
     parser.add_argument("--gguf", help="llama.cpp side: GGUF file (default: the bundled model's Q4_1 file)")
+    parser.add_argument("--no-export", action="store_true",
+                        help="no llama.cpp row on fourbit's own q4_0 export of the benchmarked model")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
