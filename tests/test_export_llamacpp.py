@@ -108,15 +108,18 @@ def _fourbit_greedy(model, ids: list[int], n: int) -> list[int]:
     return generate_ids(model, ids, max_new_tokens=n, stops=never, pad=0, do_sample=False)
 
 
-# (relative error of the logits, top-1 agreement over the positions of a 128-token text) per type; measured
-# values are in the test's docstring
-BOUNDS = {"f16": (0.01, 0.98), "bf16": (0.03, 0.95), "q8_0": (0.03, 0.95), "q4_0": (0.5, 0.6),
-          "q4_k_m": (0.5, 0.6)}
+# (relative error of the logits, top-1 agreement over the positions of a 128-token text) per type: the values
+# measured (AMD EPYC, llama-cpp-python 0.3.36) with a margin. Measured: f16 0.0008 / 1.000, bf16 0.0057 / 1.000,
+# q8_0 0.024 / 0.953 (llama.cpp also rounds the activations to 8 bits), q4_0 0.209 / 0.680, q4_k_m 0.089 / 0.836
+# (the NF4 weights quantized to 4 bits a second time; this model's rows of 576 fall back to Q5_0/Q8_0 for K-quants)
+BOUNDS = {"f16": (0.005, 0.98), "bf16": (0.02, 0.97), "q8_0": (0.05, 0.9), "q4_0": (0.35, 0.55),
+          "q4_k_m": (0.2, 0.7)}
 
 
 @pytest.mark.parametrize("gguf_type", GGUF_TYPES)
 def test_llama_cpp_loads_every_type_and_follows_the_merged_model(llama_class, bundled, gguf_type):
-    """llama.cpp's logits on the export against fourbit's float32 merged model, over 128 tokens of text."""
+    """llama.cpp's logits on the export against fourbit's float32 merged model, over 128 tokens of text, and 16
+    greedy tokens generated."""
     llm = _llama(llama_class, bundled["dir"] / f"merged-{gguf_type}.gguf")
     try:
         got = _llama_logits(llm, bundled["text"])
