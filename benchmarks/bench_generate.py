@@ -2,7 +2,8 @@
 prompt processing tokens/s, on the bundled SmolLM2-135M-Instruct by default.
 
     python benchmarks/bench_generate.py [--tokens 64] [--prompt-tokens 512] [--repeats 3] [--threads 2]
-                                        [--model DIR_OR_GGUF] [--gguf FILE] [--json]
+                                        [--model DIR_OR_GGUF] [--gguf FILE] [--no-export] [--no-transformers]
+                                        [--json]
 
 Rows:
 - fourbit NF4 + double quantization (compute dtype "auto"), fast decoder (``fourbit.models.decode``: static KV
@@ -161,11 +162,13 @@ def run(args) -> dict:
     short, long = _prompts(tokenizer, args.prompt_tokens)
     rows: dict[str, dict] = {}
     fast, fast_ids = _median(lambda: _fourbit_decode(model, short, args.tokens, "auto"), args.repeats)
-    hf, hf_ids = _median(lambda: _fourbit_decode(model, short, args.tokens, "hf"), args.repeats)
     pp, _ = _median(lambda: _fourbit_prefill(model, long), args.repeats)
     rows["fourbit nf4, fast decoder"] = {"decode_tokens_per_s": fast, "prompt_tokens_per_s": pp}
-    rows["fourbit nf4, transformers generate"] = {"decode_tokens_per_s": hf, "prompt_tokens_per_s": pp}
-    same = fast_ids == hf_ids
+    same = None
+    if not args.no_transformers:
+        hf, hf_ids = _median(lambda: _fourbit_decode(model, short, args.tokens, "hf"), args.repeats)
+        rows["fourbit nf4, transformers generate"] = {"decode_tokens_per_s": hf, "prompt_tokens_per_s": pp}
+        same = fast_ids == hf_ids
     llama = _llama_rows(args, gguf, model, tokenizer, short, long)
     rows.update(llama or {})
     from fourbit.kernels import cpu
@@ -198,7 +201,9 @@ def _print(out: dict, load_before: str) -> None:
     console.print(table)
     if not out["llama_cpp"]:
         console.print("llama.cpp: not installed (pip install llama-cpp-python; see this script's docstring)")
-    console.print(f"greedy tokens, fast decoder == transformers generate: {out['greedy_tokens_equal_fast_vs_transformers']}")
+    if out["greedy_tokens_equal_fast_vs_transformers"] is not None:
+        console.print("greedy tokens, fast decoder == transformers generate: "
+                      f"{out['greedy_tokens_equal_fast_vs_transformers']}")
     console.print(f"load average before / after: {load_before} / {out['load_average_after']} (noisy if high)")
 
 
@@ -210,6 +215,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--model", help="fourbit side: model folder, checkpoint, hub id or GGUF (default bundled)")
     parser.add_argument("--gguf", help="llama.cpp side: GGUF file (default: the bundled model's Q4_1 file)")
+    parser.add_argument("--no-transformers", action="store_true",
+                        help="leave out the transformers-generate row (the slowest part of a run)")
     parser.add_argument("--no-export", action="store_true",
                         help="no llama.cpp row on fourbit's own q4_0 export of the benchmarked model")
     parser.add_argument("--json", action="store_true")
