@@ -3,7 +3,7 @@ prompt processing tokens/s, on the bundled SmolLM2-135M-Instruct by default.
 
     python benchmarks/bench_generate.py [--tokens 64] [--prompt-tokens 512] [--repeats 3] [--threads 2]
                                         [--model DIR_OR_GGUF] [--gguf FILE] [--no-export] [--no-transformers]
-                                        [--json]
+                                        [--llama-threads N] [--json]
 
 Rows:
 - fourbit NF4 + double quantization (compute dtype "auto"), fast decoder (``fourbit.models.decode``: static KV
@@ -149,10 +149,11 @@ def _llama_rows(args, gguf: str | None, model, tokenizer, short: list[int], long
             export_gguf(model, tokenizer, out, gguf_type="q4_0", modelfile=False, source_gguf=source)
             files.append(out)
         for path in files:
-            llm = _llama_cpp(path, args.threads, ctx)
+            llm = _llama_cpp(path, args.llama_threads or args.threads, ctx)
             lc, _ = _median(lambda llm=llm: _llama_decode(llm, short, args.tokens), args.repeats)
             lpp, _ = _median(lambda llm=llm: _llama_prefill(llm, long), args.repeats)
-            rows[f"llama.cpp ({os.path.basename(path)})"] = {"decode_tokens_per_s": lc, "prompt_tokens_per_s": lpp}
+            threads = f", {args.llama_threads} threads" if args.llama_threads else ""
+            rows[f"llama.cpp ({os.path.basename(path)}{threads})"] = {"decode_tokens_per_s": lc, "prompt_tokens_per_s": lpp}
             llm.close()
     return rows
 
@@ -215,6 +216,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--model", help="fourbit side: model folder, checkpoint, hub id or GGUF (default bundled)")
     parser.add_argument("--gguf", help="llama.cpp side: GGUF file (default: the bundled model's Q4_1 file)")
+    parser.add_argument("--llama-threads", type=int, default=None,
+                        help="llama.cpp's threads (default --threads): its per-operation barriers stall when "
+                             "other processes hold the cores, where 1 thread can be faster")
     parser.add_argument("--no-transformers", action="store_true",
                         help="leave out the transformers-generate row (the slowest part of a run)")
     parser.add_argument("--no-export", action="store_true",
