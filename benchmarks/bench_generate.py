@@ -22,11 +22,13 @@ Medians of ``--repeats``; the load average is printed because a shared machine m
 llama-cpp-python is a source build: ``pip install llama-cpp-python`` (0.3.36 took about 20 minutes with
 ``CMAKE_BUILD_PARALLEL_LEVEL=2`` on a busy 2-core machine; installed with ``--no-deps`` it also needs
 ``diskcache``). Its default build compiles for the build machine's CPU (``GGML_NATIVE``), so the wheel is not
-portable to CPUs without the same instructions. That default build runs prompts of any length correctly on an
-AMD EPYC with AVX-512 (AVX512-BF16, VNNI) and no AMX (checked: 42- and 512-token prompts, every type fourbit
-exports, ``tests/test_export_llamacpp.py``). On an AMX Xeon the default build was seen to crash on prompts longer
+portable to CPUs without the same instructions. That default build runs multi-token prompts correctly on an
+AMD EPYC with AVX-512 (AVX512-BF16, VNNI) and no AMX (checked: 42-, 128- and 512-token prompts; the 128-token
+logits follow fourbit's for every type fourbit exports, ``tests/test_export_llamacpp.py``). On an AMX Xeon the default build was seen to crash on prompts longer
 than one token (not re-checked since): ``CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AMX=OFF"`` is the setting to try
-there. Without llama-cpp-python the llama.cpp rows are skipped with a note.
+there. On a machine whose cores other processes hold, llama.cpp's per-operation thread barriers stall (see
+benchmarks/RESULTS.md): ``--llama-threads 1`` gives its row without them. Without llama-cpp-python the llama.cpp
+rows are skipped with a note.
 """
 
 from __future__ import annotations
