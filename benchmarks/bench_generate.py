@@ -154,7 +154,8 @@ def _llama_rows(args, gguf: str | None, model, tokenizer, short: list[int], long
             llm = _llama_cpp(path, args.llama_threads or args.threads, ctx)
             lc, _ = _median(lambda llm=llm: _llama_decode(llm, short, args.tokens), args.repeats)
             lpp, _ = _median(lambda llm=llm: _llama_prefill(llm, long), args.repeats)
-            threads = f", {args.llama_threads} threads" if args.llama_threads else ""
+            n = args.llama_threads
+            threads = f", {n} thread{'s' if n > 1 else ''}" if n else ""
             rows[f"llama.cpp ({os.path.basename(path)}{threads})"] = {"decode_tokens_per_s": lc, "prompt_tokens_per_s": lpp}
             llm.close()
     return rows
