@@ -215,6 +215,10 @@ def check_records(
 
         if not isinstance(record, Mapping):
             raise fail(f"expected an object (column: value), found {_type_name(record)}")
+        pair_fields = [k for k in ("chosen", "rejected") if k in record]
+        if pair_fields:
+            raise fail(f"preference field '{pair_fields[0]}' in a supervised record; a record is either a pair "
+                       "(prompt, chosen, rejected: train it with `task` dpo or orpo) or a supervised example")
         if label_column:
             _check_text(record, text_column, fail)
             value = record.get(label_column)

@@ -34,9 +34,10 @@ from fourbit.nn.lora import adapters_disabled
 from .config import TrainConfig
 from .data import IGNORE_INDEX
 from .loss import decoder_hidden_states, token_cross_entropy
+from .distributed import World
 from .pairs import DPO_LOSS_TYPES, PREFERENCE_TASKS, Pair, PairBatch, collate_pairs
 
-__all__ = ["DPO_LOSS_TYPES", "PREFERENCE_TASKS", "PairLoss", "dpo_loss", "log1mexp", "orpo_loss", "pair_logps",
+__all__ = ["DPO_LOSS_TYPES", "PREFERENCE_TASKS", "PairLoss", "dpo_loss", "evaluate_pairs", "log1mexp", "orpo_loss", "pair_logps",
            "pair_loss", "reference_logps"]
 
 
@@ -198,3 +199,40 @@ def reference_logps(model: nn.Module, pairs: Sequence[Pair], config: TrainConfig
     finally:
         model.train(was_training)
         torch.set_rng_state(rng)
+
+
+@torch.no_grad()
+def evaluate_pairs(model: nn.Module, pairs: Sequence[Pair], config: TrainConfig, pad_id: int,
+                   world: World | None = None) -> dict[str, float]:
+    """The preference loss of ``pairs`` (as one batch would give it) and their mean rewards, margin and
+    accuracy, as ``eval_*``. Runs in eval mode and restores the training mode and the torch RNG state; on
+    several processes rank ``r`` takes batches ``r, r+W, ...`` (every batch under fsdp) and the sums are
+    reduced."""
+    from .step import autocast, to_device
+
+    world = world or World()
+    was_training, rng = model.training, torch.get_rng_state()
+    device = next(model.parameters()).device
+    batches = [[[p] for p in pairs[s:s + config.eval_batch_size]] for s in range(0, len(pairs), config.eval_batch_size)]
+    n_nll = sum(collate_pairs(rows, pad_id).n_chosen_tokens for rows in batches) if config.task == "orpo" else 0
+    split = world.size if world.mode != "fsdp" else 1
+    sums = [0.0] * 4
+    model.eval()
+    try:
+        for i, rows in enumerate(batches):
+            if i % split != world.rank % split:
+                continue
+            batch = collate_pairs(rows, pad_id)
+            with autocast(config, model):
+                out = pair_loss(model, PairBatch(to_device(batch.batch, device), batch.n_pairs, batch.ref), config,
+                                len(pairs), n_nll)
+            for k, value in enumerate((float(out.loss), out.chosen_rewards, out.rejected_rewards, out.correct)):
+                sums[k] += value
+    finally:
+        model.train(was_training)
+        torch.set_rng_state(rng)
+    if split > 1:
+        sums = world.all_reduce_sum(torch.tensor(sums, dtype=torch.float64), "the evaluation").tolist()
+    chosen, rejected, correct = (v / len(pairs) for v in sums[1:])
+    return {"eval_loss": sums[0], "eval_rewards/chosen": chosen, "eval_rewards/rejected": rejected,
+            "eval_rewards/margins": chosen - rejected, "eval_rewards/accuracies": correct}
