@@ -33,8 +33,8 @@ from fourbit.nn.lora import adapters_disabled
 
 from .config import TrainConfig
 from .data import IGNORE_INDEX
-from .loss import decoder_hidden_states, token_cross_entropy
 from .distributed import World
+from .loss import decoder_hidden_states, token_cross_entropy
 from .pairs import DPO_LOSS_TYPES, PREFERENCE_TASKS, Pair, PairBatch, collate_pairs
 
 __all__ = ["DPO_LOSS_TYPES", "PREFERENCE_TASKS", "PairLoss", "dpo_loss", "evaluate_pairs", "log1mexp", "orpo_loss", "pair_logps",
