@@ -381,7 +381,9 @@ def _set_up(config: TrainConfig, model: nn.Module, tokenizer: Any, world: World,
     if config.task == "dpo":  # the reference log-probs, once per pair: the base with the adapter switched off
         from .preference import reference_logps
 
-        reference_logps(model, train_ds.examples + (eval_ds.examples if eval_ds else []), config, pad_id)
+        pairs, t0 = train_ds.examples + (eval_ds.examples if eval_ds else []), time.perf_counter()
+        reference_logps(model, pairs, config, pad_id)
+        log(f"reference log-probs of {len(pairs)} pairs (the base, adapter off) in {time.perf_counter() - t0:.1f} s")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(config.optim, params, lr=config.learning_rate, weight_decay=config.weight_decay,
                                 betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon)
