@@ -17,6 +17,17 @@ AVX512-BF16), else fp32), or ``--long-dtypes fp32|bf16|both``; fourbit under eac
 ``keep-matmuls``). Target:
 peak-RSS ratio <= 0.6.
 
+Part ``dpo`` (issue 22): preference training at ``--batch`` pairs per step, prompt + reply cut to ``--seq-len``
+tokens, in each compute dtype: ``fourbit finetune --task dpo`` (the CLI; tokens/s counts the chosen and the
+rejected sequences; its reference pass, the base with the adapter off once per pair, is timed from its log and
+also counted in "tokens/s with reference"), ``fourbit finetune`` supervised on the same texts (each pair's two
+sequences as plain-text records, twice the batch, unpacked), and TRL's ``DPOTrainer`` on the bitsandbytes model
+with peft LoRA given as ``peft_config`` (its reference is the same model with the adapter off, one extra
+forward per step, TRL's default), each step timed by a callback. The pairs come from the same pydoc topics:
+prompt = a document's first 480 characters, chosen = its next 360, rejected = the next document's. Targets:
+fourbit DPO >= 0.5x its supervised tokens/s; >= 1.5x TRL's tokens/s (reference pass included) at <= 0.8x its
+peak RSS.
+
 Workload: plain text, deterministic, no download: the help texts of ``pydoc_data.topics`` split into documents
 of at most ~3,000 characters (one JSONL record ``{"text": ...}`` each, written to ``--workdir``), which
 fourbit's packing (``packing: true``) bins into rows of ``--seq-len`` tokens.
@@ -50,6 +61,7 @@ compute dtype.
     python benchmarks/bench_finetune.py                       # all parts, defaults below (slow: 16+ runs)
     python benchmarks/bench_finetune.py --part speed --steps 8 --batch 4 --seq-len 256 --json
     python benchmarks/bench_finetune.py --part long --steps 2 --long-dtypes both
+    python benchmarks/bench_finetune.py --part dpo --steps 4 --batch 2 --seq-len 256
     python benchmarks/bench_finetune.py --part speed --steps 1 --batch 1 --seq-len 64 --compute-dtype fp32  # smoke
 
 Other processes on the machine share the cores: compare ratios measured in the same run, not absolute numbers

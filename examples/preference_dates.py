@@ -34,14 +34,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("model", nargs="?", default=None, help="model folder (default: the bundled SmolLM2)")
     parser.add_argument("--task", choices=("dpo", "orpo"), default="dpo")
     parser.add_argument("--out", default=None, help="run folder (default: a temporary folder)")
-    parser.add_argument("--max-steps", type=int, default=30)
-    parser.add_argument("--eval-steps", type=int, default=10)
+    parser.add_argument("--max-steps", type=int, default=20)
+    parser.add_argument("--eval-steps", type=int, default=5)
     args = parser.parse_args(argv)
 
     out = args.out or tempfile.mkdtemp(prefix=f"fourbit-dates-{args.task}-")
     config = TrainConfig(model=args.model, task=args.task, data=str(DATA), format="chat", out=out, overwrite=True,
                          max_steps=args.max_steps, eval_steps=args.eval_steps, eval_fraction=0.1, batch_size=4,
-                         gradient_accumulation_steps=2, lora_r=16, lora_alpha=32, lora_dropout=0.05,
+                         gradient_accumulation_steps=1, lora_r=16, lora_alpha=32, lora_dropout=0.05,
                          learning_rate=5e-4, beta=0.1, max_length=128, save_steps=0, progress=False)
     model, tokenizer = load_for_training(config)
     result = train(config, model, tokenizer, log=lambda *_: None)
