@@ -24,7 +24,8 @@ also counted in "tokens/s with reference"), ``fourbit finetune`` supervised on t
 sequences as plain-text records, twice the batch, unpacked), and TRL's ``DPOTrainer`` on the bitsandbytes model
 with peft LoRA given as ``peft_config`` (its reference is the same model with the adapter off, one extra
 forward per step, TRL's default), each step timed by a callback. The pairs come from the same pydoc topics:
-prompt = a document's first 480 characters, chosen = its next 360, rejected = the next document's. Targets:
+prompt = a document's first 1.9 x ``--seq-len`` characters (about 0.4 of the tokens), chosen = its next
+1.4 x ``--seq-len`` characters, rejected = the next document's. Targets:
 fourbit DPO >= 0.5x its supervised tokens/s; >= 1.5x TRL's tokens/s (reference pass included) at <= 0.8x its
 peak RSS.
 
@@ -413,19 +414,24 @@ def run_quality(args) -> list[dict]:
 # Pairs from the same pydoc topics: the prompt is the start of a document, the chosen reply its continuation and
 # the rejected reply the continuation of the next document. The supervised run trains on the same texts: each
 # pair's two sequences (prompt + chosen, prompt + rejected) as plain-text records, unpacked, twice the batch.
-PROMPT_CHARS, REPLY_CHARS = 480, 360
+PROMPT_CHARS, REPLY_CHARS = 1.9, 1.4  # per token of --seq-len (~4.5 characters a token: ~0.4 and ~0.3 of it)
 
 
-def _write_pairs(workdir: Path, n_pairs: int) -> tuple[Path, Path]:
-    docs = [d for d in _documents() if len(d) >= PROMPT_CHARS + REPLY_CHARS]
+def _pair_files(workdir: Path, n_pairs: int, seq_len: int) -> tuple[Path, Path]:
+    folder = workdir / "data"
+    return folder / f"pairs-{n_pairs}x{seq_len}.jsonl", folder / f"pair-texts-{n_pairs}x{seq_len}.jsonl"
+
+
+def _write_pairs(workdir: Path, n_pairs: int, seq_len: int) -> tuple[Path, Path]:
+    p_chars, r_chars = int(PROMPT_CHARS * seq_len), int(REPLY_CHARS * seq_len)
+    docs = [d for d in _documents() if len(d) >= p_chars + r_chars]
     pairs = []
     for i in range(n_pairs):
         doc, other = docs[i % len(docs)], docs[(i + 1) % len(docs)]
-        pairs.append({"prompt": doc[:PROMPT_CHARS], "chosen": doc[PROMPT_CHARS:PROMPT_CHARS + REPLY_CHARS],
-                      "rejected": other[PROMPT_CHARS:PROMPT_CHARS + REPLY_CHARS]})
-    folder = workdir / "data"
-    folder.mkdir(parents=True, exist_ok=True)
-    pairs_path, texts_path = folder / f"pairs-{n_pairs}.jsonl", folder / f"pair-texts-{n_pairs}.jsonl"
+        pairs.append({"prompt": doc[:p_chars], "chosen": doc[p_chars:p_chars + r_chars],
+                      "rejected": other[p_chars:p_chars + r_chars]})
+    pairs_path, texts_path = _pair_files(workdir, n_pairs, seq_len)
+    pairs_path.parent.mkdir(parents=True, exist_ok=True)
     pairs_path.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
     texts_path.write_text("".join(json.dumps({"text": p["prompt"] + p[k]}) + "\n" for p in pairs
                                   for k in ("chosen", "rejected")), encoding="utf-8")
@@ -434,8 +440,8 @@ def _write_pairs(workdir: Path, n_pairs: int) -> tuple[Path, Path]:
 
 def _pairs_argv(args, task: str, out: Path) -> list[str]:
     """``fourbit finetune`` on the pairs (``task`` dpo) or on their texts (``task`` causal, twice the batch)."""
-    workdir, n_pairs = Path(args.workdir), args.batch * (args.steps + 1)
-    data = workdir / "data" / (f"pairs-{n_pairs}.jsonl" if task == "dpo" else f"pair-texts-{n_pairs}.jsonl")
+    pairs, texts = _pair_files(Path(args.workdir), args.batch * (args.steps + 1), args.seq_len)
+    data = pairs if task == "dpo" else texts
     batch = args.batch if task == "dpo" else 2 * args.batch
     return ["finetune", str(CACHE), "--task", task, "--data", str(data), "--out", str(out), "--overwrite",
             "--format", "text", "--max-length", str(args.seq_len), "--batch-size", str(batch),
@@ -466,8 +472,8 @@ def _peer_dpo_worker(args) -> dict:
     tok = AutoTokenizer.from_pretrained(CACHE)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    n_pairs = args.batch * (args.steps + 1)
-    rows = [json.loads(line) for line in (Path(args.workdir) / "data" / f"pairs-{n_pairs}.jsonl").open()]
+    pairs, _ = _pair_files(Path(args.workdir), args.batch * (args.steps + 1), args.seq_len)
+    rows = [json.loads(line) for line in pairs.open(encoding="utf-8")]
     config = DPOConfig(output_dir=str(Path(args.workdir) / "runs" / "peer-dpo"), per_device_train_batch_size=args.batch,
                        gradient_accumulation_steps=1, max_steps=args.steps + 1, learning_rate=2e-4,
                        lr_scheduler_type="constant", max_grad_norm=0.3, beta=0.1, max_length=args.seq_len,
@@ -503,7 +509,7 @@ def _peer_dpo_worker(args) -> dict:
 
 def run_dpo(args) -> tuple[list[dict], list[dict]]:
     """fourbit DPO, fourbit supervised on the same texts, TRL + bitsandbytes + peft DPO, in each dtype."""
-    _write_pairs(Path(args.workdir), args.batch * (args.steps + 1))
+    _write_pairs(Path(args.workdir), args.batch * (args.steps + 1), args.seq_len)
     dtypes = ("fp32", "bf16") if args.compute_dtype == "both" else (args.compute_dtype,)
     rows = []
     for dtype in dtypes:
