@@ -17,6 +17,18 @@ AVX512-BF16), else fp32), or ``--long-dtypes fp32|bf16|both``; fourbit under eac
 ``keep-matmuls``). Target:
 peak-RSS ratio <= 0.6.
 
+Part ``dpo`` (issue 22): preference training at ``--batch`` pairs per step, prompt + reply cut to ``--seq-len``
+tokens, in each compute dtype: ``fourbit finetune --task dpo`` (the CLI; tokens/s counts the chosen and the
+rejected sequences; its reference pass, the base with the adapter off once per pair, is timed from its log and
+also counted in "tokens/s with reference"), ``fourbit finetune`` supervised on the same texts (each pair's two
+sequences as plain-text records, twice the batch, unpacked), and TRL's ``DPOTrainer`` on the bitsandbytes model
+with peft LoRA given as ``peft_config`` (its reference is the same model with the adapter off, one extra
+forward per step, TRL's default), each step timed by a callback. The pairs come from the same pydoc topics:
+prompt = a document's first 1.9 x ``--seq-len`` characters (about 0.4 of the tokens), chosen = its next
+1.4 x ``--seq-len`` characters, rejected = the next document's. Targets:
+fourbit DPO >= 0.5x its supervised tokens/s; >= 1.5x TRL's tokens/s (reference pass included) at <= 0.8x its
+peak RSS.
+
 Workload: plain text, deterministic, no download: the help texts of ``pydoc_data.topics`` split into documents
 of at most ~3,000 characters (one JSONL record ``{"text": ...}`` each, written to ``--workdir``), which
 fourbit's packing (``packing: true``) bins into rows of ``--seq-len`` tokens.
@@ -50,6 +62,7 @@ compute dtype.
     python benchmarks/bench_finetune.py                       # all parts, defaults below (slow: 16+ runs)
     python benchmarks/bench_finetune.py --part speed --steps 8 --batch 4 --seq-len 256 --json
     python benchmarks/bench_finetune.py --part long --steps 2 --long-dtypes both
+    python benchmarks/bench_finetune.py --part dpo --steps 4 --batch 2 --seq-len 256
     python benchmarks/bench_finetune.py --part speed --steps 1 --batch 1 --seq-len 64 --compute-dtype fp32  # smoke
 
 Other processes on the machine share the cores: compare ratios measured in the same run, not absolute numbers
@@ -152,9 +165,16 @@ def _fourbit_worker(args) -> dict:
                                          f"-{args.policy or 'default'}")
     argv = _finetune_argv(folder, data, out, dtype=args.compute_dtype, gc=args.gc, batch=args.batch,
                           seq_len=args.seq_len, steps=args.steps, policy=args.policy, dropout=args.lora_dropout)
+    return _cli_run(argv, out, args.threads)
+
+
+def _cli_run(argv: list[str], out: Path, threads: int) -> dict:
+    """``python -m fourbit ARGV`` as this process's only child: tokens/s and step time from its metrics.jsonl
+    (median over the steps after the first), its peak RSS, and (preference runs) the time of its reference
+    pass, read from its log."""
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "fourbit", *argv], capture_output=True, text=True,
-                          env=_thread_env(args.threads))
+                          env=_thread_env(threads))
     run_s = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     if proc.returncode != 0:
@@ -171,11 +191,25 @@ def _fourbit_worker(args) -> dict:
             "step_s": statistics.median(n / t for n, t in timed),
             "tokens_per_step": statistics.median(n for n, _ in timed), "peak_rss_mb": peak,
             "first_loss": recs[0]["loss"], "steps_timed": len(recs) - 1, "n_docs": summary.get("n_train"),
-            "n_truncated": summary.get("n_truncated"), "run_s": run_s}
+            "n_truncated": summary.get("n_truncated"), "run_s": run_s, **_reference_time(proc.stderr, recs)}
 
 
-def _bnb_model(folder: Path, gc: bool, dtype: str, dropout: float):
-    """transformers + bitsandbytes Linear4bit (NF4, DQ, the given compute dtype) + peft LoRA, on CPU."""
+def _reference_time(log: str, recs: list[dict]) -> dict:
+    """A preference run's reference pass (seconds, from its log line) and its tokens/s with that pass counted:
+    all tokens over the time of all steps plus the pass."""
+    import re
+
+    found = re.search(r"reference log-probs of \d+ pairs .* in ([\d.]+) s", log)
+    if not found:
+        return {}
+    ref_s = float(found.group(1))
+    total_s = sum((r["tokens"] - (recs[i - 1]["tokens"] if i else 0)) / r["tokens_per_s"] for i, r in enumerate(recs))
+    return {"reference_s": ref_s, "tokens_per_s_with_reference": recs[-1]["tokens"] / (total_s + ref_s)}
+
+
+def _bnb_model(folder: Path, gc: bool, dtype: str, dropout: float, *, wrap: bool = True):
+    """transformers + bitsandbytes Linear4bit (NF4, DQ, the given compute dtype) + peft LoRA, on CPU (``wrap``
+    False: without the LoRA, for a trainer that adds it)."""
     import bitsandbytes as bnb
     import peft
     import torch
@@ -196,6 +230,8 @@ def _bnb_model(folder: Path, gc: bool, dtype: str, dropout: float):
                                                  gradient_checkpointing_kwargs={"use_reentrant": False})
     if gc:  # peft only enables it for models transformers itself loaded in k-bit; the layers were swapped here
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not wrap:
+        return model
     return peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=16, lora_dropout=dropout,
                                                       target_modules="all-linear"))
 
@@ -374,6 +410,146 @@ def run_quality(args) -> list[dict]:
     return rows
 
 
+# ------------------------------------------------------------------------------------------ preference (DPO) part
+# Pairs from the same pydoc topics: the prompt is the start of a document, the chosen reply its continuation and
+# the rejected reply the continuation of the next document. The supervised run trains on the same texts: each
+# pair's two sequences (prompt + chosen, prompt + rejected) as plain-text records, unpacked, twice the batch.
+PROMPT_CHARS, REPLY_CHARS = 1.9, 1.4  # per token of --seq-len (~4.5 characters a token: ~0.4 and ~0.3 of it)
+
+
+def _pair_files(workdir: Path, n_pairs: int, seq_len: int) -> tuple[Path, Path]:
+    folder = workdir / "data"
+    return folder / f"pairs-{n_pairs}x{seq_len}.jsonl", folder / f"pair-texts-{n_pairs}x{seq_len}.jsonl"
+
+
+def _write_pairs(workdir: Path, n_pairs: int, seq_len: int) -> tuple[Path, Path]:
+    p_chars, r_chars = int(PROMPT_CHARS * seq_len), int(REPLY_CHARS * seq_len)
+    docs = [d for d in _documents() if len(d) >= p_chars + r_chars]
+    pairs = []
+    for i in range(n_pairs):
+        doc, other = docs[i % len(docs)], docs[(i + 1) % len(docs)]
+        pairs.append({"prompt": doc[:p_chars], "chosen": doc[p_chars:p_chars + r_chars],
+                      "rejected": other[p_chars:p_chars + r_chars]})
+    pairs_path, texts_path = _pair_files(workdir, n_pairs, seq_len)
+    pairs_path.parent.mkdir(parents=True, exist_ok=True)
+    pairs_path.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
+    texts_path.write_text("".join(json.dumps({"text": p["prompt"] + p[k]}) + "\n" for p in pairs
+                                  for k in ("chosen", "rejected")), encoding="utf-8")
+    return pairs_path, texts_path
+
+
+def _pairs_argv(args, task: str, out: Path) -> list[str]:
+    """``fourbit finetune`` on the pairs (``task`` dpo) or on their texts (``task`` causal, twice the batch)."""
+    pairs, texts = _pair_files(Path(args.workdir), args.batch * (args.steps + 1), args.seq_len)
+    data = pairs if task == "dpo" else texts
+    batch = args.batch if task == "dpo" else 2 * args.batch
+    return ["finetune", str(CACHE), "--task", task, "--data", str(data), "--out", str(out), "--overwrite",
+            "--format", "text", "--max-length", str(args.seq_len), "--batch-size", str(batch),
+            "--gradient-accumulation-steps", "1", "--max-steps", str(args.steps + 1), "--lora-r", "16",
+            "--lora-alpha", "16", "--eval-fraction", "0", "--save-steps", "0", "--eval-steps", "0",
+            "--no-progress", "--compute-dtype", args.compute_dtype, "--json"] + (
+                ["--lora-dropout", args.lora_dropout] if args.lora_dropout is not None else [])
+
+
+def _fourbit_pairs_worker(args, task: str) -> dict:
+    out = Path(args.workdir) / "runs" / f"fourbit-{task}-pairs-{args.compute_dtype}"
+    return _cli_run(_pairs_argv(args, task, out), out, args.threads)
+
+
+def _peer_dpo_worker(args) -> dict:
+    """TRL's DPOTrainer on the bitsandbytes 4-bit model, peft LoRA given as ``peft_config`` (so that TRL's
+    reference is the same model with the adapter off, as fourbit's), the same pairs, batch, length and
+    optimizer settings; each step timed by a callback, its tokens counted in the collator."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    torch.set_num_threads(args.threads)
+    dropout = 0.1 if args.lora_dropout is None else float(args.lora_dropout)
+    model = _bnb_model(CACHE, False, args.compute_dtype, dropout, wrap=False)
+    tok = AutoTokenizer.from_pretrained(CACHE)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    pairs, _ = _pair_files(Path(args.workdir), args.batch * (args.steps + 1), args.seq_len)
+    rows = [json.loads(line) for line in pairs.open(encoding="utf-8")]
+    config = DPOConfig(output_dir=str(Path(args.workdir) / "runs" / "peer-dpo"), per_device_train_batch_size=args.batch,
+                       gradient_accumulation_steps=1, max_steps=args.steps + 1, learning_rate=2e-4,
+                       lr_scheduler_type="constant", max_grad_norm=0.3, beta=0.1, max_length=args.seq_len,
+                       use_cpu=True, bf16=args.compute_dtype == "bf16", report_to=[], save_strategy="no",
+                       logging_steps=1, seed=0, dataloader_num_workers=0)
+    trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                         peft_config=LoraConfig(r=16, lora_alpha=16, lora_dropout=dropout,
+                                                target_modules="all-linear"))
+    tokens, walls = [], []
+    collate = trainer.data_collator
+
+    def counting(examples):
+        batch = collate(examples)
+        tokens.append(int(batch["attention_mask"].sum()))
+        return batch
+
+    class _Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            walls.append(time.perf_counter() - self.t0)
+
+    trainer.data_collator = counting
+    trainer.add_callback(_Timer())
+    trainer.train()
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    timed = list(zip(tokens, walls, strict=False))[1:]
+    return {"tokens_per_s": statistics.median(n / w for n, w in timed), "step_s": statistics.median(w for _, w in timed),
+            "tokens_per_step": statistics.median(n for n, _ in timed), "peak_rss_mb": peak_rss_mb(),
+            "first_loss": losses[0] if losses else None, "steps_timed": len(timed)}
+
+
+def run_dpo(args) -> tuple[list[dict], list[dict]]:
+    """fourbit DPO, fourbit supervised on the same texts, TRL + bitsandbytes + peft DPO, in each dtype."""
+    _write_pairs(Path(args.workdir), args.batch * (args.steps + 1), args.seq_len)
+    dtypes = ("fp32", "bf16") if args.compute_dtype == "both" else (args.compute_dtype,)
+    rows = []
+    for dtype in dtypes:
+        for worker, impl in (("fourbit-dpo", f"{FOURBIT} dpo"), ("fourbit-sft", f"{FOURBIT} sft, same texts"),
+                             ("peer-dpo", "trl+bnb+peft dpo")):
+            rows.append(_run_worker(args, worker, impl, dtype))
+    ratios = []
+    peer = max((r for r in rows if r["impl"].startswith("trl") and "error" not in r),
+               key=lambda r: r["tokens_per_s"], default=None)
+    for dtype in dtypes:
+        dpo = next((r for r in rows if r["impl"] == f"{FOURBIT} dpo" and r["dtype"] == dtype and "error" not in r), None)
+        sft = next((r for r in rows if r["impl"].endswith("same texts") and r["dtype"] == dtype and "error" not in r),
+                   None)
+        if dpo is None:
+            continue
+        ratio = {"fourbit dtype": dtype, "dpo/sft tokens/s (step)": sft and dpo["tokens_per_s"] / sft["tokens_per_s"],
+                 "dpo/sft tokens/s (with reference pass)": sft and dpo["tokens_per_s_with_reference"] / sft["tokens_per_s"]}
+        if peer is not None:
+            ratio.update({"peer dtype (its faster)": peer["dtype"],
+                          "tokens/s fourbit/trl (with reference pass)": dpo["tokens_per_s_with_reference"]
+                          / peer["tokens_per_s"],
+                          "peak RSS fourbit/trl": dpo["peak_rss_mb"] / peer["peak_rss_mb"]})
+        ratios.append(ratio)
+    return rows, ratios
+
+
+def _run_worker(args, worker: str, impl: str, dtype: str) -> dict:
+    cmd = [sys.executable, __file__, "--_worker", worker, "--compute-dtype", dtype, "--batch", str(args.batch),
+           "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--threads", str(args.threads), "--workdir",
+           str(args.workdir)] + (["--lora-dropout", args.lora_dropout] if args.lora_dropout is not None else [])
+    row = {"impl": impl, "dtype": dtype, "gc": False, "batch x len": f"{args.batch} pairs x {args.seq_len}"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_thread_env(args.threads))
+    if proc.returncode != 0:
+        row["error"] = proc.stderr.strip()[-600:]
+    else:
+        row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+    print(json.dumps(row), file=sys.stderr)
+    return row
+
+
 SPEED_COLUMNS = (("impl", "impl"), ("dtype", "dtype"), ("gc", "gc"), ("batch x len", "batch x len"),
                  ("tokens_per_s", "tokens/s"), ("step_s", "step s"), ("peak_rss_mb", "peak RSS MB"),
                  ("first_loss", "first loss"), ("tokens_per_step", "tokens/step"), ("steps_timed", "timed steps"))
@@ -400,7 +576,7 @@ def _table(title: str, rows: list[dict], columns: tuple[tuple[str, str], ...] | 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=("all", "quality", "speed", "long"), default="all")
+    ap.add_argument("--part", choices=("all", "quality", "speed", "long", "dpo"), default="all")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--steps", type=int, default=8, help="timed steps per speed configuration (+1 warm-up)")
@@ -421,11 +597,14 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--gc", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--policy", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--_worker", choices=("fourbit", "peer"), default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--_worker", choices=("fourbit", "peer", "fourbit-dpo", "fourbit-sft", "peer-dpo"), default=None,
+                    help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._worker:  # the fourbit worker stays torch-free: the CLI child's ru_maxrss must be the CLI's own
-        worker = _fourbit_worker if args._worker == "fourbit" else _peer_worker
-        print(json.dumps(worker(args)))
+        workers = {"fourbit": _fourbit_worker, "peer": _peer_worker, "peer-dpo": _peer_dpo_worker,
+                   "fourbit-dpo": lambda a: _fourbit_pairs_worker(a, "dpo"),
+                   "fourbit-sft": lambda a: _fourbit_pairs_worker(a, "causal")}
+        print(json.dumps(workers[args._worker](args)))
         return 0
     args.workdir = str(Path(args.workdir).resolve())
     result: dict = {"cpu": cpu_line(), "threads": args.threads, "load_average": os.getloadavg(),
@@ -435,7 +614,7 @@ def main() -> int:
 
         torch.set_num_threads(args.threads)
         result["quality"] = run_quality(args)
-    if args.part in ("all", "speed", "long"):
+    if args.part in ("all", "speed", "long", "dpo"):
         _export_fp32()
         data = _write_data(Path(args.workdir))
         result["workload"] = {"data": str(data), "documents": sum(1 for _ in data.open(encoding="utf-8"))}
@@ -443,6 +622,8 @@ def main() -> int:
         result["speed"], result["ratios"] = run_speed(args)
     if args.part in ("all", "long"):
         result["long"], result["long_ratios"] = run_long(args, result.get("speed", []))
+    if args.part in ("all", "dpo"):
+        result["dpo"], result["dpo_ratios"] = run_dpo(args)
     result["load_average_end"] = os.getloadavg()
     if args.json:
         print(json.dumps(result, indent=1))
@@ -456,7 +637,11 @@ def main() -> int:
     _table(f"long context, batch 1x{args.long_len}, gradient checkpointing", result.get("long", []), SPEED_COLUMNS)
     _table("long context ratios against the peer at its faster dtype (target: RSS <= 0.6)",
            result.get("long_ratios", []))
-    for r in result.get("speed", []) + result.get("long", []):
+    _table(f"preference training (DPO), {args.batch} pairs (2 x {args.batch} sequences) of at most {args.seq_len} "
+           "tokens per step, r=16 all-linear", result.get("dpo", []), SPEED_COLUMNS + (
+               ("reference_s", "reference pass s"), ("tokens_per_s_with_reference", "tokens/s with reference")))
+    _table("DPO ratios (target: dpo/sft >= 0.5; fourbit/trl tokens/s >= 1.5 at RSS <= 0.8)", result.get("dpo_ratios", []))
+    for r in result.get("speed", []) + result.get("long", []) + result.get("dpo", []):
         if "error" in r:
             print(f"error in {r['impl']} {r['dtype']} gc={r['gc']} {r['batch x len']}: {r['error']}")
     if "workload" in result:

@@ -94,3 +94,26 @@ def test_parent_child_retrieval_with_metadata_over_a_pdf(tmp_path, capsys, make_
     sources = report["answer"]["sources"]
     assert sources and all(s["id"].startswith("guide-") for s in sources)
     assert "answer" in report["answer"]
+
+
+def test_preference_pairs_are_regenerated_byte_for_byte(tmp_path, monkeypatch):
+    shipped = (EXAMPLES / "preference" / "date_pairs.jsonl").read_bytes()
+    make = _example("preference/make_pairs")
+    monkeypatch.setattr(make, "HERE", tmp_path)
+    assert make.main().read_bytes() == shipped
+    pairs = [json.loads(line) for line in shipped.decode().splitlines()]
+    assert len(pairs) == 200 and all(p["chosen"] != p["rejected"] for p in pairs)
+    assert {len(p["chosen"]) for p in pairs} == {10}  # every chosen reply is a bare ISO date
+
+
+@pytest.mark.parametrize("task", ["dpo", "orpo"])
+def test_preference_training_on_the_date_pairs(tmp_path, capsys, task):
+    from _tiny_models import make_llama
+
+    model = _save(make_llama(0), tmp_path / "llama")
+    report = _example("preference_dates").main([str(model), "--task", task, "--out", str(tmp_path / "run"),
+                                                "--max-steps", "4", "--eval-steps", "2"])
+    assert _printed_report(capsys) == report
+    assert report["steps"] == 4 and [e["step"] for e in report["evaluations"]] == [2, 4]
+    assert all(0 <= e["accuracy"] <= 1 for e in report["evaluations"])
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()

@@ -118,6 +118,7 @@ def _prepare(args: argparse.Namespace, world: Any, log: Any) -> tuple[Any, Any, 
     from fourbit.train.config import config_from_args
     from fourbit.train.data import check_records, load_records
     from fourbit.train.loading import load_for_training
+    from fourbit.train.pairs import PREFERENCE_TASKS, check_pairs
     from fourbit.train.trainer import plan_run, prepare_data
 
     config = config_from_args(args, config_file=args.config, model=args.model_pos)
@@ -132,11 +133,12 @@ def _prepare(args: argparse.Namespace, world: Any, log: Any) -> tuple[Any, Any, 
     # A bad data file fails before the model load too, judged on the whole file (not the training split).
     label_column = config.label_column if config.task == "classify" else None
     records = load_records(config.data)
-    check_records(records, format=config.format, text_column=config.text_column, label_column=label_column)
     eval_records = load_records(config.eval_data) if config.eval_data else None
-    if eval_records is not None:
-        check_records(eval_records, format=config.format, text_column=config.text_column,
-                      label_column=label_column)
+    for rows in (records, eval_records) if eval_records is not None else (records,):
+        if config.task in PREFERENCE_TASKS:
+            check_pairs(rows, format=config.format)
+        else:
+            check_records(rows, format=config.format, text_column=config.text_column, label_column=label_column)
     from fourbit.train.memory_check import check_finetune_fits, resolve_checkpoint_policy
 
     config = resolve_checkpoint_policy(config)  # every rank alike

@@ -33,6 +33,7 @@ from fourbit.optim import OPTIMIZER_NAMES
 from fourbit.quant import QUANT_TYPES
 
 from .data import FORMATS
+from .pairs import DPO_LOSS_TYPES, PREFERENCE_TASKS
 from .prepare import CHECKPOINT_POLICIES
 
 __all__ = [
@@ -47,7 +48,7 @@ __all__ = [
 
 OPTIMIZERS = OPTIMIZER_NAMES
 SCHEDULES = ("constant", "cosine", "linear")
-_TASKS = ("causal", "classify")
+_TASKS = ("causal", "classify", *PREFERENCE_TASKS)
 _QUANTS = (*QUANT_TYPES, "none")
 _DTYPES = ("auto", "bf16", "fp32")
 
@@ -66,6 +67,12 @@ class TrainConfig:
             attention does not cross examples); plain-text documents longer than ``max_length`` are split into
             ``max_length`` pieces instead of truncated, so no text is lost. ``group_by_length`` instead batches
             examples of similar length.
+    Preference training (``task`` dpo or orpo; records ``prompt``/``chosen``/``rejected``, see
+    :mod:`fourbit.train.pairs`):
+        beta: DPO's β (the KL penalty; IPO's τ), or ORPO's λ, the weight of the odds-ratio term (TRL's
+            ``beta`` in both).
+        loss_type: DPO's loss, as TRL names it: ``sigmoid`` (DPO), ``ipo``, ``hinge`` or ``robust``.
+        label_smoothing: ``robust`` only: the assumed rate of flipped preferences, in [0, 0.5).
     Model:
         model: model folder or GGUF file; ``None`` is the bundled SmolLM2-135M-Instruct.
         quant: base weights ``nf4`` (QLoRA), ``fp4``, ``int4`` or ``none`` (plain LoRA); ``double_quant`` for DQ.
@@ -105,6 +112,9 @@ class TrainConfig:
     out: str | None = None
     eval_data: str | None = None
     task: str = "causal"
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
     format: str = "auto"
     text_column: str = "text"
     label_column: str = "label"
@@ -159,6 +169,7 @@ class TrainConfig:
         if self.packing and self.task == "classify":
             raise FieldError("packing", "packing is for causal LM data; it cannot be used with `task` "
                                         "classify")
+        self._check_preference()
         if self.resume and self.overwrite:
             raise FieldError("overwrite", "`resume` continues the run in the output folder and `overwrite` "
                                           "replaces it; pick one")
@@ -170,6 +181,19 @@ class TrainConfig:
         if not self.target_module_list:
             raise FieldError("target_modules", f"names no module; got {self.target_modules!r} (give "
                                                "comma-separated names such as q_proj,v_proj, a regex or all-linear)")
+
+    def _check_preference(self) -> None:
+        if self.task in PREFERENCE_TASKS and self.packing:
+            raise FieldError("packing", f"packing is for causal LM data; it cannot be used with `task` {self.task}")
+        if self.task in PREFERENCE_TASKS and self.format == "instruction":
+            raise FieldError("format", "preference pairs are text or chat; use `format` auto, text or chat")
+        if self.task in PREFERENCE_TASKS and self.init_lora_weights == "loftq":
+            raise NotImplementedError(f"`init_lora_weights` loftq is not implemented for `task` {self.task}")
+        if self.task != "dpo" and self.loss_type != "sigmoid":
+            raise FieldError("loss_type", f"is DPO's; `task` {self.task} has one loss (leave `loss_type` sigmoid)")
+        if self.label_smoothing and self.loss_type != "robust":
+            raise FieldError("label_smoothing", "is used by `loss_type` robust only; set `loss_type` robust or "
+                                                "leave `label_smoothing` 0")
 
     @property
     def target_module_list(self) -> str | tuple[str, ...]:
@@ -210,13 +234,14 @@ _RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "loss_chunk_size": _at_least(0), "seed": ((lambda v: 0 <= v < 2**32), "in [0, 2**32)"),
     "eval_fraction": _FRACTION, "lora_dropout": _FRACTION, "warmup_ratio": _FRACTION, "adam_beta1": _FRACTION,
     "adam_beta2": _FRACTION, "lora_alpha": _POSITIVE, "learning_rate": _POSITIVE, "adam_epsilon": _POSITIVE,
-    "max_grad_norm": _POSITIVE, "weight_decay": ((lambda v: v >= 0), ">= 0"),
+    "max_grad_norm": _POSITIVE, "beta": _POSITIVE,
+    "label_smoothing": ((lambda v: 0 <= v < 0.5), "in [0, 0.5)"), "weight_decay": ((lambda v: v >= 0), ">= 0"),
 }
 _HINTS = {
     "save_steps": " (0: no checkpoints)", "eval_steps": " (0: evaluate at the end only)",
     "loss_chunk_size": " (0: the model's full logits)", "max_grad_norm": " (null/None: no clipping)",
 }
-_CHOICES = {"task": _TASKS, "format": FORMATS, "quant": _QUANTS, "compute_dtype": _DTYPES,
+_CHOICES = {"task": _TASKS, "loss_type": DPO_LOSS_TYPES, "format": FORMATS, "quant": _QUANTS, "compute_dtype": _DTYPES,
             "init_lora_weights": ("default", "loftq"),
             "optim": OPTIMIZERS, "lr_scheduler": SCHEDULES, "gradient_checkpointing_policy": CHECKPOINT_POLICIES}
 _NON_EMPTY = ("text_column", "label_column", "target_modules")

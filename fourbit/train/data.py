@@ -93,6 +93,16 @@ def _no_response(fmt: str, text_column: str) -> str:
             "chat": "no assistant message has content"}[fmt]
 
 
+def _pair_field(record: Mapping[str, Any]) -> str | None:
+    """The first preference field (``chosen``, ``rejected``) of a record, if any."""
+    return next((k for k in ("chosen", "rejected") if k in record), None)
+
+
+def _pair_message(name: str) -> str:
+    return (f"preference field '{name}' in a supervised record; a record is either a pair (prompt, chosen, "
+            "rejected: train it with `task` dpo or orpo) or a supervised example")
+
+
 @dataclass
 class RecordCheck:
     """What :func:`check_records` found: the resolved ``format`` and the positions (indices into the records)
@@ -198,6 +208,8 @@ def check_records(
     if not records:
         raise ValueError(f"{source}: the dataset is empty")
     first = records[0]
+    if isinstance(first, Mapping) and not label_column and format == "auto" and _pair_field(first):
+        raise record_error(first, 0, source, _pair_message(_pair_field(first)))
     if label_column:
         fmt = "text"
     elif format == "auto":
@@ -215,6 +227,8 @@ def check_records(
 
         if not isinstance(record, Mapping):
             raise fail(f"expected an object (column: value), found {_type_name(record)}")
+        if _pair_field(record):
+            raise fail(_pair_message(_pair_field(record)))
         if label_column:
             _check_text(record, text_column, fail)
             value = record.get(label_column)

@@ -25,7 +25,7 @@ from fourbit.kernels import dispatch
 from .batching import Batch
 from .data import IGNORE_INDEX
 
-__all__ = ["causal_lm_loss", "chunked_cross_entropy", "decoder_hidden_states"]
+__all__ = ["causal_lm_loss", "chunked_cross_entropy", "decoder_hidden_states", "token_cross_entropy"]
 
 
 def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -59,6 +59,60 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         (grad,) = ctx.saved_tensors
         return grad * grad_output.to(grad.dtype), None, None, None, None
+
+
+class _FrozenHeadTokenCrossEntropy(torch.autograd.Function):
+    """Per-token cross-entropies ``[N]`` of ``hidden · W^T + b`` with a frozen W, b: each token's
+    ``dL/dhidden`` is computed in forward, chunk by chunk, and scaled by that token's incoming gradient in
+    backward (the preference losses weigh every token of a reply by its pair's gradient)."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                chunk_size: int) -> torch.Tensor:
+        want_grad = ctx.needs_input_grad[0]
+        grad = torch.empty_like(hidden) if want_grad else None
+        losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):  # the caller chose the dtype
+            for s in range(0, hidden.shape[0], chunk_size):
+                logits = F.linear(hidden[s:s + chunk_size], weight, bias)
+                losses[s:s + chunk_size] = dispatch.softmax_cross_entropy_(logits, targets[s:s + chunk_size],
+                                                                           want_grad)
+                if want_grad:
+                    torch.mm(logits, weight, out=grad[s:s + chunk_size])
+                del logits
+        ctx.save_for_backward(grad)
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.to(grad.dtype)[:, None], None, None, None, None
+
+
+def token_cross_entropy(
+    hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, chunk_size: int = 1024
+) -> torch.Tensor:
+    """Per-token cross-entropies ``-log softmax(head(hidden))[target]`` (float32 ``[N]``), ``chunk_size`` tokens
+    at a time for a frozen head (as :func:`chunked_cross_entropy`, keeping one chunk of logits at most), else
+    from the full logits of the ``N`` tokens.
+
+    Args:
+        hidden: ``[N, H]`` hidden states of the tokens that carry a label.
+        head: the output projection (``[V, H]`` weight, optional bias).
+        targets: ``[N]`` token ids.
+        chunk_size: tokens per chunk; ``0`` computes all logits at once (the plain reference path).
+    """
+    weight, bias = head.weight, getattr(head, "bias", None)
+    head_trains = weight.requires_grad or (bias is not None and bias.requires_grad)
+    if hidden.shape[0] == 0:
+        return hidden.sum(-1).float() * 0.0
+    if chunk_size <= 0 or (head_trains and torch.is_grad_enabled()):
+        logits = F.linear(hidden, weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype))
+        return F.cross_entropy(logits.float(), targets, reduction="none")
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    return _FrozenHeadTokenCrossEntropy.apply(hidden.to(dtype), weight.detach().to(dtype),
+                                              None if bias is None else bias.detach().to(dtype), targets, chunk_size)
 
 
 def chunked_cross_entropy(

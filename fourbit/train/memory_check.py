@@ -28,9 +28,13 @@ def finetune_settings(config: TrainConfig) -> FinetuneSettings:
     from fourbit.nn.linear4bit import resolve_compute_dtype
     from fourbit.optim import OPTIMIZER_OPTIONS
 
+    from .pairs import PREFERENCE_TASKS
+
     compute = resolve_compute_dtype(config.compute_dtype, "cpu")
     return FinetuneSettings(
-        max_length=config.max_length, batch_size=config.batch_size, lora_r=config.lora_r,
+        # a preference micro-batch of B pairs runs 2B sequences (chosen and rejected)
+        max_length=config.max_length, batch_size=config.batch_size * (2 if config.task in PREFERENCE_TASKS else 1),
+        lora_r=config.lora_r,
         target_modules=config.target_module_list, optimizer_bits=OPTIMIZER_OPTIONS[config.optim]["bits"],
         gradient_checkpointing=config.gradient_checkpointing,
         checkpoint_policy=config.gradient_checkpointing_policy, loss_chunk_size=config.loss_chunk_size,

@@ -52,8 +52,32 @@ class MetricsLog:
             f.write(_json_line(record))
 
 
+def _plot_rewards(ax: Any, records: list[dict[str, Any]]) -> None:
+    """The preference rewards of the training steps: chosen, rejected and their margin, and (right axis) the
+    fraction of pairs whose chosen reply has the higher reward."""
+    def series(key: str) -> list[tuple[int, float]]:
+        return [(r["step"], r[key]) for r in records if r.get(key) is not None and "loss" in r]
+
+    for key, style in (("rewards/chosen", "-"), ("rewards/rejected", "-"), ("rewards/margins", "-")):
+        points = series(key)
+        if points:
+            ax.plot(*zip(*points, strict=True), style, label=key.split("/")[1], lw=1)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("reward")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left")
+    accuracy = series("rewards/accuracies")
+    if accuracy:
+        right = ax.twinx()
+        right.plot(*zip(*accuracy, strict=True), ":", color="gray", label="accuracy", lw=1)
+        right.set_ylim(-0.05, 1.05)
+        right.set_ylabel("preference accuracy")
+        right.legend(loc="lower right")
+
+
 def plot_loss_curve(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -> Path | None:
-    """Draw train loss (and eval loss when present) against step into ``png_path`` (matplotlib, Agg).
+    """Draw train loss (and eval loss when present) against step into ``png_path`` (matplotlib, Agg); for
+    preference training a second panel draws the rewards, their margin and the preference accuracy.
 
     Returns:
         The PNG path, or None when there is nothing to plot.
@@ -68,14 +92,18 @@ def plot_loss_curve(metrics_path: str | os.PathLike, png_path: str | os.PathLike
     evals = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
     if not train:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    preference = any(r.get("rewards/margins") is not None for r in records)
+    fig, axes = plt.subplots(2 if preference else 1, 1, figsize=(7, 7 if preference else 4), dpi=100, squeeze=False)
+    ax = axes[0][0]
     ax.plot(*zip(*train, strict=True), label="train loss", lw=1)
     if evals:
         ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylabel("preference loss (per pair)" if preference else "loss (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend()
+    if preference:
+        _plot_rewards(axes[1][0], records)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")

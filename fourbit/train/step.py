@@ -41,6 +41,7 @@ from .config import TrainConfig
 from .data import Encoded
 from .distributed import World
 from .loss import causal_lm_loss
+from .pairs import PREFERENCE_TASKS, PairBatch, collate_pairs
 from .schedule import lr_factor
 
 __all__ = [
@@ -96,6 +97,7 @@ class StepResult:
     n_tokens: int
     seconds: float
     stop: bool = False  # some rank asked to stop (Ctrl-C) before this step's all-reduce
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # preference: the rewards
 
 
 def micro_seed(seed: int, step: int, index: int) -> int:
@@ -151,6 +153,13 @@ def loss_sum(model: nn.Module, batch: Batch, config: TrainConfig) -> tuple[torch
     return causal_lm_loss(model, batch, chunk_size=config.loss_chunk_size), None
 
 
+def _reward_metrics(sums: list[float], n_pairs: int) -> dict[str, float]:
+    """The mean rewards of a step's pairs (as TRL logs them) from their sums over the pairs."""
+    chosen, rejected, correct = (v / n_pairs for v in sums)
+    return {"rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margins": chosen - rejected,
+            "rewards/accuracies": correct}
+
+
 def diverged(step: int, what: str, lr: float, last_checkpoint: Path | None) -> FieldError:
     """The error for a step whose loss, gradient or update is not finite."""
     kept = f"; the last good checkpoint is {last_checkpoint}" if last_checkpoint else ""
@@ -185,11 +194,16 @@ class Stepper:
         t0 = time.perf_counter()
         micro = self._global_batch(stream, state)
         n_targets = max(1, sum(b.n_targets for b in micro))
-        total, stops = reduce_gradients(self.params, [self._backward(micro, state.step, n_targets), float(stop)],
-                                        self.world)
+        metrics: dict[str, float] = {}
+        if self.config.task in PREFERENCE_TASKS:
+            sums = reduce_gradients(self.params, [*self._backward_pairs(micro, state.step), float(stop)], self.world)
+            loss, stops, metrics = sums[0], sums[-1], _reward_metrics(sums[1:4], n_targets)
+        else:
+            total, stops = reduce_gradients(self.params, [self._backward(micro, state.step, n_targets), float(stop)],
+                                            self.world)
+            loss = total / n_targets
         lr = self._set_learning_rate(state.step)
         norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm or float("inf")))
-        loss = total / n_targets
         if not (math.isfinite(loss) and math.isfinite(norm)):
             what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {norm}"
             raise diverged(state.step + 1, what, lr, last_checkpoint)
@@ -200,7 +214,7 @@ class Stepper:
         n_tokens = sum(b.n_tokens for b in micro)
         state.step += 1
         state.tokens += n_tokens
-        return StepResult(loss, lr, norm, n_tokens, time.perf_counter() - t0, stops > 0)
+        return StepResult(loss, lr, norm, n_tokens, time.perf_counter() - t0, stops > 0, metrics)
 
     def _global_batch(self, stream: BatchStream, state: TrainState) -> list[Batch]:
         """The ``gradient_accumulation_steps x world.size`` micro-batches of the step (every rank collates all
@@ -209,7 +223,10 @@ class Stepper:
         config, micro = self.config, []
         for _ in range(config.gradient_accumulation_steps * self.world.size):
             epoch, index, rows = next(stream)
-            micro.append(collate(rows, self.pad_id, packed=config.packing, classify=config.task == "classify"))
+            if config.task in PREFERENCE_TASKS:
+                micro.append(collate_pairs(rows, self.pad_id))
+            else:
+                micro.append(collate(rows, self.pad_id, packed=config.packing, classify=config.task == "classify"))
             state.epoch, state.batch = epoch, index + 1
         return micro
 
@@ -227,6 +244,27 @@ class Stepper:
             (loss / n_targets).backward()
             total += float(loss.detach())
         return total
+
+    def _backward_pairs(self, micro: list[PairBatch], step: int) -> list[float]:
+        """Forward and backward of this rank's micro-batches of pairs, each under its own seed (rule 1) and
+        divided by the global batch's pair (and, for ORPO, chosen-token) count (rule 2); returns the sums of
+        their losses and rewards, and the pairs whose chosen reward is higher, as float64 (rule 3)."""
+        from .preference import pair_loss
+
+        accumulation, sums = self.config.gradient_accumulation_steps, [0.0] * 4
+        device = next(self.model.parameters()).device
+        n_pairs = sum(b.n_pairs for b in micro)
+        n_nll = sum(b.n_chosen_tokens for b in micro) if self.config.task == "orpo" else 0
+        first = self.world.rank * accumulation
+        for i in range(first, first + accumulation):
+            torch.manual_seed(micro_seed(self.config.seed, step, i))
+            with autocast(self.config, self.model):
+                out = pair_loss(self.model, micro[i].to(device), self.config, n_pairs, n_nll)
+            out.loss.backward()
+            for k, value in enumerate((float(out.loss.detach()), out.chosen_rewards, out.rejected_rewards,
+                                       out.correct)):
+                sums[k] += value
+        return sums
 
     def _set_learning_rate(self, step: int) -> float:
         """Set the learning rate of optimizer step ``step + 1`` (a pure function of the step) and return it."""

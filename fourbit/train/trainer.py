@@ -48,6 +48,7 @@ from .data import EncodedDataset, encode_records, load_records, split_records
 from .distributed import World, fingerprint_examples, fingerprint_model
 from .metrics import MetricsLog, plot_loss_curve
 from .optimizers import build_optimizer
+from .pairs import PREFERENCE_TASKS, encode_pairs
 from .plan import RunFolder, RunPlan, plan_run
 from .prepare import prepare_model_for_training
 from .step import BatchStream, Stepper, StepResult, TrainState, autocast, computes_bf16, loss_sum, to_device
@@ -114,6 +115,12 @@ def prepare_data(
         eval_rows = eval_records if eval_records is not None else load_records(config.eval_data)
     else:
         train_rows, eval_rows = split_records(records, config.eval_fraction, config.seed)
+    if config.task in PREFERENCE_TASKS:
+        kw = dict(format=config.format, max_length=config.max_length)
+        train_ds = encode_pairs(train_rows, tokenizer, source=str(config.data), **kw)
+        eval_ds = encode_pairs(eval_rows, tokenizer, source=str(config.eval_data or config.data), **kw) \
+            if eval_rows else None
+        return train_ds, eval_ds
     classify = config.task == "classify"
     kw = dict(format=config.format, max_length=config.max_length, train_on_inputs=config.train_on_inputs,
               text_column=config.text_column, label_column=config.label_column if classify else None,
@@ -162,12 +169,17 @@ def add_lora(model: nn.Module, config: TrainConfig) -> nn.Module:
 @torch.no_grad()
 def evaluate(model: nn.Module, data: EncodedDataset, config: TrainConfig, pad_id: int,
              world: World | None = None) -> dict[str, float]:
-    """Mean loss per label token and perplexity (accuracy for classification) over ``data``.
+    """Mean loss per label token and perplexity (accuracy for classification) over ``data``; for preference
+    pairs the preference loss and rewards (:func:`fourbit.train.preference.evaluate_pairs`).
 
     Runs in eval mode under ``no_grad`` and restores the training mode and the torch RNG state, so an
     evaluation between steps does not change the training that follows (tested). On several processes
     (``world``) rank ``r`` evaluates batches ``r, r+W, ...`` and the sums are reduced over the ranks.
     """
+    if config.task in PREFERENCE_TASKS:
+        from .preference import evaluate_pairs
+
+        return evaluate_pairs(model, data.examples, config, pad_id, world)
     world = world or World()
     was_training = model.training
     rng = torch.get_rng_state()
@@ -367,10 +379,17 @@ def _set_up(config: TrainConfig, model: nn.Module, tokenizer: Any, world: World,
     add_lora(model, config)
     if world.mode == "fsdp":  # the frozen base sharded over the ranks, the adapter whole on each
         _shard_base(model, world, log)
+    pad_id = _pad_id(model, tokenizer, config)
+    if config.task == "dpo":  # the reference log-probs, once per pair: the base with the adapter switched off
+        from .preference import reference_logps
+
+        pairs, t0 = train_ds.examples + (eval_ds.examples if eval_ds else []), time.perf_counter()
+        reference_logps(model, pairs, config, pad_id)
+        log(f"reference log-probs of {len(pairs)} pairs (the base, adapter off) in {time.perf_counter() - t0:.1f} s")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(config.optim, params, lr=config.learning_rate, weight_decay=config.weight_decay,
                                 betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon)
-    stepper = Stepper(model, optimizer, params, config, world, _pad_id(model, tokenizer, config))
+    stepper = Stepper(model, optimizer, params, config, world, pad_id)
     return _Setup(run_plan, train_ds, eval_ds, stepper)
 
 
@@ -487,7 +506,7 @@ def _record(loop: _Loop, result: StepResult, bar: Any) -> None:
     if loop.metrics is not None and state.step % config.logging_steps == 0:
         loop.metrics.write({"step": state.step, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
                             "epoch": state.epoch, "tokens": state.tokens, "tokens_per_s": tokens_per_s,
-                            "world_size": loop.world.size})
+                            "world_size": loop.world.size, **result.metrics})
     bar.update(1)
     bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
 

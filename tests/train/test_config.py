@@ -80,6 +80,8 @@ RANGES = {
     "loss_chunk_size": ([-1], [0]),
     "seed": ([-1, 2**32], [0, 2**32 - 1]),
     "loftq_iter": ([0, -1], [1, 5]),
+    "beta": ([0, -0.1, float("nan")], [0.1, 2.0]),
+    "label_smoothing": ([-0.1, 0.5], [0.0]),  # > 0 needs loss_type robust: see the next test
 }
 
 
@@ -96,6 +98,17 @@ def test_numeric_fields_reject_bad_values_naming_the_field(name: str) -> None:
         assert info.value.field == name and "--" not in str(info.value)
     for value in accepted:
         assert getattr(TrainConfig(**{name: value}), name) == value
+
+
+def test_preference_fields_are_checked_against_the_task() -> None:
+    assert TrainConfig(task="dpo", loss_type="robust", label_smoothing=0.2).label_smoothing == 0.2
+    cases = [({"task": "dpo", "label_smoothing": 0.1}, "label_smoothing"),
+             ({"task": "orpo", "loss_type": "ipo"}, "loss_type"), ({"task": "dpo", "packing": True}, "packing"),
+             ({"task": "dpo", "format": "instruction"}, "format"), ({"task": "dpo", "loss_type": "kto"}, "loss_type")]
+    for kwargs, name in cases:
+        with pytest.raises(FieldError) as info:
+            TrainConfig(**kwargs)
+        assert info.value.field == name
 
 
 def test_other_fields_reject_wrong_types_and_choices() -> None:
