@@ -151,6 +151,17 @@ def _finetune_argv(folder: Path, data: Path, out: Path, *, dtype: str, gc: bool,
                 ["--lora-dropout", dropout] if dropout is not None else [])
 
 
+def _collect_worker(cmd: list[str], row: dict, threads: int) -> dict:
+    """Run one benchmark worker process and add its JSON result (or its error) to ``row``."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_thread_env(threads))
+    if proc.returncode != 0:
+        row["error"] = proc.stderr.strip()[-600:]
+    else:
+        row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+    print(json.dumps(row), file=sys.stderr)
+    return row
+
+
 def _thread_env(threads: int) -> dict[str, str]:
     n = str(threads)
     return dict(os.environ, OMP_NUM_THREADS=n, MKL_NUM_THREADS=n, NUMBA_NUM_THREADS=n)
@@ -311,13 +322,7 @@ def _run_config(args, impl: str, dtype: str, gc: bool, batch: int, seq_len: int,
                ["--lora-dropout", args.lora_dropout] if args.lora_dropout is not None else [])
     row = {"impl": impl if not policy else f"{impl} ({policy})", "dtype": dtype, "gc": gc,
            "batch x len": f"{batch}x{seq_len}"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_thread_env(args.threads))
-    if proc.returncode != 0:
-        row["error"] = proc.stderr.strip()[-600:]
-    else:
-        row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
-    print(json.dumps(row), file=sys.stderr)
-    return row
+    return _collect_worker(cmd, row, args.threads)
 
 
 def _faster(rows: list[dict], impl: str, gc: bool) -> dict | None:
@@ -541,13 +546,7 @@ def _run_worker(args, worker: str, impl: str, dtype: str) -> dict:
            "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--threads", str(args.threads), "--workdir",
            str(args.workdir)] + (["--lora-dropout", args.lora_dropout] if args.lora_dropout is not None else [])
     row = {"impl": impl, "dtype": dtype, "gc": False, "batch x len": f"{args.batch} pairs x {args.seq_len}"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_thread_env(args.threads))
-    if proc.returncode != 0:
-        row["error"] = proc.stderr.strip()[-600:]
-    else:
-        row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
-    print(json.dumps(row), file=sys.stderr)
-    return row
+    return _collect_worker(cmd, row, args.threads)
 
 
 SPEED_COLUMNS = (("impl", "impl"), ("dtype", "dtype"), ("gc", "gc"), ("batch x len", "batch x len"),

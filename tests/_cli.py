@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from fourbit.cli import main
 
@@ -47,3 +49,13 @@ def assert_clean_error(result: CliResult, *names: str, code: int = 1) -> str:
     for name in names:
         assert str(name) in message, f"{name!r} not named in: {message!r}"
     return message
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a ``fourbit`` child process (torchrun or ``python -m fourbit``): this checkout first on
+    the path, one thread each, no hub, and no torchrun variables inherited from the test's own process."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    env.update(PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", TORCH_CPP_LOG_LEVEL="FATAL", **extra)
+    return env

@@ -9,7 +9,6 @@ The 2-process runs are real processes (``python -m torch.distributed.run`` or tw
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _cli import assert_clean_error, run_cli
+from _cli import assert_clean_error, child_env, run_cli
 from _tiny_models import make_llama, make_tokenizer
 from safetensors.torch import load_file
 
@@ -43,18 +42,10 @@ def _args(folder: Path, out: str, *extra: str) -> list[str]:
             "--max-length", "64", "--json", *extra]
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT")}
-    env.update(PYTHONPATH=str(_REPO), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               TORCH_CPP_LOG_LEVEL="FATAL", **extra)
-    return env
-
-
 def _torchrun(*argv: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
            str(_free_port()), "-m", "fourbit", "finetune", *argv]
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=_TIMEOUT, cwd=_REPO)
+    return subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=_TIMEOUT, cwd=_REPO)
 
 
 def _free_port() -> int:
@@ -70,7 +61,7 @@ def _spawn(argvs: list[list[str]], pauses: list[tuple[str, Path] | None] | None 
     port = str(_free_port())
     procs = []
     for rank, argv in enumerate(argvs):
-        env = _env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(len(argvs)), MASTER_ADDR="127.0.0.1",
+        env = child_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(len(argvs)), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=port)
         pause = (pauses or [None] * len(argvs))[rank]
         entry = ["-m", "fourbit"] if pause is None else [str(_LAUNCHER), pause[0], str(pause[1]), "--"]

@@ -7,7 +7,6 @@ over the same global batches.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _cli import run_cli
+from _cli import child_env, run_cli
 from _tiny_models import make_llama, make_tokenizer
 from safetensors.torch import load_file
 
@@ -53,14 +52,6 @@ def _adapter(out: Path) -> dict[str, torch.Tensor]:
 
 def _curve(out: Path) -> list[dict]:
     return read_metrics(out / "metrics.jsonl")
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT")}
-    env.update(PYTHONPATH=str(_REPO), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               TORCH_CPP_LOG_LEVEL="FATAL", **extra)
-    return env
 
 
 @pytest.mark.parametrize("task", ["dpo", "orpo"])
@@ -108,7 +99,7 @@ def test_loss_plot_draws_the_rewards(folder, monkeypatch) -> None:
 def _start_paused(folder: Path, argv: list[str], pause: str) -> subprocess.Popen:
     marker = folder / f"marker-{Path(argv[argv.index('--out') + 1]).name}"
     proc = subprocess.Popen([sys.executable, str(_LAUNCHER), pause, str(marker), "--", "finetune", *argv],
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + _DEADLINE_S
     while not marker.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -119,7 +110,7 @@ def _start_paused(folder: Path, argv: list[str], pause: str) -> subprocess.Popen
 
 
 def _finish(argv: list[str]) -> dict:
-    done = subprocess.run([sys.executable, "-m", "fourbit", "finetune", *argv], env=_env(), capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "fourbit", "finetune", *argv], env=child_env(), capture_output=True,
                           text=True, timeout=_DEADLINE_S)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -152,7 +143,7 @@ def _torchrun(argv: list[str]) -> subprocess.CompletedProcess:
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
            "-m", "fourbit", "finetune", *argv]
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=_DEADLINE_S, cwd=_REPO)
+    return subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=_DEADLINE_S, cwd=_REPO)
 
 
 @pytest.mark.multiprocess
