@@ -8,7 +8,6 @@ saved by peft. Files are written atomically; weights are read only through safet
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
@@ -22,7 +21,6 @@ from torch import nn
 from fourbit._errors import FieldError, InputFileError
 from fourbit._io import atomic_write_text, check_output_dir, load_safetensors, read_json, save_safetensors
 
-from .info import fourbit_info
 from .lora import (
     LoRASpec,
     _features,
@@ -31,6 +29,7 @@ from .lora import (
     inject_lora,
     lora_modules,
     lora_spec,
+    replace_with_copy,
     unload_lora,
 )
 
@@ -252,13 +251,9 @@ def _replace_saved_modules(model: nn.Module, modules_to_save: Sequence[str]) -> 
     into, and record the original (``fourbit_info(model).replaced_modules``) for :func:`unload_lora` to put
     back: loading into the model's own module would change the base for good (and, for a head tied to the
     input embeddings, the embeddings with it). peft keeps such a copy too (``ModulesToSaveWrapper``)."""
-    replaced = fourbit_info(model).replaced_modules
     for entry in modules_to_save:
         for name in [n for n, _ in model.named_modules() if n == entry or n.endswith("." + entry)]:
-            if name not in replaced:
-                original = model.get_submodule(name)
-                model.set_submodule(name, copy.deepcopy(original))
-                replaced[name] = original
+            replace_with_copy(model, name)
 
 
 def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:

@@ -523,17 +523,21 @@ def inject_lora(model: nn.Module, spec: LoRASpec) -> list[str]:
 def _untie_parameters(model: nn.Module, name: str) -> None:
     """Put a copy in place of module ``name`` when it shares parameters with another module (a head tied to the
     input embeddings), as peft's ``modules_to_save`` does: training the head then leaves the embeddings alone,
-    and the adapter file holds the head under its own name. The original is recorded
-    (``fourbit_info(model).replaced_modules``) for :func:`unload_lora` to put back."""
-    module = model.get_submodule(name)
-    own = {id(p) for p in module.parameters()}
-    if not any(id(p) in own for n, m in model.named_modules() if n != name and not n.startswith(name + ".")
-               for p in m.parameters(recurse=False)):
-        return
+    and the adapter file holds the head under its own name."""
+    own = {id(p) for p in model.get_submodule(name).parameters()}
+    if any(id(p) in own for n, m in model.named_modules() if n != name and not n.startswith(name + ".")
+           for p in m.parameters(recurse=False)):
+        replace_with_copy(model, name)
+
+
+def replace_with_copy(model: nn.Module, name: str) -> None:
+    """Put a copy of module ``name`` in its place and record the original (``fourbit_info(model).replaced_modules``)
+    for :func:`unload_lora` to put back; a module already replaced is left as it is."""
     replaced = fourbit_info(model).replaced_modules
     if name not in replaced:
-        model.set_submodule(name, copy.deepcopy(module))
-        replaced[name] = module
+        original = model.get_submodule(name)
+        model.set_submodule(name, copy.deepcopy(original))
+        replaced[name] = original
 
 
 def lora_spec(model: nn.Module) -> LoRASpec | None:
