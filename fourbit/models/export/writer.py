@@ -190,11 +190,11 @@ def _tensor_bytes(load: Callable[[], torch.Tensor], heads: int | None, qtype) ->
         values = load().detach().cpu()
         if heads is not None:
             values = permute_rows(values.float(), heads)
-        rows = values.shape[0] if values.ndim > 1 else 1
-        step = max(1, _CHUNK_ELEMENTS // max(1, values.numel() // max(rows, 1))) if values.ndim > 1 else 1
+        row_elements = max(1, values[0].numel()) if values.ndim > 1 and len(values) else 1
+        rows = values.split(max(1, _CHUNK_ELEMENTS // row_elements)) if values.ndim > 1 else (values,)
         parts = []
-        for start in range(0, rows, step):
-            part = (values[start:start + step] if values.ndim > 1 else values).float()
+        for part in rows:
+            part = part.float()
             if part.numel() and not all(torch.isfinite(v) for v in torch.aminmax(part)):  # one pass, no copy
                 raise ValueError("holds NaN or Inf values")
             parts.append(quantize_tensor(part.numpy(), qtype))
