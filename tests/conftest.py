@@ -60,6 +60,15 @@ def tiny_llama():
     return make_tiny_llama()
 
 
+@pytest.fixture(scope="session")
+def shared_tiny_llama_dir(tmp_path_factory):
+    """One saved tiny llama folder with tokenizer for the whole session, for tests that only read it."""
+    path = tmp_path_factory.mktemp("shared") / "tiny-llama"
+    make_tiny_llama().save_pretrained(path)
+    make_tiny_tokenizer().save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def tiny_llama_dir(tmp_path):
     """A saved tiny llama folder with tokenizer (unquantized)."""

@@ -15,14 +15,9 @@ from fourbit.train.config import TrainConfig
 from fourbit.train.memory_check import MemoryWontFit, check_finetune_fits, finetune_plan
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    from _tiny_models import make_llama, make_tokenizer
-
-    folder = tmp_path_factory.mktemp("mem") / "tiny-llama"
-    make_llama().save_pretrained(folder)
-    make_tokenizer().save_pretrained(folder)
-    return folder
+@pytest.fixture
+def model(shared_tiny_llama_dir) -> Path:
+    return shared_tiny_llama_dir
 
 
 @pytest.fixture

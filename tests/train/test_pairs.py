@@ -83,12 +83,9 @@ def test_replies_longer_than_max_length_are_cut_and_counted() -> None:
     assert all(len(p.prompt_ids) + len(p.chosen_ids) <= 13 for p in data.examples)
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("pairs") / "tiny-llama"
-    make_llama().save_pretrained(folder)
-    make_tokenizer().save_pretrained(folder)
-    return folder
+@pytest.fixture
+def model(shared_tiny_llama_dir) -> Path:
+    return shared_tiny_llama_dir
 
 
 _BAD = [
