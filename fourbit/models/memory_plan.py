@@ -244,9 +244,10 @@ def _plan_finetune(c: ModelCounts, q4: int, s: FinetuneSettings) -> dict[str, in
 def _plan_merge(c: ModelCounts, q4: int, float_bytes: int, merge_bytes: int) -> dict[str, int]:
     """``fourbit merge`` of a 4-bit base (:func:`fourbit.train.merge.write_merged_shards`): the 4-bit model with
     its float leftovers in the checkpoint's dtype and the adapter, and one layer at a time merged in float32
-    (the dequantized weight, the update ``s·B·A`` and their sum) and cast to the merged dtype for writing."""
+    (the dequantized weight and the update ``s·B·A``, summed in place) and cast to the merged dtype for
+    writing."""
     return {"runtime": RUNTIME_BYTES, "4-bit weights": q4, "float leftovers": c.float_params * float_bytes,
-            "one layer merged": c.largest_quantized * (3 * 4 + merge_bytes)}
+            "one layer merged": c.largest_quantized * (2 * 4 + merge_bytes)}
 
 
 def float_bytes_of(folder: str | os.PathLike) -> int:

@@ -422,8 +422,9 @@ def float_layer(module: nn.Module, dtype: torch.dtype = torch.float32,
     work = torch.float64 if dtype == torch.float64 else torch.float32
     with torch.no_grad():
         w = frozen_weight(module, work)
-        if delta is not None:
-            w = w + delta.to(device=w.device, dtype=work)
+        if delta is not None:  # in place on a dequantized weight, the fresh tensor of this call alone
+            delta = delta.to(device=w.device, dtype=work)
+            w = w.add_(delta) if isinstance(module, Linear4bit) else w + delta
         out_features, in_features = w.shape
         bias = module.bias
         if is_conv1d(module) or getattr(module, "layout", "linear") == "conv1d":

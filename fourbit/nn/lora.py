@@ -205,7 +205,7 @@ class LoRALinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """What the adapter adds to the base weight, in float32, ``[out_features, in_features]``: ``s · B @ A``;
         with DoRA ``m / ||W + s·B·A||_row · (W + s·B·A) - W`` (the merged weight minus W)."""
-        update = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+        update = (self.lora_B.weight.float() @ self.lora_A.weight.float()).mul_(self.scaling)
         if not self.use_dora:
             return update
         if self.merged and self._unmerged_base is None:  # W holds the merge: the delta used then

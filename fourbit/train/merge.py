@@ -201,6 +201,7 @@ def write_merged_shards(model: Any, folder: str | os.PathLike, dtype: Any,
         The shard files.
     """
     from fourbit._io import SafetensorsStreamWriter, atomic_write_text, tensor_nbytes
+    from fourbit.models.stream import release_freed_memory
 
     entries = _merged_entries(model, dtype)
     shards: list[list] = [[]]
@@ -220,6 +221,7 @@ def write_merged_shards(model: Any, folder: str | os.PathLike, dtype: Any,
         try:
             for key, _, _, produce in shard:
                 writer.write(key, produce())
+                release_freed_memory()  # the merged layer's buffers, heap-allocated below glibc's mmap threshold
         except BaseException:
             writer.abort()
             raise
