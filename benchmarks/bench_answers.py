@@ -38,9 +38,10 @@ Measured (bundled SmolLM2-135M, 4-bit, CPU, hybrid top_k 2; a 2-core machine sha
   evidence: 88 %; loops shown 0 (generated 1); the model's answer shown for 11, the best sentence for 23;
   the generated text alone 41 % / 41 %; the evidence sentences alone cover 91 %. Questions 21-34, not used
   to choose the threshold: 57 % / 86 %, 0 loops shown. Seconds per answer: median 12.6, p90 33.7 (load 6-9).
-* the shipped answer adapter (issue 24; ``--no-base --adapter fourbit/data/answer_adapter --threads 1``, all
+* the first answer adapter (issue 24; ``--no-base --adapter fourbit/data/answer_adapter --threads 1``, all
   34 questions, load 11-16): covers 44 %, inside 100 %, no loops, the model's answer shown for 29; the base
-  model in the same conditions 53 % / 88 %, 13 (benchmarks/RESULTS.md, "Answers (issue 24)").
+  model in the same conditions 53 % / 88 %, 13 (benchmarks/RESULTS.md, "Answers (issue 24)"). The adapter
+  shipped now, evidence best first: 59 % / 100 %, 31, median 5.6 CPU s per answer (load 12-14).
 
     python benchmarks/bench_answers.py [--paper /work/shared/data/qlora_paper.txt] [--db DIR] [--adapter DIR]
         [--no-base] [--retriever hybrid] [--top-k 2] [--max-new-tokens 256] [--limit N] [--threads N] [--json out.json]

@@ -46,10 +46,13 @@ def test_split_sentences_and_select_evidence_within_budget(serve_embedder):
     assert "Bread needs yeast?" not in [e.text for e in relevant]  # off-topic: below half the best score
     assert relevant[0].score * 0.5 <= min(e.score for e in relevant)
     everything = select_evidence("tail", parents, serve_embedder, token_budget=10_000, min_relative_score=0.0)
-    assert grounded_contexts(everything, ["p2", "p1"]) == [
-        "The Sun pushes the tail.",
-        "Comets have tails. The tail points away from the Sun! Bread needs yeast? Yes. - a bullet line",
-    ]
+    # Best first: the parent of the best sentence, then the other; each parent's sentences by score.
+    contexts = grounded_contexts(everything)
+    first = everything[0].parent_id
+    assert len(contexts) == 2 and contexts[0] == " ".join(e.text for e in everything if e.parent_id == first)
+    assert contexts[1] == " ".join(e.text for e in everything if e.parent_id != first)
+    assert [e.score for e in everything] == sorted((e.score for e in everything), reverse=True)
+    assert contexts[0].startswith(everything[0].text)
 
 
 def test_answers_return_the_answer_evidence_and_sources(uploaded, http):
