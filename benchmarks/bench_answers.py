@@ -14,7 +14,9 @@ Per question, on the answer text alone (what a person reads first):
   with it (an empty answer does not count);
 * **loops**: the answer shown repeats a word 4-gram; and the model's generated text (before the support
   check, which replaces a looping answer);
-* **seconds** per answer (retrieval, evidence selection, prefill, decoding, check), median and p90;
+* **seconds** per answer (retrieval, evidence selection, prefill, decoding, check), median and p90; and
+  the median **CPU seconds** of the process per answer: with ``--threads 1`` on a machine shared with other
+  work, what one answer costs one core, whatever the load (the wall time on an idle core, near enough);
 * which answers were the model's own ("generated") and which the best evidence sentence shown because the
   model's was not supported ("evidence").
 
@@ -36,9 +38,10 @@ Measured (bundled SmolLM2-135M, 4-bit, CPU, hybrid top_k 2; a 2-core machine sha
   evidence: 88 %; loops shown 0 (generated 1); the model's answer shown for 11, the best sentence for 23;
   the generated text alone 41 % / 41 %; the evidence sentences alone cover 91 %. Questions 21-34, not used
   to choose the threshold: 57 % / 86 %, 0 loops shown. Seconds per answer: median 12.6, p90 33.7 (load 6-9).
-* the shipped answer adapter (issue 24; ``--no-base --adapter fourbit/data/answer_adapter --threads 1``, all
+* the first answer adapter (issue 24; ``--no-base --adapter fourbit/data/answer_adapter --threads 1``, all
   34 questions, load 11-16): covers 44 %, inside 100 %, no loops, the model's answer shown for 29; the base
-  model in the same conditions 53 % / 88 %, 13 (benchmarks/RESULTS.md, "Answers (issue 24)").
+  model in the same conditions 53 % / 88 %, 13 (benchmarks/RESULTS.md, "Answers (issue 24)"). The adapter
+  shipped now, evidence best first: 59 % / 100 %, 31, median 5.6 CPU s per answer (load 12-14).
 
     python benchmarks/bench_answers.py [--paper /work/shared/data/qlora_paper.txt] [--db DIR] [--adapter DIR]
         [--no-base] [--retriever hybrid] [--top-k 2] [--max-new-tokens 256] [--limit N] [--threads N] [--json out.json]
@@ -153,7 +156,9 @@ def ask_all(llm: Any, retriever: Any, questions: list[dict[str, str]], args: arg
     answer_question("What is QLoRA?", retriever, llm, **options)  # warm-up: first-call costs are not an answer's
     rows = []
     for n, q in enumerate(questions, 1):
+        cpu = time.process_time()
         got = answer_question(q["question"], retriever, llm, **options)
+        cpu = time.process_time() - cpu
         evidence = " ".join(e.text for e in got.evidence)
         row = {
             "question": q["question"], "reference": q["evidence"], "answer": got.text, "kind": got.answer_kind,
@@ -163,14 +168,14 @@ def ask_all(llm: Any, retriever: Any, questions: list[dict[str, str]], args: arg
             "generated_inside": inside(got.generated, evidence),
             "evidence_covers": coverage(q["evidence"], evidence), "loops": loops(got.generated),
             "shown_loops": loops(got.text),
-            "generated_words": len(_WORD.findall(got.generated)), "seconds": got.seconds,
+            "generated_words": len(_WORD.findall(got.generated)), "seconds": got.seconds, "cpu_seconds": cpu,
             "evidence_tokens": sum(llm.count_tokens(e.text) for e in got.evidence),
         }
         rows.append(row)
         print(f"{n:>2}. {row['kind']:<9} covers {row['covers']:.2f} inside {row['inside']:.2f} "
               f"(generated: {row['generated_covers']:.2f}/{row['generated_inside']:.2f}, support "
               f"{row['support']:.2f}, {row['generated_words']} words{', LOOPS' if row['loops'] else ''}) "
-              f"{row['seconds']:.1f} s  {q['question'][:50]}", flush=True)
+              f"{row['seconds']:.1f} s ({cpu:.1f} s CPU)  {q['question'][:50]}", flush=True)
     return rows
 
 
@@ -234,20 +239,23 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
         "evidence_covers_50": sum(r["evidence_covers"] >= 0.5 for r in rows) / n,
         "generated_words_mean": statistics.mean(r["generated_words"] for r in rows),
         "seconds_median": statistics.median(seconds), "seconds_p90": _p90(seconds),
+        **({"cpu_seconds_median": statistics.median(r["cpu_seconds"] for r in rows)}
+           if all("cpu_seconds" in r for r in rows) else {}),
     }
 
 
 def print_table(summaries: dict[str, dict[str, Any]]) -> None:
     """One row per run: the shares of the module docstring, then what the generated text alone scores."""
     print("\n| run | answer covers >= 50 % | answer >= 80 % inside evidence | loops: shown / generated | model's "
-          "answer / best sentence shown | generated alone: covers / inside | words (mean) | s/answer median (p90) |")
-    print("|---|---|---|---|---|---|---|---|")
+          "answer / best sentence shown | generated alone: covers / inside | words (mean) | s/answer median (p90) "
+          "| CPU s/answer median |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for label, s in summaries.items():
         print(f"| {label} | {s['answer_covers_50']:.0%} | {s['answer_inside_80']:.0%} | {s['shown_loops']} / "
               f"{s['loops']} | "
               f"{s['generated_shown']} / {s['evidence_shown']} | {s['generated_covers_50']:.0%} / "
               f"{s['generated_inside_80']:.0%} | {s['generated_words_mean']:.1f} | {s['seconds_median']:.1f} "
-              f"({s['seconds_p90']:.1f}) |")
+              f"({s['seconds_p90']:.1f}) | {s.get('cpu_seconds_median', float('nan')):.1f} |")
     first = next(iter(summaries.values()))
     print(f"evidence sentences alone hold >= 50 % of the reference's words for {first['evidence_covers_50']:.0%}")
 

@@ -3,7 +3,7 @@
 What `rag query`, `serve`'s /v1/answers and the demo load by default over the bundled SmolLM2-135M-Instruct
 (issue 24). The training text is ``scripts/answer_adapter_data/*.md``: short original articles written for
 this purpose (TCP congestion control, B-tree indexes, garbage collection, solar cells, Git's objects,
-lithium-ion batteries), part of the repository and under its license. Neither the QLoRA paper nor the guide
+lithium-ion batteries, DNS resolution, heat pumps, the Raft consensus algorithm, coral reefs), part of the repository and under its license. Neither the QLoRA paper nor the guide
 the demo and the benchmarks ask about (``fourbit/data/qlora_guide.md``) is used, so
 ``benchmarks/bench_answers.py`` measures the adapter on a document it has not seen.
 
@@ -12,7 +12,7 @@ The steps are those of the command line::
     fourbit rag index scripts/answer_adapter_data --db DB --parent-tokens 128 --parent-overlap 0 \\
         --child-tokens 32,64 --child-overlap 0
     fourbit rag tune --db DB --out fourbit/data/answer_adapter --questions templates --per-parent 4 \\
-        --evidence-tokens 160 --lora-r 8 --max-steps ... --overwrite
+        --evidence-tokens 256 --lora-r 8 --max-steps ... --overwrite
 
 run through the same Python API (:func:`fourbit.rag.tune.tune_answer_adapter`) so that settings the command
 does not expose (the LoRA alpha) are fixed here. The adapter's tensors are then stored in float16 (half the
@@ -21,9 +21,8 @@ the settings, the number of examples, the losses and the wall time are written b
 ``training.json`` (the examples themselves in ``rag_tune_examples.jsonl``).
 
 Small parents (128 tokens) give a question per sentence or heading of the articles. The evidence budget
-during training is 160 tokens, below ``rag query``'s 256: the machine the adapter is trained on has 2 shared
-CPU cores, and the behaviour taught (answer with the evidence sentences that match the question) does not
-depend on how many sentences surround them.
+during training is ``rag query``'s 256 tokens, so the model learns to pick among as many sentences as it is
+given in use (the evidence comes best first: :func:`fourbit.rag.grounding.grounded_contexts`).
 
     python scripts/train_answer_adapter.py [--out DIR] [--max-steps N] [--threads N]
 """
@@ -49,7 +48,7 @@ BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct (the GGUF bundled by llm-smoll
 # The fixed settings of the shipped adapter (recorded in training.json beside it).
 CHUNKS = dict(parent_tokens=128, parent_overlap=0, child_tokens=(32, 64), child_overlap=0)
 EXAMPLES = dict(questions="templates", per_parent=4, max_examples=400, retriever="chunks", top_k=2,
-                token_budget=160, answer_sentences=2, min_relative_score=0.85, same_parent=True)
+                token_budget=256, answer_sentences=2, min_relative_score=0.85, same_parent=True)
 TRAINING = dict(lora_r=8, lora_alpha=16.0, lora_dropout=0.05, learning_rate=5e-4, batch_size=4,
                 gradient_accumulation_steps=1, max_length=384, eval_fraction=0.05, seed=0, warmup_steps=2)
 

@@ -259,8 +259,9 @@ def cmd_query(args: argparse.Namespace) -> int:
     --evidence-tokens tokens; its answer is checked against them: one the evidence does not support is
     replaced by the best evidence sentence, with a note saying so. Then those sentences are printed as
     evidence (and with --show-sources the parents). With --questions, the model loads once and --json prints
-    one JSON line per question: question, answer, answer_kind ("generated" or "evidence"), grounded,
-    support, generated, evidence, sources, seconds.
+    one JSON line per question: question, answer, supported (true: the answer is the model's; false: it is
+    the best evidence sentence), answer_kind ("generated", "evidence" or "none"), support, note, generated,
+    evidence, sources, seconds.
     """
     from fourbit.rag.retrieval import Retriever
 

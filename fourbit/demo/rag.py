@@ -59,10 +59,10 @@ def run_rag_demo(
 
     Returns:
         The adapter's answer (the base model's when there is no adapter): ``{"question", "answer",
-        "answer_kind", "grounded", "support", "note", "generated", "evidence": [{"text", "source", "page",
+        "answer_kind", "supported", "grounded", "support", "note", "generated", "evidence": [{"text", "source", "page",
         "parent_id", "score"}], "sources": [{"id", "score", "source", "page", "text", "via"}], "retriever",
         "seconds", "parents", "embedded", "index_s", "answer_s", "adapter" (its folder or None), "base" (the
-        base model's answer: "answer", "answer_kind", "grounded", "support", "note", "generated", "seconds")}``.
+        base model's answer: the same fields without "evidence" and "sources")}``.
     """
     from fourbit.rag.llm import answer_adapter
 

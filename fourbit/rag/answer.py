@@ -5,7 +5,8 @@ The model is given the sentences of the retrieved parents that best match the qu
 beside the generated text. The answer may take as many tokens as the evidence has, ends at its first
 paragraph (:mod:`fourbit.rag.decoding`), and is checked against the evidence (:mod:`fourbit.rag.support`):
 an answer the evidence does not support is never shown as the answer; the best evidence sentence is shown
-instead, with a note saying so, and ``answer_kind`` says which case it was.
+instead, with a note saying so; ``supported`` (True/False) and ``answer_kind`` ("generated", "evidence",
+"none") say which case it was.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from fourbit.rag.prompts import answer_prompt
 from fourbit.rag.retrieval import Retrieved
 from fourbit.rag.support import DEFAULT_SUPPORT_THRESHOLD, check_support
 
-__all__ = ["ANSWER_KINDS", "UNSUPPORTED_NOTE", "Answer", "answer_question", "answer_questions",
-           "read_question_file", "source_rows"]
+__all__ = ["ANSWER_KINDS", "UNSUPPORTED_NOTE", "Answer", "Verdict", "answer_question", "answer_questions",
+           "judge_answer", "read_question_file", "source_rows"]
 
 # "generated": the model's answer, supported by the evidence; "evidence": the model's answer was not
 # supported, the best evidence sentence is shown instead; "none": no evidence at all.
@@ -44,6 +45,8 @@ class Answer:
         generated: the model's answer as generated (after :func:`fourbit.rag.decoding.finish_answer`).
         grounded: the generated answer is supported by the evidence (:mod:`fourbit.rag.support`).
         support: the share of its content words in the evidence or the question.
+        supported: the check's verdict on the generated answer (True: shown as the answer; False: replaced
+            by the best evidence sentence or nothing); None when the check was turned off.
         note: shown above ``text`` when it is not the model's answer; empty otherwise.
     """
 
@@ -58,10 +61,12 @@ class Answer:
     support: float = 1.0
     answer_kind: str = "generated"
     note: str = ""
+    supported: bool | None = None
 
     def as_dict(self, lines: int = 2) -> dict[str, Any]:
         return {"question": self.question, "answer": self.text, "answer_kind": self.answer_kind,
-                "grounded": self.grounded, "support": round(self.support, 3), "note": self.note,
+                "supported": self.supported, "grounded": self.grounded, "support": round(self.support, 3),
+                "note": self.note,
                 "generated": self.generated, "evidence": [e.as_dict() for e in self.evidence],
                 "sources": source_rows(self.sources, lines), "retriever": self.retriever,
                 "seconds": round(self.seconds, 3)}
@@ -99,18 +104,56 @@ def _generate(llm: Any, messages: list[dict[str, str]], max_new_tokens: int,
     return "".join(pieces).strip()
 
 
+@dataclass
+class Verdict:
+    """What is shown for a generated answer once it is checked against its evidence.
+
+    Attributes:
+        text: the generated answer when supported, else the best evidence sentence (or empty: no evidence).
+        answer_kind: "generated", "evidence" or "none" (:data:`ANSWER_KINDS`).
+        supported: the generated answer is supported by the evidence (:func:`fourbit.rag.support.check_support`).
+        support: the share of the content words it adds to the question that the evidence holds.
+        note: shown above ``text`` when it is not the model's answer; empty otherwise.
+    """
+
+    text: str
+    answer_kind: str
+    supported: bool
+    support: float
+    note: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"answer": self.text, "answer_kind": self.answer_kind, "supported": self.supported,
+                "support": round(self.support, 3), "note": self.note}
+
+
+def judge_answer(question: str, generated: str, evidence: list[str],
+                 threshold: float = DEFAULT_SUPPORT_THRESHOLD) -> Verdict:
+    """Check ``generated`` against the ``evidence`` sentences (best first) it was written from: shown when
+    supported, else replaced by the best evidence sentence (``answer_kind`` "evidence") or nothing ("none"),
+    with a note. ``rag query`` and ``fourbit serve``'s ``/v1/answers`` both decide this way.
+
+    Raises:
+        ValueError: ``threshold`` outside [0, 1].
+    """
+    support = check_support(generated, evidence, question, threshold)
+    if support.grounded:
+        return Verdict(generated, "generated", True, support.score)
+    if evidence:
+        return Verdict(evidence[0], "evidence", False, support.score, UNSUPPORTED_NOTE)
+    return Verdict("", "none", False, support.score, NO_EVIDENCE_NOTE)
+
+
 def _judged(answer: Answer, generated: str, threshold: float | None) -> Answer:
-    """``answer`` with the generated text checked against its evidence: shown when supported, else replaced
-    by the best evidence sentence (``answer_kind`` "evidence") or nothing ("none")."""
+    """``answer`` with the generated text checked against its evidence (:func:`judge_answer`); with no
+    ``threshold`` the generated text is shown unchecked (``supported`` None)."""
     answer.generated = answer.text = generated
     if threshold is None:
         return answer
-    support = check_support(generated, [e.text for e in answer.evidence], answer.question, threshold)
-    answer.grounded, answer.support = support.grounded, support.score
-    if not support.grounded:
-        best = answer.evidence[0].text if answer.evidence else ""
-        answer.text, answer.answer_kind = best, "evidence" if best else "none"
-        answer.note = UNSUPPORTED_NOTE if best else NO_EVIDENCE_NOTE
+    verdict = judge_answer(answer.question, generated, [e.text for e in answer.evidence], threshold)
+    answer.text, answer.answer_kind, answer.note = verdict.text, verdict.answer_kind, verdict.note
+    answer.supported = answer.grounded = verdict.supported
+    answer.support = verdict.support
     return answer
 
 

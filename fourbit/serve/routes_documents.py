@@ -1,6 +1,11 @@
 """The document routes: ``POST /v1/answers`` (a grounded answer from the index, with its evidence and
 sources; ``stream: true`` sends the sources first, then the answer piece by piece) and ``POST /v1/documents``
-(upload one document into the index). The work itself is in :mod:`fourbit.serve.documents`."""
+(upload one document into the index). The work itself is in :mod:`fourbit.serve.documents`.
+
+The generated answer is checked against its evidence as ``rag query`` checks it
+(:func:`fourbit.rag.answer.judge_answer`): one the evidence does not support is not returned as the answer;
+the best evidence sentence is, with a note, and ``supported`` / ``answer_kind`` say which case it was (a
+stream sends the model's pieces as they come, then the checked answer in its "done" event)."""
 
 from collections.abc import AsyncIterator
 from typing import Any
@@ -8,6 +13,8 @@ from typing import Any
 from fastapi import APIRouter, File, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
+from fourbit.rag.answer import judge_answer
+from fourbit.rag.decoding import finish_answer
 from fourbit.serve.bodies import AnswerRequest
 from fourbit.serve.documents import ingest_upload, prepare_answer
 from fourbit.serve.engine import Engine
@@ -39,13 +46,20 @@ async def answers(body: AnswerRequest, request: Request):
     found = {"evidence": evidence, "sources": sources}
     if not body.stream:
         text = "".join([v async for _, k, v in stream.events(request) if k == "delta"])
-        return {"answer": text.strip(), **found, "model": engine.model_of(adapter),
+        return {**_checked(body.question, text, evidence), **found, "model": engine.model_of(adapter),
                 "finish_reason": stream.reqs[0].finish_reason, "usage": usage(stream.reqs)}
-    return sse_response(_answer_events(stream, found), stream)
+    return sse_response(_answer_events(body.question, stream, found), stream)
 
 
-async def _answer_events(stream: Stream, found: dict[str, Any]) -> AsyncIterator[str]:
-    """The sources and evidence, each piece of the answer, then the whole answer with its usage."""
+def _checked(question: str, text: str, evidence: list[dict[str, Any]]) -> dict[str, Any]:
+    """``{"answer", "answer_kind", "supported", "support", "note", "generated"}``: the generated ``text``
+    ended as ``rag query`` ends it, then checked against the evidence sentences."""
+    generated = finish_answer(text)
+    return {**judge_answer(question, generated, [e["text"] for e in evidence]).as_dict(), "generated": generated}
+
+
+async def _answer_events(question: str, stream: Stream, found: dict[str, Any]) -> AsyncIterator[str]:
+    """The sources and evidence, each piece of the generated answer, then the checked answer with its usage."""
     yield sse({"type": "sources", **found})
     pieces = []
     try:
@@ -53,7 +67,7 @@ async def _answer_events(stream: Stream, found: dict[str, Any]) -> AsyncIterator
             if kind == "delta":
                 pieces.append(value)
                 yield sse({"type": "delta", "text": value})
-        yield sse({"type": "done", "answer": "".join(pieces).strip(),
+        yield sse({"type": "done", **_checked(question, "".join(pieces), found["evidence"]),
                    "finish_reason": stream.reqs[0].finish_reason, "usage": usage(stream.reqs)})
     except APIError as err:
         yield sse(error_body(err.message, err.type, None, None))

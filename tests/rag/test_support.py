@@ -1,5 +1,5 @@
 """Never a confident fabrication: an answer the evidence does not support is replaced by the best evidence
-sentence, with a note, and ``answer_kind`` / ``grounded`` say which case it was (library and ``rag query --json``),
+sentence, with a note, and ``supported`` / ``answer_kind`` say which case it was (library and ``rag query --json``),
 with stand-in LLMs whose answers are written here."""
 
 from __future__ import annotations
@@ -80,16 +80,18 @@ def index(tmp_path, docs_dir, embedder, small_config):
 def test_supported_answer_is_shown_invented_one_is_replaced(index, embedder):
     retriever = Retriever(index, embedder, "chunks", top_k=2)
     good = answer_question(QUESTION, retriever, FixedLLM(SUPPORTED + "\n\nAnd then it rambles on and"))
-    assert good.answer_kind == "generated" and good.grounded and good.note == ""
+    assert good.answer_kind == "generated" and good.supported is good.grounded is True and good.note == ""
     assert good.text == good.generated == SUPPORTED  # ended at its first paragraph
     bad = answer_question(QUESTION, retriever, FixedLLM(INVENTED))
-    assert bad.answer_kind == "evidence" and not bad.grounded and bad.support < 0.6
+    assert bad.answer_kind == "evidence" and bad.supported is bad.grounded is False and bad.support < 0.6
     assert bad.text == bad.evidence[0].text and "Oort cloud" in bad.text  # the best sentence instead
     assert bad.note == UNSUPPORTED_NOTE and bad.generated == INVENTED
     row = bad.as_dict()
-    assert (row["answer_kind"], row["grounded"], row["answer"]) == ("evidence", False, bad.evidence[0].text)
+    assert (row["answer_kind"], row["supported"], row["answer"]) == ("evidence", False, bad.evidence[0].text)
+    assert row["generated"] == INVENTED and row["note"] == UNSUPPORTED_NOTE
     unchecked = answer_question(QUESTION, retriever, FixedLLM(INVENTED), support_threshold=None)
     assert unchecked.answer_kind == "generated" and unchecked.text == INVENTED
+    assert unchecked.supported is None  # not checked: neither supported nor unsupported
     with pytest.raises(ValueError, match="support_threshold"):
         answer_question(QUESTION, retriever, FixedLLM(INVENTED), support_threshold=2.0)
     with pytest.raises(ValueError, match="answer_ratio"):
@@ -129,7 +131,7 @@ def test_rag_query_json_marks_the_case(db, monkeypatch, text, kind):
     result = run_cli("rag", "query", QUESTION, "--db", db, "--json", "--retriever", "chunks")
     assert result.code == 0, result.err
     body = json.loads(result.out)
-    assert body["answer_kind"] == kind and body["grounded"] == (kind == "generated")
+    assert body["answer_kind"] == kind and body["supported"] is body["grounded"] is (kind == "generated")
     assert body["generated"] == text
     assert body["answer"] == (text if kind == "generated" else body["evidence"][0]["text"])
     plain = run_cli("rag", "query", QUESTION, "--db", db, "--retriever", "chunks")

@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 from _server import DOCS
 
+from fourbit.rag.answer import UNSUPPORTED_NOTE
+from fourbit.rag.decoding import finish_answer
 from fourbit.rag.grounding import grounded_contexts, select_evidence, split_sentences
+from fourbit.rag.support import check_support
 
 
 def upload(http, name: str, data: bytes, content_type: str = "text/plain"):
@@ -43,10 +46,13 @@ def test_split_sentences_and_select_evidence_within_budget(serve_embedder):
     assert "Bread needs yeast?" not in [e.text for e in relevant]  # off-topic: below half the best score
     assert relevant[0].score * 0.5 <= min(e.score for e in relevant)
     everything = select_evidence("tail", parents, serve_embedder, token_budget=10_000, min_relative_score=0.0)
-    assert grounded_contexts(everything, ["p2", "p1"]) == [
-        "The Sun pushes the tail.",
-        "Comets have tails. The tail points away from the Sun! Bread needs yeast? Yes. - a bullet line",
-    ]
+    # Best first: the parent of the best sentence, then the other; each parent's sentences by score.
+    contexts = grounded_contexts(everything)
+    first = everything[0].parent_id
+    assert len(contexts) == 2 and contexts[0] == " ".join(e.text for e in everything if e.parent_id == first)
+    assert contexts[1] == " ".join(e.text for e in everything if e.parent_id != first)
+    assert [e.score for e in everything] == sorted((e.score for e in everything), reverse=True)
+    assert contexts[0].startswith(everything[0].text)
 
 
 def test_answers_return_the_answer_evidence_and_sources(uploaded, http):
@@ -101,8 +107,37 @@ def test_answers_stream_sources_first_then_the_answer(uploaded, http):
     assert lines[-1] == "data: [DONE]"
     events = [json.loads(line[6:]) for line in lines[:-1]]
     assert events[0]["type"] == "sources" and events[0]["sources"][0]["source"] == "bread.md"
-    assert events[-1]["type"] == "done"
-    assert events[-1]["answer"] == "".join(e["text"] for e in events if e["type"] == "delta").strip()
+    done = events[-1]
+    assert done["type"] == "done"
+    assert done["generated"] == finish_answer("".join(e["text"] for e in events if e["type"] == "delta"))
+    evidence = [e["text"] for e in events[0]["evidence"]]
+    verdict = check_support(done["generated"], evidence, "What makes sourdough rise?")
+    assert done["supported"] is verdict.grounded and done["support"] == round(verdict.score, 3)
+    assert done["answer"] == (done["generated"] if verdict.grounded else evidence[0])
+
+
+def test_an_unsupported_answer_is_replaced_by_the_best_evidence_sentence(uploaded, http):
+    # The tiny random model writes words the comet text does not hold: the check (the same one `rag query`
+    # applies, recomputed here from the returned fields) rejects them and the best sentence is the answer.
+    question = "Which way does the tail of a comet point?"
+    body = http.post("/v1/answers", json={"question": question, "retriever": "all", "max_tokens": 12}).json()
+    best = body["evidence"][0]["text"]
+    assert best == "The tail of a comet always points away from the Sun."
+    assert not check_support(body["generated"], [e["text"] for e in body["evidence"]], question).grounded
+    assert (body["supported"], body["answer_kind"], body["answer"]) == (False, "evidence", best)
+    assert body["note"] == UNSUPPORTED_NOTE and body["generated"] != best
+
+
+def test_a_supported_answer_is_returned_ended_at_its_first_paragraph():
+    from fourbit.serve.routes_documents import _checked
+
+    evidence = [{"text": "The tail of a comet always points away from the Sun."}, {"text": "Comets are icy."}]
+    got = _checked("Which way does the tail point?", " The tail always points away from the Sun.\n\nAnd then",
+                   evidence)
+    assert got == {"answer": "The tail always points away from the Sun.", "answer_kind": "generated",
+                   "supported": True, "support": 1.0, "note": "",
+                   "generated": "The tail always points away from the Sun."}
+    assert _checked("Which way?", "Comets are painted green on Mars.", [])["answer_kind"] == "none"
 
 
 def test_reupload_reindexes_only_what_changed(server, http, engine):

@@ -50,6 +50,9 @@ def test_page_chats_asks_documents_and_uploads(server, browser_page, tmp_path):
         marked = page.locator("#sources mark").all_inner_texts()
         assert "The tail of a comet always points away from the Sun." in marked
         assert page.locator("#evidence li").count() >= 1
+        # The tiny random model's answer is not supported: the checked answer shown is the best sentence.
+        assert page.locator("#answer").get_attribute("data-supported") == "false"
+        assert "The tail of a comet always points away from the Sun." in page.locator("#answer").inner_text()
 
         page.select_option("#model", "alpha")
         page.fill("#chat-input", "Hello!")

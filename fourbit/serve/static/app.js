@@ -169,7 +169,13 @@ $("ask-form").addEventListener("submit", async (event) => {
     await readEvents(response, (e) => {
       if (e.type === "sources") showSources(e);
       else if (e.type === "delta") answer.textContent += e.text;
-      else if (e.type === "done") { answer.textContent = e.answer; answer.dataset.done = "true"; }
+      else if (e.type === "done") {
+        // The checked answer replaces the streamed one: an unsupported answer becomes the best evidence
+        // sentence, below the note that says so.
+        answer.textContent = e.note ? `${e.note}\n${e.answer}` : e.answer;
+        answer.dataset.supported = String(e.supported);
+        answer.dataset.done = "true";
+      }
     });
     showError("");
   } catch (err) {
