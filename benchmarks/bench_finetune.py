@@ -29,6 +29,11 @@ prompt = a document's first 1.9 x ``--seq-len`` characters (about 0.4 of the tok
 fourbit DPO >= 0.5x its supervised tokens/s; >= 1.5x TRL's tokens/s (reference pass included) at <= 0.8x its
 peak RSS.
 
+Part ``dora`` (issue 22): the speed part's workload and settings with LoRA and with DoRA on each side
+(``fourbit finetune --use-dora``; bitsandbytes + peft ``LoraConfig(use_dora=True)``), in each compute dtype,
+gradient checkpointing off (``--dora-gc``: on); ratios from the same run: DoRA / LoRA on each side and fourbit's
+DoRA / peft's DoRA.
+
 Workload: plain text, deterministic, no download: the help texts of ``pydoc_data.topics`` split into documents
 of at most ~3,000 characters (one JSONL record ``{"text": ...}`` each, written to ``--workdir``), which
 fourbit's packing (``packing: true``) bins into rows of ``--seq-len`` tokens.
@@ -63,6 +68,7 @@ compute dtype.
     python benchmarks/bench_finetune.py --part speed --steps 8 --batch 4 --seq-len 256 --json
     python benchmarks/bench_finetune.py --part long --steps 2 --long-dtypes both
     python benchmarks/bench_finetune.py --part dpo --steps 4 --batch 2 --seq-len 256
+    python benchmarks/bench_finetune.py --part dora --steps 3 --batch 2 --seq-len 128 --compute-dtype fp32
     python benchmarks/bench_finetune.py --part speed --steps 1 --batch 1 --seq-len 64 --compute-dtype fp32  # smoke
 
 Other processes on the machine share the cores: compare ratios measured in the same run, not absolute numbers
