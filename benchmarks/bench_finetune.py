@@ -29,6 +29,11 @@ prompt = a document's first 1.9 x ``--seq-len`` characters (about 0.4 of the tok
 fourbit DPO >= 0.5x its supervised tokens/s; >= 1.5x TRL's tokens/s (reference pass included) at <= 0.8x its
 peak RSS.
 
+Part ``dora`` (issue 22): the speed part's workload and settings with LoRA and with DoRA on each side
+(``fourbit finetune --use-dora``; bitsandbytes + peft ``LoraConfig(use_dora=True)``), in each compute dtype,
+gradient checkpointing off (``--dora-gc``: on); ratios from the same run: DoRA / LoRA on each side and fourbit's
+DoRA / peft's DoRA.
+
 Workload: plain text, deterministic, no download: the help texts of ``pydoc_data.topics`` split into documents
 of at most ~3,000 characters (one JSONL record ``{"text": ...}`` each, written to ``--workdir``), which
 fourbit's packing (``packing: true``) bins into rows of ``--seq-len`` tokens.
@@ -63,6 +68,7 @@ compute dtype.
     python benchmarks/bench_finetune.py --part speed --steps 8 --batch 4 --seq-len 256 --json
     python benchmarks/bench_finetune.py --part long --steps 2 --long-dtypes both
     python benchmarks/bench_finetune.py --part dpo --steps 4 --batch 2 --seq-len 256
+    python benchmarks/bench_finetune.py --part dora --steps 3 --batch 2 --seq-len 128 --compute-dtype fp32
     python benchmarks/bench_finetune.py --part speed --steps 1 --batch 1 --seq-len 64 --compute-dtype fp32  # smoke
 
 Other processes on the machine share the cores: compare ratios measured in the same run, not absolute numbers
@@ -138,9 +144,10 @@ def _write_data(workdir: Path) -> Path:
 
 
 def _finetune_argv(folder: Path, data: Path, out: Path, *, dtype: str, gc: bool, batch: int, seq_len: int,
-                   steps: int, policy: str | None = None, dropout: str | None = None) -> list[str]:
+                   steps: int, policy: str | None = None, dropout: str | None = None, dora: bool = False) -> list[str]:
     """The ``fourbit finetune`` arguments of one configuration (both sides parse them into a TrainConfig).
-    ``dropout`` None leaves LoRA dropout at fourbit's default (the QLoRA paper's 0.1): the number users get."""
+    ``dropout`` None leaves LoRA dropout at fourbit's default (the QLoRA paper's 0.1): the number users get;
+    ``dora`` adds ``--use-dora``."""
     return ["finetune", str(folder), "--data", str(data), "--out", str(out), "--overwrite", "--format", "text",
             "--packing", "--max-length", str(seq_len), "--batch-size", str(batch),
             "--gradient-accumulation-steps", "1", "--max-steps", str(steps + 1), "--lora-r", "16",
@@ -148,7 +155,7 @@ def _finetune_argv(folder: Path, data: Path, out: Path, *, dtype: str, gc: bool,
             "--eval-steps", "0", "--no-progress", "--compute-dtype", dtype,
             "--gradient-checkpointing" if gc else "--no-gradient-checkpointing", "--json"] + (
                 ["--gradient-checkpointing-policy", policy] if policy else []) + (
-                ["--lora-dropout", dropout] if dropout is not None else [])
+                ["--lora-dropout", dropout] if dropout is not None else []) + (["--use-dora"] if dora else [])
 
 
 def _collect_worker(cmd: list[str], row: dict, threads: int) -> dict:
@@ -173,9 +180,10 @@ def _fourbit_worker(args) -> dict:
     """Run the CLI as this (small, torch-free) process's only child; its peak RSS is RUSAGE_CHILDREN's maxrss."""
     folder, data = CACHE, Path(args.workdir) / "data" / "topics.jsonl"
     out = Path(args.workdir) / "runs" / (f"fourbit-{args.compute_dtype}-gc{int(args.gc)}-{args.batch}x{args.seq_len}"
-                                         f"-{args.policy or 'default'}")
+                                         f"-{args.policy or 'default'}{'-dora' if args.dora else ''}")
     argv = _finetune_argv(folder, data, out, dtype=args.compute_dtype, gc=args.gc, batch=args.batch,
-                          seq_len=args.seq_len, steps=args.steps, policy=args.policy, dropout=args.lora_dropout)
+                          seq_len=args.seq_len, steps=args.steps, policy=args.policy, dropout=args.lora_dropout,
+                          dora=args.dora)
     return _cli_run(argv, out, args.threads)
 
 
@@ -218,9 +226,9 @@ def _reference_time(log: str, recs: list[dict]) -> dict:
     return {"reference_s": ref_s, "tokens_per_s_with_reference": recs[-1]["tokens"] / (total_s + ref_s)}
 
 
-def _bnb_model(folder: Path, gc: bool, dtype: str, dropout: float, *, wrap: bool = True):
+def _bnb_model(folder: Path, gc: bool, dtype: str, dropout: float, *, wrap: bool = True, dora: bool = False):
     """transformers + bitsandbytes Linear4bit (NF4, DQ, the given compute dtype) + peft LoRA, on CPU (``wrap``
-    False: without the LoRA, for a trainer that adds it)."""
+    False: without the LoRA, for a trainer that adds it; ``dora``: peft's DoRA, ``LoraConfig(use_dora=True)``)."""
     import bitsandbytes as bnb
     import peft
     import torch
@@ -244,7 +252,7 @@ def _bnb_model(folder: Path, gc: bool, dtype: str, dropout: float, *, wrap: bool
     if not wrap:
         return model
     return peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=16, lora_dropout=dropout,
-                                                      target_modules="all-linear"))
+                                                      target_modules="all-linear", use_dora=dora))
 
 
 def _torch_dtype(name: str):
@@ -270,11 +278,12 @@ def _peer_worker(args) -> dict:
     out = Path(args.workdir) / "runs" / "peer-unused"
     ns = build_parser().parse_args(_finetune_argv(folder, data, out, dtype=args.compute_dtype, gc=args.gc,
                                                   batch=args.batch, seq_len=args.seq_len, steps=args.steps,
-                                                  dropout=args.lora_dropout))
+                                                  dropout=args.lora_dropout, dora=args.dora))
     config = config_from_args(ns, config_file=None, model=ns.model_pos)
     seed_everything(config.seed)
     t0 = time.perf_counter()
-    model = _bnb_model(folder, config.gradient_checkpointing, config.compute_dtype, config.lora_dropout)
+    model = _bnb_model(folder, config.gradient_checkpointing, config.compute_dtype, config.lora_dropout,
+                       dora=config.use_dora)
     load_s = time.perf_counter() - t0
     tok = AutoTokenizer.from_pretrained(folder)
     if tok.pad_token_id is None:  # as fourbit.train.loading.load_for_training
@@ -312,14 +321,16 @@ def _peer_worker(args) -> dict:
 
 # ------------------------------------------------------------------------------------------ speed and long parts
 
-def _run_config(args, impl: str, dtype: str, gc: bool, batch: int, seq_len: int, policy: str | None = None) -> dict:
+def _run_config(args, impl: str, dtype: str, gc: bool, batch: int, seq_len: int, policy: str | None = None,
+                dora: bool = False) -> dict:
     """One configuration in its own worker process (``policy``: fourbit's gradient-checkpointing policy, None
-    for its default)."""
+    for its default; ``dora``: DoRA instead of LoRA, on either side)."""
     cmd = [sys.executable, __file__, "--_worker", "fourbit" if impl == FOURBIT else "peer", "--compute-dtype", dtype,
            "--batch", str(batch), "--seq-len", str(seq_len), "--steps", str(args.steps), "--threads",
            str(args.threads), "--workdir", str(args.workdir)] + (["--gc"] if gc else []) + (
                ["--policy", policy] if policy else []) + (
-               ["--lora-dropout", args.lora_dropout] if args.lora_dropout is not None else [])
+               ["--lora-dropout", args.lora_dropout] if args.lora_dropout is not None else []) + (
+               ["--dora"] if dora else [])
     row = {"impl": impl if not policy else f"{impl} ({policy})", "dtype": dtype, "gc": gc,
            "batch x len": f"{batch}x{seq_len}"}
     return _collect_worker(cmd, row, args.threads)
@@ -371,6 +382,36 @@ def run_long(args, speed_rows: list[dict]) -> tuple[list[dict], list[dict]]:
     peer = _faster(rows, PEER, True)
     ratios = [dict(_ratio(r, peer), fourbit=r["impl"]) for r in rows
               if peer and r["impl"].startswith(FOURBIT) and "error" not in r]
+    return rows, ratios
+
+
+# ------------------------------------------------------------------------------------------ DoRA part
+def run_dora(args) -> tuple[list[dict], list[dict]]:
+    """LoRA and DoRA, each on both sides (``fourbit finetune [--use-dora]``, bitsandbytes + peft
+    ``LoraConfig(use_dora=...)``), the speed part's workload at ``--batch`` x ``--seq-len``, in each dtype,
+    gradient checkpointing as ``--dora-gc`` says; ratios from the same run."""
+    dtypes = ("fp32", "bf16") if args.compute_dtype == "both" else (args.compute_dtype,)
+    rows = [{"method": "DoRA" if dora else "LoRA",
+             **_run_config(args, impl, dtype, args.dora_gc, args.batch, args.seq_len, dora=dora)}
+            for dtype in dtypes for dora in (False, True) for impl in (FOURBIT, PEER)]
+    ok = {(r["impl"], r["dtype"], r["method"]): r for r in rows if "error" not in r}
+    peer_best = max((r for r in ok.values() if r["impl"] == PEER and r["method"] == "DoRA"),
+                    key=lambda r: r["tokens_per_s"], default=None)
+    ratios = []
+    for dtype in dtypes:
+        pairs = {"fourbit DoRA / fourbit LoRA": ((FOURBIT, "DoRA"), (FOURBIT, "LoRA")),
+                 "peft DoRA / peft LoRA": ((PEER, "DoRA"), (PEER, "LoRA")),
+                 "fourbit DoRA / peft DoRA, same dtype": ((FOURBIT, "DoRA"), (PEER, "DoRA"))}
+        for label, ((i1, m1), (i2, m2)) in pairs.items():
+            a, b = ok.get((i1, dtype, m1)), ok.get((i2, dtype, m2))
+            if a and b:
+                ratios.append({"comparison": label, "dtype": dtype, "tokens/s ratio": a["tokens_per_s"] / b["tokens_per_s"],
+                               "peak RSS ratio": a["peak_rss_mb"] / b["peak_rss_mb"]})
+        mine = ok.get((FOURBIT, dtype, "DoRA"))
+        if mine and peer_best and peer_best["dtype"] != dtype:
+            ratios.append({"comparison": f"fourbit DoRA / peft DoRA at its faster dtype ({peer_best['dtype']})",
+                           "dtype": dtype, "tokens/s ratio": mine["tokens_per_s"] / peer_best["tokens_per_s"],
+                           "peak RSS ratio": mine["peak_rss_mb"] / peer_best["peak_rss_mb"]})
     return rows, ratios
 
 
@@ -575,7 +616,7 @@ def _table(title: str, rows: list[dict], columns: tuple[tuple[str, str], ...] | 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=("all", "quality", "speed", "long", "dpo"), default="all")
+    ap.add_argument("--part", choices=("all", "quality", "speed", "long", "dpo", "dora"), default="all")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--steps", type=int, default=8, help="timed steps per speed configuration (+1 warm-up)")
@@ -593,8 +634,10 @@ def main() -> int:
     ap.add_argument("--lora-dropout", default=None,
                     help="LoRA dropout on both sides (default: fourbit's default, 0.1, what users get; give 0 for "
                          "the no-dropout configuration, labelled as such)")
+    ap.add_argument("--dora-gc", action="store_true", help="DoRA part: with gradient checkpointing (default off)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--gc", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--dora", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--policy", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_worker", choices=("fourbit", "peer", "fourbit-dpo", "fourbit-sft", "peer-dpo"), default=None,
                     help=argparse.SUPPRESS)
@@ -613,7 +656,7 @@ def main() -> int:
 
         torch.set_num_threads(args.threads)
         result["quality"] = run_quality(args)
-    if args.part in ("all", "speed", "long", "dpo"):
+    if args.part in ("all", "speed", "long", "dpo", "dora"):
         _export_fp32()
         data = _write_data(Path(args.workdir))
         result["workload"] = {"data": str(data), "documents": sum(1 for _ in data.open(encoding="utf-8"))}
@@ -623,6 +666,8 @@ def main() -> int:
         result["long"], result["long_ratios"] = run_long(args, result.get("speed", []))
     if args.part in ("all", "dpo"):
         result["dpo"], result["dpo_ratios"] = run_dpo(args)
+    if args.part in ("all", "dora"):
+        result["dora"], result["dora_ratios"] = run_dora(args)
     result["load_average_end"] = os.getloadavg()
     if args.json:
         print(json.dumps(result, indent=1))
@@ -640,7 +685,11 @@ def main() -> int:
            "tokens per step, r=16 all-linear", result.get("dpo", []), SPEED_COLUMNS + (
                ("reference_s", "reference pass s"), ("tokens_per_s_with_reference", "tokens/s with reference")))
     _table("DPO ratios (target: dpo/sft >= 0.5; fourbit/trl tokens/s >= 1.5 at RSS <= 0.8)", result.get("dpo_ratios", []))
-    for r in result.get("speed", []) + result.get("long", []) + result.get("dpo", []):
+    _table(f"DoRA against LoRA, batch {args.batch}x{args.seq_len} packed pydoc topics, r=16 all-linear, "
+           f"{args.steps} timed steps (+1 warm-up)", result.get("dora", []),
+           SPEED_COLUMNS[:1] + (("method", "method"),) + SPEED_COLUMNS[1:])
+    _table("DoRA ratios (same run)", result.get("dora_ratios", []))
+    for r in result.get("speed", []) + result.get("long", []) + result.get("dpo", []) + result.get("dora", []):
         if "error" in r:
             print(f"error in {r['impl']} {r['dtype']} gc={r['gc']} {r['batch x len']}: {r['error']}")
     if "workload" in result:

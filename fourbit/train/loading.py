@@ -79,6 +79,21 @@ def load_for_training(config: TrainConfig, *, label_names: Sequence[str] = ()) -
     return model, tokenizer
 
 
+def _holds_quantized_weights(model: nn.Module) -> bool:
+    """Whether ``model`` was loaded with quantized weights (a 4-bit checkpoint): 4-bit layers, or a quantization
+    config other than GGUF's. transformers' GGUF loader dequantizes every tensor to float and leaves a
+    ``GgufConfig`` behind, so a GGUF file (the bundled model) is a float model here."""
+    from fourbit.nn.linear4bit import Linear4bit
+
+    if any(isinstance(m, Linear4bit) for m in model.modules()):
+        return True
+    qc = getattr(model.config, "quantization_config", None)
+    if qc is None:
+        return False
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    return str(getattr(method, "value", method)) != "gguf"
+
+
 def load_loftq_model(config: TrainConfig, *, with_adapter: bool = True) -> tuple[nn.Module, Any]:
     """The float model quantized with LoftQ (:func:`fourbit.nn.loftq.inject_loftq`): the targets' 4-bit base and
     LoRA layers computed together, then the rest of the model quantized as ``config.quant`` says. Deterministic
@@ -96,7 +111,7 @@ def load_loftq_model(config: TrainConfig, *, with_adapter: bool = True) -> tuple
     from .trainer import lora_spec_of
 
     model, tokenizer = load_model(config.model, quant=None, torch_dtype=torch.float32)
-    if getattr(model.config, "quantization_config", None) is not None:
+    if _holds_quantized_weights(model):
         raise FieldError("init_lora_weights", f"loftq needs the float weights and {config.model} is a 4-bit "
                                               "checkpoint: start from the float model")
     quant = quant_config(config)

@@ -83,3 +83,43 @@ def test_loftq_is_refused_where_it_cannot_apply() -> None:
         TrainConfig(init_lora_weights="loftq", loftq_iter=0)
     with pytest.raises(FieldError, match="init_lora_weights"):
         TrainConfig(init_lora_weights="pissa")
+
+
+def test_loftq_starts_from_a_gguf_file(tmp_path: Path) -> None:
+    """A GGUF file (the bundled model's format) is a float model to LoftQ: transformers' GGUF loader leaves a
+    GgufConfig behind but dequantizes every weight. LoftQ's start Q + s·B·A is closer to the file's weights
+    than plain NF4 of them, in every layer."""
+    from fourbit.models import QuantConfig, load_model
+    from fourbit.models.export import export_gguf
+    from fourbit.nn.linear4bit import frozen_weight
+
+    gguf = tmp_path / "tiny.gguf"
+    tokenizer = _bpe_tokenizer()
+    export_gguf(make_llama(0, vocab_size=len(tokenizer)), tokenizer, gguf, gguf_type="f16", modelfile=False)
+    float_model, _ = load_model(str(gguf), quant=None, torch_dtype=torch.float32)
+    assert float_model.config.quantization_config is not None  # the GgufConfig that used to refuse LoftQ
+    plain, _ = load_model(str(gguf), quant=QuantConfig(compute_dtype="fp32"), torch_dtype=torch.float32)
+    config = TrainConfig(model=str(gguf), lora_r=4, lora_alpha=8, init_lora_weights="loftq", loftq_iter=2,
+                         compute_dtype="fp32")
+    model, _ = load_loftq_model(config)
+    layers = lora_modules(model)
+    assert len(layers) == 7 * float_model.config.num_hidden_layers
+    for name, layer in layers.items():
+        w = float_model.get_submodule(name).weight.float()
+        loftq_error = (w - frozen_weight(layer.base, torch.float32) - layer.delta_weight()).norm()
+        nf4_error = (w - frozen_weight(plain.get_submodule(name), torch.float32)).norm()
+        assert loftq_error < nf4_error, name
+
+
+def _bpe_tokenizer():
+    """A small byte-level BPE tokenizer (GGUF export writes its merges)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the date is the seventh of december, two thousand and twenty six. " * 20], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
