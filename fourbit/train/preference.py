@@ -48,9 +48,10 @@ __all__ = ["DPO_LOSS_TYPES", "PREFERENCE_TASKS", "REFERENCE_FILE", "PairLoss", "
 #: The reference log-probs of a DPO run's pairs, in its run folder: float64 ``chosen`` and ``rejected`` ``[N]``
 #: in the order of the training pairs then the evaluation pairs, and the :func:`reference_key` they belong to.
 REFERENCE_FILE = "reference_logps.safetensors"
-#: The options that change the reference pass's numbers (and may change on resume, unlike the model and data).
-_REFERENCE_FIELDS = ("model", "quant", "double_quant", "compute_dtype", "loss_chunk_size", "eval_batch_size",
-                     "fused_kernels")
+#: The options that change what the reference log-probs are: the base and its quantization (fixed on resume) and
+#: the compute dtype (which may change on resume). The speed options (``eval_batch_size``, ``loss_chunk_size``,
+#: ``fused_kernels``) change them by rounding only: a resumed run keeps the values its start computed.
+_REFERENCE_FIELDS = ("model", "quant", "double_quant", "compute_dtype")
 
 
 def dpo_loss(
@@ -250,9 +251,8 @@ def evaluate_pairs(model: nn.Module, pairs: Sequence[Pair], config: TrainConfig,
 
 
 def reference_key(pairs: Sequence[Pair], config: TrainConfig) -> str:
-    """What the reference log-probs of ``pairs`` depend on: the pairs' tokens, in order, and the options that
-    change the reference pass's numbers (the base model's path and quantization, the compute dtype, the
-    head's chunking, the batch of the pass, the fused kernels)."""
+    """What the reference log-probs of ``pairs`` depend on: the pairs' tokens, in order, the base model's path
+    and quantization, and the compute dtype."""
     h = hashlib.blake2b(digest_size=16)
     h.update(fingerprint_examples(pairs).encode())
     h.update(repr([(name, getattr(config, name)) for name in _REFERENCE_FIELDS]).encode())

@@ -440,7 +440,7 @@ def _reference_pass(setup: _Setup, folder: RunFolder, log: Any) -> None:
     and kept in the run folder (:data:`~fourbit.train.preference.REFERENCE_FILE`, written atomically by rank 0):
     a resumed run, after a Ctrl-C or a kill -9, reads them back instead of running the pass again, and a later
     epoch reuses them from memory. Rank 0 reads the file and gives every rank its values; a file of other
-    pairs or options (a changed ``compute_dtype``, say) is computed again and replaced."""
+    pairs, base or compute dtype is computed again and replaced."""
     from .preference import (
         REFERENCE_FILE,
         read_reference_logps,

@@ -138,8 +138,8 @@ def test_a_file_of_other_pairs_or_options_or_damaged_is_not_read(tmp_path, chang
     path = save_reference_logps(tmp_path / REFERENCE_FILE, pairs, key)
     chosen, rejected = read_reference_logps(path, key, len(pairs))
     assert chosen == [-1.5 * i for i in range(len(pairs))] and rejected == [-2.25 * i for i in range(len(pairs))]
-    if change == "key":  # the same pairs under another option that changes the pass's numbers
-        assert reference_key(pairs, cfg.replace(loss_chunk_size=0)) != key
+    if change == "key":  # the same pairs in another compute dtype; a speed option keeps the run's values
+        assert reference_key(pairs, cfg.replace(loss_chunk_size=0, eval_batch_size=1, fused_kernels=False)) == key
         assert read_reference_logps(path, reference_key(pairs, cfg.replace(compute_dtype="bf16")), len(pairs)) is None
     elif change == "pairs":
         assert reference_key(pairs[1:], cfg) != key
