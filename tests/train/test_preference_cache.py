@@ -1,5 +1,5 @@
-"""DPO's reference log-probs are computed once per run and kept in the run folder: the kept values equal a
-fresh reference pass (and the plain logits of the base), a run resumed after Ctrl-C reads them back without
+"""DPO's reference log-probs are computed once per run (not again in a later epoch) and kept in the run
+folder: the kept values equal a fresh reference pass (and the plain logits of the base), a run resumed after Ctrl-C reads them back without
 any reference forward and finishes exactly like an uninterrupted run, and a file of other pairs or options,
 or a damaged one, is not used."""
 
@@ -80,9 +80,11 @@ def _plain_logps(model: torch.nn.Module, pair, reply: str) -> float:
 
 
 def test_kept_reference_logps_equal_a_fresh_reference_pass(tmp_path) -> None:
-    cfg = _cfg(tmp_path, "run", max_steps=2)
+    cfg = _cfg(tmp_path, "run", max_steps=7)  # 9 training pairs, 2 a step: into the second epoch
     counted = _run(cfg)
     pairs = _pairs(cfg)
+    assert len(pairs) == 12 and max(r["epoch"] for r in read_metrics(Path(cfg.out) / "metrics.jsonl")
+                                    if "epoch" in r) >= 1  # epochs count from 0
     assert counted.reference_forwards == -(-len(pairs) // cfg.eval_batch_size)  # once per pair, 3 a batch
     kept = load_file(str(Path(cfg.out) / REFERENCE_FILE))
     assert kept["chosen"].dtype == torch.float64 and kept["chosen"].shape == (len(pairs),)
