@@ -15,15 +15,19 @@ they equal TRL's ``DPOTrainer`` and ``ORPOTrainer`` (tested within 1e-5 in fp32 
   over every token of the prompt and chosen reply. The rewards are ``λ · mean log p``.
 
 The reference log-probs of DPO come from the same 4-bit model with its adapter switched off
-(:func:`fourbit.nn.lora.adapters_disabled`); see :mod:`fourbit.train.pairs` for the data and the trainer for
-their cache.
+(:func:`fourbit.nn.lora.adapters_disabled`), once per pair (:func:`reference_logps`), and are kept in the run
+folder (:data:`REFERENCE_FILE`, :func:`save_reference_logps`), so that a resumed run reads them back
+(:func:`read_reference_logps`) instead of running the reference pass again; see :mod:`fourbit.train.pairs`
+for the data.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -33,13 +37,21 @@ from fourbit.nn.lora import adapters_disabled
 
 from .config import TrainConfig
 from .data import IGNORE_INDEX
-from .distributed import World
+from .distributed import World, fingerprint_examples
 from .loss import decoder_hidden_states, token_cross_entropy
 from .pairs import DPO_LOSS_TYPES, PREFERENCE_TASKS, Pair, PairBatch, collate_pairs
 
-__all__ = ["DPO_LOSS_TYPES", "PREFERENCE_TASKS", "PairLoss", "dpo_loss", "evaluate_pairs", "log1mexp", "orpo_loss", "pair_logps",
-           "pair_loss", "reference_logps"]
+__all__ = ["DPO_LOSS_TYPES", "PREFERENCE_TASKS", "REFERENCE_FILE", "PairLoss", "dpo_loss", "evaluate_pairs", "log1mexp",
+           "orpo_loss", "pair_logps", "pair_loss", "read_reference_logps", "reference_key", "reference_logps",
+           "save_reference_logps"]
 
+#: The reference log-probs of a DPO run's pairs, in its run folder: float64 ``chosen`` and ``rejected`` ``[N]``
+#: in the order of the training pairs then the evaluation pairs, and the :func:`reference_key` they belong to.
+REFERENCE_FILE = "reference_logps.safetensors"
+#: The options that change what the reference log-probs are: the base and its quantization (fixed on resume) and
+#: the compute dtype (which may change on resume). The speed options (``eval_batch_size``, ``loss_chunk_size``,
+#: ``fused_kernels``) change them by rounding only: a resumed run keeps the values its start computed.
+_REFERENCE_FIELDS = ("model", "quant", "double_quant", "compute_dtype")
 
 
 def dpo_loss(
@@ -236,3 +248,43 @@ def evaluate_pairs(model: nn.Module, pairs: Sequence[Pair], config: TrainConfig,
     chosen, rejected, correct = (v / len(pairs) for v in sums[1:])
     return {"eval_loss": sums[0], "eval_rewards/chosen": chosen, "eval_rewards/rejected": rejected,
             "eval_rewards/margins": chosen - rejected, "eval_rewards/accuracies": correct}
+
+
+def reference_key(pairs: Sequence[Pair], config: TrainConfig) -> str:
+    """What the reference log-probs of ``pairs`` depend on: the pairs' tokens, in order, the base model's path
+    and quantization, and the compute dtype."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(fingerprint_examples(pairs).encode())
+    h.update(repr([(name, getattr(config, name)) for name in _REFERENCE_FIELDS]).encode())
+    return h.hexdigest()
+
+
+def save_reference_logps(path: str | Path, pairs: Sequence[Pair], key: str) -> Path:
+    """Write the reference log-probs of ``pairs`` (filled in by :func:`reference_logps`) to ``path``
+    atomically, with ``key`` (:func:`reference_key`)."""
+    from fourbit._io import save_safetensors
+
+    tensors = {"chosen": torch.tensor([p.ref_chosen for p in pairs], dtype=torch.float64),
+               "rejected": torch.tensor([p.ref_rejected for p in pairs], dtype=torch.float64)}
+    return save_safetensors(tensors, path, {"key": key, "pairs": str(len(pairs))})
+
+
+def read_reference_logps(path: str | Path, key: str, n_pairs: int) -> tuple[list[float], list[float]] | None:
+    """The ``(chosen, rejected)`` reference log-probs kept at ``path`` for ``n_pairs`` pairs with ``key``, or
+    None where there is no such file, or it belongs to other pairs or options, or it is damaged (the caller
+    computes them again)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("key") != key:
+                return None
+            chosen, rejected = f.get_tensor("chosen"), f.get_tensor("rejected")
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return None
+    if chosen.dtype != torch.float64 or chosen.shape != (n_pairs,) or rejected.shape != (n_pairs,):
+        return None
+    return chosen.tolist(), rejected.tolist()

@@ -380,12 +380,6 @@ def _set_up(config: TrainConfig, model: nn.Module, tokenizer: Any, world: World,
     if world.mode == "fsdp":  # the frozen base sharded over the ranks, the adapter whole on each
         _shard_base(model, world, log)
     pad_id = _pad_id(model, tokenizer, config)
-    if config.task == "dpo":  # the reference log-probs, once per pair: the base with the adapter switched off
-        from .preference import reference_logps
-
-        pairs, t0 = train_ds.examples + (eval_ds.examples if eval_ds else []), time.perf_counter()
-        reference_logps(model, pairs, config, pad_id)
-        log(f"reference log-probs of {len(pairs)} pairs (the base, adapter off) in {time.perf_counter() - t0:.1f} s")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(config.optim, params, lr=config.learning_rate, weight_decay=config.weight_decay,
                                 betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon)
@@ -427,6 +421,8 @@ def _start(setup: _Setup, folder: RunFolder, log: Any) -> _Loop:
     stepper, resume = setup.stepper, setup.plan.resume
     config, world = stepper.config, stepper.world
     metrics = MetricsLog(folder.path / "metrics.jsonl") if world.is_main else None
+    if config.task == "dpo":
+        _reference_pass(setup, folder, log)
     state = world.agree(lambda: _restore(setup, folder, metrics), "the restore of the checkpoint")
     if world.size > 1:  # rank 0's adapter, optimizer state and data position on every rank
         state = _broadcast_run_state(world, state, stepper)
@@ -437,6 +433,38 @@ def _start(setup: _Setup, folder: RunFolder, log: Any) -> _Loop:
     stepper.model.train()
     return _Loop(setup, folder, state, batches.iterate(state.epoch, state.batch), metrics,
                  last_checkpoint=resume.folder if resume is not None else None)
+
+
+def _reference_pass(setup: _Setup, folder: RunFolder, log: Any) -> None:
+    """DPO: every pair's reference log-probs (the base with the adapter switched off), computed once per run
+    and kept in the run folder (:data:`~fourbit.train.preference.REFERENCE_FILE`, written atomically by rank 0):
+    a resumed run, after a Ctrl-C or a kill -9, reads them back instead of running the pass again, and a later
+    epoch reuses them from memory. Rank 0 reads the file and gives every rank its values; a file of other
+    pairs, base or compute dtype is computed again and replaced."""
+    from .preference import (
+        REFERENCE_FILE,
+        read_reference_logps,
+        reference_key,
+        reference_logps,
+        save_reference_logps,
+    )
+
+    stepper, world = setup.stepper, setup.stepper.world
+    pairs = setup.train_ds.examples + (setup.eval_ds.examples if setup.eval_ds else [])
+    key, path = reference_key(pairs, stepper.config), folder.path / REFERENCE_FILE
+    kept = world.agree(lambda: read_reference_logps(path, key, len(pairs)) if world.is_main else None,
+                       "the read of the reference log-probs")
+    kept = world.broadcast_object(kept, "the broadcast of the reference log-probs")
+    if kept is not None:
+        for p, chosen, rejected in zip(pairs, *kept, strict=True):
+            p.ref_chosen, p.ref_rejected = chosen, rejected
+        log(f"reference log-probs of {len(pairs)} pairs read from {path} (computed once, by this run's start)")
+        return
+    t0 = time.perf_counter()
+    reference_logps(stepper.model, pairs, stepper.config, stepper.pad_id)
+    log(f"reference log-probs of {len(pairs)} pairs (the base, adapter off) in {time.perf_counter() - t0:.1f} s")
+    world.agree(lambda: save_reference_logps(path, pairs, key) if world.is_main else None,
+                "the write of the reference log-probs")
 
 
 def _restore(setup: _Setup, folder: RunFolder, metrics: MetricsLog | None) -> TrainState:

@@ -109,10 +109,12 @@ def _start_paused(folder: Path, argv: list[str], pause: str) -> subprocess.Popen
     return proc
 
 
-def _finish(argv: list[str]) -> dict:
+def _finish(argv: list[str], log: list[str] | None = None) -> dict:
     done = subprocess.run([sys.executable, "-m", "fourbit", "finetune", *argv], env=child_env(), capture_output=True,
                           text=True, timeout=_DEADLINE_S)
     assert done.returncode == 0, done.stderr[-3000:]
+    if log is not None:
+        log.extend(done.stderr.splitlines())
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -127,7 +129,11 @@ def test_sigkill_while_writing_a_checkpoint_then_resume_is_exact(folder, task) -
     proc.communicate(timeout=_DEADLINE_S)
     out = folder / f"killed-{task}"
     assert not (out / "adapter_model.safetensors").exists()
-    assert _finish([*killed, "--resume"])["resumed_from"] == 2
+    log: list[str] = []
+    assert _finish([*killed, "--resume"], log)["resumed_from"] == 2
+    if task == "dpo":  # the reference log-probs of the killed run's start, read back: no reference pass again
+        assert any("reference log-probs of 32 pairs read from" in line for line in log), log
+        assert not any("(the base, adapter off) in" in line for line in log), log
     a, b = _adapter(folder / f"whole-{task}"), _adapter(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # exact: same ops, restored state
     strip = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]  # noqa: E731
