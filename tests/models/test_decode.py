@@ -29,6 +29,8 @@ from fourbit.models import QuantConfig, quantize_model
 from fourbit.models.decode import Decoder, decoder_for, unsupported_reason
 from fourbit.nn.lora import LoRASpec, inject_lora
 
+pytestmark = pytest.mark.usefixtures("float_rows")  # see the module docstring
+
 _SMALL = dict(vocab_size=259, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
               max_position_embeddings=256, pad_token_id=256)
 IDS = [5, 17, 99, 3, 200, 45, 7, 130, 64, 2, 250, 33]
@@ -71,16 +73,6 @@ def _tokens(model, decoder: str, n: int = 24, seed: int | None = None, **kwargs)
 def isa_restored():
     yield
     cpu.set_isa(2)
-
-
-@pytest.fixture(autouse=True)
-def float_rows():
-    """The float 4-bit rows, exact to float32 rounding (see the module docstring); the default restored after."""
-    if cpu.available():
-        cpu.set_decode_int8(False)
-    yield
-    if cpu.available():
-        cpu.set_decode_int8(True)
 
 
 #: The int8 rows' tolerance on these logits of magnitude ~1: 3x the largest difference measured on the tiny

@@ -16,19 +16,11 @@ import time
 import pytest
 from _server import reference_ids
 
-from fourbit.kernels import cpu
 from fourbit.serve import Engine, GenRequest, Sampling
 
+pytestmark = pytest.mark.usefixtures("float_rows")
+
 PROMPTS = ["Tell me about comets.", "Bread?", "What is two plus two, and why?", "Hi"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def float_rows():
-    if cpu.available():
-        cpu.set_decode_int8(False)
-    yield
-    if cpu.available():
-        cpu.set_decode_int8(True)
 
 
 def fp32_engine(model_dir, decoder: str, **kw) -> Engine:

@@ -105,7 +105,10 @@ FB_INLINE void block_scales_run(const fb_scales *s, int64_t first, int64_t n, fl
         memcpy(out, s->absmax + first, n * sizeof(float));
         return;
     }
-    int64_t q2 = first / s->blocksize2, rem = first % s->blocksize2;
+    const int64_t b2 = s->blocksize2;
+    const int pow2 = (b2 & (b2 - 1)) == 0;  /* the usual 256: no 64-bit division */
+    int64_t q2 = pow2 ? first >> __builtin_ctzll((unsigned long long)b2) : first / b2;
+    int64_t rem = pow2 ? first & (b2 - 1) : first % b2;
     float a2 = s->absmax2[q2];
     for (int64_t i = 0; i < n; ++i) {
         const float v = s->code2[s->qabsmax[first + i]] * a2;
@@ -188,8 +191,8 @@ FB_AVX512_WIDE static float row4_avx512(const fb_dlinear *l, const float *xp, in
  * u * x~ over four bytes per int32 lane, and the +128 is taken back exactly by starting each group's sum at
  * -128 * sum(x~) (made once per input, shared by every row). Per group: the integer sum -> float, times the
  * weight block's scale and the group's input scale d / 127. 64 packed bytes (two groups) per step, against about
- * four times as many instructions on the float rows. Taken for blocksize % 64 == 0 (up to 4096) and cols %
- * 64 == 0; other layers keep the float rows.
+ * about twice as many instructions on the float rows. Taken for blocksizes 64, 128, .., 4096 (cols % 64 == 0
+ * follows); other layers keep the float rows.
  *
  * Error against the dequantized float matvec, per block of scale s: |s| sum_j (|x_j| |level_j - w~_j/127| +
  * |w~_j/127| |x_j - d x~_j|) <= |s| sum_j (|x_j| / 254 + |w~_j| / 127 * d / 2), d the group's input scale
@@ -235,45 +238,58 @@ FB_AVX512_WIDE static void quantize_x(const float *x, int64_t n, const xint8 *o)
 }
 
 /* The int32 sums of two groups (lanes 0-7, 8-15) of 64 weights from the 64 packed bytes at pb, against x~ at
- * xq; mask 0xffff, or 0x00ff for one lone group (32 bytes; the other lanes stay 0). */
-FB_AVX512_VNNI FB_INLINE __m512i groups_vnni(const uint8_t *pb, const int8_t *xq, const int32_t *off, int64_t half,
-                                             __mmask16 mask, __m512i lut) {
-    const __mmask64 bytes_mask = mask == 0xffff ? ~(__mmask64)0 : (__mmask64)0xffffffffu;
-    const __m512i low4 = _mm512_set1_epi8(0x0f);
-    const __m512i bytes = _mm512_maskz_loadu_epi8(bytes_mask, pb);
+ * xq (the even elements of the 128, then the odd ones). */
+FB_AVX512_VNNI FB_INLINE __m512i two_groups(const uint8_t *pb, const int8_t *xq, const int32_t *off, __m512i lut) {
+    const __m512i low4 = _mm512_set1_epi8(0x0f), bytes = _mm512_loadu_si512(pb);
     const __m512i hi = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low4));
     const __m512i lo = _mm512_shuffle_epi8(lut, _mm512_and_si512(bytes, low4));
-    __m512i acc = _mm512_maskz_loadu_epi32(mask, off);
-    acc = _mm512_dpbusd_epi32(acc, hi, _mm512_maskz_loadu_epi8(bytes_mask, xq));
-    return _mm512_dpbusd_epi32(acc, lo, _mm512_maskz_loadu_epi8(bytes_mask, xq + half));
+    const __m512i acc = _mm512_dpbusd_epi32(_mm512_loadu_si512(off), hi, _mm512_loadu_si512(xq));
+    return _mm512_dpbusd_epi32(acc, lo, _mm512_loadu_si512(xq + 64));
 }
 
-/* A 4-bit row (blocksize % 64 == 0, at most 4096; cols % blocksize == 0) against x8 (quantize_x of the input);
- * lut8: the codebook's unsigned bytes round(127 * level) + 128. */
+/* The int32 sums of one lone group of 64 weights (32 packed bytes; lanes 0-7, the others 0). */
+FB_AVX512_VNNI FB_INLINE __m512i lone_group(const uint8_t *pb, const int8_t *xq, const int32_t *off, __m512i lut) {
+    const __mmask64 half = 0xffffffffu;
+    const __m512i low4 = _mm512_set1_epi8(0x0f), bytes = _mm512_maskz_loadu_epi8(half, pb);
+    const __m512i hi = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low4));
+    const __m512i lo = _mm512_shuffle_epi8(lut, _mm512_and_si512(bytes, low4));
+    __m512i acc = _mm512_maskz_loadu_epi32(0x00ff, off);
+    acc = _mm512_dpbusd_epi32(acc, hi, _mm512_maskz_loadu_epi8(half, xq));
+    return _mm512_dpbusd_epi32(acc, lo, _mm512_maskz_loadu_epi8(half, xq + 32));
+}
+
+/* Two groups' sums to float, times their scales cs[0] (lanes 0-7) and cs[1] (8-15), added to t. */
+FB_AVX512_VNNI FB_INLINE __m512 scaled(__m512i acc, const float *cs, __m512 t) {
+    const __m512 sc = _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(cs[0]), _mm512_set1_ps(cs[1]));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), sc, t);
+}
+
+/* A 4-bit row (blocksize a power of two from 64 to 4096; cols % blocksize == 0) against x8 (quantize_x of the
+ * input); lut8: the codebook's unsigned bytes round(127 * level) + 128. No divisions: a short row (576 weights)
+ * is only five steps, which a few 64-bit divisions per row would outweigh. */
 FB_AVX512_VNNI static float row4_vnni(const fb_dlinear *l, const xint8 *x8, const uint8_t lut8[16], int64_t r) {
-    const int64_t per = l->blocksize / 64, ng = l->cols / 64, run = 2 * per * (128 / per);
+    const int shift = __builtin_ctzll((unsigned long long)l->blocksize) - 6;  /* groups per block: 1 << shift */
+    const int64_t ng = l->cols >> 6;
     const uint8_t *p = l->packed + (r * l->cols >> 1);
     const __m512i lut = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)lut8));
     __m512 t0 = _mm512_setzero_ps(), t1 = _mm512_setzero_ps();
     float ws[256], cs[256];
-    for (int64_t g0 = 0; g0 < ng; g0 += run) {
-        const int64_t n = ng - g0 < run ? ng - g0 : run;
-        block_scales_run(&l->scales, r * (ng / per) + g0 / per, n / per, ws);
-        for (int64_t b = 0; b < n / per; ++b)
-            for (int64_t k = 0; k < per; ++k) cs[b * per + k] = ws[b] * x8->scale[g0 + b * per + k];
+    for (int64_t g0 = 0; g0 < ng; g0 += 256) {  /* runs of 256 groups: whole blocks, an even count */
+        const int64_t n = ng - g0 < 256 ? ng - g0 : 256;
+        block_scales_run(&l->scales, (r * ng + g0) >> shift, n >> shift, ws);
+        for (int64_t i = 0; i < n; ++i) cs[i] = ws[i >> shift] * x8->scale[g0 + i];
+        const uint8_t *pb = p + 32 * g0;
+        const int8_t *xq = x8->q + 64 * g0;
+        const int32_t *off = x8->off + 8 * g0;
         int64_t i = 0;
-        for (; i + 2 <= n; i += 2) {
-            const int64_t g = g0 + i;
-            const __m512i acc = groups_vnni(p + 32 * g, x8->q + 64 * g, x8->off + 8 * g, 64, 0xffff, lut);
-            const __m512 sc = _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(cs[i]), _mm512_set1_ps(cs[i + 1]));
-            if (i & 2) t1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), sc, t1);
-            else t0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), sc, t0);
+        for (; i + 4 <= n; i += 4) {
+            t0 = scaled(two_groups(pb + 32 * i, xq + 64 * i, off + 8 * i, lut), cs + i, t0);
+            t1 = scaled(two_groups(pb + 32 * i + 64, xq + 64 * i + 128, off + 8 * i + 16, lut), cs + i + 2, t1);
         }
-        if (i < n) {  /* the row's last group, alone in its 128 (the layout of quantize_x) */
-            const int64_t g = g0 + i;
-            const __m512i acc = groups_vnni(p + 32 * g, x8->q + 64 * g, x8->off + 8 * g, 32, 0x00ff, lut);
-            t0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(cs[i]), t0);
-        }
+        if (i + 2 <= n) t0 = scaled(two_groups(pb + 32 * i, xq + 64 * i, off + 8 * i, lut), cs + i, t0), i += 2;
+        if (i < n)  /* the row's last group, alone in its 128 (the layout of quantize_x) */
+            t1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lone_group(pb + 32 * i, xq + 64 * i, off + 8 * i, lut)),
+                                 _mm512_set1_ps(cs[i]), t1);
     }
     return _mm512_reduce_add_ps(_mm512_add_ps(t0, t1));
 }
@@ -330,9 +346,10 @@ FB_INLINE int fast4(const step_ctx *c, const fb_dlinear *l) {
     return c->vec && l->blocksize % 32 == 0 && l->cols % l->blocksize == 0 && l->code == c->m->code4;
 }
 
-/* Whether row4_vnni takes this layer (its input quantized by quantize_x: cols % 64 == 0 follows). */
+/* Whether row4_vnni takes this layer: blocksize 64, 128, .., 4096 (cols % 64 == 0 follows from fast4). */
 FB_INLINE int fast8(const step_ctx *c, const fb_dlinear *l) {
-    return c->int8 && fast4(c, l) && l->blocksize % 64 == 0 && l->blocksize <= 4096;
+    const int64_t bs = l->blocksize;
+    return c->int8 && fast4(c, l) && bs >= 64 && bs <= 4096 && (bs & (bs - 1)) == 0;
 }
 
 /* The row kernel fb_decode_step runs for a layer: 0 plain C or dense, 1 the float 4-bit vector rows, 2 int8. */
