@@ -226,8 +226,8 @@ def _library() -> ctypes.CDLL | None:
 
 
 def _pick_decode_rows(lib: ctypes.CDLL, name: str) -> None:
-    """``FOURBIT_DECODE_ROWS=float`` holds the decoding step to its float 4-bit rows (``int8``, the default, runs
-    the int8-activation rows where the CPU has AVX512_VNNI; see :func:`set_decode_int8`)."""
+    """``FOURBIT_DECODE_ROWS=int8`` runs the decoding step's int8-activation 4-bit rows where the CPU has
+    AVX512_VNNI; ``float`` (the default) the float rows (see :func:`set_decode_int8`)."""
     choices = {"int8": 1, "float": 0}
     if not name:
         return
@@ -539,13 +539,13 @@ def decode_step(model: DecodeModel, token: int, pos: int, work: torch.Tensor, lo
     return int(nxt.value) if want_token else None
 
 
-def set_decode_int8(on: bool) -> bool:
-    """Run :func:`decode_step`'s 4-bit rows with int8 activations (``on``, the default: the layer input quantized
-    to int8 per 64 values and the NF4 levels to int8, summed by AVX512_VNNI's ``vpdpbusd``, as llama.cpp's Q4 x
-    Q8 dot products; ``csrc/decode.c``) or in float32 (``on=False``). Returns whether the int8 rows are now in
-    use: only where the CPU has AVX512_VNNI and the AVX-512 code is in use (:func:`set_isa`), for layers whose
-    blocksize is a multiple of 64 (others keep the float rows)."""
-    return bool(_library().fb_set_decode_int8(int(bool(on))))
+def set_decode_int8(on: bool | None) -> bool:
+    """Run :func:`decode_step`'s 4-bit rows with int8 activations (``on=True``: the layer input quantized to int8
+    per 64 values and the NF4 levels to int8, summed by AVX512_VNNI's ``vpdpbusd``, as llama.cpp's Q4 x Q8 dot
+    products; ``csrc/decode.c``) or in float32 (``on=False``, the default; ``None`` changes nothing). Returns
+    whether the int8 rows are now in use: only where the CPU has AVX512_VNNI and the AVX-512 code is in use
+    (:func:`set_isa`), for layers whose blocksize is 64, 128, .., 4096 (others keep the float rows)."""
+    return bool(_library().fb_set_decode_int8(-1 if on is None else int(bool(on))))
 
 
 def decode_rows(linear: DecodeLinear, code4: torch.Tensor | None, x: torch.Tensor) -> tuple[torch.Tensor, int]:

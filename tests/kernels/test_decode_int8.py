@@ -17,6 +17,8 @@ take (blocksize 32, rows that are not whole blocks) must keep the float rows.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -36,11 +38,11 @@ needs_vnni = pytest.mark.skipif(not _VNNI, reason="this CPU has no AVX512_VNNI: 
 
 @pytest.fixture
 def int8_rows():
-    """The AVX-512 code and the int8 rows on, as the decoder runs by default; both restored afterwards."""
-    best = cpu.set_isa(2)
+    """The AVX-512 code and the int8 rows on (FOURBIT_DECODE_ROWS=int8); both restored afterwards."""
+    best, before = cpu.set_isa(2), cpu.set_decode_int8(None)
     assert cpu.set_decode_int8(True) == (_VNNI and best == 2)
     yield
-    cpu.set_decode_int8(True)
+    cpu.set_decode_int8(before)
     cpu.set_isa(best)
 
 
@@ -139,7 +141,7 @@ def test_layers_the_int8_rows_do_not_take_keep_the_float_rows(rows, cols, blocks
 
 @pytest.mark.parametrize("rows, cols, blocksize", [(37, 576, 64), (3, 8192, 4096)])
 def test_float_rows_on_request_are_float32_exact(rows, cols, blocksize, int8_rows):
-    """``set_decode_int8(False)`` (or ``FOURBIT_DECODE_ROWS=float``) gives the float rows back."""
+    """``set_decode_int8(False)`` (or ``FOURBIT_DECODE_ROWS=float``, the default) gives the float rows back."""
     assert cpu.set_decode_int8(False) is False
     linear, keep, code, ps = _layer(rows, cols, blocksize, True)
     x = _input(cols)
@@ -147,3 +149,17 @@ def test_float_rows_on_request_are_float32_exact(rows, cols, blocksize, int8_row
     assert path == 1
     exact = fourbit.dequantize_4bit(*ps).reshape(rows, cols).double() @ x.double()
     torch.testing.assert_close(got.double(), exact, atol=1e-5 * float(exact.abs().max()), rtol=1e-5)
+
+
+@pytest.mark.parametrize("setting, want", [("", False), ("float", False), ("int8", _VNNI), ("INT8", _VNNI),
+                                           ("fast", False)])
+def test_decode_rows_environment_variable(setting, want):
+    """``FOURBIT_DECODE_ROWS``: float rows by default, int8 on request where the CPU has AVX512_VNNI; an unknown
+    value is ignored with a warning."""
+    import os
+
+    code = "from fourbit.kernels import cpu; print(cpu.set_decode_int8(None))"
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "FOURBIT_DECODE_ROWS": setting},
+                          capture_output=True, text=True, timeout=600, check=True)
+    assert done.stdout.split()[-1] == str(want)
+    assert ("FOURBIT_DECODE_ROWS" in done.stderr) == (setting == "fast")

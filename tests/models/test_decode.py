@@ -5,9 +5,9 @@ References: the model's own forward over the whole sequence (logits at every pos
 logits of magnitude ~1: the step sums each row in float32 in another order than PyTorch (measured differences
 ~1e-7 here, ~3e-5 on the 30-layer SmolLM2 with logits ~30); greedy and seeded sampled tokens must be equal.
 
-These comparisons run the step's float 4-bit rows (the autouse ``float_rows`` fixture): by default, on a CPU with
-AVX512_VNNI, the step's 4-bit rows take int8 activations (as llama.cpp's), which moves these logits of magnitude
-~1 by up to ~7e-3 (measured on the five tiny models here) -- enough to flip a greedy near-tie of a random model
+These comparisons run the step's float 4-bit rows (the ``float_rows`` fixture, the default): on a CPU with
+AVX512_VNNI the step's 4-bit rows can take int8 activations (as llama.cpp's; ``cpu.set_decode_int8``), which moves
+these logits of magnitude ~1 by up to ~7e-3 (measured on the five tiny models here) -- enough to flip a greedy near-tie of a random model
 (the tied llama below differs from transformers at one of 24 greedy tokens). The int8 rows are checked here
 against transformers with their own tolerance (``test_int8_rows_*``) and row by row against exact references in
 tests/kernels/test_decode_int8.py.
@@ -82,7 +82,7 @@ INT8_ATOL = 2e-2
 
 @pytest.fixture
 def int8_rows(float_rows):
-    """The step's default int8 rows (where the CPU has AVX512_VNNI)."""
+    """The step's int8 rows (where the CPU has AVX512_VNNI); float_rows restores the choice before."""
     if not cpu.set_decode_int8(True):
         pytest.skip("no AVX512_VNNI on this CPU (or no AVX-512 code in use): the step has no int8 rows here")
 
@@ -140,7 +140,7 @@ def test_plain_c_path_equals_each_vector_path(isa_restored):
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
 def test_int8_rows_logits_and_greedy_tokens_against_transformers(kind, int8_rows):
-    """The default int8 rows: logits within INT8_ATOL of the model's forward, and the forward's greedy token at
+    """The int8 rows: logits within INT8_ATOL of the model's forward, and the forward's greedy token at
     every position whose top-2 margin exceeds twice that (teacher-forced on transformers' greedy tokens)."""
     model = _quantized(make_llama(intermediate_size=128, tie_word_embeddings=True).eval() if kind == "llama"
                        else _arch(kind, head_dim=16))

@@ -652,8 +652,10 @@ static void head_phase(walk *w, float *logits, int screen) {
     wait_all(p, chunks);
 }
 
-/* Whether the int8 rows are wanted where the CPU has them (fb_set_decode_int8; default yes). */
-static int int8_wanted = 1;
+/* Whether the int8 rows are wanted where the CPU has them (fb_set_decode_int8). Default no: on the bundled
+ * SmolLM2-135M they measured no faster than the float rows in the whole step (benchmarks/RESULTS.md, issue 21),
+ * and they change the numbers; 1 here makes them the default. */
+static int int8_wanted = 0;
 
 /* Whether row4_vnni can run: AVX-512 in use (fb_isa) and a CPU with AVX512_VNNI. */
 static int int8_possible(void) {
@@ -665,9 +667,10 @@ static int int8_possible(void) {
 #endif
 }
 
-/* Want the int8 rows (on != 0) or the float rows; returns whether fb_decode_step now runs the int8 rows. */
+/* Want the int8 rows (on > 0) or the float rows (on == 0; on < 0 leaves the choice); returns whether
+ * fb_decode_step now runs the int8 rows. */
 int fb_set_decode_int8(int on) {
-    int8_wanted = on != 0;
+    if (on >= 0) int8_wanted = on != 0;
     return int8_wanted && int8_possible();
 }
 

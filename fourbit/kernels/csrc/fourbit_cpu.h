@@ -225,8 +225,8 @@ typedef struct {
 int64_t fb_decode_work_floats(const fb_dmodel *m);
 int fb_decode_step(const fb_dmodel *m, int64_t token, int64_t pos, float *logits, int64_t *next, float *work,
                    int64_t work_floats, int nthreads);
-/* The 4-bit rows of fb_decode_step: int8 activations with AVX512_VNNI where the CPU has it (on != 0, the
- * default) or float; returns whether the int8 rows are now in use. */
+/* The 4-bit rows of fb_decode_step: int8 activations with AVX512_VNNI where the CPU has it (on > 0) or float
+ * (on == 0, the default; on < 0 asks only); returns whether the int8 rows are now in use. */
 int fb_set_decode_int8(int on);
 /* One layer's rows as fb_decode_step computes them, and which row kernel it took (tests). */
 int fb_decode_rows(const fb_dlinear *l, const float *code4, const float *x, float *out, int *path);
