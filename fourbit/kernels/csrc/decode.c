@@ -20,6 +20,9 @@
  * permuted once per step to match, so no shuffle is spent on restoring the order. With AVX-512, vpermps looks
  * the 16 codebook floats up directly: 32 weights from 16 bytes in two lookups, the input permuted in groups of
  * 32 instead (about 1.3x the AVX2 rows' decode speed on a 135M model, AMD EPYC; benchmarks/RESULTS.md).
+ * Opt-in (fb_set_decode_int8), on CPUs with AVX512_VNNI: int8 rows as llama.cpp's Q4 x Q8 (row4_vnni below),
+ * the input quantized to int8 per 64 values; within a stated bound of the float rows, but no faster in the
+ * whole step on SmolLM2-135M (its short rows: the per-row scales and reduction weigh as much as the dot).
  *
  * Greedy output head (optional): an int8 copy of a dense head (blocks of 32, float32 scales) scores every row;
  * with e_r >= |w_r - w~_r|_2 (plus rounding), |logit_r - approx_r| <= |x|_2 e_r (Cauchy-Schwarz), so only rows
