@@ -44,6 +44,22 @@ def _default_ctrl_c():
 
 
 @pytest.fixture
+def float_rows():
+    """The compiled decoding step's float 4-bit rows (the default), for tests that compare its greedy tokens one
+    for one with the model's forward, whatever FOURBIT_DECODE_ROWS says: its int8 rows (CPUs with AVX512_VNNI,
+    fourbit/kernels/csrc/decode.c) flip near-ties of the tiny random models (tests/models/test_decode.py checks
+    them with a tolerance instead). The choice before is restored."""
+    from fourbit.kernels import cpu
+
+    before = cpu.set_decode_int8(None) if cpu.available() else False
+    if cpu.available():
+        cpu.set_decode_int8(False)
+    yield
+    if cpu.available():
+        cpu.set_decode_int8(before)
+
+
+@pytest.fixture
 def make_llama():
     """Factory fixture: ``make_llama(seed=0, tie_word_embeddings=False, intermediate_size=96)`` builds a fresh
     tiny llama."""

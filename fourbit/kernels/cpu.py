@@ -42,7 +42,8 @@ from fourbit.kernels.scales import BlockScales, check_output_dtype
 __all__ = ["ABI_VERSION", "ISA_NAMES", "MAX_QUANT_BLOCKSIZE", "available", "isa", "set_isa", "library_path",
            "quantize_4bit_blocks", "dequantize_4bit_blocks", "can_fuse", "fused_linear_4bit",
            "softmax_cross_entropy_", "swiglu", "swiglu_backward", "rms_norm", "rms_norm_backward", "dropout",
-           "DecodeLinear", "DecodeLayer", "DecodeModel", "decode_work_floats", "decode_step", "GGML_BLOCKS",
+           "DecodeLinear", "DecodeLayer", "DecodeModel", "decode_work_floats", "decode_step", "set_decode_int8",
+           "decode_rows", "GGML_BLOCKS",
            "quantize_ggml"]
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ _X86 = ("x86_64", "amd64")
 
 #: The library interface this module calls (signatures, ``fb_scales``, status codes): must equal
 #: ``FB_ABI_VERSION`` in ``csrc/fourbit_cpu.h``; bump both together.
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 #: The largest block the compiled quantizer takes (``FB_MAX_QUANT_BLOCKSIZE``); larger ones run the reference.
 MAX_QUANT_BLOCKSIZE = 4096
@@ -220,7 +221,20 @@ def _library() -> ctypes.CDLL | None:
         return None
     _declare(lib)
     _cap_isa(lib, os.environ.get("FOURBIT_MAX_CPU_ISA", ""))
+    _pick_decode_rows(lib, os.environ.get("FOURBIT_DECODE_ROWS", ""))
     return lib
+
+
+def _pick_decode_rows(lib: ctypes.CDLL, name: str) -> None:
+    """``FOURBIT_DECODE_ROWS=int8`` runs the decoding step's int8-activation 4-bit rows where the CPU has
+    AVX512_VNNI; ``float`` (the default) the float rows (see :func:`set_decode_int8`)."""
+    choices = {"int8": 1, "float": 0}
+    if not name:
+        return
+    if name.lower() not in choices:
+        log.warning("fourbit: FOURBIT_DECODE_ROWS=%r is not one of %s; ignored", name, ", ".join(choices))
+        return
+    lib.fb_set_decode_int8(choices[name.lower()])
 
 
 def _cap_isa(lib: ctypes.CDLL, name: str) -> None:
@@ -251,6 +265,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         "fb_quantize_ggml": [ptr, i32, i64, ptr, i32],
         "fb_isa": [],
         "fb_set_isa": [i32],
+        "fb_set_decode_int8": [i32],
+        "fb_decode_rows": [ctypes.POINTER(DecodeLinear), ptr, ptr, ptr, ptr],
     }
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
@@ -521,6 +537,27 @@ def decode_step(model: DecodeModel, token: int, pos: int, work: torch.Tensor, lo
         raise ValueError(f"fb_decode_step refused token {token} at position {pos} (out of range of the model's "
                          f"vocabulary or cache of {model.max_len}, or a scratch buffer of {work.numel()} floats)")
     return int(nxt.value) if want_token else None
+
+
+def set_decode_int8(on: bool | None) -> bool:
+    """Run :func:`decode_step`'s 4-bit rows with int8 activations (``on=True``: the layer input quantized to int8
+    per 64 values and the NF4 levels to int8, summed by AVX512_VNNI's ``vpdpbusd``, as llama.cpp's Q4 x Q8 dot
+    products; ``csrc/decode.c``) or in float32 (``on=False``, the default; ``None`` changes nothing). Returns
+    whether the int8 rows are now in use: only where the CPU has AVX512_VNNI and the AVX-512 code is in use
+    (:func:`set_isa`), for layers whose blocksize is 64, 128, .., 4096 (others keep the float rows)."""
+    return bool(_library().fb_set_decode_int8(-1 if on is None else int(bool(on))))
+
+
+def decode_rows(linear: DecodeLinear, code4: torch.Tensor | None, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """One layer's rows against ``x`` (float32 [cols]) as :func:`decode_step` computes them, for tests: the
+    float32 outputs [rows] and the row kernel taken (0 plain C or dense, 1 float 4-bit vector rows, 2 int8).
+    ``code4`` is the codebook the step's vector rows take (``DecodeModel.code4``), or None."""
+    x = x.to(torch.float32).contiguous()
+    out = torch.empty(linear.rows, dtype=torch.float32)
+    path = ctypes.c_int(-1)
+    _call("fb_decode_rows", ctypes.byref(linear), None if code4 is None else code4.data_ptr(), x.data_ptr(),
+          out.data_ptr(), ctypes.byref(path))
+    return out, int(path.value)
 
 
 #: The GGML block types :func:`quantize_ggml` writes: name -> (values per block, bytes per block, C type code).

@@ -4,6 +4,13 @@ References: the model's own forward over the whole sequence (logits at every pos
 ``generate`` through the same :func:`fourbit.generate.generate_ids` (tokens). Tolerance for logits: atol 1e-4 on
 logits of magnitude ~1: the step sums each row in float32 in another order than PyTorch (measured differences
 ~1e-7 here, ~3e-5 on the 30-layer SmolLM2 with logits ~30); greedy and seeded sampled tokens must be equal.
+
+These comparisons run the step's float 4-bit rows (the ``float_rows`` fixture, the default): on a CPU with
+AVX512_VNNI the step's 4-bit rows can take int8 activations (as llama.cpp's; ``cpu.set_decode_int8``), which moves
+these logits of magnitude ~1 by up to ~7e-3 (measured on the five tiny models here) -- enough to flip a greedy near-tie of a random model
+(the tied llama below differs from transformers at one of 24 greedy tokens). The int8 rows are checked here
+against transformers with their own tolerance (``test_int8_rows_*``) and row by row against exact references in
+tests/kernels/test_decode_int8.py.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from fourbit.kernels import cpu
 from fourbit.models import QuantConfig, quantize_model
 from fourbit.models.decode import Decoder, decoder_for, unsupported_reason
 from fourbit.nn.lora import LoRASpec, inject_lora
+
+pytestmark = pytest.mark.usefixtures("float_rows")  # see the module docstring
 
 _SMALL = dict(vocab_size=259, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
               max_position_embeddings=256, pad_token_id=256)
@@ -64,6 +73,18 @@ def _tokens(model, decoder: str, n: int = 24, seed: int | None = None, **kwargs)
 def isa_restored():
     yield
     cpu.set_isa(2)
+
+
+#: The int8 rows' tolerance on these logits of magnitude ~1: 3x the largest difference measured on the tiny
+#: models of this file (6.8e-3; each row's error is bounded per layer in tests/kernels/test_decode_int8.py).
+INT8_ATOL = 2e-2
+
+
+@pytest.fixture
+def int8_rows(float_rows):
+    """The step's int8 rows (where the CPU has AVX512_VNNI); float_rows restores the choice before."""
+    if not cpu.set_decode_int8(True):
+        pytest.skip("no AVX512_VNNI on this CPU (or no AVX-512 code in use): the step has no int8 rows here")
 
 
 @pytest.mark.parametrize("intermediate, tied", [(96, False), (128, True)])
@@ -115,6 +136,30 @@ def test_plain_c_path_equals_each_vector_path(isa_restored):
     for level in range(1, best + 1):
         assert cpu.set_isa(level) == level
         torch.testing.assert_close(_step_logits(model, IDS), plain, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_int8_rows_logits_and_greedy_tokens_against_transformers(kind, int8_rows):
+    """The int8 rows: logits within INT8_ATOL of the model's forward, and the forward's greedy token at
+    every position whose top-2 margin exceeds twice that (teacher-forced on transformers' greedy tokens)."""
+    model = _quantized(make_llama(intermediate_size=128, tie_word_embeddings=True).eval() if kind == "llama"
+                       else _arch(kind, head_dim=16))
+    ids = IDS[:5] + _tokens(model, "hf", n=40)
+    got, want = _step_logits(model, ids), _reference_logits(model, ids)
+    torch.testing.assert_close(got, want, atol=INT8_ATOL, rtol=0)
+    top2 = want.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * INT8_ATOL
+    assert clear.sum() >= clear.numel() // 4  # enough positions are checked: not a vacuous test
+    assert torch.equal(got.argmax(1)[clear], want.argmax(1)[clear])
+    assert not torch.equal(got, _float_step_logits(model, ids))  # the int8 rows did run
+
+
+def _float_step_logits(model, ids: list[int]) -> torch.Tensor:
+    assert cpu.set_decode_int8(False) is False
+    try:
+        return _step_logits(model, ids)
+    finally:
+        cpu.set_decode_int8(True)
 
 
 def test_results_do_not_depend_on_the_thread_count():

@@ -20,6 +20,9 @@
  * permuted once per step to match, so no shuffle is spent on restoring the order. With AVX-512, vpermps looks
  * the 16 codebook floats up directly: 32 weights from 16 bytes in two lookups, the input permuted in groups of
  * 32 instead (about 1.3x the AVX2 rows' decode speed on a 135M model, AMD EPYC; benchmarks/RESULTS.md).
+ * Opt-in (fb_set_decode_int8), on CPUs with AVX512_VNNI: int8 rows as llama.cpp's Q4 x Q8 (row4_vnni below),
+ * the input quantized to int8 per 64 values; within a stated bound of the float rows, but no faster in the
+ * whole step on SmolLM2-135M (its short rows: the per-row scales and reduction weigh as much as the dot).
  *
  * Greedy output head (optional): an int8 copy of a dense head (blocks of 32, float32 scales) scores every row;
  * with e_r >= |w_r - w~_r|_2 (plus rounding), |logit_r - approx_r| <= |x|_2 e_r (Cauchy-Schwarz), so only rows
@@ -105,7 +108,10 @@ FB_INLINE void block_scales_run(const fb_scales *s, int64_t first, int64_t n, fl
         memcpy(out, s->absmax + first, n * sizeof(float));
         return;
     }
-    int64_t q2 = first / s->blocksize2, rem = first % s->blocksize2;
+    const int64_t b2 = s->blocksize2;
+    const int pow2 = (b2 & (b2 - 1)) == 0;  /* the usual 256: no 64-bit division */
+    int64_t q2 = pow2 ? first >> __builtin_ctzll((unsigned long long)b2) : first / b2;
+    int64_t rem = pow2 ? first & (b2 - 1) : first % b2;
     float a2 = s->absmax2[q2];
     for (int64_t i = 0; i < n; ++i) {
         const float v = s->code2[s->qabsmax[first + i]] * a2;
@@ -180,6 +186,117 @@ FB_AVX512_WIDE static float row4_avx512(const fb_dlinear *l, const float *xp, in
     return _mm512_reduce_add_ps(total);
 }
 
+/* ------------------------------------------------------------------- int8 rows (AVX-512 VNNI, row4_vnni)
+ *
+ * As llama.cpp's Q4 x Q8 dot products: the layer input is quantized once to int8 per group of 64 (scale
+ * max|x|/127, quantize_x), and each weight is the int8 w~ = round(127 * level) of its codebook level. The
+ * codebook is a 16-entry table of unsigned bytes u = w~ + 128 (one vpshufb per 64 weights); vpdpbusd sums
+ * u * x~ over four bytes per int32 lane, and the +128 is taken back exactly by starting each group's sum at
+ * -128 * sum(x~) (made once per input, shared by every row). Per group: the integer sum -> float, times the
+ * weight block's scale and the group's input scale d / 127. 64 packed bytes (two groups) per step, against about
+ * about twice as many instructions on the float rows. Taken for blocksizes 64, 128, .., 4096 (cols % 64 == 0
+ * follows); other layers keep the float rows.
+ *
+ * Error against the dequantized float matvec, per block of scale s: |s| sum_j (|x_j| |level_j - w~_j/127| +
+ * |w~_j/127| |x_j - d x~_j|) <= |s| sum_j (|x_j| / 254 + |w~_j| / 127 * d / 2), d the group's input scale
+ * (tests/kernels/test_decode_int8.py checks this bound). */
+#define FB_AVX512_VNNI                                                                                      \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c,prefer-vector-width=512")))
+
+/* One layer input in the order row4_vnni reads it. */
+typedef struct {
+    int8_t *q;     /* [n]: within each 128 the even elements, then the odd ones (a last lone 64 likewise) */
+    float *scale;  /* [n / 64]: d / 127 of each group of 64 (d = max|x| / 127; the /127 undoes w~'s scale) */
+    int32_t *off;  /* [n / 8]: per group, -128 * sum(q) and seven zeros (the start of its int32 lanes) */
+} xint8;
+
+/* x [n] (natural order, n % 64 == 0) to int8 per group of 64, as llama.cpp's Q8_0: d = max|x| / 127,
+ * q = round-half-even(x * (1 / d)), 0 where d == 0. Laid out for row4_vnni: the high nibbles of its 64 packed
+ * bytes are the even elements of 128, the low nibbles the odd ones. */
+FB_AVX512_WIDE static void quantize_x(const float *x, int64_t n, const xint8 *o) {
+    const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i od = _mm512_add_epi32(ev, _mm512_set1_epi32(1));
+    for (int64_t g = 0; g < n / 64; ++g) {
+        const float *xg = x + 64 * g;
+        __m512 m = _mm512_abs_ps(_mm512_loadu_ps(xg));
+        for (int k = 16; k < 64; k += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(xg + k)));
+        const float d = _mm512_reduce_max_ps(m) / 127.0f;
+        const __m512 id = _mm512_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
+        const int64_t base = g / 2 * 128, span = base + 128 <= n ? 128 : 64;
+        __m512i sum = _mm512_setzero_si512();
+        for (int k = 0; k < 2; ++k) {  /* 32 elements: 16 even, 16 odd */
+            const int64_t at = base + (64 * g - base) / 2 + 16 * k;
+            const __m512 a = _mm512_mul_ps(_mm512_loadu_ps(xg + 32 * k), id);
+            const __m512 b = _mm512_mul_ps(_mm512_loadu_ps(xg + 32 * k + 16), id);
+            const __m512i qe = _mm512_cvtps_epi32(_mm512_permutex2var_ps(a, ev, b));
+            const __m512i qo = _mm512_cvtps_epi32(_mm512_permutex2var_ps(a, od, b));
+            _mm_storeu_si128((__m128i *)(o->q + at), _mm512_cvtsepi32_epi8(qe));
+            _mm_storeu_si128((__m128i *)(o->q + at + span / 2), _mm512_cvtsepi32_epi8(qo));
+            sum = _mm512_add_epi32(sum, _mm512_add_epi32(qe, qo));
+        }
+        o->scale[g] = d / 127.0f;
+        memset(o->off + 8 * g, 0, 8 * sizeof(int32_t));
+        o->off[8 * g] = -128 * _mm512_reduce_add_epi32(sum);
+    }
+}
+
+/* The int32 sums of two groups (lanes 0-7, 8-15) of 64 weights from the 64 packed bytes at pb, against x~ at
+ * xq (the even elements of the 128, then the odd ones). */
+FB_AVX512_VNNI FB_INLINE __m512i two_groups(const uint8_t *pb, const int8_t *xq, const int32_t *off, __m512i lut) {
+    const __m512i low4 = _mm512_set1_epi8(0x0f), bytes = _mm512_loadu_si512(pb);
+    const __m512i hi = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low4));
+    const __m512i lo = _mm512_shuffle_epi8(lut, _mm512_and_si512(bytes, low4));
+    const __m512i acc = _mm512_dpbusd_epi32(_mm512_loadu_si512(off), hi, _mm512_loadu_si512(xq));
+    return _mm512_dpbusd_epi32(acc, lo, _mm512_loadu_si512(xq + 64));
+}
+
+/* The int32 sums of one lone group of 64 weights (32 packed bytes; lanes 0-7, the others 0). */
+FB_AVX512_VNNI FB_INLINE __m512i lone_group(const uint8_t *pb, const int8_t *xq, const int32_t *off, __m512i lut) {
+    const __mmask64 half = 0xffffffffu;
+    const __m512i low4 = _mm512_set1_epi8(0x0f), bytes = _mm512_maskz_loadu_epi8(half, pb);
+    const __m512i hi = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low4));
+    const __m512i lo = _mm512_shuffle_epi8(lut, _mm512_and_si512(bytes, low4));
+    __m512i acc = _mm512_maskz_loadu_epi32(0x00ff, off);
+    acc = _mm512_dpbusd_epi32(acc, hi, _mm512_maskz_loadu_epi8(half, xq));
+    return _mm512_dpbusd_epi32(acc, lo, _mm512_maskz_loadu_epi8(half, xq + 32));
+}
+
+/* Two groups' sums to float, times their scales cs[0] (lanes 0-7) and cs[1] (8-15), added to t. */
+FB_AVX512_VNNI FB_INLINE __m512 scaled(__m512i acc, const float *cs, __m512 t) {
+    const __m512 sc = _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(cs[0]), _mm512_set1_ps(cs[1]));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), sc, t);
+}
+
+/* A 4-bit row (blocksize a power of two from 64 to 4096; cols % blocksize == 0) against x8 (quantize_x of the
+ * input); lut8: the codebook's unsigned bytes round(127 * level) + 128. No divisions: a short row (576 weights)
+ * is only five steps, which a few 64-bit divisions per row would outweigh. */
+FB_AVX512_VNNI static float row4_vnni(const fb_dlinear *l, const xint8 *x8, const uint8_t lut8[16], int64_t r) {
+    const int shift = __builtin_ctzll((unsigned long long)l->blocksize) - 6;  /* groups per block: 1 << shift */
+    const int64_t ng = l->cols >> 6;
+    const uint8_t *p = l->packed + (r * l->cols >> 1);
+    const __m512i lut = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)lut8));
+    __m512 t0 = _mm512_setzero_ps(), t1 = _mm512_setzero_ps();
+    float ws[256], cs[256];
+    for (int64_t g0 = 0; g0 < ng; g0 += 256) {  /* runs of 256 groups: whole blocks, an even count */
+        const int64_t n = ng - g0 < 256 ? ng - g0 : 256;
+        block_scales_run(&l->scales, (r * ng + g0) >> shift, n >> shift, ws);
+        for (int64_t i = 0; i < n; ++i) cs[i] = ws[i >> shift] * x8->scale[g0 + i];
+        const uint8_t *pb = p + 32 * g0;
+        const int8_t *xq = x8->q + 64 * g0;
+        const int32_t *off = x8->off + 8 * g0;
+        int64_t i = 0;
+        for (; i + 4 <= n; i += 4) {
+            t0 = scaled(two_groups(pb + 32 * i, xq + 64 * i, off + 8 * i, lut), cs + i, t0);
+            t1 = scaled(two_groups(pb + 32 * i + 64, xq + 64 * i + 128, off + 8 * i + 16, lut), cs + i + 2, t1);
+        }
+        if (i + 2 <= n) t0 = scaled(two_groups(pb + 32 * i, xq + 64 * i, off + 8 * i, lut), cs + i, t0), i += 2;
+        if (i < n)  /* the row's last group, alone in its 128 (the layout of quantize_x) */
+            t1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lone_group(pb + 32 * i, xq + 64 * i, off + 8 * i, lut)),
+                                 _mm512_set1_ps(cs[i]), t1);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(t0, t1));
+}
+
 FB_AVX2 static float row_dense_avx2(const fb_dlinear *l, const float *x, int64_t r) {
     float s;
     FB_DENSE_ROW_BODY(l, x, r, s);
@@ -211,25 +328,49 @@ typedef struct {
     const fb_dmodel *m;
     int vec;                /* AVX2 code in use */
     int wide;               /* AVX-512 code in use for the 4-bit rows (row4_avx512, permute_x's layout) */
+    int int8;               /* int8 rows (row4_vnni) for the layers fast8 takes */
 #ifdef FB_X86
     __m256i planes[4];      /* the 4-bit codebook's four byte planes, each repeated in both 128-bit lanes */
+    uint8_t lut8[16];       /* the codebook as row4_vnni's unsigned bytes */
 #endif
 } step_ctx;
+
+/* A thread's own copies of the input of the phase at hand: normed (xn), permuted for the float rows (xp), and
+ * quantized for the int8 rows (x8; made when c->int8). */
+typedef struct {
+    float *xn, *xp;
+#ifdef FB_X86
+    xint8 x8;
+#endif
+} mine;
 
 /* Whether row4_avx2 takes this layer. */
 FB_INLINE int fast4(const step_ctx *c, const fb_dlinear *l) {
     return c->vec && l->blocksize % 32 == 0 && l->cols % l->blocksize == 0 && l->code == c->m->code4;
 }
 
-/* Row r of the layer against x (natural order) / xp (permuted), bias included. */
-static float row_of(const step_ctx *c, const fb_dlinear *l, const float *x, const float *xp, int64_t r) {
+/* Whether row4_vnni takes this layer: blocksize 64, 128, .., 4096 (cols % 64 == 0 follows from fast4). */
+FB_INLINE int fast8(const step_ctx *c, const fb_dlinear *l) {
+    const int64_t bs = l->blocksize;
+    return c->int8 && fast4(c, l) && bs >= 64 && bs <= 4096 && (bs & (bs - 1)) == 0;
+}
+
+/* The row kernel fb_decode_step runs for a layer: 0 plain C or dense, 1 the float 4-bit vector rows, 2 int8. */
+static int path_of(const step_ctx *c, const fb_dlinear *l) {
+    if (!l->packed || !fast4(c, l)) return 0;
+    return fast8(c, l) ? 2 : 1;
+}
+
+/* Row r of the layer against x (natural order) / t's copies of it (t->xp, t->x8), bias included. */
+static float row_of(const step_ctx *c, const fb_dlinear *l, const float *x, const mine *t, int64_t r) {
     float v;
 #ifdef FB_X86
-    if (l->packed && fast4(c, l)) v = c->wide ? row4_avx512(l, xp, r) : row4_avx2(l, xp, r, c->planes);
+    if (l->packed && fast8(c, l)) v = row4_vnni(l, &t->x8, c->lut8, r);
+    else if (l->packed && fast4(c, l)) v = c->wide ? row4_avx512(l, t->xp, r) : row4_avx2(l, t->xp, r, c->planes);
     else if (l->packed) v = row4_general(l, x, r);
     else v = c->vec ? row_dense_avx2(l, x, r) : row_dense_scalar(l, x, r);
 #else
-    (void)xp;
+    (void)t;
     v = l->packed ? row4_general(l, x, r) : row_dense_scalar(l, x, r);
 #endif
     return l->bias ? v + l->bias[r] : v;
@@ -349,12 +490,6 @@ static void wait_all(phase *p, int64_t n) {
     }
 }
 
-/* A thread's own normed input and permuted copy, made when it first takes a chunk of a phase that reads them
- * (the norm of a few thousand values is cheaper than a barrier). */
-typedef struct {
-    float *xn, *xp;
-} mine;
-
 typedef struct {
     const step_ctx *c;
     const scratch *s;
@@ -387,9 +522,9 @@ static void rows_phase(walk *w, const fb_dlinear *const ls[3], float *const outs
         for (int j = 0; j < 3 && ls[j] && base < hi; base += ls[j]->rows, ++j) {
             const int64_t a = lo > base ? lo - base : 0, b = hi - base < ls[j]->rows ? hi - base : ls[j]->rows;
             for (int64_t r = a; r < b; ++r) {
-                const float v = row_of(w->c, ls[j], *x, w->t->xp, r);
+                const float v = row_of(w->c, ls[j], *x, w->t, r);
                 if (gated) {
-                    const float u = row_of(w->c, ls[1], *x, w->t->xp, r);
+                    const float u = row_of(w->c, ls[1], *x, w->t, r);
                     outs[0][r] = v / (1.0f + expf(-v)) * u;  /* silu(g) * u, as torch: g / (1 + exp(-g)) */
                 } else {
                     outs[j][r] = add ? outs[j][r] + v : v;
@@ -402,19 +537,28 @@ static void rows_phase(walk *w, const fb_dlinear *const ls[3], float *const outs
     wait_all(p, chunks);
 }
 
+/* A thread's copies of the input x [n] that the row kernels read (each thread makes its own when it first
+ * takes a chunk of a phase: the norm and copies of a few thousand values are cheaper than a barrier). */
+static void copies_of(const step_ctx *c, const float *x, const mine *t, int64_t n) {
+    permute_x(c, x, t->xp, n);
+#ifdef FB_X86
+    if (c->int8 && n % 64 == 0) quantize_x(x, n, &t->x8);
+#endif
+}
+
 static void prep_norm(const walk *w, const void *weight) {
     rms_norm_row(w->s->x, (const float *)weight, w->c->m->eps, w->t->xn, w->c->m->hidden);
-    permute_x(w->c, w->t->xn, w->t->xp, w->c->m->hidden);
+    copies_of(w->c, w->t->xn, w->t, w->c->m->hidden);
 }
 
 static void prep_att(const walk *w, const void *unused) {
     (void)unused;
-    permute_x(w->c, w->s->att, w->t->xp, w->c->m->n_heads * w->c->m->head_dim);
+    copies_of(w->c, w->s->att, w->t, w->c->m->n_heads * w->c->m->head_dim);
 }
 
 static void prep_h(const walk *w, const void *unused) {
     (void)unused;
-    permute_x(w->c, w->s->h, w->t->xp, w->c->m->intermediate);
+    copies_of(w->c, w->s->h, w->t, w->c->m->intermediate);
 }
 
 /* Attention: K heads normed (Qwen3), rotated and written with V into the cache at pos (a phase); then each
@@ -481,7 +625,7 @@ static int64_t screened_argmax(const step_ctx *c, const scratch *s, const mine *
     float best_v = -INFINITY;
     for (int64_t r = 0; r < m->vocab; ++r) {
         if (s->rows[r] + nx * m->screen_err[r] < floor_) continue;
-        const float v = row_of(c, &m->head, t->xn, t->xp, r);
+        const float v = row_of(c, &m->head, t->xn, t, r);
         if (best < 0 || v > best_v) best = r, best_v = v;
     }
     return best;
@@ -504,15 +648,51 @@ static void head_phase(walk *w, float *logits, int screen) {
 #else
             if (screen) w->s->rows[r] = row_screen_scalar(m->screen_q, m->screen_scale, w->t->xn, m->hidden, r);
 #endif
-            else logits[r] = row_of(w->c, &m->head, w->t->xn, w->t->xp, r);
+            else logits[r] = row_of(w->c, &m->head, w->t->xn, w->t, r);
         }
         finish(p);
     }
     wait_all(p, chunks);
 }
 
-/* The byte planes of m->code4, the codebook of the layers row4_avx2 takes (fast4). */
+/* Whether the int8 rows are wanted where the CPU has them (fb_set_decode_int8). Default no: on the bundled
+ * SmolLM2-135M they measured no faster than the float rows in the whole step (benchmarks/RESULTS.md, issue 21),
+ * and they change the numbers; 1 here makes them the default. */
+static int int8_wanted = 0;
+
+/* Whether row4_vnni can run: AVX-512 in use (fb_isa) and a CPU with AVX512_VNNI. */
+static int int8_possible(void) {
+#ifdef FB_X86
+    __builtin_cpu_init();
+    return fb_isa() >= FB_ISA_AVX512 && __builtin_cpu_supports("avx512vnni");
+#else
+    return 0;
+#endif
+}
+
+/* Want the int8 rows (on > 0) or the float rows (on == 0; on < 0 leaves the choice); returns whether
+ * fb_decode_step now runs the int8 rows. */
+int fb_set_decode_int8(int on) {
+    if (on >= 0) int8_wanted = on != 0;
+    return int8_wanted && int8_possible();
+}
+
+/* row4_vnni's unsigned bytes of the codebook, when the int8 rows are wanted and possible and every level is
+ * within [-1, 1] (as NF4's, FP4's and INT4's); else c->int8 = 0. */
+static void make_lut8(step_ctx *c) {
+    c->int8 = int8_wanted && c->m->code4 && int8_possible();
+#ifdef FB_X86
+    for (int j = 0; j < 16 && c->int8; ++j) {
+        const float v = c->m->code4[j];
+        if (!(fabsf(v) <= 1.0f)) c->int8 = 0;
+        else c->lut8[j] = (uint8_t)(lrintf(127.0f * v) + 128);
+    }
+#endif
+}
+
+/* The byte planes of m->code4, the codebook of the layers row4_avx2 takes (fast4), and make_lut8. */
 static void make_planes(step_ctx *c) {
+    make_lut8(c);
 #ifdef FB_X86
     c->vec = fb_isa() >= FB_ISA_AVX2;
     c->wide = fb_isa() >= FB_ISA_AVX512;
@@ -529,10 +709,29 @@ static void make_planes(step_ctx *c) {
 #endif
 }
 
+/* The longest layer input. */
+FB_INLINE int64_t widest(const fb_dmodel *m) {
+    const int64_t wide = m->hidden > m->intermediate ? m->hidden : m->intermediate;
+    return wide > m->n_heads * m->head_dim ? wide : m->n_heads * m->head_dim;
+}
+
+/* Floats of one thread's copies (carve_mine): xn, xp, and x8's scales, offsets and int8 values. */
 FB_INLINE int64_t own_floats(const fb_dmodel *m) {
-    int64_t wide = m->hidden > m->intermediate ? m->hidden : m->intermediate;
-    wide = wide > m->n_heads * m->head_dim ? wide : m->n_heads * m->head_dim;
-    return (m->hidden + wide + 15) / 16 * 16;
+    const int64_t wide = widest(m);
+    return (m->hidden + wide + (wide / 64 + 16) + (wide / 8 + 16) + (wide / 4 + 16) + 15) / 16 * 16;
+}
+
+static mine carve_mine(const fb_dmodel *m, float *base) {
+    mine t;
+    t.xn = base;
+    t.xp = base + m->hidden;
+#ifdef FB_X86
+    const int64_t wide = widest(m);
+    t.x8.scale = t.xp + wide;
+    t.x8.off = (int32_t *)(t.x8.scale + wide / 64 + 16);
+    t.x8.q = (int8_t *)(t.x8.off + wide / 8 + 16);
+#endif
+    return t;
 }
 
 /*
@@ -568,14 +767,14 @@ int fb_decode_step(const fb_dmodel *m, int64_t token, int64_t pos, float *logits
 #else
         float *base = own + per;
 #endif
-        const mine t = {base, base + m->hidden};
+        const mine t = carve_mine(m, base);
         walk w = {&c, &s, &t, phases, pos};
         for (int64_t l = 0; l < m->n_layers; ++l) layer_step(&w, &m->layers[l]);
         head_phase(&w, out, screen);
     }
     int64_t best = 0;
     if (next != NULL && screen) {
-        const mine t = {own, own + m->hidden};
+        const mine t = carve_mine(m, own);
         walk w = {&c, &s, &t, NULL, pos};
         prep_norm(&w, m->final_norm);
         best = screened_argmax(&c, &s, &t);
@@ -585,5 +784,26 @@ int fb_decode_step(const fb_dmodel *m, int64_t token, int64_t pos, float *logits
     if (next != NULL) *next = best;
     free(own);
     free(phases);
+    return FB_OK;
+}
+
+/* Every row of one layer against x [l->cols], computed as fb_decode_step computes them (code4: the codebook
+ * that the step's vector rows take, or NULL), into out [l->rows]; *path: the row kernel taken (path_of).
+ * For tests, which check each path against a reference. */
+int fb_decode_rows(const fb_dlinear *l, const float *code4, const float *x, float *out, int *path) {
+    fb_dmodel m;
+    memset(&m, 0, sizeof m);
+    m.hidden = l->cols;
+    m.code4 = code4;
+    step_ctx c;
+    c.m = &m;
+    make_planes(&c);
+    float *own = malloc((size_t)own_floats(&m) * sizeof(float));
+    if (!own) return FB_ERR_BLOCKSIZE;
+    const mine t = carve_mine(&m, own);
+    copies_of(&c, x, &t, l->cols);
+    for (int64_t r = 0; r < l->rows; ++r) out[r] = row_of(&c, l, x, &t, r);
+    *path = path_of(&c, l);
+    free(own);
     return FB_OK;
 }

@@ -5,7 +5,7 @@
  * Written by hand because no maintained library offers these on the CPU with bitsandbytes' exact byte layout
  * (PyTorch needs several full passes, and int64 index tensors, for each; bitsandbytes' own CPU kernels are
  * slower than memory bandwidth allows), nor the fused training rows in one pass each. The library exports eight
- * kernels, a decoding step and three functions about itself:
+ * kernels, a decoding step (with three helpers) and three functions about itself:
  *
  *   quant4.c      fb_quantize_4bit    blockwise absmax 4-bit quantization (NF4/FP4/INT4 codes, two per byte)
  *                 fb_dequantize_4bit  codes back to float32/float16/bfloat16 (plain or double-quantized scales)
@@ -17,6 +17,8 @@
  *   ggml_quants.c fb_quantize_ggml    llama.cpp's Q8_0, Q4_0, Q4_K, Q6_K blocks, as fourbit's GGUF export writes
  *   decode.c      fb_decode_step      one decoding step of a Llama-family model (batch 1, static KV cache)
  *                 fb_decode_work_floats  the scratch that step needs
+ *                 fb_set_decode_int8  the step's 4-bit rows: int8 activations (AVX512_VNNI) or float
+ *                 fb_decode_rows      one layer's rows as the step computes them (for tests)
  *   fourbit_cpu.c fb_abi_version      FB_ABI_VERSION, which cpu.py checks before any other call
  *                 fb_isa, fb_set_isa  the vector code in use, and a lower one for tests and benchmarks
  *
@@ -48,7 +50,7 @@
 
 /* Bump on any change of an exported signature, of fb_scales or of a status code; cpu.py's ABI_VERSION must
  * match, and a cached build reporting another version is rebuilt, never called. */
-#define FB_ABI_VERSION 4
+#define FB_ABI_VERSION 5
 
 /* The largest block quantize can take: it holds one block in two stack buffers of this size. */
 #define FB_MAX_QUANT_BLOCKSIZE 4096
@@ -223,6 +225,11 @@ typedef struct {
 int64_t fb_decode_work_floats(const fb_dmodel *m);
 int fb_decode_step(const fb_dmodel *m, int64_t token, int64_t pos, float *logits, int64_t *next, float *work,
                    int64_t work_floats, int nthreads);
+/* The 4-bit rows of fb_decode_step: int8 activations with AVX512_VNNI where the CPU has it (on > 0) or float
+ * (on == 0, the default; on < 0 asks only); returns whether the int8 rows are now in use. */
+int fb_set_decode_int8(int on);
+/* One layer's rows as fb_decode_step computes them, and which row kernel it took (tests). */
+int fb_decode_rows(const fb_dlinear *l, const float *code4, const float *x, float *out, int *path);
 
 #define FB_F32_LOAD(v) (v)
 #define FB_F32_STORE(v) (v)
