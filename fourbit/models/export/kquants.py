@@ -1,13 +1,19 @@
-"""llama.cpp's Q4_K and Q6_K block quantization, in numpy, for the GGUF files ``fourbit export`` writes.
+"""llama.cpp's Q4_0, Q5_0, Q4_K and Q6_K block quantization, in numpy, for the GGUF files ``fourbit export``
+writes.
 
-The ``gguf`` package reads every llama.cpp type but quantizes only the simple ones (Q4_0, Q5_0, Q8_0, ...).
-These follow llama.cpp's reference quantizers (``ggml-quants.c``: ``quantize_row_q4_K_ref``, which calls
+The ``gguf`` package reads every llama.cpp type but quantizes only the simple ones (Q4_0, Q5_0, Q8_0, ...),
+and those as llama.cpp's reference does, with the block's scale set by its largest value. Q4_0 and Q5_0 here
+search that scale for the least squared error instead (:func:`_symmetric_blocks`: the files are the same
+format, the error is lower; the held-out perplexity of a 135M model at q4_0 drops from +24 % to +18 %). Q4_K
+and Q6_K follow llama.cpp's reference quantizers (``ggml-quants.c``: ``quantize_row_q4_K_ref``, which calls
 ``make_qkx2_quants``, and ``quantize_row_q6_K_ref``, which calls ``make_qx_quants`` with ``rmse_type`` 1), the
 functions llama-quantize uses when it has no importance matrix, vectorized over blocks. Float32 arithmetic
 and round-half-to-even (``nearest_int``) as in C; sums are added in another order, so a rare value may land on
 the next level. The bytes decode with ``gguf.quants.dequantize`` (the test suite checks that round trip).
 
-Super-blocks hold 256 values (``QK_K``):
+Q4_0 and Q5_0 blocks hold 32 values: fp16 ``d`` and 4-bit levels (Q4_0, 18 bytes), or fp16 ``d``, 32 fifth
+bits and 4-bit levels (Q5_0, 22 bytes); value = d·(q − 8) or d·(q − 16). Super-blocks hold 256 values
+(``QK_K``):
 
 - Q4_K (144 bytes): fp16 ``d``, fp16 ``dmin``, 12 bytes of eight 6-bit scales and eight 6-bit mins, 128 bytes
   of 4-bit levels; value = d·scale_j·q − dmin·min_j for sub-block j of 32.
