@@ -478,14 +478,16 @@ def test_library_export_writes_json_report_and_stale_temp_is_cleared(trained, tm
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("gguf_type,bound", [("q8_0", 0.01), ("q4_0", 0.30), ("q4_k_m", 0.07)])
+@pytest.mark.parametrize("gguf_type,bound", [("q8_0", 0.01), ("q4_0", 0.20), ("q4_k_m", 0.06)])
 def test_bundled_smollm2_perplexity(tmp_path, gguf_type, bound):
     """The bundled SmolLM2-135M (loaded from its Q4_1 GGUF to float) exported and read back by transformers.
 
-    Measured here (4 windows of 512 tokens): q8_0 within 1 %, q4_k_m +6.0 %, q4_0 +24 % (15.26 -> 16.17 and
-    18.98). The 4-bit types are llama.cpp's own (gguf's Q4_0 quantizer, the reference Q4_K/Q6_K and
-    llama-quantize's mix); a 135M model whose weights are already Q4_1 loses that much in them, so the bounds
-    are the measured values with a margin, not the 5 % the tiny-model test holds."""
+    Measured here (4 windows of 512 tokens; ``benchmarks/bench_export_quality.py`` runs the same): q8_0 +0.2 %,
+    q4_k_m +5.2 %, q4_0 +17.6 % (15.26 -> 16.05 and 17.95). llama-quantize's mix (this model's rows of 576 put
+    K-quant tensors on Q5_0 and the tied embedding on Q8_0) with llama.cpp's reference rounding gave +6.0 % and
+    +24.4 %; fourbit's Q4_0/Q5_0 search the block scale (``kquants._symmetric_blocks``). The bounds are the
+    measured values with a margin, not the 5 % the tiny-model test holds: a 135M model whose weights are
+    already Q4_1 loses that much at 4 bits."""
     model, tokenizer = load_model(quant=None)
     result = run_cli("export", "--gguf", str(tmp_path / "s.gguf"), "--type", gguf_type)
     assert result.code == 0, result.err
