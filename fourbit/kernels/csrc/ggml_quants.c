@@ -86,8 +86,9 @@ FB_INLINE void q8_0_block(const float *x, uint8_t *out) {
 /*
  * Q4_0 and Q5_0 (kquants._symmetric_blocks): the scale of least squared error, searched as
  * make_qx_quants(32, nmax, x, L, rmse_type=2, NULL) searches (19 grids iscale = -(nmax + 0.1 s) / max, the
- * least-squares scale of each grid's levels); every value is then rounded to the nearest level of the fp16 scale. SYM_LANES blocks run side by side, x transposed to
- * [value][block], so each loop is one vector op per value over the blocks.
+ * least-squares scale of each grid's levels); every value is then rounded to the nearest level of the fp16 scale.
+ * SYM_LANES blocks run side by side, x transposed to [value][block], so each loop is one vector op per value over
+ * the blocks.
  */
 #define SYM_LANES 16
 

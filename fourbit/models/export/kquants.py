@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["QK_K", "Q4_0_BYTES", "Q4_K_BYTES", "Q5_0_BYTES", "Q6_K_BYTES", "quantize_q4_0", "quantize_q4_k", "quantize_q5_0", "quantize_q6_k"]
+__all__ = ["QK_K", "Q4_0_BYTES", "Q4_K_BYTES", "Q5_0_BYTES", "Q6_K_BYTES", "quantize_q4_0", "quantize_q4_k",
+           "quantize_q5_0", "quantize_q6_k"]
 
 QK_K = 256
 QK4_0 = 32
