@@ -9,6 +9,7 @@ dequantizer), and both are scored on the same text with ``fourbit.generate.perpl
     python benchmarks/bench_export_quality.py                   # q8_0, q4_0, q4_k_m
     python benchmarks/bench_export_quality.py --types q4_0 --windows 8 --chars 24000
     python benchmarks/bench_export_quality.py --offset 12000      # other text than the slow test's
+    python benchmarks/bench_export_quality.py --nf4               # the NF4 model's export against itself
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ def main() -> None:
     parser.add_argument("--types", default="q8_0,q4_0,q4_k_m")
     parser.add_argument("--chars", type=int, default=12_000, help="characters of reference_text scored")
     parser.add_argument("--offset", type=int, default=0, help="characters of reference_text skipped first")
+    parser.add_argument("--nf4", action="store_true",
+                        help="quantize the model to NF4 first: the reference is the dequantized NF4 model, and the "
+                             "4-bit types quantize it a second time (a QLoRA base's export)")
     parser.add_argument("--windows", type=int, default=4, help="windows of 512 tokens scored")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -67,10 +71,11 @@ def main() -> None:
     import torch
 
     from fourbit.generate import reference_text
-    from fourbit.models import bundled_model_path, load_model
+    from fourbit.models import QuantConfig, bundled_model_path, load_model
 
     source = Path(args.model) if args.model else bundled_model_path()
-    model, tokenizer = load_model(str(source), quant=None, torch_dtype=torch.float32)
+    quant = QuantConfig(compute_dtype="fp32") if args.nf4 else None
+    model, tokenizer = load_model(str(source), quant=quant, torch_dtype=torch.float32)
     model.eval()
     text = reference_text(args.offset + args.chars)[args.offset:]
     reference = _score(model, tokenizer, text, args.windows)
@@ -82,13 +87,13 @@ def main() -> None:
             row["vs_float"] = round(row["perplexity"] / reference - 1, 4)
             rows.append(row)
     report = {"cpu": cpu_line(), "load_average": load_average(), "model": str(source), "chars": args.chars,
-              "offset": args.offset,
+              "offset": args.offset, "nf4": args.nf4,
               "windows": args.windows, "float_perplexity": round(reference, 3), "results": rows}
     if args.json:
         print(json.dumps(report, indent=2))
         return
     print(f"{report['model']}; {report['cpu']}; load {report['load_average']}")
-    print(f"float model: perplexity {reference:.3f} ({args.windows} windows of 512 tokens, {args.chars} chars "
+    print(f"{'NF4' if args.nf4 else 'float'} model: perplexity {reference:.3f} ({args.windows} windows of 512 tokens, {args.chars} chars "
           f"from {args.offset})")
     print(f"{'type':8} {'perplexity':>10} {'vs float':>9} {'MiB':>7} {'export s':>9}  tensors")
     for r in rows:
