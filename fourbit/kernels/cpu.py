@@ -561,13 +561,14 @@ def decode_rows(linear: DecodeLinear, code4: torch.Tensor | None, x: torch.Tenso
 
 
 #: The GGML block types :func:`quantize_ggml` writes: name -> (values per block, bytes per block, C type code).
-GGML_BLOCKS = {"Q8_0": (32, 34, 0), "Q4_0": (32, 18, 1), "Q4_K": (256, 144, 2), "Q6_K": (256, 210, 3)}
+GGML_BLOCKS = {"Q8_0": (32, 34, 0), "Q4_0": (32, 18, 1), "Q4_K": (256, 144, 2), "Q6_K": (256, 210, 3),
+               "Q5_0": (32, 22, 4)}
 
 
 def quantize_ggml(values: torch.Tensor, type_name: str) -> torch.Tensor:
     """llama.cpp's ``type_name`` blocks (a key of :data:`GGML_BLOCKS`) of ``values`` [..., k], byte for byte
-    what the reference gives: ``gguf.quants.quantize`` for Q8_0 and Q4_0, ``fourbit.models.export.kquants``
-    for Q4_K and Q6_K (``csrc/ggml_quants.c`` says how the sums and roundings follow them).
+    what the reference gives: ``gguf.quants.quantize`` for Q8_0, ``fourbit.models.export.kquants`` for Q4_0,
+    Q5_0, Q4_K and Q6_K (``csrc/ggml_quants.c`` says how the sums and roundings follow them).
 
     Args:
         values: float32 [..., k], k a multiple of the block (32, or 256 for Q4_K/Q6_K); finite (the caller

@@ -1,7 +1,7 @@
 """The compiled GGUF block quantizers (``csrc/ggml_quants.c``, :func:`fourbit.kernels.cpu.quantize_ggml`) give the
-bytes of the numpy reference they replace: ``gguf.quants`` (gguf-py) for Q8_0 and Q4_0, fourbit's
-``models/export/kquants.py`` for Q4_K and Q6_K, on every vector path and thread count, including the inputs
-where float rounding, signed zeros and overflow decide a byte."""
+bytes of the numpy reference they replace: ``gguf.quants`` (gguf-py) for Q8_0, fourbit's
+``models/export/kquants.py`` for Q4_0, Q5_0, Q4_K and Q6_K, on every vector path and thread count, including the
+inputs where float rounding, signed zeros and overflow decide a byte."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from fourbit.kernels import cpu
-from fourbit.models.export.kquants import quantize_q4_k, quantize_q6_k
+from fourbit.models.export.kquants import quantize_q4_0, quantize_q4_k, quantize_q5_0, quantize_q6_k
 
-TYPES = ("Q8_0", "Q4_0", "Q4_K", "Q6_K")
+TYPES = ("Q8_0", "Q4_0", "Q5_0", "Q4_K", "Q6_K")
 
 
 @pytest.fixture
@@ -31,6 +31,10 @@ def _reference(values: np.ndarray, type_name: str) -> np.ndarray:
             return quantize_q4_k(values)
         if type_name == "Q6_K":
             return quantize_q6_k(values)
+        if type_name == "Q4_0":
+            return quantize_q4_0(values)
+        if type_name == "Q5_0":
+            return quantize_q5_0(values)
         return quants.quantize(values, GGMLQuantizationType[type_name])
 
 
@@ -97,7 +101,7 @@ def test_the_reference_bytes_decode_back_near_the_input(compiled):
     from gguf import GGMLQuantizationType, quants
 
     values = np.random.default_rng(4).standard_normal((8, 512)).astype(np.float32)
-    bounds = {"Q8_0": 0.01, "Q4_0": 0.15, "Q4_K": 0.08, "Q6_K": 0.025}
+    bounds = {"Q8_0": 0.01, "Q4_0": 0.15, "Q5_0": 0.06, "Q4_K": 0.08, "Q6_K": 0.025}
     for type_name, bound in bounds.items():
         decoded = quants.dequantize(cpu.quantize_ggml(torch.from_numpy(values), type_name).numpy(),
                                     GGMLQuantizationType[type_name])
@@ -107,5 +111,7 @@ def test_the_reference_bytes_decode_back_near_the_input(compiled):
 def test_rows_that_do_not_split_into_blocks_and_unknown_types_are_refused(compiled):
     with pytest.raises(ValueError, match="Q4_K blocks of 256"):
         cpu.quantize_ggml(torch.zeros(2, 320), "Q4_K")
-    with pytest.raises(ValueError, match="no compiled kernel for 'Q5_0'"):
-        cpu.quantize_ggml(torch.zeros(2, 256), "Q5_0")
+    with pytest.raises(ValueError, match="no compiled kernel for 'Q5_1'"):
+        cpu.quantize_ggml(torch.zeros(2, 256), "Q5_1")
+    with pytest.raises(ValueError, match="Q5_0 blocks of 32"):
+        cpu.quantize_ggml(torch.zeros(2, 48), "Q5_0")

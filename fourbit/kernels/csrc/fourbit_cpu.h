@@ -14,7 +14,7 @@
  *                 fb_swiglu           silu(gate) * up, or its two gradients
  *                 fb_rmsnorm          RMSNorm of each row, or its input gradient
  *                 fb_dropout          x * mask / (1 - p) with a mask made again from a seed, never stored
- *   ggml_quants.c fb_quantize_ggml    llama.cpp's Q8_0, Q4_0, Q4_K, Q6_K blocks, as fourbit's GGUF export writes
+ *   ggml_quants.c fb_quantize_ggml    llama.cpp's Q8_0, Q4_0, Q5_0, Q4_K, Q6_K blocks (fourbit's GGUF export)
  *   decode.c      fb_decode_step      one decoding step of a Llama-family model (batch 1, static KV cache)
  *                 fb_decode_work_floats  the scratch that step needs
  *                 fb_set_decode_int8  the step's 4-bit rows: int8 activations (AVX512_VNNI) or float
@@ -145,7 +145,7 @@ int fb_rmsnorm(const void *x, const void *w, const void *dy, float *rstd, void *
                int64_t cols, float eps, int nthreads);
 int fb_dropout(const void *x, void *out, int dtype, int64_t n, uint64_t seed, uint32_t threshold, float scale,
                int nthreads);
-/* llama.cpp's block types for GGUF export (ggml_quants.c): type 0 Q8_0, 1 Q4_0, 2 Q4_K, 3 Q6_K. */
+/* llama.cpp's block types for GGUF export (ggml_quants.c): type 0 Q8_0, 1 Q4_0, 2 Q4_K, 3 Q6_K, 4 Q5_0. */
 int fb_quantize_ggml(const float *x, int type, int64_t n, uint8_t *out, int nthreads);
 
 /* ------------------------------------------------------------------------------------------- scalars */

@@ -1,9 +1,10 @@
 /*
- * llama.cpp's block quantizations for GGUF export (see fourbit_cpu.h): Q8_0, Q4_0, Q4_K and Q6_K.
+ * llama.cpp's block quantizations for GGUF export (see fourbit_cpu.h): Q8_0, Q4_0, Q5_0, Q4_K and Q6_K.
  *
- * Each gives, byte for byte, what fourbit's reference gives: gguf-py's ``gguf.quants`` for Q8_0 and Q4_0, and
- * ``fourbit/models/export/kquants.py`` (numpy ports of ggml-quants.c's ``quantize_row_q4_K_ref`` and
- * ``quantize_row_q6_K_ref``) for Q4_K and Q6_K. So the arithmetic follows numpy, not ggml, where they differ:
+ * Each gives, byte for byte, what fourbit's reference gives: gguf-py's ``gguf.quants`` for Q8_0, and
+ * ``fourbit/models/export/kquants.py`` for the others (numpy ports of ggml-quants.c's ``quantize_row_q4_K_ref``
+ * and ``quantize_row_q6_K_ref``; for Q4_0 and Q5_0 a least-squares scale search, ``_symmetric_blocks``). So the
+ * arithmetic follows numpy, not ggml, where they differ:
  * - sums of 16 or 32 values run in numpy's pairwise order (eight running sums a[j], a[j+8], ..., then
  *   ((s0+s1)+(s2+s3))+((s4+s5)+(s6+s7)), then 0 + that), and Q4_K's first error estimate in double, as numpy
  *   promotes float32 * int32;
@@ -16,7 +17,7 @@
  */
 #include "fourbit_cpu.h"
 
-enum { FB_GGML_Q8_0 = 0, FB_GGML_Q4_0 = 1, FB_GGML_Q4_K = 2, FB_GGML_Q6_K = 3 };
+enum { FB_GGML_Q8_0 = 0, FB_GGML_Q4_0 = 1, FB_GGML_Q4_K = 2, FB_GGML_Q6_K = 3, FB_GGML_Q5_0 = 4 };
 
 #define QK_K 256
 
@@ -42,6 +43,12 @@ FB_INLINE int32_t rint_i32(float v) {
 }
 
 FB_INLINE int32_t clamp_i32(int32_t v, int32_t lo, int32_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+/* (float)clamp(rint_i32(v), lo, hi), in float: NaN and out-of-int32 values give lo, as INT32_MIN would. */
+FB_INLINE float level(float v, float lo, float hi) {
+    const float r = rintf(v);
+    return (r >= lo && r < 2147483648.0f) ? (r > hi ? hi : r) : lo;
+}
 
 /* The index of the first value of largest magnitude, or of the first NaN (numpy's abs(x).argmax()). */
 FB_INLINE int first_absmax(const float *x, int n) {
@@ -76,18 +83,108 @@ FB_INLINE void q8_0_block(const float *x, uint8_t *out) {
     for (int i = 0; i < 32; ++i) out[2 + i] = (uint8_t)(int8_t)roundf(x[i] * id);
 }
 
-/* gguf.quants.Q4_0: d = (the value of largest magnitude) / -8, q = min(15, trunc(x / d + 8.5)); 18 bytes. */
-FB_INLINE void q4_0_block(const float *x, uint8_t *out) {
-    const float d = x[first_absmax(x, 32)] / -8.0f;
-    const float id = d == 0.0f ? 0.0f : 1.0f / d;
-    put_u16(out, fp16_bits(d));
-    uint8_t q[32];
-    for (int i = 0; i < 32; ++i) {
-        const float v = x[i] * id + 8.5f;
-        const int t = (int)v;
-        q[i] = (uint8_t)(t < 0 ? 0 : (t > 15 ? 15 : t));
+/*
+ * Q4_0 and Q5_0 (kquants._symmetric_blocks): the scale of least squared error, searched as
+ * make_qx_quants(32, nmax, x, L, rmse_type=2, NULL) searches (19 grids iscale = -(nmax + 0.1 s) / max, the
+ * least-squares scale of each grid's levels); every value is then rounded to the nearest level of the fp16 scale.
+ * SYM_LANES blocks run side by side, x transposed to [value][block], so each loop is one vector op per value over
+ * the blocks.
+ */
+#define SYM_LANES 16
+
+/* numpy's pairwise sum of 32 values a[i][lane] for each of SYM_LANES lanes (as lanes_sum32 below). */
+FB_INLINE void sym_sum32(const float a[32][SYM_LANES], float *out) {
+    float r[8][SYM_LANES];
+    for (int j = 0; j < 8; ++j)
+        for (int l = 0; l < SYM_LANES; ++l) r[j][l] = ((a[j][l] + a[8 + j][l]) + a[16 + j][l]) + a[24 + j][l];
+    for (int l = 0; l < SYM_LANES; ++l)
+        out[l] = 0.0f + (((r[0][l] + r[1][l]) + (r[2][l] + r[3][l])) + ((r[4][l] + r[5][l]) + (r[6][l] + r[7][l])));
+}
+
+/* The levels clip(rint(iscale x), -nmax, nmax - 1) of each block: sum(x l) and sum(l l). */
+FB_INLINE void sym_fit(const float x[32][SYM_LANES], const float *iscale, float nmax, float *slx, float *sl2) {
+    float a[32][SYM_LANES], b[32][SYM_LANES];
+    for (int i = 0; i < 32; ++i)
+        for (int l = 0; l < SYM_LANES; ++l) {
+            const float lv = level(iscale[l] * x[i][l], -nmax, nmax - 1.0f);
+            a[i][l] = x[i][l] * lv;
+            b[i][l] = lv * lv;
+        }
+    sym_sum32(a, slx);
+    sym_sum32(b, sl2);
+}
+
+/* The fp16 scale d (bits) and levels q in 0..2 nmax - 1 (value = d (q - nmax)) of SYM_LANES blocks. */
+FB_INLINE void sym_blocks(const float x[32][SYM_LANES], float nmax, uint16_t *d, uint8_t q[32][SYM_LANES]) {
+    float peak[SYM_LANES], amax[SYM_LANES], iscale[SYM_LANES], scale[SYM_LANES], best[SYM_LANES];
+    float slx[SYM_LANES], sl2[SYM_LANES], dl[SYM_LANES];
+    int32_t zero[SYM_LANES];
+    for (int l = 0; l < SYM_LANES; ++l) {
+        peak[l] = x[0][l];
+        amax[l] = fabsf(x[0][l]);
     }
-    for (int i = 0; i < 16; ++i) out[2 + i] = (uint8_t)(q[i] | (q[i + 16] << 4));
+    for (int i = 1; i < 32; ++i)  /* the first value of largest magnitude */
+        for (int l = 0; l < SYM_LANES; ++l) {
+            const int more = fabsf(x[i][l]) > amax[l];
+            amax[l] = more ? fabsf(x[i][l]) : amax[l];
+            peak[l] = more ? x[i][l] : peak[l];
+        }
+    for (int l = 0; l < SYM_LANES; ++l) {
+        zero[l] = fabsf(peak[l]) < 1e-15f;
+        peak[l] = zero[l] ? 1.0f : peak[l];
+        iscale[l] = -nmax / peak[l];
+    }
+    sym_fit(x, iscale, nmax, slx, sl2);
+    for (int l = 0; l < SYM_LANES; ++l) {
+        scale[l] = sl2[l] > 0.0f ? slx[l] / sl2[l] : 0.0f;
+        best[l] = scale[l] * slx[l];
+    }
+    for (int step = -9; step <= 9; ++step) {
+        if (step == 0) continue;
+        for (int l = 0; l < SYM_LANES; ++l) iscale[l] = -(nmax + 0.1f * (float)step) / peak[l];
+        sym_fit(x, iscale, nmax, slx, sl2);
+        for (int l = 0; l < SYM_LANES; ++l) {
+            const int better = sl2[l] > 0.0f && slx[l] * slx[l] > best[l] * sl2[l];
+            scale[l] = better ? slx[l] / (sl2[l] > 0.0f ? sl2[l] : 1.0f) : scale[l];
+            best[l] = better ? scale[l] * slx[l] : best[l];
+        }
+    }
+    for (int l = 0; l < SYM_LANES; ++l) {
+        d[l] = fp16_bits(zero[l] ? 0.0f : scale[l]);
+        dl[l] = fp16_value(d[l]);
+    }
+    for (int i = 0; i < 32; ++i)
+        for (int l = 0; l < SYM_LANES; ++l)
+            q[i][l] = (uint8_t)(dl[l] != 0.0f ? level(x[i][l] / (dl[l] != 0.0f ? dl[l] : 1.0f), -nmax, nmax - 1.0f) +
+                                                    nmax
+                                              : nmax);
+}
+
+/* Blocks b0..b1 of 32 values to Q4_0 (18 bytes: d, q[j] | q[j+16] << 4) or Q5_0 (22 bytes: d, the fifth bits
+ * as a little-endian uint32, the low nibbles as Q4_0's), SYM_LANES at a time; a short last group is padded
+ * with zeros. */
+FB_INLINE void sym_range(const float *x, int q5, uint8_t *out, int64_t b0, int64_t b1) {
+    const int size = q5 ? 22 : 18;
+    for (int64_t b = b0; b < b1; b += SYM_LANES) {
+        const int n = b1 - b < SYM_LANES ? (int)(b1 - b) : SYM_LANES;
+        float xt[32][SYM_LANES];
+        uint8_t q[32][SYM_LANES];
+        uint16_t d[SYM_LANES];
+        for (int l = 0; l < SYM_LANES; ++l)
+            for (int i = 0; i < 32; ++i) xt[i][l] = l < n ? x[32 * (b + l) + i] : 0.0f;
+        sym_blocks(xt, q5 ? 16.0f : 8.0f, d, q);
+        for (int l = 0; l < n; ++l) {
+            uint8_t *o = out + size * (b + l);
+            put_u16(o, d[l]);
+            if (q5) {
+                uint32_t qh = 0;
+                for (int i = 0; i < 32; ++i) qh |= (uint32_t)(q[i][l] >> 4) << i;
+                memcpy(o + 2, &qh, 4);  /* little-endian, as np.packbits(bitorder="little") */
+                o += 4;
+            }
+            for (int i = 0; i < 16; ++i) o[2 + i] = (uint8_t)((q[i][l] & 0xF) | ((q[i + 16][l] & 0xF) << 4));
+        }
+    }
 }
 
 /*
@@ -96,12 +193,6 @@ FB_INLINE void q4_0_block(const float *x, uint8_t *out) {
  * (8 for Q4_K, 16 for Q6_K) and the per-sub-block choices become blends. Each lane does the reference's
  * arithmetic in the reference's order.
  */
-
-/* (float)clamp(rint_i32(v), lo, hi), in float: NaN and out-of-int32 values give lo, as INT32_MIN would. */
-FB_INLINE float level(float v, float lo, float hi) {
-    const float r = rintf(v);
-    return (r >= lo && r < 2147483648.0f) ? (r > hi ? hi : r) : lo;
-}
 
 /* numpy's pairwise sum of 32 values a[i][lane] for each of 8 lanes. */
 FB_INLINE void lanes_sum32(const float a[32][8], float *out) {
@@ -363,10 +454,13 @@ FB_INLINE void q6_k_block(const float *x, uint8_t *out) {
 /* --------------------------------------------------------------------------------------------- driver */
 
 FB_INLINE void ggml_blocks(const float *x, int type, uint8_t *out, int64_t b0, int64_t b1) {
+    if (type == FB_GGML_Q4_0 || type == FB_GGML_Q5_0) {
+        sym_range(x, type == FB_GGML_Q5_0, out, b0, b1);
+        return;
+    }
     for (int64_t b = b0; b < b1; ++b) {
         switch (type) {
         case FB_GGML_Q8_0: q8_0_block(x + 32 * b, out + 34 * b); break;
-        case FB_GGML_Q4_0: q4_0_block(x + 32 * b, out + 18 * b); break;
         case FB_GGML_Q4_K: q4_k_block(x + QK_K * b, out + 144 * b); break;
         default: q6_k_block(x + QK_K * b, out + 210 * b); break;
         }
@@ -378,11 +472,11 @@ FB_INLINE void ggml_blocks(const float *x, int type, uint8_t *out, int64_t b0, i
 
 FB_ISA_VARIANTS(ggml_quantize, ggml_blocks, FB_GGML_ARGS, FB_GGML_PASS, FB_AVX512)
 
-/* Quantize n float32 values (n a multiple of the type's block: 32 for Q8_0/Q4_0, 256 for Q4_K/Q6_K) to
+/* Quantize n float32 values (n a multiple of the type's block: 32 for Q8_0/Q4_0/Q5_0, 256 for Q4_K/Q6_K) to
  * GGML type `type` (FB_GGML_*), blocks in order into `out`. */
 int fb_quantize_ggml(const float *x, int type, int64_t n, uint8_t *out, int nthreads) {
-    if (type < FB_GGML_Q8_0 || type > FB_GGML_Q6_K) return FB_ERR_DTYPE;
-    const int64_t block = type <= FB_GGML_Q4_0 ? 32 : QK_K;
+    if (type < FB_GGML_Q8_0 || type > FB_GGML_Q5_0) return FB_ERR_DTYPE;
+    const int64_t block = (type == FB_GGML_Q4_K || type == FB_GGML_Q6_K) ? QK_K : 32;
     if (n % block) return FB_ERR_BLOCKSIZE;
     /* Units of ~8k values, handed out as threads come free (on a shared machine a thread may lose its core
      * for a while); every unit writes its own blocks, so the bytes do not depend on who runs which. */

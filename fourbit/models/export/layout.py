@@ -193,12 +193,12 @@ def _compiled_kernels():
 
 
 def reference_quantize(values: np.ndarray, qtype) -> np.ndarray:
-    """:func:`quantize_tensor` in numpy: ``gguf.quants`` for the simple types, :mod:`.kquants` for Q4_K and
+    """:func:`quantize_tensor` in numpy: ``gguf.quants`` for Q8_0, :mod:`.kquants` for Q4_0, Q5_0, Q4_K and
     Q6_K. The reference the compiled kernels match byte for byte."""
     from gguf import GGMLQuantizationType as T
     from gguf import quants
 
-    from .kquants import quantize_q4_k, quantize_q6_k
+    from .kquants import quantize_q4_0, quantize_q4_k, quantize_q5_0, quantize_q6_k
 
     if qtype == T.F32:
         return values.astype(np.float32)
@@ -208,12 +208,16 @@ def reference_quantize(values: np.ndarray, qtype) -> np.ndarray:
         return quantize_q4_k(values)
     if qtype == T.Q6_K:
         return quantize_q6_k(values)
+    if qtype == T.Q4_0:
+        return quantize_q4_0(values)
+    if qtype == T.Q5_0:
+        return quantize_q5_0(values)
     return quants.quantize(values, qtype)
 
 
 def quantize_tensor(values: np.ndarray, qtype) -> np.ndarray:
     """``values`` (float32, numpy layout, finite) in GGML type ``qtype``: float arrays for F32/F16, bytes
-    otherwise. Q8_0, Q4_0, Q4_K and Q6_K run fourbit's compiled kernels (``csrc/ggml_quants.c``, on every
+    otherwise. Q8_0, Q4_0, Q5_0, Q4_K and Q6_K run fourbit's compiled kernels (``csrc/ggml_quants.c``, on every
     core) where they are available, else :func:`reference_quantize`, which gives the same bytes."""
     kernels = _compiled_kernels()
     if kernels is None or qtype.name not in kernels.GGML_BLOCKS or values.ndim < 1:
