@@ -262,7 +262,8 @@ class LoRALinear(nn.Module):
         """DoRA (Liu et al. 2024, eq. 5): ``y = m/n ⊙ (W h + s·B A h) + (W (x - h)) + b`` with ``n`` the row norms of
         ``W + s·B·A`` (constant for autograd) and ``h`` the adapter's input (``x``, or dropout of it in training):
         peft's computation, ``base(x) + (m/n - 1) ⊙ W h + m/n ⊙ s·B A h``. W is dequantized once in forward (for
-        the matmul and the norm) and once in backward; autograd keeps no copy of it."""
+        the matmul and the norm) and once in backward, also with dropout, where ``x`` and ``h`` go through W as
+        one stacked matmul; autograd keeps no copy of it."""
         base = self.base
         dtype = base.compute_dtype if is_linear_4bit(base) else base.weight.dtype
         if torch.is_autocast_enabled(x.device.type):
@@ -271,17 +272,15 @@ class LoRALinear(nn.Module):
             w = frozen_weight(base, dtype)
             norm = self._dora_norm(w)
         scale = (self.lora_magnitude_vector.float() / norm).to(dtype)
-        xc = x.to(dtype)
-        wx = FrozenMatMul4bit.apply(xc, base, w)
-        del w
         a = self.lora_A.weight
         h = self.lora_dropout(x)
-        dropped = h is not x
         lora = (self.lora_B(self.lora_A(h.to(a.dtype))) * self.scaling).to(dtype)
-        if dropped:  # the direction term sees the dropped input, the base term the whole one (as peft)
-            y = wx + (scale - 1) * FrozenMatMul4bit.apply(h.to(dtype), base) + scale * lora
+        if h is not x:  # the direction term sees the dropped input, the base term the whole one (as peft)
+            wx, wh = FrozenMatMul4bit.apply(torch.stack([x.to(dtype), h.to(dtype)]), base, w).unbind(0)
+            y = wx + (scale - 1) * wh + scale * lora
         else:
-            y = scale * (wx + lora)
+            y = scale * (FrozenMatMul4bit.apply(x.to(dtype), base, w) + lora)
+        del w
         if base.bias is not None:
             y = y + base.bias.to(dtype)
         return y.to(x.dtype)
