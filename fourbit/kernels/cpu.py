@@ -31,6 +31,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
@@ -228,25 +229,24 @@ def _library() -> ctypes.CDLL | None:
 def _pick_decode_rows(lib: ctypes.CDLL, name: str) -> None:
     """``FOURBIT_DECODE_ROWS=int8`` runs the decoding step's int8-activation 4-bit rows where the CPU has
     AVX512_VNNI; ``float`` (the default) the float rows (see :func:`set_decode_int8`)."""
-    choices = {"int8": 1, "float": 0}
-    if not name:
-        return
-    if name.lower() not in choices:
-        log.warning("fourbit: FOURBIT_DECODE_ROWS=%r is not one of %s; ignored", name, ", ".join(choices))
-        return
-    lib.fb_set_decode_int8(choices[name.lower()])
+    _apply_choice(lib.fb_set_decode_int8, "FOURBIT_DECODE_ROWS", name, {"int8": 1, "float": 0})
 
 
 def _cap_isa(lib: ctypes.CDLL, name: str) -> None:
     """Hold the kernels to at most the vector code ``name`` (``FOURBIT_MAX_CPU_ISA``: ``avx2`` or ``scalar``),
     as oneDNN's ``ONEDNN_MAX_CPU_ISA`` holds oneDNN: to measure an AVX2-only machine's path on a wider CPU."""
-    levels = {"scalar": 0, "avx2": 1, "avx512": 2}
+    _apply_choice(lib.fb_set_isa, "FOURBIT_MAX_CPU_ISA", name, {"scalar": 0, "avx2": 1, "avx512": 2})
+
+
+def _apply_choice(setter: Callable[[int], object], variable: str, name: str, choices: dict[str, int]) -> None:
+    """Pass the C ``setter`` the value of environment ``variable``'s choice ``name``: nothing when unset, a
+    warning (and nothing) when it is not one of ``choices``."""
     if not name:
         return
-    if name.lower() not in levels:
-        log.warning("fourbit: FOURBIT_MAX_CPU_ISA=%r is not one of %s; ignored", name, ", ".join(levels))
+    if name.lower() not in choices:
+        log.warning("fourbit: %s=%r is not one of %s; ignored", variable, name, ", ".join(choices))
         return
-    lib.fb_set_isa(levels[name.lower()])
+    setter(choices[name.lower()])
 
 
 def _declare(lib: ctypes.CDLL) -> None:
