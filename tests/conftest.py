@@ -45,18 +45,19 @@ def _default_ctrl_c():
 
 @pytest.fixture
 def float_rows():
-    """The compiled decoding step's float 4-bit rows (the default), for tests that compare its greedy tokens one
-    for one with the model's forward, whatever FOURBIT_DECODE_ROWS says: its int8 rows (CPUs with AVX512_VNNI,
-    fourbit/kernels/csrc/decode.c) flip near-ties of the tiny random models (tests/models/test_decode.py checks
-    them with a tolerance instead). The choice before is restored."""
+    """The compiled decoding step's float 4-bit rows for every layer, for tests that compare its greedy tokens
+    one for one with the model's forward, whatever FOURBIT_DECODE_ROWS says: its int8 rows (CPUs with
+    AVX512_VNNI, fourbit/kernels/csrc/decode.c; by default for layers of 2,048 columns or more) flip near-ties
+    of the tiny random models (tests/models/test_decode.py checks them with a tolerance instead). The choice
+    before is restored."""
     from fourbit.kernels import cpu
 
-    before = cpu.set_decode_int8(None) if cpu.available() else False
+    before = cpu.set_decode_rows(None) if cpu.available() else "float"
     if cpu.available():
-        cpu.set_decode_int8(False)
+        cpu.set_decode_rows("float")
     yield
     if cpu.available():
-        cpu.set_decode_int8(before)
+        cpu.set_decode_rows(before)
 
 
 @pytest.fixture

@@ -43,7 +43,7 @@ from fourbit.kernels.scales import BlockScales, check_output_dtype
 __all__ = ["ABI_VERSION", "ISA_NAMES", "MAX_QUANT_BLOCKSIZE", "available", "isa", "set_isa", "library_path",
            "quantize_4bit_blocks", "dequantize_4bit_blocks", "can_fuse", "fused_linear_4bit",
            "softmax_cross_entropy_", "swiglu", "swiglu_backward", "rms_norm", "rms_norm_backward", "dropout",
-           "DecodeLinear", "DecodeLayer", "DecodeModel", "decode_work_floats", "decode_step", "set_decode_int8",
+           "DecodeLinear", "DecodeLayer", "DecodeModel", "decode_work_floats", "decode_step", "set_decode_rows",
            "decode_rows", "GGML_BLOCKS",
            "quantize_ggml"]
 
@@ -58,7 +58,10 @@ _X86 = ("x86_64", "amd64")
 
 #: The library interface this module calls (signatures, ``fb_scales``, status codes): must equal
 #: ``FB_ABI_VERSION`` in ``csrc/fourbit_cpu.h``; bump both together.
-ABI_VERSION = 5
+ABI_VERSION = 6
+
+#: :func:`set_decode_rows`'s modes (``FOURBIT_DECODE_ROWS``) -> ``FB_ROWS_*`` of ``csrc/fourbit_cpu.h``.
+DECODE_ROWS = {"float": 0, "int8": 1, "auto": 2}
 
 #: The largest block the compiled quantizer takes (``FB_MAX_QUANT_BLOCKSIZE``); larger ones run the reference.
 MAX_QUANT_BLOCKSIZE = 4096
@@ -227,9 +230,10 @@ def _library() -> ctypes.CDLL | None:
 
 
 def _pick_decode_rows(lib: ctypes.CDLL, name: str) -> None:
-    """``FOURBIT_DECODE_ROWS=int8`` runs the decoding step's int8-activation 4-bit rows where the CPU has
-    AVX512_VNNI; ``float`` (the default) the float rows (see :func:`set_decode_int8`)."""
-    _apply_choice(lib.fb_set_decode_int8, "FOURBIT_DECODE_ROWS", name, {"int8": 1, "float": 0})
+    """``FOURBIT_DECODE_ROWS``: which of the decoding step's 4-bit layers take the int8-activation rows where the
+    CPU has AVX512_VNNI (``auto``, the default: layers of at least 2,048 columns; ``int8``: all; ``float``:
+    none; see :func:`set_decode_rows`)."""
+    _apply_choice(lib.fb_set_decode_rows, "FOURBIT_DECODE_ROWS", name, DECODE_ROWS)
 
 
 def _cap_isa(lib: ctypes.CDLL, name: str) -> None:
@@ -265,7 +269,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "fb_quantize_ggml": [ptr, i32, i64, ptr, i32],
         "fb_isa": [],
         "fb_set_isa": [i32],
-        "fb_set_decode_int8": [i32],
+        "fb_set_decode_rows": [i32],
         "fb_decode_rows": [ctypes.POINTER(DecodeLinear), ptr, ptr, ptr, ptr],
     }
     for name, argtypes in signatures.items():
@@ -539,13 +543,20 @@ def decode_step(model: DecodeModel, token: int, pos: int, work: torch.Tensor, lo
     return int(nxt.value) if want_token else None
 
 
-def set_decode_int8(on: bool | None) -> bool:
-    """Run :func:`decode_step`'s 4-bit rows with int8 activations (``on=True``: the layer input quantized to int8
-    per 64 values and the NF4 levels to int8, summed by AVX512_VNNI's ``vpdpbusd``, as llama.cpp's Q4 x Q8 dot
-    products; ``csrc/decode.c``) or in float32 (``on=False``, the default; ``None`` changes nothing). Returns
-    whether the int8 rows are now in use: only where the CPU has AVX512_VNNI and the AVX-512 code is in use
-    (:func:`set_isa`), for layers whose blocksize is 64, 128, .., 4096 (others keep the float rows)."""
-    return bool(_library().fb_set_decode_int8(-1 if on is None else int(bool(on))))
+def set_decode_rows(mode: str | None) -> str:
+    """Choose the arithmetic of :func:`decode_step`'s 4-bit rows; returns the mode now in effect.
+
+    ``"int8"``: every 4-bit layer with int8 activations (the layer input quantized to int8 per 64 values and
+    the NF4 levels to int8, summed by AVX512_VNNI's ``vpdpbusd``, as llama.cpp's Q4 x Q8 dot products;
+    ``csrc/decode.c``); ``"float"``: float32 rows; ``"auto"`` (the default): int8 for layers of at least
+    2,048 columns, where they are faster (1.3x the whole step of a Llama-3.1-8B-shaped model), float below
+    (no faster on SmolLM2-135M's 576 and 1,536); ``None`` changes nothing. The int8 rows run only where the
+    CPU has AVX512_VNNI and the AVX-512 code is in use (:func:`set_isa`), for blocksizes 64, 128, .., 4096;
+    elsewhere the mode in effect is ``"float"``."""
+    if mode is not None and mode not in DECODE_ROWS:
+        raise ValueError(f"decode rows {mode!r}: expected one of {', '.join(DECODE_ROWS)}")
+    got = _library().fb_set_decode_rows(-1 if mode is None else DECODE_ROWS[mode])
+    return {v: k for k, v in DECODE_ROWS.items()}[got]
 
 
 def decode_rows(linear: DecodeLinear, code4: torch.Tensor | None, x: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -38,11 +38,12 @@ needs_vnni = pytest.mark.skipif(not _VNNI, reason="this CPU has no AVX512_VNNI: 
 
 @pytest.fixture
 def int8_rows():
-    """The AVX-512 code and the int8 rows on (FOURBIT_DECODE_ROWS=int8); both restored afterwards."""
-    best, before = cpu.set_isa(2), cpu.set_decode_int8(None)
-    assert cpu.set_decode_int8(True) == (_VNNI and best == 2)
+    """The AVX-512 code and the int8 rows for every layer (FOURBIT_DECODE_ROWS=int8); both restored afterwards."""
+    best = cpu.set_isa(2)
+    before = cpu.set_decode_rows(None)
+    assert cpu.set_decode_rows("int8") == ("int8" if _VNNI and best == 2 else "float")
     yield
-    cpu.set_decode_int8(before)
+    cpu.set_decode_rows(before)
     cpu.set_isa(best)
 
 
@@ -141,8 +142,8 @@ def test_layers_the_int8_rows_do_not_take_keep_the_float_rows(rows, cols, blocks
 
 @pytest.mark.parametrize("rows, cols, blocksize", [(37, 576, 64), (3, 8192, 4096)])
 def test_float_rows_on_request_are_float32_exact(rows, cols, blocksize, int8_rows):
-    """``set_decode_int8(False)`` (or ``FOURBIT_DECODE_ROWS=float``, the default) gives the float rows back."""
-    assert cpu.set_decode_int8(False) is False
+    """``set_decode_rows("float")`` (or ``FOURBIT_DECODE_ROWS=float``) gives the float rows back."""
+    assert cpu.set_decode_rows("float") == "float"
     linear, keep, code, ps = _layer(rows, cols, blocksize, True)
     x = _input(cols)
     got, path = cpu.decode_rows(linear, code, x)
@@ -151,15 +152,29 @@ def test_float_rows_on_request_are_float32_exact(rows, cols, blocksize, int8_row
     torch.testing.assert_close(got.double(), exact, atol=1e-5 * float(exact.abs().max()), rtol=1e-5)
 
 
-@pytest.mark.parametrize("setting, want", [("", False), ("float", False), ("int8", _VNNI), ("INT8", _VNNI),
-                                           ("fast", False)])
+@pytest.mark.parametrize("cols, int8", [(1984, False), (2048, True), (4096, True)])
+def test_auto_takes_the_int8_rows_for_long_rows_only(cols, int8, int8_rows):
+    """``"auto"`` (the default): the int8 rows for layers of at least 2,048 columns, the float rows below."""
+    assert cpu.set_decode_rows("auto") == ("auto" if _VNNI else "float")
+    linear, keep, code, ps = _layer(5, cols, 64, True)
+    _, path = cpu.decode_rows(linear, code, _input(cols))
+    assert path == (2 if int8 and _VNNI else 1)
+
+
+def test_unknown_decode_rows_mode_is_refused():
+    with pytest.raises(ValueError, match="'fast'"):
+        cpu.set_decode_rows("fast")
+
+
+@pytest.mark.parametrize("setting, want", [("", "auto"), ("float", "float"), ("int8", "int8"), ("INT8", "int8"),
+                                           ("auto", "auto"), ("fast", "auto")])
 def test_decode_rows_environment_variable(setting, want):
-    """``FOURBIT_DECODE_ROWS``: float rows by default, int8 on request where the CPU has AVX512_VNNI; an unknown
-    value is ignored with a warning."""
+    """``FOURBIT_DECODE_ROWS``: auto by default, float or int8 on request (int8 and auto where the CPU has
+    AVX512_VNNI, else float); an unknown value is ignored with a warning."""
     import os
 
-    code = "from fourbit.kernels import cpu; print(cpu.set_decode_int8(None))"
+    code = "from fourbit.kernels import cpu; print(cpu.set_decode_rows(None))"
     done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "FOURBIT_DECODE_ROWS": setting},
                           capture_output=True, text=True, timeout=600, check=True)
-    assert done.stdout.split()[-1] == str(want)
+    assert done.stdout.split()[-1] == (want if _VNNI else "float")
     assert ("FOURBIT_DECODE_ROWS" in done.stderr) == (setting == "fast")

@@ -5,8 +5,9 @@ References: the model's own forward over the whole sequence (logits at every pos
 logits of magnitude ~1: the step sums each row in float32 in another order than PyTorch (measured differences
 ~1e-7 here, ~3e-5 on the 30-layer SmolLM2 with logits ~30); greedy and seeded sampled tokens must be equal.
 
-These comparisons run the step's float 4-bit rows (the ``float_rows`` fixture, the default): on a CPU with
-AVX512_VNNI the step's 4-bit rows can take int8 activations (as llama.cpp's; ``cpu.set_decode_int8``), which moves
+These comparisons run the step's float 4-bit rows (the ``float_rows`` fixture): on a CPU with
+AVX512_VNNI the step's 4-bit rows can take int8 activations (as llama.cpp's; by default for layers of 2,048
+columns or more, ``cpu.set_decode_rows``), which moves
 these logits of magnitude ~1 by up to ~7e-3 (measured on the five tiny models here) -- enough to flip a greedy near-tie of a random model
 (the tied llama below differs from transformers at one of 24 greedy tokens). The int8 rows are checked here
 against transformers with their own tolerance (``test_int8_rows_*``) and row by row against exact references in
@@ -83,7 +84,7 @@ INT8_ATOL = 2e-2
 @pytest.fixture
 def int8_rows(float_rows):
     """The step's int8 rows (where the CPU has AVX512_VNNI); float_rows restores the choice before."""
-    if not cpu.set_decode_int8(True):
+    if cpu.set_decode_rows("int8") != "int8":
         pytest.skip("no AVX512_VNNI on this CPU (or no AVX-512 code in use): the step has no int8 rows here")
 
 
@@ -155,11 +156,11 @@ def test_int8_rows_logits_and_greedy_tokens_against_transformers(kind, int8_rows
 
 
 def _float_step_logits(model, ids: list[int]) -> torch.Tensor:
-    assert cpu.set_decode_int8(False) is False
+    assert cpu.set_decode_rows("float") == "float"
     try:
         return _step_logits(model, ids)
     finally:
-        cpu.set_decode_int8(True)
+        cpu.set_decode_rows("int8")
 
 
 def test_results_do_not_depend_on_the_thread_count():

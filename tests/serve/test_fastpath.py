@@ -2,8 +2,8 @@
 gives (the engine with ``decoder="hf"``), at batch 1 and batched, with rows joining mid-batch; adapter rows (in
 the same batch) and unsupported models keep the forward.
 
-The compiled step runs its float 4-bit rows here (``float_rows``, the default): its int8 rows (CPUs with
-AVX512_VNNI, ``FOURBIT_DECODE_ROWS=int8``) round the activations to int8, which flips greedy near-ties of the tiny random model within 100 tokens (seen: one
+The compiled step runs its float 4-bit rows here (``float_rows``): its int8 rows (CPUs with AVX512_VNNI, by
+default for layers of 2,048 columns or more, ``FOURBIT_DECODE_ROWS=int8`` for all) round the activations to int8, which flips greedy near-ties of the tiny random model within 100 tokens (seen: one
 token at position 32), so they could not be compared token for token with the forward; they are checked against
 transformers with a tolerance in tests/models/test_decode.py and row by row in tests/kernels/test_decode_int8.py.
 """

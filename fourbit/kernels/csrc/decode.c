@@ -20,9 +20,11 @@
  * permuted once per step to match, so no shuffle is spent on restoring the order. With AVX-512, vpermps looks
  * the 16 codebook floats up directly: 32 weights from 16 bytes in two lookups, the input permuted in groups of
  * 32 instead (about 1.3x the AVX2 rows' decode speed on a 135M model, AMD EPYC; benchmarks/RESULTS.md).
- * Opt-in (fb_set_decode_int8), on CPUs with AVX512_VNNI: int8 rows as llama.cpp's Q4 x Q8 (row4_vnni below),
- * the input quantized to int8 per 64 values; within a stated bound of the float rows, but no faster in the
- * whole step on SmolLM2-135M (its short rows: the per-row scales and reduction weigh as much as the dot).
+ * On CPUs with AVX512_VNNI, int8 rows as llama.cpp's Q4 x Q8 (row4_vnni below), the input quantized to int8
+ * per 64 values, within a stated bound of the float rows. By default (FB_ROWS_AUTO) they run for layers of at
+ * least FB_INT8_AUTO_COLS columns: a Llama-3.1-8B-shaped model decoded 1.3x faster with them, while on
+ * SmolLM2-135M (576 and 1536 columns) they were no faster in the whole step (its short rows: the per-row
+ * scales and reduction weigh as much as the dot). fb_set_decode_rows chooses float or int8 for every layer.
  *
  * Greedy output head (optional): an int8 copy of a dense head (blocks of 32, float32 scales) scores every row;
  * with e_r >= |w_r - w~_r|_2 (plus rounding), |logit_r - approx_r| <= |x|_2 e_r (Cauchy-Schwarz), so only rows
@@ -328,7 +330,7 @@ typedef struct {
     const fb_dmodel *m;
     int vec;                /* AVX2 code in use */
     int wide;               /* AVX-512 code in use for the 4-bit rows (row4_avx512, permute_x's layout) */
-    int int8;               /* int8 rows (row4_vnni) for the layers fast8 takes */
+    int int8;               /* FB_ROWS_*: which layers take the int8 rows (row4_vnni; fast8) */
 #ifdef FB_X86
     __m256i planes[4];      /* the 4-bit codebook's four byte planes, each repeated in both 128-bit lanes */
     uint8_t lut8[16];       /* the codebook as row4_vnni's unsigned bytes */
@@ -349,10 +351,15 @@ FB_INLINE int fast4(const step_ctx *c, const fb_dlinear *l) {
     return c->vec && l->blocksize % 32 == 0 && l->cols % l->blocksize == 0 && l->code == c->m->code4;
 }
 
+/* Whether the int8 rows are on for layers of ``cols`` columns (the mode of fb_set_decode_rows, in c->int8). */
+FB_INLINE int int8_cols(const step_ctx *c, int64_t cols) {
+    return c->int8 == FB_ROWS_INT8 || (c->int8 == FB_ROWS_AUTO && cols >= FB_INT8_AUTO_COLS);
+}
+
 /* Whether row4_vnni takes this layer: blocksize 64, 128, .., 4096 (cols % 64 == 0 follows from fast4). */
 FB_INLINE int fast8(const step_ctx *c, const fb_dlinear *l) {
     const int64_t bs = l->blocksize;
-    return c->int8 && fast4(c, l) && bs >= 64 && bs <= 4096 && (bs & (bs - 1)) == 0;
+    return int8_cols(c, l->cols) && fast4(c, l) && bs >= 64 && bs <= 4096 && (bs & (bs - 1)) == 0;
 }
 
 /* The row kernel fb_decode_step runs for a layer: 0 plain C or dense, 1 the float 4-bit vector rows, 2 int8. */
@@ -498,10 +505,15 @@ typedef struct {
     int64_t pos;
 } walk;
 
-/* Rows per chunk: about 32K weights (~10 us), a multiple of 8. */
-FB_INLINE int64_t chunk_rows(int64_t cols) {
-    const int64_t r = (32768 / (cols > 0 ? cols : 1)) / 8 * 8;
-    return r < 8 ? 8 : r;
+/* Rows per chunk of a phase of ``rows`` rows of ``cols`` weights: about 128K weights (64 KB of 4-bit codes, a
+ * run long enough for the hardware prefetcher), at most a
+ * sixteenth of the phase (so that two or more threads share even a small model's phases evenly), and a
+ * multiple of 16 rows: one chunk's float32 outputs fill whole 64-byte cache lines, so two threads never write
+ * into the same line. */
+FB_INLINE int64_t chunk_rows(int64_t cols, int64_t rows) {
+    const int64_t weights = cols * rows / 16 < 131072 ? cols * rows / 16 : 131072;
+    const int64_t r = weights / (cols > 0 ? cols : 1) / 16 * 16;
+    return r < 16 ? 16 : r;
 }
 
 typedef void (*prepare_fn)(const walk *w, const void *arg);
@@ -512,7 +524,7 @@ static void rows_phase(walk *w, const fb_dlinear *const ls[3], float *const outs
                        int add, int gated, prepare_fn prepare, const void *arg) {
     int64_t n = 0;
     for (int j = 0; j < (gated ? 1 : 3) && ls[j]; ++j) n += ls[j]->rows;
-    const int64_t per = chunk_rows(ls[0]->cols), chunks = (n + per - 1) / per;
+    const int64_t per = chunk_rows(ls[0]->cols, n), chunks = (n + per - 1) / per;
     phase *p = w->ph++;
     int prepared = 0;
     for (int64_t ch = claim(p); ch < chunks; ch = claim(p)) {
@@ -542,7 +554,7 @@ static void rows_phase(walk *w, const fb_dlinear *const ls[3], float *const outs
 static void copies_of(const step_ctx *c, const float *x, const mine *t, int64_t n) {
     permute_x(c, x, t->xp, n);
 #ifdef FB_X86
-    if (c->int8 && n % 64 == 0) quantize_x(x, n, &t->x8);
+    if (int8_cols(c, n) && n % 64 == 0) quantize_x(x, n, &t->x8);
 #endif
 }
 
@@ -634,7 +646,7 @@ static int64_t screened_argmax(const step_ctx *c, const scratch *s, const mine *
 /* The head's rows (exact logits), or the int8 screen's approximations into s->rows. */
 static void head_phase(walk *w, float *logits, int screen) {
     const fb_dmodel *m = w->c->m;
-    const int64_t per = chunk_rows(m->hidden), chunks = (m->vocab + per - 1) / per;
+    const int64_t per = chunk_rows(m->hidden, m->vocab), chunks = (m->vocab + per - 1) / per;
     phase *p = w->ph++;
     int prepared = 0;
     for (int64_t ch = claim(p); ch < chunks; ch = claim(p)) {
@@ -655,10 +667,8 @@ static void head_phase(walk *w, float *logits, int screen) {
     wait_all(p, chunks);
 }
 
-/* Whether the int8 rows are wanted where the CPU has them (fb_set_decode_int8). Default no: on the bundled
- * SmolLM2-135M they measured no faster than the float rows in the whole step (benchmarks/RESULTS.md, issue 21),
- * and they change the numbers; 1 here makes them the default. */
-static int int8_wanted = 0;
+/* Which 4-bit layers the int8 rows take where the CPU has them (fb_set_decode_rows; FB_ROWS_*). */
+static int int8_mode = FB_ROWS_AUTO;
 
 /* Whether row4_vnni can run: AVX-512 in use (fb_isa) and a CPU with AVX512_VNNI. */
 static int int8_possible(void) {
@@ -670,21 +680,20 @@ static int int8_possible(void) {
 #endif
 }
 
-/* Want the int8 rows (on > 0) or the float rows (on == 0; on < 0 leaves the choice); returns whether
- * fb_decode_step now runs the int8 rows. */
-int fb_set_decode_int8(int on) {
-    if (on >= 0) int8_wanted = on != 0;
-    return int8_wanted && int8_possible();
+/* Set the mode (FB_ROWS_FLOAT, _INT8 or _AUTO; another value changes nothing); returns the mode in effect. */
+int fb_set_decode_rows(int mode) {
+    if (mode == FB_ROWS_FLOAT || mode == FB_ROWS_INT8 || mode == FB_ROWS_AUTO) int8_mode = mode;
+    return int8_possible() ? int8_mode : FB_ROWS_FLOAT;
 }
 
-/* row4_vnni's unsigned bytes of the codebook, when the int8 rows are wanted and possible and every level is
- * within [-1, 1] (as NF4's, FP4's and INT4's); else c->int8 = 0. */
+/* row4_vnni's unsigned bytes of the codebook and c->int8 = the mode in effect, when every level is within
+ * [-1, 1] (as NF4's, FP4's and INT4's); else c->int8 = FB_ROWS_FLOAT. */
 static void make_lut8(step_ctx *c) {
-    c->int8 = int8_wanted && c->m->code4 && int8_possible();
+    c->int8 = c->m->code4 && int8_possible() ? int8_mode : FB_ROWS_FLOAT;
 #ifdef FB_X86
     for (int j = 0; j < 16 && c->int8; ++j) {
         const float v = c->m->code4[j];
-        if (!(fabsf(v) <= 1.0f)) c->int8 = 0;
+        if (!(fabsf(v) <= 1.0f)) c->int8 = FB_ROWS_FLOAT;
         else c->lut8[j] = (uint8_t)(lrintf(127.0f * v) + 128);
     }
 #endif

@@ -17,7 +17,7 @@
  *   ggml_quants.c fb_quantize_ggml    llama.cpp's Q8_0, Q4_0, Q5_0, Q4_K, Q6_K blocks (fourbit's GGUF export)
  *   decode.c      fb_decode_step      one decoding step of a Llama-family model (batch 1, static KV cache)
  *                 fb_decode_work_floats  the scratch that step needs
- *                 fb_set_decode_int8  the step's 4-bit rows: int8 activations (AVX512_VNNI) or float
+ *                 fb_set_decode_rows  the step's 4-bit rows: float, int8 activations (AVX512_VNNI), or auto
  *                 fb_decode_rows      one layer's rows as the step computes them (for tests)
  *   fourbit_cpu.c fb_abi_version      FB_ABI_VERSION, which cpu.py checks before any other call
  *                 fb_isa, fb_set_isa  the vector code in use, and a lower one for tests and benchmarks
@@ -50,7 +50,7 @@
 
 /* Bump on any change of an exported signature, of fb_scales or of a status code; cpu.py's ABI_VERSION must
  * match, and a cached build reporting another version is rebuilt, never called. */
-#define FB_ABI_VERSION 5
+#define FB_ABI_VERSION 6
 
 /* The largest block quantize can take: it holds one block in two stack buffers of this size. */
 #define FB_MAX_QUANT_BLOCKSIZE 4096
@@ -225,9 +225,13 @@ typedef struct {
 int64_t fb_decode_work_floats(const fb_dmodel *m);
 int fb_decode_step(const fb_dmodel *m, int64_t token, int64_t pos, float *logits, int64_t *next, float *work,
                    int64_t work_floats, int nthreads);
-/* The 4-bit rows of fb_decode_step: int8 activations with AVX512_VNNI where the CPU has it (on > 0) or float
- * (on == 0, the default; on < 0 asks only); returns whether the int8 rows are now in use. */
-int fb_set_decode_int8(int on);
+/* The 4-bit rows of fb_decode_step (FB_ROWS_*; mode < 0 asks only); returns the mode now in effect: the one
+ * set, or FB_ROWS_FLOAT where the CPU cannot run the int8 rows (no AVX512_VNNI, or the ISA capped). */
+#define FB_ROWS_FLOAT 0 /* float32 rows for every 4-bit layer */
+#define FB_ROWS_INT8 1  /* int8 activations (AVX512_VNNI) for every 4-bit layer they take */
+#define FB_ROWS_AUTO 2  /* the default: int8 for layers of at least FB_INT8_AUTO_COLS columns, float below */
+#define FB_INT8_AUTO_COLS 2048
+int fb_set_decode_rows(int mode);
 /* One layer's rows as fb_decode_step computes them, and which row kernel it took (tests). */
 int fb_decode_rows(const fb_dlinear *l, const float *code4, const float *x, float *out, int *path);
 
