@@ -22,6 +22,10 @@ def test_measures():
     assert bench.inside("", "anything") == 0.0  # an empty answer is not inside anything
     assert bench.loops("the memory of the main memory of the main memory")
     assert not bench.loops("the memory of the main GPU and of the main CPU")
+    quote = "an expected win-rate of 65% here and an expected win-rate of 50% there"
+    assert bench.loops(quote)
+    assert not bench.loops(quote, [quote])  # the evidence sentence's own repetition, quoted: not a loop
+    assert bench.loops(f"{quote}, an expected win-rate of 50%", [quote])  # a third time is the model's
 
 
 def test_variant_rows_apply_the_support_check():

@@ -216,3 +216,32 @@ def test_markdown_headings_are_not_evidence(embedder):
     assert [e.text for e in found][:1] == ["Paged optimizers move optimizer states to CPU RAM when the GPU runs out "
                                            "of memory."]
     assert not any(e.text.startswith("#") for e in found)
+
+
+class _SameVectorEmbedder:
+    """Every text embeds to the same unit vector: cosine similarity cannot tell sentences apart."""
+
+    def embed_queries(self, texts):
+        return [[1.0, 0.0]] * len(texts)
+
+    embed_documents = embed_queries
+
+
+def test_sentence_scores_add_the_share_of_the_question_words_to_the_cosine(embedder):
+    import numpy as np
+
+    from fourbit.rag.grounding import sentence_scores
+
+    sentences = ["Bread needs yeast and flour.", "QLoRA with FP4 lags behind the 16-bit LoRA baseline.",
+                 "QLoRA recovers 16-bit performance."]
+    question = "How far behind 16-bit LoRA is QLoRA with FP4?"
+    # the question's content words: far, behind, 16-bit (as "16" and "bit"), lora, qlora, fp4
+    got = sentence_scores(question, sentences, _SameVectorEmbedder(), lexical_weight=0.5)
+    asked = {"far", "behind", "16", "bit", "lora", "qlora", "fp4"}
+    expected = [1.0 + 0.5 * len(asked & held) / len(asked)
+                for held in (set(), {"behind", "16", "bit", "lora", "qlora", "fp4"}, {"qlora", "16", "bit"})]
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    # with no weight it is the embedder's cosine (the real embedder here)
+    cosine = np.asarray(embedder.embed_documents(sentences)) @ np.asarray(embedder.embed_queries([question]))[0]
+    np.testing.assert_allclose(sentence_scores(question, sentences, embedder, lexical_weight=0.0), cosine,
+                               rtol=1e-6)
