@@ -38,6 +38,12 @@ from _timing import load_average  # noqa: E402
 #: fourbit's ``--type`` -> llama.cpp's ``llama_ftype`` enum name in llama_cpp.
 LLAMA_FTYPES = {"f16": "LLAMA_FTYPE_MOSTLY_F16", "bf16": "LLAMA_FTYPE_MOSTLY_BF16", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
                 "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
+#: transformers' module path inside a decoder layer -> llama.cpp's tensor name inside ``blk.N``.
+GGUF_LINEAR = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+               "mlp.down_proj": "ffn_down"}
+#: Where ``--imatrix-chars`` takes its calibration text in ``reference_text`` (past every scored slice used here).
+IMATRIX_OFFSET = 100_000
 LLAMA_MISSING = ("bench_export_quality.py: --llama-quantize needs llama-cpp-python, which is not importable "
                  "(pip install llama-cpp-python: the bench extra)")
 #: llama.cpp's log lines while it quantizes (kept from the last call), and the ctypes callback that collects them
@@ -106,7 +112,49 @@ def _llama_cpp():
     return llama_cpp
 
 
-def _llama_quantize(llama_cpp, src: Path, dst: Path, gguf_type: str) -> tuple[int, float]:
+def _importance(model, tokenizer, text: str) -> dict:
+    """llama-imatrix's importance matrix, computed here: for each linear layer of the decoder (GGUF tensor name),
+    the mean over ``text``'s tokens of each input column's squared activation, shape ``(in_features,)``."""
+    import re
+
+    sums, counts, hooks = {}, {}, []
+
+    def hook(key):
+        def pre(module, args):
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            sums[key] = sums.get(key, 0) + (x * x).sum(0)
+            counts[key] = counts.get(key, 0) + x.shape[0]
+        return pre
+
+    for name, module in model.named_modules():
+        found = re.search(r"layers\.(\d+)\.(\w+\.\w+_proj)$", name)
+        if found and found.group(2) in GGUF_LINEAR:
+            key = f"blk.{found.group(1)}.{GGUF_LINEAR[found.group(2)]}.weight"
+            hooks.append(module.register_forward_pre_hook(hook(key)))
+    try:
+        _score(model, tokenizer, text, None)
+    finally:
+        for handle in hooks:
+            handle.remove()
+    return {key: (sums[key] / counts[key]).numpy() for key in sums}
+
+
+def _imatrix_array(llama_cpp, imatrix: dict):
+    """``imatrix`` as llama.cpp's NULL-terminated ``llama_model_imatrix_data`` array, and the buffers it points to."""
+    import numpy as np
+
+    entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+    keep = []
+    for i, (name, values) in enumerate(imatrix.items()):
+        entry = entries[i]  # shares the array's memory
+        data = np.ascontiguousarray(values, dtype=np.float32)
+        keep += [data, name.encode()]
+        entry.name, entry.size = keep[-1], data.size
+        entry.data = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+    return ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data)), (entries, keep)
+
+
+def _llama_quantize(llama_cpp, src: Path, dst: Path, gguf_type: str, imatrix: dict | None = None) -> tuple[int, float]:
     """Quantize ``src`` to ``dst`` with llama.cpp's own quantizer: (return code, seconds); its log in _LLAMA_LOG."""
     global _LLAMA_LOG_CALLBACK
     if _LLAMA_LOG_CALLBACK is None:
@@ -117,24 +165,27 @@ def _llama_quantize(llama_cpp, src: Path, dst: Path, gguf_type: str) -> tuple[in
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, LLAMA_FTYPES[gguf_type])
     params.nthread = 2
+    if imatrix:
+        params.imatrix, _buffers = _imatrix_array(llama_cpp, imatrix)
     t0 = time.perf_counter()
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     return int(rc), time.perf_counter() - t0
 
 
 def _llama_cpp_rows(llama_cpp, model, tokenizer, source, types: list[str], text: str, windows: int,
-                    folder: Path) -> dict:
-    """fourbit's f16 export of ``model`` quantized by llama.cpp once per type, each scored as fourbit's own file."""
+                    folder: Path, imatrix: dict | None = None) -> dict:
+    """fourbit's f16 export of ``model`` quantized by llama.cpp once per type (and once more with ``imatrix``
+    where given), each scored as fourbit's own file."""
     from fourbit.models.export import export_gguf
 
     src = export_gguf(model, tokenizer, folder / "m-f16-source.gguf", gguf_type="f16", modelfile=False,
                       source_gguf=source).path
     out = {"version": getattr(llama_cpp, "__version__", "?"), "source": "fourbit f16 export",
            "source_perplexity": round(_score_file(src, tokenizer, text, windows), 3), "results": []}
-    for gguf_type in types:
+    for gguf_type, matrix in [(t, m) for m in ([None, imatrix] if imatrix else [None]) for t in types]:
         dst = folder / f"llama-{gguf_type}.gguf"
-        rc, seconds = _llama_quantize(llama_cpp, src, dst, gguf_type)
-        row = {"type": gguf_type, "rc": rc, "quantize_s": round(seconds, 1),
+        rc, seconds = _llama_quantize(llama_cpp, src, dst, gguf_type, matrix)
+        row = {"type": gguf_type, "imatrix": matrix is not None, "rc": rc, "quantize_s": round(seconds, 1),
                "fallbacks": sum("falling back" in line for line in _LLAMA_LOG)}
         if rc != 0 or not dst.exists():
             row["error"] = "".join(_LLAMA_LOG[-5:]).strip() or f"llama_model_quantize returned {rc}"
@@ -155,10 +206,12 @@ def _compare(llama: dict, rows: list[dict], reference: float) -> None:
         if "perplexity" not in row:
             continue
         row["vs_float"] = round(row["perplexity"] / reference - 1, 4)
-        mine, theirs = fourbit[row["type"]].pop("per_tensor"), row.pop("per_tensor")
+        mine, theirs = fourbit[row["type"]]["per_tensor"], row.pop("per_tensor")
         row["tensor_types"] = _count(theirs)
         row["differs_from_fourbit"] = {n: [mine.get(n), theirs.get(n)] for n in sorted(set(mine) | set(theirs))
                                        if mine.get(n) != theirs.get(n)}
+    for row in rows:
+        row.pop("per_tensor", None)
 
 
 def _print_report(report: dict) -> None:
@@ -182,17 +235,20 @@ def _types_line(counts: dict[str, int]) -> str:
 def _print_llama(llama: dict, rows: list[dict]) -> None:
     """The llama.cpp rows beside fourbit's for the same type, and where the two files' tensor types differ."""
     fourbit = {r["type"]: r for r in rows}
-    print(f"\nllama.cpp's quantizer (llama-cpp-python {llama['version']}, llama_model_quantize, no imatrix) on "
+    print(f"\nllama.cpp's quantizer (llama-cpp-python {llama['version']}, llama_model_quantize) on "
           f"{llama['source']}: source perplexity {llama['source_perplexity']:.3f} "
           f"({100 * llama['source_vs_float']:+.1f}% vs the model)")
     print(f"{'type':8} {'llama.cpp':>10} {'vs float':>9} {'fourbit':>10} {'vs float':>9} {'MiB':>7} "
           f"{'quant s':>8}  tensors (llama.cpp's file)")
+    if "imatrix_chars" in llama:
+        print(f"(+im: with an importance matrix from {llama['imatrix_chars']} characters of reference_text from "
+              f"{IMATRIX_OFFSET}, the mean squared input of each linear layer, as llama-imatrix computes it)")
     for r in llama["results"]:
-        mine = fourbit[r["type"]]
+        mine, label = fourbit[r["type"]], r["type"] + ("+im" if r["imatrix"] else "")
         if "error" in r:
-            print(f"{r['type']:8} llama.cpp failed (return code {r['rc']}): {r['error']}")
+            print(f"{label:8} llama.cpp failed (return code {r['rc']}): {r['error']}")
             continue
-        print(f"{r['type']:8} {r['perplexity']:10.3f} {100 * r['vs_float']:+8.1f}% {mine['perplexity']:10.3f} "
+        print(f"{label:8} {r['perplexity']:10.3f} {100 * r['vs_float']:+8.1f}% {mine['perplexity']:10.3f} "
               f"{100 * mine['vs_float']:+8.1f}% {r['MiB']:7.1f} {r['quantize_s']:8.1f}  "
               f"{_types_line(r['tensor_types'])} ({r['fallbacks']} fallbacks)")
         differs = r["differs_from_fourbit"]
@@ -215,12 +271,18 @@ def main() -> None:
     parser.add_argument("--llama-quantize", action="store_true",
                         help="also quantize fourbit's f16 export with llama.cpp's own quantizer (llama-cpp-python) "
                              "for each type and score it the same way")
+    parser.add_argument("--imatrix-chars", type=int, default=0,
+                        help=f"with --llama-quantize: also quantize each type with an importance matrix from this many "
+                             f"characters of reference_text from character {IMATRIX_OFFSET} (not the scored text)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     types = [t.strip() for t in args.types.split(",") if t.strip()]
     llama_cpp = _llama_cpp() if args.llama_quantize else None
     if args.llama_quantize and llama_cpp is None:
         sys.exit(LLAMA_MISSING)
+    if args.imatrix_chars and (not args.llama_quantize or args.offset + args.chars > IMATRIX_OFFSET):
+        sys.exit(f"bench_export_quality.py: --imatrix-chars needs --llama-quantize and scored text ending before "
+                 f"character {IMATRIX_OFFSET} (--offset + --chars)")
     if args.llama_quantize and set(types) - set(LLAMA_FTYPES):
         sys.exit(f"bench_export_quality.py: --llama-quantize: --types {','.join(sorted(set(types) - set(LLAMA_FTYPES)))}"
                  f" not one of {', '.join(LLAMA_FTYPES)}")
@@ -248,8 +310,12 @@ def main() -> None:
             row["vs_float"] = round(row["perplexity"] / reference - 1, 4)
             rows.append(row)
         if llama_cpp is not None:
+            imatrix = _importance(model, tokenizer, reference_text(IMATRIX_OFFSET + args.imatrix_chars)[
+                IMATRIX_OFFSET:]) if args.imatrix_chars else None
             report["llama_cpp"] = _llama_cpp_rows(llama_cpp, model, tokenizer, gguf_source, types, text,
-                                                  args.windows, Path(folder))
+                                                  args.windows, Path(folder), imatrix)
+            if imatrix:
+                report["llama_cpp"]["imatrix_chars"] = args.imatrix_chars
             _compare(report["llama_cpp"], rows, reference)
     report["load_average_after"] = load_average()
     if args.json:
