@@ -11,12 +11,15 @@ dequantizer), and both are scored on the same text with ``fourbit.generate.perpl
     python benchmarks/bench_export_quality.py --offset 12000      # other text than the slow test's
     python benchmarks/bench_export_quality.py --nf4               # the NF4 model's export against itself
     python benchmarks/bench_export_quality.py --llama-quantize --types q4_0,q4_k_m   # beside llama.cpp's quantizer
+    python benchmarks/bench_export_quality.py --llama-quantize --types q4_0,q4_k_m --imatrix-chars 40000
 
 ``--llama-quantize`` adds a peer row per type: the same model exported by fourbit at f16 (the least rounded
 source llama.cpp's quantizer takes from fourbit's writer), quantized by llama.cpp's own quantizer
 (``llama_model_quantize`` through llama-cpp-python, no importance matrix, as ``llama-quantize`` runs by default),
 and scored exactly as fourbit's file (transformers' GGUF loader, the same text and windows), with each file's
 tensor types read back by the ``gguf`` package's reader and the tensors whose types differ listed.
+``--imatrix-chars N`` adds llama.cpp rows quantized with an importance matrix (llama-imatrix's statistic, the mean
+squared input of each linear layer, computed here in torch on N characters of other text than the scored one).
 llama-cpp-python is this benchmark's opponent only, never a dependency of fourbit.
 """
 
