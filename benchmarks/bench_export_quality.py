@@ -286,6 +286,9 @@ def main() -> None:
     if args.imatrix_chars and (not args.llama_quantize or args.offset + args.chars > IMATRIX_OFFSET):
         sys.exit(f"bench_export_quality.py: --imatrix-chars needs --llama-quantize and scored text ending before "
                  f"character {IMATRIX_OFFSET} (--offset + --chars)")
+    if args.imatrix_chars and not hasattr(llama_cpp, "llama_model_imatrix_data"):
+        sys.exit(f"bench_export_quality.py: --imatrix-chars needs a llama-cpp-python with llama_model_imatrix_data "
+                 f"(0.3.36 has it); this is {getattr(llama_cpp, '__version__', '?')}")
     if args.llama_quantize and set(types) - set(LLAMA_FTYPES):
         sys.exit(f"bench_export_quality.py: --llama-quantize: --types {','.join(sorted(set(types) - set(LLAMA_FTYPES)))}"
                  f" not one of {', '.join(LLAMA_FTYPES)}")
