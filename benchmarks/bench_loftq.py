@@ -30,13 +30,15 @@ is ``(loftq - default) / (16-bit - default)`` for each metric.
 ``--seeds N`` repeats the three inits for training seeds 0..N-1 (``TrainConfig.seed``: adapter init, dropout,
 batch order) and draws a new sample of 512 training dates per seed (seed 0 keeps the dates above; seed s > 0
 draws with data seed 1000 + s); the 48 held-out dates stay the same for every seed and are excluded from every
-training sample. It prints every run, then mean ± sample std over the seeds per init and metric, and the gap
+training sample. LoftQ's starting model (deterministic: its SVD is seeded apart from the run, and ``train``
+reseeds) is computed once and copied for the later seeds, so their ``load_s`` is the copy's. It prints every run, then mean ± sample std over the seeds per init and metric, and the gap
 closed on the means and per seed. ``--inits loftq`` runs a subset (to time one init before a long run).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -150,7 +152,12 @@ def _finetune_one(init: str, seed: int, args, work: Path, shared: dict) -> dict:
                       eval_steps=0, save_steps=0, seed=seed, progress=False, loftq_iter=args.loftq_iter,
                       **INITS[init])
     t0 = time.perf_counter()
-    model, tok = load_for_training(cfg)
+    if init == "loftq" and "loftq" in shared:  # LoftQ's start does not depend on the seed (train() reseeds)
+        model, tok = copy.deepcopy(shared["loftq"])
+    else:
+        model, tok = load_for_training(cfg)
+        if init == "loftq" and args.seeds > 1:
+            shared["loftq"] = copy.deepcopy((model, tok))
     row = {"seed": seed, "init": init, "load_s": time.perf_counter() - t0}
     errors = starting_errors(model, reference)
     row["start_error_median"] = statistics.median(errors.values())
