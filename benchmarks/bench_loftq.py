@@ -13,8 +13,8 @@ and range over the 30 layers) and overall; ``--json`` prints every layer. The we
 
 ``--finetune`` (issue 22): the same model fine-tuned on the demo's dates task (words -> ISO 8601, 512 training
 dates, 48 held-out ones, the quality part of ``bench_finetune.py``: chat format, r=16 alpha=32 dropout 0.05 on all
-linear layers, batch 8, lr 1e-3 cosine, fp32 compute, ``--steps`` steps, seed 0) from three starting points,
-each through ``load_for_training`` + ``train`` as ``fourbit finetune`` runs them:
+linear layers, batch 8, lr 1e-3 cosine, fp32 compute, ``--steps`` steps, seed 0 unless ``--seeds``) from three
+starting points, each through ``load_for_training`` + ``train`` as ``fourbit finetune`` runs them:
 
 * ``default``: NF4 + double quantization, peft's init (A Kaiming-uniform, B = 0): QLoRA;
 * ``loftq``: the same NF4 + DQ base computed with LoftQ (``--init-lora-weights loftq --loftq-iter N``);
@@ -31,8 +31,9 @@ is ``(loftq - default) / (16-bit - default)`` for each metric.
 batch order) and draws a new sample of 512 training dates per seed (seed 0 keeps the dates above; seed s > 0
 draws with data seed 1000 + s); the 48 held-out dates stay the same for every seed and are excluded from every
 training sample. LoftQ's starting model (deterministic: its SVD is seeded apart from the run, and ``train``
-reseeds) is computed once and copied for the later seeds, so their ``load_s`` is the copy's. It prints every run, then mean ± sample std over the seeds per init and metric, and the gap
-closed on the means and per seed. ``--inits loftq`` runs a subset (to time one init before a long run).
+reseeds) is computed once and copied for the later seeds, so their ``load_s`` is the copy's. It prints every
+run, then mean ± sample std over the seeds per init and metric, and the gap closed on the means and per seed.
+``--inits loftq`` runs a subset (to time one init before a long run).
 """
 
 from __future__ import annotations
