@@ -5,6 +5,7 @@ the float weight W, per layer, against plain NF4 (``Q`` alone, B = 0), for LoftQ
     python benchmarks/bench_loftq.py --rank 64 --iters 1,5 --json
     python benchmarks/bench_loftq.py --decoder-layers 4       # the first four decoder layers only
     python benchmarks/bench_loftq.py --finetune --steps 30 --loftq-iter 4   # the three inits fine-tuned (issue 22)
+    python benchmarks/bench_loftq.py --finetune --steps 24 --seeds 3        # ... at training seeds 0, 1, 2
 
 The relative error ``||W - W0||_F / ||W||_F`` of each starting weight W0 is printed per projection type (median
 and range over the 30 layers) and overall; ``--json`` prints every layer. The weights are the bundled GGUF's
@@ -12,8 +13,8 @@ and range over the 30 layers) and overall; ``--json`` prints every layer. The we
 
 ``--finetune`` (issue 22): the same model fine-tuned on the demo's dates task (words -> ISO 8601, 512 training
 dates, 48 held-out ones, the quality part of ``bench_finetune.py``: chat format, r=16 alpha=32 dropout 0.05 on all
-linear layers, batch 8, lr 1e-3 cosine, fp32 compute, ``--steps`` steps, seed 0) from three starting points,
-each through ``load_for_training`` + ``train`` as ``fourbit finetune`` runs them:
+linear layers, batch 8, lr 1e-3 cosine, fp32 compute, ``--steps`` steps, seed 0 unless ``--seeds``) from three
+starting points, each through ``load_for_training`` + ``train`` as ``fourbit finetune`` runs them:
 
 * ``default``: NF4 + double quantization, peft's init (A Kaiming-uniform, B = 0): QLoRA;
 * ``loftq``: the same NF4 + DQ base computed with LoftQ (``--init-lora-weights loftq --loftq-iter N``);
@@ -25,11 +26,20 @@ equal to the ISO date, teacher-forced, as the demo scores it), the held-out date
 perplexity of held-out plain text (``--ppl-docs`` pydoc help topics, each cut to ``--ppl-len`` tokens, text none
 of the runs trains on: how far each model has moved from the float model's language modelling). The gap closed
 is ``(loftq - default) / (16-bit - default)`` for each metric.
+
+``--seeds N`` repeats the three inits for training seeds 0..N-1 (``TrainConfig.seed``: adapter init, dropout,
+batch order) and draws a new sample of 512 training dates per seed (seed 0 keeps the dates above; seed s > 0
+draws with data seed 1000 + s); the 48 held-out dates stay the same for every seed and are excluded from every
+training sample. LoftQ's starting model (deterministic: its SVD is seeded apart from the run, and ``train``
+reseeds) is computed once and copied for the later seeds, so their ``load_s`` is the copy's. It prints every
+run, then mean ± sample std over the seeds per init and metric, and the gap closed on the means and per seed.
+``--inits loftq`` runs a subset (to time one init before a long run).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -111,25 +121,45 @@ def _held_out_docs(n: int) -> list[str]:
     return [topics[k] for k in sorted(topics) if len(topics[k]) > 2000][:n]
 
 
-def _finetune_one(init: str, args, work: Path, reference: dict, docs: list[str]) -> dict:
-    """One init: load, measure the start, train, measure again."""
+def _date_splits(seeds: int) -> tuple[list, dict[int, list]]:
+    """The 48 held-out dates (fixed: seed 1, disjoint from seed 0's training sample, as the single-seed run
+    drew them) and, per training seed s, 512 training dates drawn with data seed ``_data_seed(s)`` and the
+    held-out answers excluded, so every training sample is disjoint from the held-out set."""
+    from fourbit.train.tasks import date_examples
+
+    held = date_examples(48, seed=1, exclude={e.answer for e in date_examples(512, seed=0)})
+    held_answers = {e.answer for e in held}
+    return held, {s: date_examples(512, seed=_data_seed(s), exclude=held_answers) for s in range(seeds)}
+
+
+def _data_seed(seed: int) -> int:
+    """Training seed 0 keeps the single-seed run's training dates (data seed 0); later seeds draw new ones
+    (data seed 1000 + s, away from the held-out split's seed 1)."""
+    return 0 if seed == 0 else 1000 + seed
+
+
+def _finetune_one(init: str, seed: int, args, work: Path, shared: dict) -> dict:
+    """One init at one training seed: load, measure the start, train, measure again."""
     from fourbit.demo.finetune import greedy_exact_match
     from fourbit.train.config import TrainConfig
     from fourbit.train.loading import load_for_training
-    from fourbit.train.tasks import date_examples
     from fourbit.train.trainer import train
 
-    train_ex = date_examples(512, seed=0)
-    held = date_examples(48, seed=1, exclude={e.answer for e in train_ex})
+    held, reference, docs = shared["held"], shared["reference"], shared["docs"]
     cfg = TrainConfig(data=str(work / "data" / "train.jsonl"), eval_data=str(work / "data" / "eval.jsonl"),
                       out=str(work / init), overwrite=True, format="chat", max_length=96, max_steps=args.steps,
                       batch_size=8, gradient_accumulation_steps=1, lora_r=16, lora_alpha=32, lora_dropout=0.05,
                       learning_rate=1e-3, lr_scheduler="cosine", warmup_ratio=0.1, compute_dtype="fp32",
-                      eval_steps=0, save_steps=0, seed=0, progress=False, loftq_iter=args.loftq_iter,
+                      eval_steps=0, save_steps=0, seed=seed, progress=False, loftq_iter=args.loftq_iter,
                       **INITS[init])
     t0 = time.perf_counter()
-    model, tok = load_for_training(cfg)
-    row = {"init": init, "load_s": time.perf_counter() - t0}
+    if init == "loftq" and "loftq" in shared:  # LoftQ's start does not depend on the seed (train() reseeds)
+        model, tok = copy.deepcopy(shared["loftq"])
+    else:
+        model, tok = load_for_training(cfg)
+        if init == "loftq" and args.seeds > 1:
+            shared["loftq"] = copy.deepcopy((model, tok))
+    row = {"seed": seed, "init": init, "load_s": time.perf_counter() - t0}
     errors = starting_errors(model, reference)
     row["start_error_median"] = statistics.median(errors.values())
     row["exact_match_before"] = sum(greedy_exact_match(model, tok, held)) / len(held)
@@ -140,41 +170,85 @@ def _finetune_one(init: str, args, work: Path, reference: dict, docs: list[str])
                train_loss=res.train_loss, eval_loss=res.eval.get("eval_loss"), eval_ppl=res.eval.get("eval_ppl"))
     row["exact_match_after"] = sum(greedy_exact_match(model, tok, held)) / len(held)
     row["text_ppl_after"] = text_perplexity(model, tok, docs, args.ppl_len)
+    row["load_average"] = os.getloadavg()[0]
     print(json.dumps(row), file=sys.stderr, flush=True)
     return {"row": row, "errors": errors}
 
 
-def run_finetune(args) -> dict:
-    """The three inits, same data, seed and steps; the gap LoftQ closes per metric."""
-    from fourbit.demo.finetune import _write_jsonl
-    from fourbit.train.tasks import date_examples, to_chat_records
+GAP_METRICS = ("exact_match_after", "eval_loss", "text_ppl_after", "text_ppl_before", "start_error_median")
 
-    work = Path(args.workdir)
-    train_ex = date_examples(512, seed=0)
-    held = date_examples(48, seed=1, exclude={e.answer for e in train_ex})
-    _write_jsonl(work / "data" / "train.jsonl", to_chat_records(train_ex))
-    _write_jsonl(work / "data" / "eval.jsonl", to_chat_records(held))
-    reference, docs = _float_weights(), _held_out_docs(args.ppl_docs)
-    runs = {init: _finetune_one(init, args, work, reference, docs) for init in INITS}
-    rows = {k: v["row"] for k, v in runs.items()}
-    gap = {}
-    for metric in ("exact_match_after", "eval_loss", "text_ppl_after", "text_ppl_before", "start_error_median"):
-        d, lq, full = (rows[k][metric] for k in INITS)
-        gap[metric] = (lq - d) / (full - d) if full != d else None
+
+def gap_closed(values: dict[str, float]) -> float | None:
+    """``(loftq - default) / (16-bit - default)``: the share of the default -> 16-bit gap LoftQ closes."""
+    if any(values.get(k) is None for k in INITS):
+        return None
+    d, lq, full = (values[k] for k in INITS)
+    return (lq - d) / (full - d) if full != d else None
+
+
+def run_finetune(args) -> dict:
+    """The three inits at each training seed 0..seeds-1, same held-out set and steps; the gap LoftQ closes per
+    metric, per seed and on the means over seeds."""
+    from fourbit.demo.finetune import _write_jsonl
+    from fourbit.train.tasks import to_chat_records
+
+    held, train_sets = _date_splits(args.seeds)
+    shared = {"held": held, "reference": _float_weights(), "docs": _held_out_docs(args.ppl_docs)}
+    rows, errors, load_averages = [], {}, [os.getloadavg()]
+    for seed, train_ex in train_sets.items():
+        work = Path(args.workdir) / (f"seed{seed}" if args.seeds > 1 else "")
+        _write_jsonl(work / "data" / "train.jsonl", to_chat_records(train_ex))
+        _write_jsonl(work / "data" / "eval.jsonl", to_chat_records(held))
+        for init in args.inits.split(","):
+            run = _finetune_one(init, seed, args, work, shared)
+            rows.append(run["row"])
+            if seed == 0 and init != "16-bit":
+                errors[init] = run["errors"]
+        load_averages.append(os.getloadavg())
     return {"cpu": cpu_line(), "threads": args.threads, "steps": args.steps, "loftq_iter": args.loftq_iter,
-            "load_average": os.getloadavg(), "rows": list(rows.values()), "gap_closed": gap,
-            "errors": {k: v["errors"] for k, v in runs.items() if k != "16-bit"}}
+            "seeds": args.seeds, "data_seeds": [_data_seed(s) for s in range(args.seeds)],
+            "load_averages": load_averages, "rows": rows, **summarize(rows), "errors": errors}
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Mean and sample std over seeds per init and metric; the gap closed per seed and on the means."""
+    seeds = sorted({r["seed"] for r in rows})
+    by = {(r["seed"], r["init"]): r for r in rows}
+    inits = [i for i in INITS if any(r["init"] == i for r in rows)]
+    metrics = [m for m in rows[0] if m not in ("seed", "init") and isinstance(rows[0][m], (int, float))]
+    summary = {}
+    for init in inits:
+        summary[init] = {}
+        for m in metrics:
+            vals = [by[s, init][m] for s in seeds if by[s, init][m] is not None]
+            summary[init][m] = {"mean": statistics.fmean(vals) if vals else None,
+                                "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
+    per_seed = {s: {m: gap_closed({i: by[s, i][m] for i in inits}) for m in GAP_METRICS} for s in seeds}
+    on_means = {m: gap_closed({i: summary[i][m]["mean"] for i in inits}) for m in GAP_METRICS}
+    return {"summary": summary, "gap_closed_per_seed": per_seed, "gap_closed": on_means}
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _finetune_report(result: dict) -> str:
-    cols = ("init", "start_error_median", "exact_match_before", "exact_match_after", "eval_loss", "eval_ppl",
-            "text_ppl_before", "text_ppl_after", "train_s", "tokens_per_s")
-    lines = [f"dates task, {result['steps']} steps per init, LoftQ T={result['loftq_iter']}",
+    cols = ("seed", "init", "start_error_median", "exact_match_before", "exact_match_after", "eval_loss",
+            "eval_ppl", "text_ppl_before", "text_ppl_after", "train_s", "tokens_per_s")
+    lines = [f"dates task, {result['steps']} steps per init, LoftQ T={result['loftq_iter']}, training seeds "
+             f"0..{result['seeds'] - 1} (data seeds {result['data_seeds']}), 48 held-out dates (fixed)",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in result["rows"]:
-        lines.append("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
-    lines.append("share of the default -> 16-bit gap LoftQ closes: " + ", ".join(
-        f"{k} {v:.2f}" if v is not None else f"{k} (no gap)" for k, v in result["gap_closed"].items()))
+    lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in result["rows"]]
+    summary_cols = cols[2:]
+    lines += ["", f"mean ± std over {result['seeds']} seed(s)", "| init | " + " | ".join(summary_cols) + " |",
+              "|" + "---|" * (len(summary_cols) + 1)]
+    for init, stats in result["summary"].items():
+        lines.append(f"| {init} | " + " | ".join(
+            f"{_fmt(stats[c]['mean'])} ± {_fmt(stats[c]['std'])}" if stats[c]["mean"] is not None else "-"
+            for c in summary_cols) + " |")
+    gaps = [("means", result["gap_closed"])] + [(f"seed {s}", g) for s, g in result["gap_closed_per_seed"].items()]
+    lines += ["", "share of the default -> 16-bit gap LoftQ closes:"] + [f"  {label}: " + ", ".join(
+        f"{k} {v:.2f}" if v is not None else f"{k} (no gap)" for k, v in g.items()) for label, g in gaps]
     by_kind: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for init, errors in result["errors"].items():
         for name, value in errors.items():
@@ -182,7 +256,8 @@ def _finetune_report(result: dict) -> str:
     lines.append("starting error per projection, median [min, max] over layers: " + "; ".join(
         f"{kind}: " + ", ".join(f"{i} {statistics.median(v):.4f} [{min(v):.4f}, {max(v):.4f}]" for i, v in e.items())
         for kind, e in by_kind.items()))
-    lines.append(f"CPU: {result['cpu']}; threads {result['threads']}; load average at the end {result['load_average']}")
+    lines.append(f"CPU: {result['cpu']}; threads {result['threads']}; load averages (1/5/15 min) at the start and "
+                 f"after each seed {result['load_averages']}")
     return "\n".join(lines)
 
 
@@ -196,10 +271,17 @@ def main() -> int:
     ap.add_argument("--finetune", action="store_true", help="fine-tune the three inits on the dates task")
     ap.add_argument("--steps", type=int, default=30, help="--finetune: optimizer steps per init")
     ap.add_argument("--loftq-iter", type=int, default=4, help="--finetune: LoftQ's T")
+    ap.add_argument("--seeds", type=int, default=1, help="--finetune: training seeds 0..N-1 (each a new sample "
+                    "of training dates after seed 0; the held-out dates stay fixed)")
+    ap.add_argument("--inits", default=",".join(INITS), help="--finetune: comma-separated inits to run (a subset "
+                    "times one; the gap needs all three)")
     ap.add_argument("--ppl-docs", type=int, default=16, help="--finetune: held-out text documents")
     ap.add_argument("--ppl-len", type=int, default=256, help="--finetune: tokens per held-out document")
     ap.add_argument("--workdir", default="/tmp/fourbit_bench_loftq")
     args = ap.parse_args()
+    unknown = sorted(set(args.inits.split(",")) - set(INITS))
+    if unknown or args.seeds < 1:
+        ap.error(f"--inits: unknown {unknown}; choose from {list(INITS)}" if unknown else "--seeds: must be >= 1")
     torch.set_num_threads(args.threads)
     if args.finetune:
         result = run_finetune(args)
