@@ -170,7 +170,7 @@ def _float_rows_row(model, short, args) -> dict[str, dict]:
 
     cfg = getattr(model, "config", None)
     widest = max(getattr(cfg, "hidden_size", 0) or 0, getattr(cfg, "intermediate_size", 0) or 0)
-    if not cpu.available() or cpu.set_decode_rows(None) == "float" or widest < 2048:
+    if not cpu.available() or cpu.set_decode_rows(None) == "float" or widest < cpu.INT8_AUTO_COLS:
         return {}  # no layer the int8 rows would take: the same decode again
     before = cpu.set_decode_rows("float")
     try:

@@ -62,6 +62,8 @@ ABI_VERSION = 6
 
 #: :func:`set_decode_rows`'s modes (``FOURBIT_DECODE_ROWS``) -> ``FB_ROWS_*`` of ``csrc/fourbit_cpu.h``.
 DECODE_ROWS = {"float": 0, "int8": 1, "auto": 2}
+#: ``"auto"`` takes the int8 rows for layers of at least this many columns (``FB_INT8_AUTO_COLS``).
+INT8_AUTO_COLS = 2048
 
 #: The largest block the compiled quantizer takes (``FB_MAX_QUANT_BLOCKSIZE``); larger ones run the reference.
 MAX_QUANT_BLOCKSIZE = 4096

@@ -9,8 +9,8 @@ bear on the question than from several whole parents (and every prompt token cos
    words it holds (:func:`sentence_scores`);
 3. keep the best sentences while they fit in ``token_budget`` tokens of the answering model, and only
    those scoring at least half the best one's score;
-4. hand them to the model grouped by parent, in retrieval order, each parent's sentences in reading
-   order (so the context reads like text, not like a shuffled list),
+4. hand them to the model grouped by parent, best first: the parent of the best sentence first, each
+   parent's sentences by score (:func:`grounded_contexts`: the answer adapter copies what it is given first),
 
 and return the chosen sentences as extractive evidence beside the generated answer. Functions over the
 retrieved parents only: ``rag query``, ``rag compare``, the demo (through
@@ -49,7 +49,7 @@ DEFAULT_EVIDENCE_TOKENS = 256
 # embedding finds sentences on the question's topic; the words the reader used pick, among those, the one
 # that answers. On the 34 held-out QLoRA-paper questions (benchmarks/rag_questions.jsonl), the top sentence
 # holds the reference for 21 by cosine alone and 25 with the words added at any weight from 0.25 to 1.0
-# (12 and 10 of questions 21-34 alone); rank fusion instead of a sum: 19.
+# (10 and 12 of questions 21-34 alone); rank fusion instead of a sum: 19.
 LEXICAL_WEIGHT = 0.5
 
 # A sentence ends at . ! ? (optionally followed by a closing quote/bracket) before whitespace; a blank

@@ -161,6 +161,15 @@ def test_auto_takes_the_int8_rows_for_long_rows_only(cols, int8, int8_rows):
     assert path == (2 if int8 and _VNNI else 1)
 
 
+@needs_vnni
+def test_python_knows_where_auto_starts(int8_rows):
+    """``cpu.INT8_AUTO_COLS`` (what benchmarks read) is the C library's ``FB_INT8_AUTO_COLS``."""
+    assert cpu.set_decode_rows("auto") == "auto"
+    for cols, want in ((cpu.INT8_AUTO_COLS - 64, 1), (cpu.INT8_AUTO_COLS, 2)):
+        linear, keep, code, _ = _layer(3, cols, 64, True)
+        assert cpu.decode_rows(linear, code, _input(cols))[1] == want
+
+
 def test_unknown_decode_rows_mode_is_refused():
     with pytest.raises(ValueError, match="'fast'"):
         cpu.set_decode_rows("fast")

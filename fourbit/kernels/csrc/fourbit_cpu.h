@@ -230,7 +230,7 @@ int fb_decode_step(const fb_dmodel *m, int64_t token, int64_t pos, float *logits
 #define FB_ROWS_FLOAT 0 /* float32 rows for every 4-bit layer */
 #define FB_ROWS_INT8 1  /* int8 activations (AVX512_VNNI) for every 4-bit layer they take */
 #define FB_ROWS_AUTO 2  /* the default: int8 for layers of at least FB_INT8_AUTO_COLS columns, float below */
-#define FB_INT8_AUTO_COLS 2048
+#define FB_INT8_AUTO_COLS 2048 /* cpu.py's INT8_AUTO_COLS */
 int fb_set_decode_rows(int mode);
 /* One layer's rows as fb_decode_step computes them, and which row kernel it took (tests). */
 int fb_decode_rows(const fb_dlinear *l, const float *code4, const float *x, float *out, int *path);
