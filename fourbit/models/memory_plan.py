@@ -13,8 +13,10 @@ worst moment, named term by term so that a user can see which setting to change:
 
 The estimate is of the process's peak resident memory above nothing (what ``ru_maxrss`` reports), within
 ±15 % of the measured peak for the models tests/models/test_memory_plan.py measures (the growth above the
-imported runtime, where the terms live; quantize and generate). The finetune and merge terms and the 8B scale
-(benchmarks/bench_scale.py) are not yet checked against a measured run.
+imported runtime, where the terms live: quantize, generate, finetune at 256 and 4,096 tokens, merge). At the
+8B shape (benchmarks/bench_scale.py, RESULTS.md) the finetune plan is 13.1 GiB for 1 x 8,192 tokens against
+11.9 measured, and 8.6 for 1 x 1,024 against 6.9: the bf16 embedding stays mapped from the checkpoint and only
+the rows a run reads become resident, which the plan does not count on.
 """
 
 from __future__ import annotations
@@ -222,18 +224,24 @@ def _plan_finetune(c: ModelCounts, q4: int, s: FinetuneSettings) -> dict[str, in
 
     Activations per token and decoder layer (compute dtype): the input of every linear layer and the output
     of every matmul it feeds (hidden: q, o, two norms, the residuals, x4 for attention's inputs and outputs;
-    intermediate: gate, up, their product and activation), plus the attention probabilities (heads x length,
-    float32). With gradient checkpointing each layer's input is kept, and one layer's full set while it is
-    recomputed; the ``keep-matmuls`` policy (``auto`` up to 1,024 tokens) also keeps every LoRA layer's output
-    (q, k, v, o, gate, up, down) so that the recomputation skips the matmuls."""
+    intermediate: gate, up, their product and activation), plus attention's softmax statistics (heads, float32):
+    transformers runs attention through torch's ``scaled_dot_product_attention``, whose CPU kernel never holds
+    the heads x length x length probabilities (at 8,192 tokens on the 8B shape they would be 8 GiB per layer;
+    benchmarks/RESULTS.md measures the step), and the batch's boolean mask (length x length). In a layer's
+    backward its gradients are alive beside its activations: one more set (measured on a 2-layer model at
+    1,024-4,096 tokens, fp32: 205 KB per token against 98 KB planned before that term). With gradient
+    checkpointing each layer's input is kept, and one layer's full set while it is recomputed; the
+    ``keep-matmuls`` policy (``auto`` up to 1,024 tokens) also keeps every LoRA layer's output (q, k, v, o,
+    gate, up, down) so that the recomputation skips the matmuls."""
     tokens = s.batch_size * s.max_length
     lora = _lora_params(c, s)
-    per_layer = (10 * c.hidden + 2 * c.kv_dim + 4 * c.intermediate) * s.compute_bytes + 4 * c.heads * s.max_length
+    per_layer = (10 * c.hidden + 2 * c.kv_dim + 4 * c.intermediate) * s.compute_bytes + 4 * c.heads
+    mask = s.batch_size * s.max_length * s.max_length
     if s.gradient_checkpointing:
         kept = kept_matmul_output_bytes(c, s) if keeps_matmul_outputs(c, s) else 0
-        activations = tokens * c.layers * c.hidden * s.compute_bytes + kept + tokens * per_layer
+        activations = tokens * c.layers * c.hidden * s.compute_bytes + kept + 2 * tokens * per_layer + mask
     else:
-        activations = tokens * c.layers * per_layer
+        activations = tokens * (c.layers + 1) * per_layer + mask
     chunk = min(tokens, s.loss_chunk_size or tokens)
     return {"runtime": RUNTIME_BYTES, "4-bit weights": q4, "float leftovers": c.float_params * s.compute_bytes,
             "adapter, gradient and optimizer": lora * (8 + _OPTIMIZER_STATE_BYTES.get(s.optimizer_bits, 8)),
