@@ -382,7 +382,8 @@ def test_compiled_quantizers_write_the_reference_files_byte_for_byte(trained, tm
         pytest.skip("no C compiler: the compiled kernels are not built")
     calls = []
     compiled = cpu.quantize_ggml
-    monkeypatch.setattr(cpu, "quantize_ggml", lambda values, name: calls.append(name) or compiled(values, name))
+    monkeypatch.setattr(cpu, "quantize_ggml", lambda values, name, importance=None: calls.append(name)
+                        or compiled(values, name, importance))
     fast = export_gguf(trained["model"], trained["tokenizer"], tmp_path / "fast.gguf", gguf_type=gguf_type,
                        modelfile=False)
     used = set(calls)
@@ -526,6 +527,153 @@ def test_a_tensor_quantized_in_row_chunks_gives_the_bytes_of_the_whole(monkeypat
     monkeypatch.setattr(writer, "_CHUNK_ELEMENTS", 256 * 7)  # 7 rows a chunk: 43 chunks, the last one short
     chunked = writer._tensor_bytes(lambda: weight, None, qt)
     assert whole.shape == chunked.shape and np.array_equal(whole, chunked)
+    importance = np.exp(np.random.default_rng(0).standard_normal(256)).astype(np.float32)
+    monkeypatch.setattr(writer, "_CHUNK_ELEMENTS", 1 << 24)
+    whole = writer._tensor_bytes(lambda: weight, None, qt, importance)  # Q4_0's weights use each row's mean square
+    monkeypatch.setattr(writer, "_CHUNK_ELEMENTS", 256 * 7)
+    assert np.array_equal(whole, writer._tensor_bytes(lambda: weight, None, qt, importance))
     weight[150, 3] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         writer._tensor_bytes(lambda: weight, None, qt)
+
+
+# --- importance matrices (--imatrix-text, --imatrix) ------------------------------------------------------
+
+CALIBRATION = reference_text(56_000)[50_000:56_000]  # neither the training text nor HELD_OUT
+
+
+def test_importance_is_the_mean_squared_input_of_each_linear_layer():
+    """Against a hand computation: the inputs of layer 0's q/k/v (its input norm of the embeddings), of layer 1's
+    q/k/v (its input norm of layer 0's output) and of the head (the final norm's output), squared and averaged
+    over every token of the windows the text is cut into (16, 16 and 8 tokens: max_tokens 40)."""
+    from _tiny_models import make_tokenizer
+
+    from fourbit.models.export import importance_matrix
+
+    model, tok = make_llama(seed=1).eval(), make_tokenizer()
+    text = "The quick brown fox jumps over the lazy dog; pack my box with five dozen jugs."
+    got, tokens = importance_matrix(model, tok, text, max_tokens=40, window=16)
+    assert tokens == 40
+    linear = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
+    assert set(got) == {f"blk.{i}.{n}.weight" for i in range(2) for n in linear} | {"output.weight"}
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0][:40]
+    inputs = {"blk.0": [], "blk.1": [], "output": []}
+    with torch.no_grad():
+        for start in (0, 16, 32):
+            states = model(ids[start:start + 16].unsqueeze(0), output_hidden_states=True).hidden_states
+            inputs["blk.0"].append(model.model.layers[0].input_layernorm(states[0])[0])
+            inputs["blk.1"].append(model.model.layers[1].input_layernorm(states[1])[0])
+            inputs["output"].append(states[2][0])  # the last hidden state is the final norm's output
+    for key, rows in inputs.items():
+        want = (torch.cat(rows).double() ** 2).mean(0).float().numpy()
+        names = ["output.weight"] if key == "output" else [f"{key}.{n}.weight" for n in ("attn_q", "attn_k", "attn_v")]
+        for name in names:
+            np.testing.assert_allclose(got[name], want, rtol=1e-5, atol=1e-7, err_msg=name)
+    tied = make_llama(seed=1, tie_word_embeddings=True).eval()
+    assert "output.weight" not in importance_matrix(tied, tok, text)[0]  # the tied head is the token embedding
+
+
+def test_importance_of_the_adapter_model_is_the_merged_models(trained, merged):
+    """The matrix of the model the export writes: NF4 base + LoRA, run unmerged, gives the merged float
+    model's statistic (float32 rounding apart)."""
+    from fourbit.models.export import importance_matrix
+
+    got, _ = importance_matrix(trained["model"], trained["tokenizer"], CALIBRATION, max_tokens=300)
+    want, _ = importance_matrix(merged, trained["tokenizer"], CALIBRATION, max_tokens=300)
+    assert set(got) == set(want) and len(got) == 2 * 7 + 1
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-3, err_msg=name)
+
+
+def _write_llama_imatrix(path, matrix: dict, count: int = 64) -> None:
+    """``matrix`` in llama-imatrix's GGUF layout: ``<name>.in_sum2`` (sums of squares over ``count`` tokens)
+    and ``<name>.counts``."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "imatrix")
+    writer.add_type("imatrix")
+    for name, values in matrix.items():
+        writer.add_tensor(f"{name}.in_sum2", (values * np.float32(count)).reshape(1, -1))
+        writer.add_tensor(f"{name}.counts", np.full((1, 1), count, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_imatrix_text_and_file_export_the_library_files_and_stay_near_the_merged_model(exports, trained, merged,
+                                                                                      tmp_path):
+    """``--imatrix-text`` (on the adapter's merged model), ``--imatrix`` (the same matrix in llama-imatrix's
+    file format) and ``export_gguf(importance=importance_matrix(...))`` write one file; its weights differ
+    from the unweighted export's, and its perplexity on held-out text stays near the merged model's."""
+    from fourbit.models.export import importance_matrix, read_imatrix
+
+    calibration = tmp_path / "calibration.txt"
+    calibration.write_text(CALIBRATION, encoding="utf-8")
+    base = [str(trained["folder"]), "--adapter", str(trained["adapter"]), "--type", "q4_k_m", "--no-modelfile"]
+    cli = run_cli("export", *base, "--gguf", str(tmp_path / "text.gguf"), "--imatrix-text", str(calibration),
+                  "--imatrix-tokens", "600")
+    assert cli.code == 0, cli.err
+    assert f"importance matrix: 15 tensors from 600 tokens of {calibration}" in cli.out
+    matrix, _ = importance_matrix(trained["model"], trained["tokenizer"], CALIBRATION, max_tokens=600)
+    library = export_gguf(trained["model"], trained["tokenizer"], tmp_path / "library.gguf", gguf_type="q4_k_m",
+                          modelfile=False, importance=matrix)
+    _write_llama_imatrix(tmp_path / "imatrix.gguf", matrix)
+    read = read_imatrix(tmp_path / "imatrix.gguf")
+    assert set(read) == set(matrix) and all(np.array_equal(read[n], matrix[n]) for n in matrix)
+    from_file = run_cli("export", *base, "--gguf", str(tmp_path / "file.gguf"), "--imatrix",
+                        str(tmp_path / "imatrix.gguf"), "--json")
+    assert from_file.code == 0, from_file.err
+    assert json.loads(from_file.out)["imatrix"] == f"15 tensors from {tmp_path / 'imatrix.gguf'}"
+    written = (tmp_path / "text.gguf").read_bytes()
+    assert written == library.path.read_bytes() == (tmp_path / "file.gguf").read_bytes()
+    out, _ = exports
+    assert written != (out / "tiny-q4_k_m.gguf").read_bytes()
+    tok = trained["tokenizer"]
+    reference = perplexity(merged, tok, HELD_OUT, window=256)
+    exported = perplexity(_load_gguf(tmp_path / "text.gguf"), tok, HELD_OUT, window=256)
+    assert abs(exported / reference - 1) < 0.05 and exported != reference
+
+
+@pytest.mark.parametrize("argv,names", [
+    (["--type", "q4_k_m", "--imatrix-text", "{out}/missing.txt"], ["missing.txt", "no such file"]),
+    (["--type", "q4_k_m", "--imatrix-text", "{out}/empty.txt"], ["empty.txt", "empty"]),
+    (["--type", "f16", "--imatrix-text", "{out}/text.txt"], ["--imatrix-text", "f16"]),
+    (["--type", "q8_0", "--imatrix", "{out}/text.txt"], ["--imatrix", "q8_0"]),
+    (["--type", "q4_0", "--imatrix-tokens", "5"], ["--imatrix-tokens", "--imatrix-text"]),
+    (["--type", "q4_0", "--imatrix-text", "{out}/text.txt", "--imatrix-tokens", "0"], ["--imatrix-tokens"]),
+    (["--type", "q4_0", "--imatrix-text", "{out}/text.txt", "--imatrix", "{out}/text.txt"],
+     ["--imatrix", "--imatrix-text"]),
+])
+def test_bad_imatrix_flags_are_named_before_loading(tmp_path, argv, names):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "empty.txt").write_text("  \n", encoding="utf-8")
+    (inputs / "text.txt").write_text("calibration text", encoding="utf-8")
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = [a.format(out=inputs) for a in argv]
+    result = run_cli("export", str(tmp_path / "no-such-model"), "--gguf", str(out / "m.gguf"), *argv)
+    assert_clean_error(result, *names)
+    assert _no_outputs(out) == []
+
+
+def test_a_bad_imatrix_file_and_bad_importance_arguments_are_refused(trained, tmp_path):
+    from fourbit._errors import FieldError
+
+    (tmp_path / "junk.gguf").write_bytes(b"GGUF and then nothing a reader can parse")
+    out = tmp_path / "out"
+    out.mkdir()
+    result = run_cli("export", str(trained["folder"]), "--gguf", str(out / "m.gguf"), "--type", "q4_0",
+                     "--imatrix", str(tmp_path / "junk.gguf"))
+    assert "llama-imatrix" in assert_clean_error(result, "junk.gguf")
+    model, tok = trained["model"], trained["tokenizer"]
+    good = {"blk.0.attn_q.weight": np.ones(256, np.float32)}
+    cases = [("q8_0", good, "q8_0 does not use"),
+             ("q4_0", {"blk.0.attn_q.weight": np.ones(255, np.float32)}, "blk.0.attn_q.weight has 255 values"),
+             ("q4_0", {"blk.0.attn_q.weight": -np.ones(256, np.float32)}, "negative"),
+             ("q4_0", {"model.layers.0.q_proj": np.ones(256, np.float32)}, "another model")]
+    for gguf_type, importance, message in cases:
+        with pytest.raises(FieldError, match=message):
+            export_gguf(model, tok, out / "m.gguf", gguf_type=gguf_type, modelfile=False, importance=importance)
+    assert _no_outputs(out) == []
