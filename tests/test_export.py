@@ -321,6 +321,132 @@ def test_q4_k_matches_the_scalar_reference_and_decodes_with_gguf():
     assert 0.05 < rel < 0.08  # 15 levels over each 32 values' range: about 0.07 of a Gaussian's norm
 
 
+def _ref_qp(x: list, nmax: int, w: list) -> tuple[np.float32, list]:
+    """``make_qp_quants`` of ggml-quants.c, scalar, float32, sums left to right."""
+    f = np.float32
+    peak = f(0)
+    for v in x:
+        peak = peak if peak > v else v
+    if peak < f(1e-15):
+        return f(0), [0] * len(x)
+    iscale = f(nmax) / peak
+    lv = [_nearest(iscale * v) for v in x]
+    scale, best = f(1) / iscale, f(0)
+    for v, li, wi in zip(x, lv, w, strict=True):
+        best += wi * (v - scale * f(li)) * (v - scale * f(li))
+    for step in (s for s in range(-4, 5) if s):
+        this = (f(0.1) * f(step) + f(nmax)) / peak
+        mse = f(0)
+        for v, wi in zip(x, w, strict=True):
+            diff = v - (f(1) / this) * f(min(nmax, _nearest(this * v)))
+            mse += wi * diff * diff
+        if mse < best:
+            best, iscale = mse, this
+    lv = [min(nmax, _nearest(iscale * v)) for v in x]
+    sumlx, suml2 = f(0), f(0)
+    for v, li, wi in zip(x, lv, w, strict=True):
+        sumlx += wi * v * f(li)
+    for li, wi in zip(lv, w, strict=True):
+        suml2 += wi * f(li) * f(li)
+    for _ in range(5):
+        changed = 0
+        for i, (v, wi) in enumerate(zip(x, w, strict=True)):
+            slx, sl2 = sumlx - wi * v * f(lv[i]), suml2 - wi * f(lv[i]) * f(lv[i])
+            if slx > 0 and sl2 > 0:
+                new = min(nmax, _nearest(v * sl2 / slx))
+                if new != lv[i]:
+                    slx, sl2 = slx + wi * v * f(new), sl2 + wi * f(new) * f(new)
+                    if slx * slx * suml2 > sumlx * sumlx * sl2:
+                        lv[i], sumlx, suml2, changed = new, slx, sl2, changed + 1
+        if not changed:
+            break
+    return sumlx / suml2, lv
+
+
+def _ref_q4_k_weighted_block(x: np.ndarray, qw: np.ndarray) -> bytes:
+    """``quantize_row_q4_K_impl`` with ``quant_weights`` for one super-block, scalar and float32 as in
+    ggml-quants.c (make_qkx3_quants, then make_qp_quants for the 6-bit scales and mins)."""
+    f = np.float32
+    sum_x2 = f(0)
+    for v in x:
+        sum_x2 += v * v
+    sigma2 = f(2) * sum_x2 / f(256)
+    scales, mins, levels, sw = [], [], [], []
+    for j in range(8):
+        xs = x[32 * j: 32 * j + 32]
+        w = [qw[32 * j + i] * f(np.sqrt(sigma2 + xs[i] * xs[i])) for i in range(32)]
+        total = f(0)
+        for wi in w:
+            total += wi
+        sw.append(total)
+        lo, hi = min(f(0), xs.min()), xs.max()
+        if hi <= lo:
+            scales.append(f(0)), mins.append(f(-lo)), levels.append([0] * 32)
+            continue
+        sum_w, sum_x = f(0), f(0)
+        for v, wi in zip(xs, w, strict=True):
+            sum_w, sum_x = sum_w + wi, sum_x + wi * v
+        iscale = f(15) / (hi - lo)
+        scale = f(1) / iscale
+        lv = [max(0, min(15, _nearest(iscale * (v - lo)))) for v in xs]
+        best = f(0)
+        for v, li, wi in zip(xs, lv, w, strict=True):
+            best += wi * (scale * f(li) + lo - v) * (scale * f(li) + lo - v)
+        for step in range(37):
+            iscale = (f(-0.9) + f(0.05) * f(step) + f(15)) / (hi - lo)
+            aux = [max(0, min(15, _nearest(iscale * (v - lo)))) for v in xs]
+            sl = sl2 = sxl = f(0)
+            for v, a, wi in zip(xs, aux, w, strict=True):
+                sl, sl2, sxl = sl + wi * f(a), sl2 + wi * f(a) * f(a), sxl + wi * f(a) * v
+            det = sum_w * sl2 - sl * sl
+            if det > 0:
+                ts, tm = (sum_w * sxl - sum_x * sl) / det, (sl2 * sum_x - sl * sxl) / det
+                if tm > 0:
+                    tm, ts = f(0), sxl / sl2
+                err = f(0)
+                for v, a, wi in zip(xs, aux, w, strict=True):
+                    err += wi * (ts * f(a) + tm - v) * (ts * f(a) + tm - v)
+                if err < best:
+                    lv, best, scale, lo = aux, err, ts, tm
+        scales.append(f(scale)), mins.append(f(-lo)), levels.append(lv)
+    d_block, ls = _ref_qp(scales, 63, sw)
+    m_block, lm = _ref_qp(mins, 63, sw)
+    d, dmin = np.float16(d_block), np.float16(m_block)
+    packed = bytearray(12)
+    for j in range(8):
+        if j < 4:
+            packed[j], packed[j + 4] = ls[j], lm[j]
+        else:
+            packed[j + 4] = (ls[j] & 0xF) | ((lm[j] & 0xF) << 4)
+            packed[j - 4] |= (ls[j] >> 4) << 6
+            packed[j] |= (lm[j] >> 4) << 6
+    for j in range(8):
+        dl = f(d) * f(ls[j])
+        if dl:
+            levels[j] = [max(0, min(15, _nearest((v + f(dmin) * f(lm[j])) / dl))) for v in x[32 * j: 32 * j + 32]]
+    flat = sum(levels, [])
+    qs = bytes(flat[c * 64 + i] | (flat[c * 64 + 32 + i] << 4) for c in range(4) for i in range(32))
+    return d.tobytes() + dmin.tobytes() + bytes(packed) + qs
+
+
+def test_weighted_q4_k_matches_a_scalar_transcription_of_llama_cpp():
+    """``quantize_q4_k(x, importance)`` against ggml-quants.c's ``quantize_row_q4_K_impl`` transcribed line by
+    line (sums left to right where numpy sums 32 values pairwise: a rare value may land on the next level, so
+    the check allows one differing level byte in a thousand, and none in the scales)."""
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal((6, 256)) * rng.uniform(0.01, 1, (6, 1))).astype(np.float32)
+    x[1] = np.abs(x[1])
+    x[2, :32] = 0.25
+    importance = np.exp(1.5 * rng.standard_normal(256)).astype(np.float32)
+    fast = quantize_q4_k(x, importance)
+    differing = 0
+    for row in range(len(x)):
+        want = np.frombuffer(_ref_q4_k_weighted_block(x[row], importance), dtype=np.uint8)
+        assert np.array_equal(fast[row, :16], want[:16]), row
+        differing += int((fast[row, 16:] != want[16:]).sum())
+    assert differing <= len(x) * 128 // 1000
+
+
 def test_q6_k_decodes_with_gguf_and_keeps_zero_blocks():
     from gguf import GGMLQuantizationType, quants
 
@@ -636,8 +762,8 @@ def test_imatrix_text_and_file_export_the_library_files_and_stay_near_the_merged
 
 
 @pytest.mark.parametrize("argv,names", [
-    (["--type", "q4_k_m", "--imatrix-text", "{out}/missing.txt"], ["missing.txt", "no such file"]),
-    (["--type", "q4_k_m", "--imatrix-text", "{out}/empty.txt"], ["empty.txt", "empty"]),
+    (["--type", "q4_k_m", "--imatrix-text", "{out}/missing.txt"], ["missing.txt", "no such file", "--imatrix-text"]),
+    (["--type", "q4_k_m", "--imatrix-text", "{out}/empty.txt"], ["empty.txt", "is empty", "--imatrix-text"]),
     (["--type", "f16", "--imatrix-text", "{out}/text.txt"], ["--imatrix-text", "f16"]),
     (["--type", "q8_0", "--imatrix", "{out}/text.txt"], ["--imatrix", "q8_0"]),
     (["--type", "q4_0", "--imatrix-tokens", "5"], ["--imatrix-tokens", "--imatrix-text"]),

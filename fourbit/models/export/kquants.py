@@ -11,6 +11,13 @@ functions llama-quantize uses when it has no importance matrix, vectorized over 
 and round-half-to-even (``nearest_int``) as in C; sums are added in another order, so a rare value may land on
 the next level. The bytes decode with ``gguf.quants.dequantize`` (the test suite checks that round trip).
 
+Each ``quantize_*`` takes an optional ``importance`` [k], one weight per column (llama.cpp's ``quant_weights``,
+from an importance matrix: :mod:`.imatrix`), and then weighs each value's squared error as llama-quantize
+does with ``--imatrix`` (``quantize_row_q4_0_impl``, ``..._q5_0_impl``, ``..._q4_K_impl``, ``..._q6_K_impl``):
+Q4_0, Q5_0 and Q4_K weigh value j by importance_j·sqrt(σ² + x_j²) (σ² the row's mean square, or twice the
+super-block's for Q4_K); Q6_K by importance_j alone; Q4_K also searches a finer grid (``make_qkx3_quants``) and
+fits its 6-bit scales and mins by a weighted search (``make_qp_quants``) instead of scaling them by the largest.
+
 Q4_0 and Q5_0 blocks hold 32 values: fp16 ``d`` and 4-bit levels (Q4_0, 18 bytes), or fp16 ``d``, 32 fifth
 bits and 4-bit levels (Q5_0, 22 bytes); value = d·(q − 8) or d·(q − 16). Super-blocks hold 256 values
 (``QK_K``):
@@ -198,7 +205,7 @@ def _make_qp_quants(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray
             take = ok & (new != li) & (slx * slx * suml2 > sumlx * sumlx * sl2)
             lv[:, i] = np.where(take, new, li)
             sumlx, suml2 = np.where(take, slx, sumlx), np.where(take, sl2, suml2)
-    scale = np.where(zero | (suml2 <= 0), f32(0), sumlx / np.where(suml2 > 0, suml2, f32(1)))
+    scale = np.where(zero | ~(suml2 > 0), f32(0), sumlx / np.where(suml2 > 0, suml2, f32(1)))  # NaN too: 0
     return scale.astype(np.float32), np.where(zero[:, None], 0, lv).astype(np.uint8)
 
 
