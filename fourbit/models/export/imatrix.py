@@ -79,7 +79,7 @@ def importance_matrix(model: nn.Module, tokenizer, text: str, *, max_tokens: int
         tokenizer: its tokenizer; ``text`` is tokenized without special tokens.
         text: calibration text, other than any text the export is scored on.
         max_tokens: use at most this many tokens (the first); None, all.
-        window: tokens per forward pass; the windows do not overlap.
+        window: tokens per forward pass (at most the model's context); the windows do not overlap.
 
     Returns:
         ({GGUF tensor name: float32 [in_features]}, tokens used).
@@ -93,6 +93,7 @@ def importance_matrix(model: nn.Module, tokenizer, text: str, *, max_tokens: int
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0][:max_tokens]
     if len(ids) == 0:
         raise FieldError("text", "the calibration text gives no tokens")
+    window = min(window, getattr(model.config, "max_position_embeddings", None) or window)
     names = _gguf_names(model)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
