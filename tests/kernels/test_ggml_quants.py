@@ -190,3 +190,17 @@ def test_importance_lowers_the_importance_weighted_error(type_name, most):
     plain_err, weighted_err = (((d - values) ** 2 * importance).sum() for d in (plain, weighted))
     assert weighted_err < most * plain_err
     assert ((weighted - values) ** 2).sum() > ((plain - values) ** 2).sum()
+
+
+@pytest.mark.parametrize("type_name", WEIGHTED)
+def test_the_weighted_reference_gives_the_same_bytes_in_small_steps(type_name, monkeypatch):
+    """The numpy reference quantizes a few blocks at a time; each block must still get its own columns'
+    importances and its own row's mean square when a step starts mid-row."""
+    from fourbit.models.export import kquants
+
+    rng = np.random.default_rng(8)
+    values = rng.standard_normal((5, 768)).astype(np.float32)
+    importance = _skewed_importance(768, seed=8)
+    whole = _weighted_reference(values, type_name, importance)
+    monkeypatch.setattr(kquants, "_CHUNK_BLOCKS", 1)  # 8 blocks of 32 or 1 super-block a step
+    assert np.array_equal(_weighted_reference(values, type_name, importance), whole)
