@@ -18,8 +18,10 @@ source llama.cpp's quantizer takes from fourbit's writer), quantized by llama.cp
 (``llama_model_quantize`` through llama-cpp-python, no importance matrix, as ``llama-quantize`` runs by default),
 and scored exactly as fourbit's file (transformers' GGUF loader, the same text and windows), with each file's
 tensor types read back by the ``gguf`` package's reader and the tensors whose types differ listed.
-``--imatrix-chars N`` adds llama.cpp rows quantized with an importance matrix (llama-imatrix's statistic, the mean
-squared input of each linear layer, computed here in torch on N characters of other text than the scored one).
+``--imatrix-chars N`` adds rows quantized with an importance matrix (llama-imatrix's statistic, the mean squared
+input of each linear layer, computed by ``fourbit.models.export.importance_matrix`` on N characters of other text
+than the scored one): fourbit's export with ``importance=`` (what ``fourbit export --imatrix-text`` does) and,
+with ``--llama-quantize``, llama.cpp's quantizer given the same matrix.
 llama-cpp-python is this benchmark's opponent only, never a dependency of fourbit.
 """
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import sys
 import tempfile
 import time
@@ -89,16 +92,17 @@ def _score_file(path: Path, tokenizer, text: str, windows: int) -> float:
 
 
 def _export_and_score(model, tokenizer, source, gguf_type: str, text: str, windows: int, folder: Path,
-                      per_tensor: bool = False) -> dict:
-    """Export ``model`` as ``gguf_type``, read it back with transformers and score it: one result row."""
+                      per_tensor: bool = False, importance: dict | None = None) -> dict:
+    """Export ``model`` as ``gguf_type`` (weighted by ``importance`` where given), read it back with transformers
+    and score it: one result row."""
     from fourbit.models.export import export_gguf
 
     t0 = time.perf_counter()
     result = export_gguf(model, tokenizer, folder / f"m-{gguf_type}.gguf", gguf_type=gguf_type, modelfile=False,
-                         source_gguf=source)
+                         source_gguf=source, importance=importance)
     seconds = time.perf_counter() - t0
     ppl = _score_file(result.path, tokenizer, text, windows)
-    row = {"type": gguf_type, "perplexity": round(ppl, 3), "MiB": round(result.bytes / 2**20, 1),
+    row = {"type": gguf_type, "imatrix": importance is not None, "perplexity": round(ppl, 3), "MiB": round(result.bytes / 2**20, 1),
            "export_s": round(seconds, 1), "tensor_types": result.tensor_types}
     if per_tensor:
         row["per_tensor"] = _tensor_types(result.path)
@@ -116,30 +120,11 @@ def _llama_cpp():
 
 
 def _importance(model, tokenizer, text: str) -> dict:
-    """llama-imatrix's importance matrix, computed here: for each linear layer of the decoder (GGUF tensor name),
-    the mean over ``text``'s tokens of each input column's squared activation, shape ``(in_features,)``."""
-    import re
+    """llama-imatrix's importance matrix on ``text``, computed by fourbit's library (``importance_matrix``, windows
+    of 512 tokens): GGUF tensor name -> the mean of each input column's squared activation."""
+    from fourbit.models.export import importance_matrix
 
-    sums, counts, hooks = {}, {}, []
-
-    def hook(key):
-        def pre(module, args):
-            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-            sums[key] = sums.get(key, 0) + (x * x).sum(0)
-            counts[key] = counts.get(key, 0) + x.shape[0]
-        return pre
-
-    for name, module in model.named_modules():
-        found = re.search(r"layers\.(\d+)\.(\w+\.\w+_proj)$", name)
-        if found and found.group(2) in GGUF_LINEAR:
-            key = f"blk.{found.group(1)}.{GGUF_LINEAR[found.group(2)]}.weight"
-            hooks.append(module.register_forward_pre_hook(hook(key)))
-    try:
-        _score(model, tokenizer, text, None)
-    finally:
-        for handle in hooks:
-            handle.remove()
-    return {key: (sums[key] / counts[key]).numpy() for key in sums}
+    return importance_matrix(model, tokenizer, text)[0]
 
 
 def _imatrix_array(llama_cpp, imatrix: dict):
@@ -167,7 +152,7 @@ def _llama_quantize(llama_cpp, src: Path, dst: Path, gguf_type: str, imatrix: di
     _LLAMA_LOG.clear()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, LLAMA_FTYPES[gguf_type])
-    params.nthread = 2
+    params.nthread = int(os.environ.get("OMP_NUM_THREADS") or 2)  # 1 where the machine is shared
     if imatrix:
         params.imatrix, _buffers = _imatrix_array(llama_cpp, imatrix)
     t0 = time.perf_counter()
@@ -185,7 +170,8 @@ def _llama_cpp_rows(llama_cpp, model, tokenizer, source, types: list[str], text:
                       source_gguf=source).path
     out = {"version": getattr(llama_cpp, "__version__", "?"), "source": "fourbit f16 export",
            "source_perplexity": round(_score_file(src, tokenizer, text, windows), 3), "results": []}
-    for gguf_type, matrix in [(t, m) for m in ([None, imatrix] if imatrix else [None]) for t in types]:
+    weighted = [(t, imatrix) for t in types if t in ("q4_0", "q4_k_m")] if imatrix else []
+    for gguf_type, matrix in [(t, None) for t in types] + weighted:
         dst = folder / f"llama-{gguf_type}.gguf"
         rc, seconds = _llama_quantize(llama_cpp, src, dst, gguf_type, matrix)
         row = {"type": gguf_type, "imatrix": matrix is not None, "rc": rc, "quantize_s": round(seconds, 1),
@@ -204,12 +190,12 @@ def _llama_cpp_rows(llama_cpp, model, tokenizer, source, types: list[str], text:
 def _compare(llama: dict, rows: list[dict], reference: float) -> None:
     """Add vs_float, the type counts and the tensors whose type differs from fourbit's file to each llama.cpp row."""
     llama["source_vs_float"] = round(llama["source_perplexity"] / reference - 1, 4)
-    fourbit = {r["type"]: r for r in rows}
+    fourbit = {(r["type"], r["imatrix"]): r for r in rows}
     for row in llama["results"]:
         if "perplexity" not in row:
             continue
         row["vs_float"] = round(row["perplexity"] / reference - 1, 4)
-        mine, theirs = fourbit[row["type"]]["per_tensor"], row.pop("per_tensor")
+        mine, theirs = fourbit[row["type"], False]["per_tensor"], row.pop("per_tensor")
         row["tensor_types"] = _count(theirs)
         row["differs_from_fourbit"] = {n: [mine.get(n), theirs.get(n)] for n in sorted(set(mine) | set(theirs))
                                        if mine.get(n) != theirs.get(n)}
@@ -223,8 +209,12 @@ def _print_report(report: dict) -> None:
     print(f"{'NF4' if report['nf4'] else 'float'} model: perplexity {reference:.3f} ({report['windows']} windows of "
           f"512 tokens, {report['chars']} chars from {report['offset']})")
     print(f"{'type':8} {'perplexity':>10} {'vs float':>9} {'MiB':>7} {'export s':>9}  tensors")
+    if "imatrix_chars" in report:
+        print(f"(+im: weighted by an importance matrix from {report['imatrix_chars']} characters of reference_text "
+              f"from {IMATRIX_OFFSET}, the mean squared input of each linear layer, as llama-imatrix computes it)")
     for r in rows:
-        print(f"{r['type']:8} {r['perplexity']:10.3f} {100 * r['vs_float']:+8.1f}% {r['MiB']:7.1f} "
+        label = r["type"] + ("+im" if r["imatrix"] else "")
+        print(f"{label:8} {r['perplexity']:10.3f} {100 * r['vs_float']:+8.1f}% {r['MiB']:7.1f} "
               f"{r['export_s']:9.1f}  {_types_line(r['tensor_types'])}")
     if "llama_cpp" in report:
         _print_llama(report["llama_cpp"], rows)
@@ -237,7 +227,7 @@ def _types_line(counts: dict[str, int]) -> str:
 
 def _print_llama(llama: dict, rows: list[dict]) -> None:
     """The llama.cpp rows beside fourbit's for the same type, and where the two files' tensor types differ."""
-    fourbit = {r["type"]: r for r in rows}
+    fourbit = {(r["type"], r["imatrix"]): r for r in rows}
     print(f"\nllama.cpp's quantizer (llama-cpp-python {llama['version']}, llama_model_quantize) on "
           f"{llama['source']}: source perplexity {llama['source_perplexity']:.3f} "
           f"({100 * llama['source_vs_float']:+.1f}% vs the model)")
@@ -247,7 +237,7 @@ def _print_llama(llama: dict, rows: list[dict]) -> None:
         print(f"(+im: with an importance matrix from {llama['imatrix_chars']} characters of reference_text from "
               f"{IMATRIX_OFFSET}, the mean squared input of each linear layer, as llama-imatrix computes it)")
     for r in llama["results"]:
-        mine, label = fourbit[r["type"]], r["type"] + ("+im" if r["imatrix"] else "")
+        mine, label = fourbit[r["type"], r["imatrix"]], r["type"] + ("+im" if r["imatrix"] else "")
         if "error" in r:
             print(f"{label:8} llama.cpp failed (return code {r['rc']}): {r['error']}")
             continue
@@ -275,18 +265,19 @@ def main() -> None:
                         help="also quantize fourbit's f16 export with llama.cpp's own quantizer (llama-cpp-python) "
                              "for each type and score it the same way")
     parser.add_argument("--imatrix-chars", type=int, default=0,
-                        help=f"with --llama-quantize: also quantize each type with an importance matrix from this many "
-                             f"characters of reference_text from character {IMATRIX_OFFSET} (not the scored text)")
+                        help=f"also quantize each 4-bit type with an importance matrix from this many characters of "
+                             f"reference_text from character {IMATRIX_OFFSET} (not the scored text); with "
+                             f"--llama-quantize, llama.cpp's quantizer too")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     types = [t.strip() for t in args.types.split(",") if t.strip()]
     llama_cpp = _llama_cpp() if args.llama_quantize else None
     if args.llama_quantize and llama_cpp is None:
         sys.exit(LLAMA_MISSING)
-    if args.imatrix_chars and (not args.llama_quantize or args.offset + args.chars > IMATRIX_OFFSET):
-        sys.exit(f"bench_export_quality.py: --imatrix-chars needs --llama-quantize and scored text ending before "
-                 f"character {IMATRIX_OFFSET} (--offset + --chars)")
-    if args.imatrix_chars and not hasattr(llama_cpp, "llama_model_imatrix_data"):
+    if args.imatrix_chars and args.offset + args.chars > IMATRIX_OFFSET:
+        sys.exit(f"bench_export_quality.py: --imatrix-chars needs scored text ending before character "
+                 f"{IMATRIX_OFFSET} (--offset + --chars)")
+    if args.imatrix_chars and llama_cpp is not None and not hasattr(llama_cpp, "llama_model_imatrix_data"):
         sys.exit(f"bench_export_quality.py: --imatrix-chars needs a llama-cpp-python with llama_model_imatrix_data "
                  f"(0.3.36 has it); this is {getattr(llama_cpp, '__version__', '?')}")
     if args.llama_quantize and set(types) - set(LLAMA_FTYPES):
@@ -309,15 +300,18 @@ def main() -> None:
     report = {"cpu": cpu_line(), "load_average": load_average(), "model": str(source), "chars": args.chars,
               "offset": args.offset, "nf4": args.nf4, "windows": args.windows,
               "float_perplexity": round(reference, 3), "results": rows}
+    imatrix = _importance(model, tokenizer, reference_text(IMATRIX_OFFSET + args.imatrix_chars)[
+        IMATRIX_OFFSET:]) if args.imatrix_chars else None
+    if imatrix:
+        report["imatrix_chars"] = args.imatrix_chars
+    weighted = [t for t in types if t in ("q4_0", "q4_k_m")] if imatrix else []
     with tempfile.TemporaryDirectory(prefix="fourbit-bench-quality-") as folder:
-        for gguf_type in types:
+        for gguf_type, matrix in [(t, None) for t in types] + [(t, imatrix) for t in weighted]:
             row = _export_and_score(model, tokenizer, gguf_source, gguf_type, text, args.windows, Path(folder),
-                                    per_tensor=args.llama_quantize)
+                                    per_tensor=args.llama_quantize, importance=matrix)
             row["vs_float"] = round(row["perplexity"] / reference - 1, 4)
             rows.append(row)
         if llama_cpp is not None:
-            imatrix = _importance(model, tokenizer, reference_text(IMATRIX_OFFSET + args.imatrix_chars)[
-                IMATRIX_OFFSET:]) if args.imatrix_chars else None
             report["llama_cpp"] = _llama_cpp_rows(llama_cpp, model, tokenizer, gguf_source, types, text,
                                                   args.windows, Path(folder), imatrix)
             if imatrix:

@@ -321,6 +321,132 @@ def test_q4_k_matches_the_scalar_reference_and_decodes_with_gguf():
     assert 0.05 < rel < 0.08  # 15 levels over each 32 values' range: about 0.07 of a Gaussian's norm
 
 
+def _ref_qp(x: list, nmax: int, w: list) -> tuple[np.float32, list]:
+    """``make_qp_quants`` of ggml-quants.c, scalar, float32, sums left to right."""
+    f = np.float32
+    peak = f(0)
+    for v in x:
+        peak = peak if peak > v else v
+    if peak < f(1e-15):
+        return f(0), [0] * len(x)
+    iscale = f(nmax) / peak
+    lv = [_nearest(iscale * v) for v in x]
+    scale, best = f(1) / iscale, f(0)
+    for v, li, wi in zip(x, lv, w, strict=True):
+        best += wi * (v - scale * f(li)) * (v - scale * f(li))
+    for step in (s for s in range(-4, 5) if s):
+        this = (f(0.1) * f(step) + f(nmax)) / peak
+        mse = f(0)
+        for v, wi in zip(x, w, strict=True):
+            diff = v - (f(1) / this) * f(min(nmax, _nearest(this * v)))
+            mse += wi * diff * diff
+        if mse < best:
+            best, iscale = mse, this
+    lv = [min(nmax, _nearest(iscale * v)) for v in x]
+    sumlx, suml2 = f(0), f(0)
+    for v, li, wi in zip(x, lv, w, strict=True):
+        sumlx += wi * v * f(li)
+    for li, wi in zip(lv, w, strict=True):
+        suml2 += wi * f(li) * f(li)
+    for _ in range(5):
+        changed = 0
+        for i, (v, wi) in enumerate(zip(x, w, strict=True)):
+            slx, sl2 = sumlx - wi * v * f(lv[i]), suml2 - wi * f(lv[i]) * f(lv[i])
+            if slx > 0 and sl2 > 0:
+                new = min(nmax, _nearest(v * sl2 / slx))
+                if new != lv[i]:
+                    slx, sl2 = slx + wi * v * f(new), sl2 + wi * f(new) * f(new)
+                    if slx * slx * suml2 > sumlx * sumlx * sl2:
+                        lv[i], sumlx, suml2, changed = new, slx, sl2, changed + 1
+        if not changed:
+            break
+    return sumlx / suml2, lv
+
+
+def _ref_q4_k_weighted_block(x: np.ndarray, qw: np.ndarray) -> bytes:
+    """``quantize_row_q4_K_impl`` with ``quant_weights`` for one super-block, scalar and float32 as in
+    ggml-quants.c (make_qkx3_quants, then make_qp_quants for the 6-bit scales and mins)."""
+    f = np.float32
+    sum_x2 = f(0)
+    for v in x:
+        sum_x2 += v * v
+    sigma2 = f(2) * sum_x2 / f(256)
+    scales, mins, levels, sw = [], [], [], []
+    for j in range(8):
+        xs = x[32 * j: 32 * j + 32]
+        w = [qw[32 * j + i] * f(np.sqrt(sigma2 + xs[i] * xs[i])) for i in range(32)]
+        total = f(0)
+        for wi in w:
+            total += wi
+        sw.append(total)
+        lo, hi = min(f(0), xs.min()), xs.max()
+        if hi <= lo:
+            scales.append(f(0)), mins.append(f(-lo)), levels.append([0] * 32)
+            continue
+        sum_w, sum_x = f(0), f(0)
+        for v, wi in zip(xs, w, strict=True):
+            sum_w, sum_x = sum_w + wi, sum_x + wi * v
+        iscale = f(15) / (hi - lo)
+        scale = f(1) / iscale
+        lv = [max(0, min(15, _nearest(iscale * (v - lo)))) for v in xs]
+        best = f(0)
+        for v, li, wi in zip(xs, lv, w, strict=True):
+            best += wi * (scale * f(li) + lo - v) * (scale * f(li) + lo - v)
+        for step in range(37):
+            iscale = (f(-0.9) + f(0.05) * f(step) + f(15)) / (hi - lo)
+            aux = [max(0, min(15, _nearest(iscale * (v - lo)))) for v in xs]
+            sl = sl2 = sxl = f(0)
+            for v, a, wi in zip(xs, aux, w, strict=True):
+                sl, sl2, sxl = sl + wi * f(a), sl2 + wi * f(a) * f(a), sxl + wi * f(a) * v
+            det = sum_w * sl2 - sl * sl
+            if det > 0:
+                ts, tm = (sum_w * sxl - sum_x * sl) / det, (sl2 * sum_x - sl * sxl) / det
+                if tm > 0:
+                    tm, ts = f(0), sxl / sl2
+                err = f(0)
+                for v, a, wi in zip(xs, aux, w, strict=True):
+                    err += wi * (ts * f(a) + tm - v) * (ts * f(a) + tm - v)
+                if err < best:
+                    lv, best, scale, lo = aux, err, ts, tm
+        scales.append(f(scale)), mins.append(f(-lo)), levels.append(lv)
+    d_block, ls = _ref_qp(scales, 63, sw)
+    m_block, lm = _ref_qp(mins, 63, sw)
+    d, dmin = np.float16(d_block), np.float16(m_block)
+    packed = bytearray(12)
+    for j in range(8):
+        if j < 4:
+            packed[j], packed[j + 4] = ls[j], lm[j]
+        else:
+            packed[j + 4] = (ls[j] & 0xF) | ((lm[j] & 0xF) << 4)
+            packed[j - 4] |= (ls[j] >> 4) << 6
+            packed[j] |= (lm[j] >> 4) << 6
+    for j in range(8):
+        dl = f(d) * f(ls[j])
+        if dl:
+            levels[j] = [max(0, min(15, _nearest((v + f(dmin) * f(lm[j])) / dl))) for v in x[32 * j: 32 * j + 32]]
+    flat = sum(levels, [])
+    qs = bytes(flat[c * 64 + i] | (flat[c * 64 + 32 + i] << 4) for c in range(4) for i in range(32))
+    return d.tobytes() + dmin.tobytes() + bytes(packed) + qs
+
+
+def test_weighted_q4_k_matches_a_scalar_transcription_of_llama_cpp():
+    """``quantize_q4_k(x, importance)`` against ggml-quants.c's ``quantize_row_q4_K_impl`` transcribed line by
+    line (sums left to right where numpy sums 32 values pairwise: a rare value may land on the next level, so
+    the check allows one differing level byte in a thousand, and none in the scales)."""
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal((6, 256)) * rng.uniform(0.01, 1, (6, 1))).astype(np.float32)
+    x[1] = np.abs(x[1])
+    x[2, :32] = 0.25
+    importance = np.exp(1.5 * rng.standard_normal(256)).astype(np.float32)
+    fast = quantize_q4_k(x, importance)
+    differing = 0
+    for row in range(len(x)):
+        want = np.frombuffer(_ref_q4_k_weighted_block(x[row], importance), dtype=np.uint8)
+        assert np.array_equal(fast[row, :16], want[:16]), row
+        differing += int((fast[row, 16:] != want[16:]).sum())
+    assert differing <= len(x) * 128 // 1000
+
+
 def test_q6_k_decodes_with_gguf_and_keeps_zero_blocks():
     from gguf import GGMLQuantizationType, quants
 
@@ -382,7 +508,8 @@ def test_compiled_quantizers_write_the_reference_files_byte_for_byte(trained, tm
         pytest.skip("no C compiler: the compiled kernels are not built")
     calls = []
     compiled = cpu.quantize_ggml
-    monkeypatch.setattr(cpu, "quantize_ggml", lambda values, name: calls.append(name) or compiled(values, name))
+    monkeypatch.setattr(cpu, "quantize_ggml", lambda values, name, importance=None: calls.append(name)
+                        or compiled(values, name, importance))
     fast = export_gguf(trained["model"], trained["tokenizer"], tmp_path / "fast.gguf", gguf_type=gguf_type,
                        modelfile=False)
     used = set(calls)
@@ -526,6 +653,153 @@ def test_a_tensor_quantized_in_row_chunks_gives_the_bytes_of_the_whole(monkeypat
     monkeypatch.setattr(writer, "_CHUNK_ELEMENTS", 256 * 7)  # 7 rows a chunk: 43 chunks, the last one short
     chunked = writer._tensor_bytes(lambda: weight, None, qt)
     assert whole.shape == chunked.shape and np.array_equal(whole, chunked)
+    importance = np.exp(np.random.default_rng(0).standard_normal(256)).astype(np.float32)
+    monkeypatch.setattr(writer, "_CHUNK_ELEMENTS", 1 << 24)
+    whole = writer._tensor_bytes(lambda: weight, None, qt, importance)  # Q4_0's weights use each row's mean square
+    monkeypatch.setattr(writer, "_CHUNK_ELEMENTS", 256 * 7)
+    assert np.array_equal(whole, writer._tensor_bytes(lambda: weight, None, qt, importance))
     weight[150, 3] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         writer._tensor_bytes(lambda: weight, None, qt)
+
+
+# --- importance matrices (--imatrix-text, --imatrix) ------------------------------------------------------
+
+CALIBRATION = reference_text(56_000)[50_000:56_000]  # neither the training text nor HELD_OUT
+
+
+def test_importance_is_the_mean_squared_input_of_each_linear_layer():
+    """Against a hand computation: the inputs of layer 0's q/k/v (its input norm of the embeddings), of layer 1's
+    q/k/v (its input norm of layer 0's output) and of the head (the final norm's output), squared and averaged
+    over every token of the windows the text is cut into (16, 16 and 8 tokens: max_tokens 40)."""
+    from _tiny_models import make_tokenizer
+
+    from fourbit.models.export import importance_matrix
+
+    model, tok = make_llama(seed=1).eval(), make_tokenizer()
+    text = "The quick brown fox jumps over the lazy dog; pack my box with five dozen jugs."
+    got, tokens = importance_matrix(model, tok, text, max_tokens=40, window=16)
+    assert tokens == 40
+    linear = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
+    assert set(got) == {f"blk.{i}.{n}.weight" for i in range(2) for n in linear} | {"output.weight"}
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0][:40]
+    inputs = {"blk.0": [], "blk.1": [], "output": []}
+    with torch.no_grad():
+        for start in (0, 16, 32):
+            states = model(ids[start:start + 16].unsqueeze(0), output_hidden_states=True).hidden_states
+            inputs["blk.0"].append(model.model.layers[0].input_layernorm(states[0])[0])
+            inputs["blk.1"].append(model.model.layers[1].input_layernorm(states[1])[0])
+            inputs["output"].append(states[2][0])  # the last hidden state is the final norm's output
+    for key, rows in inputs.items():
+        want = (torch.cat(rows).double() ** 2).mean(0).float().numpy()
+        names = ["output.weight"] if key == "output" else [f"{key}.{n}.weight" for n in ("attn_q", "attn_k", "attn_v")]
+        for name in names:
+            np.testing.assert_allclose(got[name], want, rtol=1e-5, atol=1e-7, err_msg=name)
+    tied = make_llama(seed=1, tie_word_embeddings=True).eval()
+    assert "output.weight" not in importance_matrix(tied, tok, text)[0]  # the tied head is the token embedding
+
+
+def test_importance_of_the_adapter_model_is_the_merged_models(trained, merged):
+    """The matrix of the model the export writes: NF4 base + LoRA, run unmerged, gives the merged float
+    model's statistic (float32 rounding apart)."""
+    from fourbit.models.export import importance_matrix
+
+    got, _ = importance_matrix(trained["model"], trained["tokenizer"], CALIBRATION, max_tokens=300)
+    want, _ = importance_matrix(merged, trained["tokenizer"], CALIBRATION, max_tokens=300)
+    assert set(got) == set(want) and len(got) == 2 * 7 + 1
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-3, err_msg=name)
+
+
+def _write_llama_imatrix(path, matrix: dict, count: int = 64) -> None:
+    """``matrix`` in llama-imatrix's GGUF layout: ``<name>.in_sum2`` (sums of squares over ``count`` tokens)
+    and ``<name>.counts``."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "imatrix")
+    writer.add_type("imatrix")
+    for name, values in matrix.items():
+        writer.add_tensor(f"{name}.in_sum2", (values * np.float32(count)).reshape(1, -1))
+        writer.add_tensor(f"{name}.counts", np.full((1, 1), count, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_imatrix_text_and_file_export_the_library_files_and_stay_near_the_merged_model(exports, trained, merged,
+                                                                                      tmp_path):
+    """``--imatrix-text`` (on the adapter's merged model), ``--imatrix`` (the same matrix in llama-imatrix's
+    file format) and ``export_gguf(importance=importance_matrix(...))`` write one file; its weights differ
+    from the unweighted export's, and its perplexity on held-out text stays near the merged model's."""
+    from fourbit.models.export import importance_matrix, read_imatrix
+
+    calibration = tmp_path / "calibration.txt"
+    calibration.write_text(CALIBRATION, encoding="utf-8")
+    base = [str(trained["folder"]), "--adapter", str(trained["adapter"]), "--type", "q4_k_m", "--no-modelfile"]
+    cli = run_cli("export", *base, "--gguf", str(tmp_path / "text.gguf"), "--imatrix-text", str(calibration),
+                  "--imatrix-tokens", "600")
+    assert cli.code == 0, cli.err
+    assert f"importance matrix: 15 tensors from 600 tokens of {calibration}" in cli.out
+    matrix, _ = importance_matrix(trained["model"], trained["tokenizer"], CALIBRATION, max_tokens=600)
+    library = export_gguf(trained["model"], trained["tokenizer"], tmp_path / "library.gguf", gguf_type="q4_k_m",
+                          modelfile=False, importance=matrix)
+    _write_llama_imatrix(tmp_path / "imatrix.gguf", matrix)
+    read = read_imatrix(tmp_path / "imatrix.gguf")
+    assert set(read) == set(matrix) and all(np.array_equal(read[n], matrix[n]) for n in matrix)
+    from_file = run_cli("export", *base, "--gguf", str(tmp_path / "file.gguf"), "--imatrix",
+                        str(tmp_path / "imatrix.gguf"), "--json")
+    assert from_file.code == 0, from_file.err
+    assert json.loads(from_file.out)["imatrix"] == f"15 tensors from {tmp_path / 'imatrix.gguf'}"
+    written = (tmp_path / "text.gguf").read_bytes()
+    assert written == library.path.read_bytes() == (tmp_path / "file.gguf").read_bytes()
+    out, _ = exports
+    assert written != (out / "tiny-q4_k_m.gguf").read_bytes()
+    tok = trained["tokenizer"]
+    reference = perplexity(merged, tok, HELD_OUT, window=256)
+    exported = perplexity(_load_gguf(tmp_path / "text.gguf"), tok, HELD_OUT, window=256)
+    assert abs(exported / reference - 1) < 0.05 and exported != reference
+
+
+@pytest.mark.parametrize("argv,names", [
+    (["--type", "q4_k_m", "--imatrix-text", "{out}/missing.txt"], ["missing.txt", "no such file", "--imatrix-text"]),
+    (["--type", "q4_k_m", "--imatrix-text", "{out}/empty.txt"], ["empty.txt", "is empty", "--imatrix-text"]),
+    (["--type", "f16", "--imatrix-text", "{out}/text.txt"], ["--imatrix-text", "f16"]),
+    (["--type", "q8_0", "--imatrix", "{out}/text.txt"], ["--imatrix", "q8_0"]),
+    (["--type", "q4_0", "--imatrix-tokens", "5"], ["--imatrix-tokens", "--imatrix-text"]),
+    (["--type", "q4_0", "--imatrix-text", "{out}/text.txt", "--imatrix-tokens", "0"], ["--imatrix-tokens"]),
+    (["--type", "q4_0", "--imatrix-text", "{out}/text.txt", "--imatrix", "{out}/text.txt"],
+     ["--imatrix", "--imatrix-text"]),
+])
+def test_bad_imatrix_flags_are_named_before_loading(tmp_path, argv, names):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "empty.txt").write_text("  \n", encoding="utf-8")
+    (inputs / "text.txt").write_text("calibration text", encoding="utf-8")
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = [a.format(out=inputs) for a in argv]
+    result = run_cli("export", str(tmp_path / "no-such-model"), "--gguf", str(out / "m.gguf"), *argv)
+    assert_clean_error(result, *names)
+    assert _no_outputs(out) == []
+
+
+def test_a_bad_imatrix_file_and_bad_importance_arguments_are_refused(trained, tmp_path):
+    from fourbit._errors import FieldError
+
+    (tmp_path / "junk.gguf").write_bytes(b"GGUF and then nothing a reader can parse")
+    out = tmp_path / "out"
+    out.mkdir()
+    result = run_cli("export", str(trained["folder"]), "--gguf", str(out / "m.gguf"), "--type", "q4_0",
+                     "--imatrix", str(tmp_path / "junk.gguf"))
+    assert "llama-imatrix" in assert_clean_error(result, "junk.gguf")
+    model, tok = trained["model"], trained["tokenizer"]
+    good = {"blk.0.attn_q.weight": np.ones(256, np.float32)}
+    cases = [("q8_0", good, "q8_0 does not use"),
+             ("q4_0", {"blk.0.attn_q.weight": np.ones(255, np.float32)}, "blk.0.attn_q.weight has 255 values"),
+             ("q4_0", {"blk.0.attn_q.weight": -np.ones(256, np.float32)}, "negative"),
+             ("q4_0", {"model.layers.0.q_proj": np.ones(256, np.float32)}, "another model")]
+    for gguf_type, importance, message in cases:
+        with pytest.raises(FieldError, match=message):
+            export_gguf(model, tok, out / "m.gguf", gguf_type=gguf_type, modelfile=False, importance=importance)
+    assert _no_outputs(out) == []

@@ -58,7 +58,7 @@ _X86 = ("x86_64", "amd64")
 
 #: The library interface this module calls (signatures, ``fb_scales``, status codes): must equal
 #: ``FB_ABI_VERSION`` in ``csrc/fourbit_cpu.h``; bump both together.
-ABI_VERSION = 6
+ABI_VERSION = 7
 
 #: :func:`set_decode_rows`'s modes (``FOURBIT_DECODE_ROWS``) -> ``FB_ROWS_*`` of ``csrc/fourbit_cpu.h``.
 DECODE_ROWS = {"float": 0, "int8": 1, "auto": 2}
@@ -268,7 +268,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "fb_rmsnorm": [ptr, ptr, ptr, ptr, ptr, i32, i64, i64, ctypes.c_float, i32],
         "fb_dropout": [ptr, ptr, i32, i64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float, i32],
         "fb_decode_step": [ctypes.POINTER(DecodeModel), i64, i64, ptr, ptr, ptr, i64, i32],
-        "fb_quantize_ggml": [ptr, i32, i64, ptr, i32],
+        "fb_quantize_ggml": [ptr, i32, i64, i64, ptr, ptr, ptr, i32],
         "fb_isa": [],
         "fb_set_isa": [i32],
         "fb_set_decode_rows": [i32],
@@ -578,7 +578,7 @@ GGML_BLOCKS = {"Q8_0": (32, 34, 0), "Q4_0": (32, 18, 1), "Q4_K": (256, 144, 2), 
                "Q5_0": (32, 22, 4)}
 
 
-def quantize_ggml(values: torch.Tensor, type_name: str) -> torch.Tensor:
+def quantize_ggml(values: torch.Tensor, type_name: str, importance: torch.Tensor | None = None) -> torch.Tensor:
     """llama.cpp's ``type_name`` blocks (a key of :data:`GGML_BLOCKS`) of ``values`` [..., k], byte for byte
     what the reference gives: ``gguf.quants.quantize`` for Q8_0, ``fourbit.models.export.kquants`` for Q4_0,
     Q5_0, Q4_K and Q6_K (``csrc/ggml_quants.c`` says how the sums and roundings follow them).
@@ -586,12 +586,16 @@ def quantize_ggml(values: torch.Tensor, type_name: str) -> torch.Tensor:
     Args:
         values: float32 [..., k], k a multiple of the block (32, or 256 for Q4_K/Q6_K); finite (the caller
             checks: a NaN or Inf gives meaningless bytes, not an error).
+        importance: None, or float32 [k], one weight per column (llama.cpp's ``quant_weights``, from an
+            importance matrix): Q4_0, Q5_0, Q4_K and Q6_K then weigh each value's error as llama.cpp's
+            ``quantize_row_*_impl`` do; Q8_0 ignores it.
 
     Returns:
         uint8 [..., k / block · bytes per block].
 
     Raises:
-        ValueError: a row that does not split into whole blocks, or an unknown ``type_name``.
+        ValueError: a row that does not split into whole blocks, an importance vector of another length than
+            the rows, or an unknown ``type_name``.
     """
     if type_name not in GGML_BLOCKS:
         raise ValueError(f"quantize_ggml: no compiled kernel for {type_name!r}; it writes {', '.join(GGML_BLOCKS)}")
@@ -599,7 +603,17 @@ def quantize_ggml(values: torch.Tensor, type_name: str) -> torch.Tensor:
     if values.dim() < 1 or values.shape[-1] % block:
         raise ValueError(f"quantize_ggml: rows of {values.shape[-1] if values.dim() else 0} values do not split "
                          f"into {type_name} blocks of {block}")
+    cols = values.shape[-1]
     x = values if values.dtype == torch.float32 and values.is_contiguous() else values.float().contiguous()
-    out = torch.empty(*x.shape[:-1], x.shape[-1] // block * size, dtype=torch.uint8)
-    _call("fb_quantize_ggml", x.data_ptr(), code, x.numel(), out.data_ptr(), _threads(x.numel()), blocksize=block)
+    out = torch.empty(*x.shape[:-1], cols // block * size, dtype=torch.uint8)
+    if x.numel() == 0:
+        return out
+    weights = row_ms = None
+    if importance is not None:
+        weights = importance.detach().to(torch.float32).contiguous().reshape(-1)
+        if weights.numel() != cols:
+            raise ValueError(f"quantize_ggml: an importance vector of {weights.numel()} values for rows of {cols}")
+        row_ms = torch.empty(x.numel() // cols, dtype=torch.float32)
+    _call("fb_quantize_ggml", x.data_ptr(), code, x.numel(), cols, None if weights is None else weights.data_ptr(),
+          None if row_ms is None else row_ms.data_ptr(), out.data_ptr(), _threads(x.numel()), blocksize=block)
     return out

@@ -50,7 +50,7 @@
 
 /* Bump on any change of an exported signature, of fb_scales or of a status code; cpu.py's ABI_VERSION must
  * match, and a cached build reporting another version is rebuilt, never called. */
-#define FB_ABI_VERSION 6
+#define FB_ABI_VERSION 7
 
 /* The largest block quantize can take: it holds one block in two stack buffers of this size. */
 #define FB_MAX_QUANT_BLOCKSIZE 4096
@@ -146,7 +146,8 @@ int fb_rmsnorm(const void *x, const void *w, const void *dy, float *rstd, void *
 int fb_dropout(const void *x, void *out, int dtype, int64_t n, uint64_t seed, uint32_t threshold, float scale,
                int nthreads);
 /* llama.cpp's block types for GGUF export (ggml_quants.c): type 0 Q8_0, 1 Q4_0, 2 Q4_K, 3 Q6_K, 4 Q5_0. */
-int fb_quantize_ggml(const float *x, int type, int64_t n, uint8_t *out, int nthreads);
+int fb_quantize_ggml(const float *x, int type, int64_t n, int64_t cols, const float *importance, float *row_ms,
+                     uint8_t *out, int nthreads);
 
 /* ------------------------------------------------------------------------------------------- scalars */
 

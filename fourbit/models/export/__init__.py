@@ -3,10 +3,11 @@ tokenizer and chat template and an Ollama Modelfile beside it, or a LoRA adapter
 GGUF. Files are written through llama.cpp's own ``gguf`` package.
 
 Modules, each read top to bottom: ``kquants`` (llama.cpp's Q4_K / Q6_K block quantization in numpy),
-``layout`` (architectures, tensor names, Q/K row order, per-tensor types, hyperparameters), ``vocab``
+``imatrix`` (importance matrices from calibration text or llama-imatrix files), ``layout`` (architectures, tensor names, Q/K row order, per-tensor types, hyperparameters), ``vocab``
 (tokenizer metadata), ``modelfile`` (Ollama), ``writer`` (the streaming, atomic model export) and ``lora``.
 """
 
+from fourbit.models.export.imatrix import importance_matrix, read_imatrix
 from fourbit.models.export.layout import ARCHITECTURES, FOUR_BIT_TYPES, GGUF_TYPES
 from fourbit.models.export.lora import export_lora_gguf
 from fourbit.models.export.modelfile import chat_family, modelfile_for
@@ -21,5 +22,7 @@ __all__ = [
     "check_gguf_output",
     "export_gguf",
     "export_lora_gguf",
+    "importance_matrix",
     "modelfile_for",
+    "read_imatrix",
 ]

@@ -11,6 +11,13 @@ functions llama-quantize uses when it has no importance matrix, vectorized over 
 and round-half-to-even (``nearest_int``) as in C; sums are added in another order, so a rare value may land on
 the next level. The bytes decode with ``gguf.quants.dequantize`` (the test suite checks that round trip).
 
+Each ``quantize_*`` takes an optional ``importance`` [k], one weight per column (llama.cpp's ``quant_weights``,
+from an importance matrix: :mod:`.imatrix`), and then weighs each value's squared error as llama-quantize
+does with ``--imatrix`` (``quantize_row_q4_0_impl``, ``..._q5_0_impl``, ``..._q4_K_impl``, ``..._q6_K_impl``):
+Q4_0, Q5_0 and Q4_K weigh value j by importance_j·sqrt(σ² + x_j²) (σ² the row's mean square, or twice the
+super-block's for Q4_K); Q6_K by importance_j alone; Q4_K also searches a finer grid (``make_qkx3_quants``) and
+fits its 6-bit scales and mins by a weighted search (``make_qp_quants``) instead of scaling them by the largest.
+
 Q4_0 and Q5_0 blocks hold 32 values: fp16 ``d`` and 4-bit levels (Q4_0, 18 bytes), or fp16 ``d``, 32 fifth
 bits and 4-bit levels (Q5_0, 22 bytes); value = d·(q − 8) or d·(q − 16). Super-blocks hold 256 values
 (``QK_K``):
@@ -104,14 +111,17 @@ def _pack_q4_k_scales(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
     return out
 
 
-def _q4_k_blocks(x: np.ndarray) -> np.ndarray:
-    """``quantize_row_q4_K_ref`` on super-blocks ``x`` [n, 256] -> [n, 144] bytes."""
+def _q4_k_blocks(x: np.ndarray, qw: np.ndarray | None = None, sigma2: np.ndarray | None = None) -> np.ndarray:
+    """``quantize_row_q4_K_ref`` on super-blocks ``x`` [n, 256] -> [n, 144] bytes; with importances ``qw``
+    [n, 256], ``quantize_row_q4_K_impl`` (:func:`_q4_k_weighted`)."""
+    if qw is not None:
+        return _q4_k_weighted(x, qw)
     n = x.shape[0]
     sub = x.reshape(n * 8, 32)
     av_x = np.sqrt((sub * sub).sum(axis=1) / np.float32(32))
     weights = av_x[:, None] + np.abs(sub)
     scales, mins, levels = _make_qkx2_quants(sub, weights, 15, -1.0, 0.1, 20)
-    scales, mins, levels = scales.reshape(n, 8), mins.reshape(n, 8), levels.reshape(n, 8, 32)
+    scales, mins = scales.reshape(n, 8), mins.reshape(n, 8)
     max_scale, max_min = scales.max(axis=1), mins.max(axis=1)
     inv_scale = np.where(max_scale > 0, np.float32(63) / np.where(max_scale > 0, max_scale, 1), 0)
     inv_min = np.where(max_min > 0, np.float32(63) / np.where(max_min > 0, max_min, 1), 0)
@@ -119,7 +129,15 @@ def _q4_k_blocks(x: np.ndarray) -> np.ndarray:
     lm = np.clip(_nearest_int(inv_min[:, None] * mins), 0, 63).astype(np.uint8)
     d = (max_scale / np.float32(63)).astype(np.float16)
     dmin = (max_min / np.float32(63)).astype(np.float16)
-    # requantize every value against the scales as stored (6-bit, times fp16 d), as the reference does
+    return _q4_k_pack(x, levels.reshape(n, 8, 32), ls, lm, d, dmin)
+
+
+def _q4_k_pack(x: np.ndarray, levels: np.ndarray, ls: np.ndarray, lm: np.ndarray, d: np.ndarray,
+               dmin: np.ndarray) -> np.ndarray:
+    """Q4_K's bytes from the 6-bit scales ``ls`` and mins ``lm`` [n, 8], fp16 ``d``, ``dmin`` [n] and the
+    search's ``levels`` [n, 8, 32]: every value requantized against the scales as stored (6-bit, times fp16 d),
+    as the reference does, where the sub-block's scale is not 0."""
+    n = x.shape[0]
     dl = d.astype(np.float32)[:, None] * ls.astype(np.float32)
     ml = dmin.astype(np.float32)[:, None] * lm.astype(np.float32)
     nonzero = dl != 0
@@ -135,9 +153,84 @@ def _q4_k_blocks(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def _make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """``make_qx_quants(n, nmax, x, L, rmse_type=1, NULL)`` over rows of ``x`` [n, 16]: a symmetric scale
-    searched over 19 grids, weighted by x².
+def _seq_sum(v: np.ndarray) -> np.ndarray:
+    """Sum over the last axis of ``v`` [n, m] left to right in float32, from 0 (a C loop ``s += v[i]``)."""
+    total = np.zeros(v.shape[0], dtype=np.float32)
+    for i in range(v.shape[1]):
+        total = total + v[:, i]
+    return total
+
+
+def _make_qp_quants(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``make_qp_quants(8, nmax, x, L, w)`` over rows of ``x`` [n, 8] (the sub-block scales or mins of a Q4_K
+    super-block, >= 0), weighted by ``w`` [n, 8]: an unsigned scale searched over 9 grids (max / (nmax + 0.1 s),
+    s in -4..4), then up to 5 passes that move one level at a time while the weighted fit improves. Sums
+    left to right, as the C. Levels are clipped to 0..nmax (llama.cpp clips only above; x is never negative
+    here but for a degenerate fit).
+
+    Returns:
+        (scale [n] float32, levels [n, 8] uint8)
+    """
+    f32 = np.float32
+    peak = np.zeros(x.shape[0], dtype=np.float32)
+    for i in range(x.shape[1]):
+        peak = np.where(peak > x[:, i], peak, x[:, i])  # MAX(max, x[i])
+    zero = peak < _GROUP_MAX_EPS
+    peak = np.where(zero, f32(1), peak)
+
+    def levels_of(iscale: np.ndarray) -> np.ndarray:
+        return np.clip(_nearest_int(iscale[:, None] * x), 0, nmax).astype(np.float32)
+
+    def mse(iscale: np.ndarray) -> np.ndarray:
+        diff = x - (f32(1) / iscale)[:, None] * levels_of(iscale)
+        return _seq_sum(w * diff * diff)
+
+    iscale = f32(nmax) / peak
+    best = mse(iscale)
+    for step in (s for s in range(-4, 5) if s):
+        this = (f32(0.1) * f32(step) + f32(nmax)) / peak
+        err = mse(this)
+        better = err < best
+        best = np.where(better, err, best)
+        iscale = np.where(better, this, iscale)
+    lv = levels_of(iscale)
+    sumlx, suml2 = _seq_sum(w * x * lv), _seq_sum(w * lv * lv)
+    for _ in range(5):  # a pass that changes nothing leaves the state as it was, so C's early break is moot
+        for i in range(x.shape[1]):
+            wi, xi, li = w[:, i], x[:, i], lv[:, i]
+            slx, sl2 = sumlx - wi * xi * li, suml2 - wi * li * li
+            ok = (slx > 0) & (sl2 > 0)
+            new = np.clip(_nearest_int(xi * sl2 / np.where(ok, slx, f32(1))), 0, nmax).astype(np.float32)
+            slx, sl2 = slx + wi * xi * new, sl2 + wi * new * new
+            take = ok & (new != li) & (slx * slx * suml2 > sumlx * sumlx * sl2)
+            lv[:, i] = np.where(take, new, li)
+            sumlx, suml2 = np.where(take, slx, sumlx), np.where(take, sl2, suml2)
+    scale = np.where(zero | ~(suml2 > 0), f32(0), sumlx / np.where(suml2 > 0, suml2, f32(1)))  # NaN too: 0
+    return scale.astype(np.float32), np.where(zero[:, None], 0, lv).astype(np.uint8)
+
+
+def _q4_k_weighted(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
+    """``quantize_row_q4_K_impl`` with importances ``qw`` [n, 256] on super-blocks ``x`` [n, 256]: value j
+    weighs qw[j]·sqrt(σ² + x[j]²), σ² = 2·mean(x²) over the super-block; each sub-block's (scale, min) from
+    ``make_qkx3_quants`` (a finer grid than the reference's: rmin −0.9, step 0.05, 37 grids), the 6-bit scales
+    and mins from :func:`_make_qp_quants` weighted by each sub-block's total weight. σ² sums the eight
+    sub-blocks' sums of squares left to right (C: one loop over 256 values; the bytes follow this order)."""
+    f32 = np.float32
+    n = x.shape[0]
+    sub = x.reshape(n * 8, 32)
+    sq = sub * sub
+    sigma2 = f32(2) * _seq_sum(sq.sum(axis=1).reshape(n, 8)) / f32(QK_K)
+    weights = qw.reshape(n * 8, 32) * np.sqrt(np.repeat(sigma2, 8)[:, None] + sq)
+    sw = weights.sum(axis=1).reshape(n, 8)
+    scales, mins, levels = _make_qkx2_quants(sub, weights, 15, -0.9, 0.05, 36)
+    d, ls = _make_qp_quants(scales.reshape(n, 8), 63, sw)
+    dmin, lm = _make_qp_quants(mins.reshape(n, 8), 63, sw)
+    return _q4_k_pack(x, levels.reshape(n, 8, 32), ls, lm, d.astype(np.float16), dmin.astype(np.float16))
+
+
+def _make_qx_quants(x: np.ndarray, nmax: int, w: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``make_qx_quants(n, nmax, x, L, rmse_type=1, qw)`` over rows of ``x`` [n, 16]: a symmetric scale
+    searched over 19 grids, weighted by x² (``qw`` NULL), or by the importances ``w`` [n, 16].
 
     Returns:
         (scale [n], levels [n, 16] int32 in 0..2·nmax-1)
@@ -148,7 +241,7 @@ def _make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     peak = x[rows, pick]
     zero = np.abs(peak) < _GROUP_MAX_EPS
     peak = np.where(zero, f32(1), peak)
-    w = x * x
+    w = x * x if w is None else w
 
     def grid(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         lv = np.clip(_nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
@@ -171,13 +264,17 @@ def _make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     return scale.astype(np.float32), levels
 
 
-def _symmetric_fit(x: np.ndarray, iscale: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """The levels ``clip(rint(iscale · x), -nmax, nmax - 1)`` of blocks ``x`` [n, 32]: (sum(x·l), sum(l·l))."""
+def _symmetric_fit(x: np.ndarray, w: np.ndarray | None, iscale: np.ndarray,
+                   nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """The levels ``clip(rint(iscale · x), -nmax, nmax - 1)`` of blocks ``x`` [n, 32]: (sum(w·x·l), sum(w·l·l)),
+    w = 1 where ``w`` is None (1·v = v exactly, so the C multiplies by ones and gives the same bytes)."""
     lv = np.clip(_nearest_int(iscale[:, None] * x), -nmax, nmax - 1).astype(np.float32)
-    return (x * lv).sum(axis=1), (lv * lv).sum(axis=1)
+    if w is None:
+        return (x * lv).sum(axis=1), (lv * lv).sum(axis=1)
+    return (w * x * lv).sum(axis=1), (w * lv * lv).sum(axis=1)
 
 
-def _symmetric_blocks(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+def _symmetric_blocks(x: np.ndarray, nmax: int, w: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The fp16 scale ``d`` and the levels q (value = d·(q − nmax), q in 0..2·nmax−1) of blocks ``x`` [n, 32] for
     Q4_0 (nmax 8) and Q5_0 (nmax 16), the scale of least squared error searched for.
 
@@ -188,6 +285,8 @@ def _symmetric_blocks(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]
     scale of the levels of 19 grids, iscale = −(nmax + 0.1·s) / max for s in −9..9, the one of least squared
     error kept. Every value is then rounded to the nearest level of the scale as stored (fp16), which only
     lowers the error. Float32 throughout, sums in numpy's order: ``csrc/ggml_quants.c`` gives the same bytes.
+    With per-value weights ``w`` [n, 32] (an importance matrix, :func:`_importance_weights`) the sums are
+    weighted: ``make_qx_quants(32, nmax, x, L, 1, w)`` as ``quantize_row_q4_0_impl`` calls it.
 
     Returns:
         (d [n] float16, levels [n, 32] uint8)
@@ -196,11 +295,11 @@ def _symmetric_blocks(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]
     peak = x[np.arange(x.shape[0]), np.abs(x).argmax(axis=1)]
     zero = np.abs(peak) < _GROUP_MAX_EPS
     peak = np.where(zero, f32(1), peak)
-    sumlx, suml2 = _symmetric_fit(x, f32(-nmax) / peak, nmax)
+    sumlx, suml2 = _symmetric_fit(x, w, f32(-nmax) / peak, nmax)
     scale = np.where(suml2 > 0, sumlx / np.where(suml2 > 0, suml2, f32(1)), f32(0))
     best = scale * sumlx
     for step in (s for s in range(-9, 10) if s):
-        slx, sl2 = _symmetric_fit(x, -(f32(nmax) + f32(0.1) * f32(step)) / peak, nmax)
+        slx, sl2 = _symmetric_fit(x, w, -(f32(nmax) + f32(0.1) * f32(step)) / peak, nmax)
         better = (sl2 > 0) & (slx * slx > best * sl2)
         scale = np.where(better, slx / np.where(sl2 > 0, sl2, f32(1)), scale)
         best = np.where(better, scale * slx, best)
@@ -210,19 +309,25 @@ def _symmetric_blocks(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]
     return d, np.where((dl != 0)[:, None], levels, nmax).astype(np.uint8)
 
 
-def _q4_0_blocks(x: np.ndarray) -> np.ndarray:
+def _importance_weights(x: np.ndarray, qw: np.ndarray | None, sigma2: np.ndarray | None) -> np.ndarray | None:
+    """``quantize_row_q4_0_impl``'s (and q5_0's) weights of blocks ``x`` [n, 32]: qw·sqrt(σ² + x²), σ² the
+    mean square of the block's row [n]; None without importances."""
+    return None if qw is None else qw * np.sqrt(sigma2[:, None] + x * x)
+
+
+def _q4_0_blocks(x: np.ndarray, qw: np.ndarray | None = None, sigma2: np.ndarray | None = None) -> np.ndarray:
     """Q4_0 blocks ``x`` [n, 32] -> [n, 18] bytes: fp16 ``d``, 16 bytes of 4-bit levels (q[j] | q[j+16] << 4)."""
-    d, levels = _symmetric_blocks(x, 8)
+    d, levels = _symmetric_blocks(x, 8, _importance_weights(x, qw, sigma2))
     out = np.empty((x.shape[0], Q4_0_BYTES), dtype=np.uint8)
     out[:, 0:2] = d.reshape(-1, 1).view(np.uint8)
     out[:, 2:] = levels[:, :16] | (levels[:, 16:] << 4)
     return out
 
 
-def _q5_0_blocks(x: np.ndarray) -> np.ndarray:
+def _q5_0_blocks(x: np.ndarray, qw: np.ndarray | None = None, sigma2: np.ndarray | None = None) -> np.ndarray:
     """Q5_0 blocks ``x`` [n, 32] -> [n, 22] bytes: fp16 ``d``, 4 bytes of fifth bits (bit j of level j,
     little-endian), 16 bytes of low nibbles (q[j] | q[j+16] << 4)."""
-    d, levels = _symmetric_blocks(x, 16)
+    d, levels = _symmetric_blocks(x, 16, _importance_weights(x, qw, sigma2))
     out = np.empty((x.shape[0], Q5_0_BYTES), dtype=np.uint8)
     out[:, 0:2] = d.reshape(-1, 1).view(np.uint8)
     out[:, 2:6] = np.packbits(levels >> 4, axis=-1, bitorder="little")
@@ -231,10 +336,11 @@ def _q5_0_blocks(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def _q6_k_blocks(x: np.ndarray) -> np.ndarray:
-    """``quantize_row_q6_K_ref`` on super-blocks ``x`` [n, 256] -> [n, 210] bytes."""
+def _q6_k_blocks(x: np.ndarray, qw: np.ndarray | None = None, sigma2: np.ndarray | None = None) -> np.ndarray:
+    """``quantize_row_q6_K_ref`` on super-blocks ``x`` [n, 256] -> [n, 210] bytes; with importances ``qw``
+    [n, 256], ``quantize_row_q6_K_impl``, which weighs each value by its importance alone."""
     n = x.shape[0]
-    scales, levels = _make_qx_quants(x.reshape(n * 16, 16), 32)
+    scales, levels = _make_qx_quants(x.reshape(n * 16, 16), 32, None if qw is None else qw.reshape(n * 16, 16))
     scales, levels = scales.reshape(n, 16), levels.reshape(n, 16, 16)
     pick = np.abs(scales).argmax(axis=1)
     max_scale = scales[np.arange(n), pick]
@@ -258,34 +364,60 @@ def _q6_k_blocks(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def _quantize(rows: np.ndarray, blocks_fn, block_bytes: int, block: int = QK_K) -> np.ndarray:
+def _row_mean_squares(rows: np.ndarray) -> np.ndarray:
+    """The mean square of each row of ``rows`` [m, k] (k a multiple of 32), as ``csrc/ggml_quants.c`` sums it:
+    each 32 values in numpy's pairwise order, those sums left to right, over k."""
+    m, k = rows.shape
+    pieces = (rows * rows).reshape(-1, 32).sum(axis=1).reshape(m, k // 32)
+    return np.add.accumulate(pieces, axis=1)[:, -1] / np.float32(k)
+
+
+def _quantize(rows: np.ndarray, blocks_fn, block_bytes: int, block: int = QK_K,
+              importance: np.ndarray | None = None) -> np.ndarray:
     if rows.shape[-1] % block:
         raise ValueError(f"rows of {rows.shape[-1]} values do not split into blocks of {block}")
+    k = rows.shape[-1]
     flat = np.ascontiguousarray(rows, dtype=np.float32).reshape(-1, block)
     out = np.empty((flat.shape[0], block_bytes), dtype=np.uint8)
     step = _CHUNK_BLOCKS * QK_K // block
+    if importance is not None:
+        importance = np.ascontiguousarray(importance, dtype=np.float32).reshape(-1)
+        if importance.shape[0] != k:
+            raise ValueError(f"an importance vector of {importance.shape[0]} values for rows of {k}")
+        per_row = k // block
+        qw_blocks = importance.reshape(per_row, block)
+        sigma2 = _row_mean_squares(flat.reshape(-1, k)) if block == 32 else None
     for start in range(0, flat.shape[0], step):
-        out[start:start + step] = blocks_fn(flat[start:start + step])
+        chunk = flat[start:start + step]
+        if importance is None:
+            out[start:start + step] = blocks_fn(chunk)
+            continue
+        index = np.arange(start, start + chunk.shape[0])
+        out[start:start + step] = blocks_fn(chunk, qw_blocks[index % per_row],
+                                            None if sigma2 is None else sigma2[index // per_row])
     return out.reshape(*rows.shape[:-1], rows.shape[-1] // block * block_bytes)
 
 
-def quantize_q4_0(rows: np.ndarray) -> np.ndarray:
+def quantize_q4_0(rows: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
     """Q4_0 bytes of ``rows`` [..., k] (k a multiple of 32) -> uint8 [..., k / 32 · 18], each block's scale
-    searched for the least squared error (:func:`_symmetric_blocks`)."""
-    return _quantize(rows, _q4_0_blocks, Q4_0_BYTES, QK4_0)
+    searched for the least squared error (:func:`_symmetric_blocks`), weighted by ``importance`` [k] (an
+    importance matrix's column, llama.cpp's ``quant_weights``) when given."""
+    return _quantize(rows, _q4_0_blocks, Q4_0_BYTES, QK4_0, importance)
 
 
-def quantize_q5_0(rows: np.ndarray) -> np.ndarray:
+def quantize_q5_0(rows: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
     """Q5_0 bytes of ``rows`` [..., k] (k a multiple of 32) -> uint8 [..., k / 32 · 22], as :func:`quantize_q4_0`
     with 32 levels."""
-    return _quantize(rows, _q5_0_blocks, Q5_0_BYTES, QK4_0)
+    return _quantize(rows, _q5_0_blocks, Q5_0_BYTES, QK4_0, importance)
 
 
-def quantize_q4_k(rows: np.ndarray) -> np.ndarray:
-    """Q4_K bytes of ``rows`` [..., k] (k a multiple of 256) -> uint8 [..., k / 256 · 144]."""
-    return _quantize(rows, _q4_k_blocks, Q4_K_BYTES)
+def quantize_q4_k(rows: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+    """Q4_K bytes of ``rows`` [..., k] (k a multiple of 256) -> uint8 [..., k / 256 · 144]; with
+    ``importance`` [k], llama.cpp's weighted search (:func:`_q4_k_weighted`)."""
+    return _quantize(rows, _q4_k_blocks, Q4_K_BYTES, QK_K, importance)
 
 
-def quantize_q6_k(rows: np.ndarray) -> np.ndarray:
-    """Q6_K bytes of ``rows`` [..., k] (k a multiple of 256) -> uint8 [..., k / 256 · 210]."""
-    return _quantize(rows, _q6_k_blocks, Q6_K_BYTES)
+def quantize_q6_k(rows: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+    """Q6_K bytes of ``rows`` [..., k] (k a multiple of 256) -> uint8 [..., k / 256 · 210], weighted by
+    ``importance`` [k] when given."""
+    return _quantize(rows, _q6_k_blocks, Q6_K_BYTES, QK_K, importance)

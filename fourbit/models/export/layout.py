@@ -192,7 +192,7 @@ def _compiled_kernels():
     return backend if hasattr(backend, "quantize_ggml") else None
 
 
-def reference_quantize(values: np.ndarray, qtype) -> np.ndarray:
+def reference_quantize(values: np.ndarray, qtype, importance: np.ndarray | None = None) -> np.ndarray:
     """:func:`quantize_tensor` in numpy: ``gguf.quants`` for Q8_0, :mod:`.kquants` for Q4_0, Q5_0, Q4_K and
     Q6_K. The reference the compiled kernels match byte for byte."""
     from gguf import GGMLQuantizationType as T
@@ -204,28 +204,28 @@ def reference_quantize(values: np.ndarray, qtype) -> np.ndarray:
         return values.astype(np.float32)
     if qtype == T.F16:
         return values.astype(np.float16)
-    if qtype == T.Q4_K:
-        return quantize_q4_k(values)
-    if qtype == T.Q6_K:
-        return quantize_q6_k(values)
-    if qtype == T.Q4_0:
-        return quantize_q4_0(values)
-    if qtype == T.Q5_0:
-        return quantize_q5_0(values)
+    weighted = {T.Q4_K: quantize_q4_k, T.Q6_K: quantize_q6_k, T.Q4_0: quantize_q4_0, T.Q5_0: quantize_q5_0}
+    if qtype in weighted:
+        return weighted[qtype](values, importance)
     return quants.quantize(values, qtype)
 
 
-def quantize_tensor(values: np.ndarray, qtype) -> np.ndarray:
+def quantize_tensor(values: np.ndarray, qtype, importance: np.ndarray | None = None) -> np.ndarray:
     """``values`` (float32, numpy layout, finite) in GGML type ``qtype``: float arrays for F32/F16, bytes
     otherwise. Q8_0, Q4_0, Q5_0, Q4_K and Q6_K run fourbit's compiled kernels (``csrc/ggml_quants.c``, on every
-    core) where they are available, else :func:`reference_quantize`, which gives the same bytes."""
+    core) where they are available, else :func:`reference_quantize`, which gives the same bytes.
+
+    ``importance`` (float32 [columns], or None) weighs each column's rounding error, as llama-quantize's
+    importance matrix does (``quant_weights``): Q4_0, Q5_0, Q4_K and Q6_K use it; Q8_0 and the float types
+    ignore it."""
     kernels = _compiled_kernels()
     if kernels is None or qtype.name not in kernels.GGML_BLOCKS or values.ndim < 1:
-        return reference_quantize(values, qtype)
+        return reference_quantize(values, qtype, importance)
     rows = np.ascontiguousarray(values, dtype=np.float32)
     if not rows.flags.writeable:  # torch.from_numpy wants a writable array; the kernel only reads it
         rows = rows.copy()
-    return kernels.quantize_ggml(torch.from_numpy(rows), qtype.name).numpy()
+    weights = None if importance is None else torch.from_numpy(np.array(importance, dtype=np.float32).reshape(-1))
+    return kernels.quantize_ggml(torch.from_numpy(rows), qtype.name, weights).numpy()
 
 
 def check_type(gguf_type: str, field: str = "gguf_type") -> str:

@@ -148,6 +148,7 @@ class _Planned:
     load: Callable[[], torch.Tensor]
     permute_heads: int | None
     from_4bit: bool
+    importance: np.ndarray | None = None  # one weight per column for the 4-bit block types (an imatrix)
 
 
 def _plan(model: nn.Module, gguf_type: str) -> list[_Planned]:
@@ -180,12 +181,39 @@ def _plan(model: nn.Module, gguf_type: str) -> list[_Planned]:
     return plan
 
 
+def _attach_importance(plan: list[_Planned], importance: dict[str, np.ndarray], gguf_type: str) -> None:
+    """Give each planned tensor its importance vector, checked. A column that never saw input (importance 0)
+    would let a block's whole weight go to 0 and its scale with it, so zeros are raised to 1e-6 of the
+    tensor's mean importance (all zeros: the tensor quantizes as without)."""
+    if gguf_type not in FOUR_BIT_TYPES:
+        raise FieldError("importance", f"weighs the 4-bit types ({', '.join(FOUR_BIT_TYPES)}); {gguf_type} does "
+                                       "not use an importance matrix")
+    by_name = {item.name: item for item in plan}
+    if importance and not set(importance) & set(by_name):
+        raise FieldError("importance", f"none of its tensors ({', '.join(sorted(importance)[:3])}, ...) is in this "
+                                       "model's GGUF file: an importance matrix of another model?")
+    for name, values in importance.items():
+        item = by_name.get(name)
+        if item is None:  # as llama-quantize, entries for tensors the file does not hold are passed over
+            continue
+        vector = np.asarray(values, dtype=np.float32).reshape(-1)
+        if len(item.shape) != 2 or vector.shape[0] != item.shape[-1]:
+            raise FieldError("importance", f"{name} has {vector.shape[0]} values; the tensor {tuple(item.shape)} "
+                                           f"needs one per column")
+        if not np.all(np.isfinite(vector)) or (vector < 0).any():
+            raise FieldError("importance", f"{name} holds negative, NaN or Inf values")
+        mean = float(vector.mean())
+        if mean > 0:
+            item.importance = np.maximum(vector, np.float32(1e-6 * mean))
+
+
 #: Elements converted to float32 and quantized at a time: GGML types quantize within rows, so row chunks give the
 #: bytes of the whole tensor without its float32 copy.
 _CHUNK_ELEMENTS = 1 << 24
 
 
-def _tensor_bytes(load: Callable[[], torch.Tensor], heads: int | None, qtype) -> np.ndarray:
+def _tensor_bytes(load: Callable[[], torch.Tensor], heads: int | None, qtype,
+                  importance: np.ndarray | None = None) -> np.ndarray:
     with torch.no_grad():
         values = load().detach().cpu()
         if heads is not None:
@@ -197,7 +225,7 @@ def _tensor_bytes(load: Callable[[], torch.Tensor], heads: int | None, qtype) ->
             part = part.float()
             if part.numel() and not all(torch.isfinite(v) for v in torch.aminmax(part)):  # one pass, no copy
                 raise ValueError("holds NaN or Inf values")
-            parts.append(quantize_tensor(part.numpy(), qtype))
+            parts.append(quantize_tensor(part.numpy(), qtype, importance))
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
@@ -263,7 +291,7 @@ def _write_file(tmp: Path, model: nn.Module, tokenizer, gguf_type: str, plan: li
         writer.write_ti_data_to_file()
         for item in plan:
             try:
-                data = _tensor_bytes(item.load, item.permute_heads, item.qtype)
+                data = _tensor_bytes(item.load, item.permute_heads, item.qtype, item.importance)
             except ValueError as err:
                 raise ValueError(f"`model`: tensor {item.name} {err}") from None
             writer.write_tensor_data(data)
@@ -287,6 +315,7 @@ def export_gguf(
     modelfile: bool = True,
     source_gguf: str | os.PathLike | None = None,
     name: str | None = None,
+    importance: dict[str, np.ndarray] | None = None,
 ) -> ExportResult:
     """Write ``model`` as a llama.cpp GGUF file (and an Ollama Modelfile beside it), atomically.
 
@@ -300,12 +329,18 @@ def export_gguf(
         modelfile: also write ``<name>.Modelfile`` for ``ollama create``.
         source_gguf: the GGUF file the model was loaded from: its tokenizer metadata is copied verbatim.
         name: ``general.name``; default the model folder's name.
+        importance: an importance matrix, {GGUF tensor name: float32 [columns]}
+            (:func:`fourbit.models.export.imatrix.importance_matrix` or ``read_imatrix``), for ``q4_0`` and
+            ``q4_k_m``: each listed tensor's Q4_0/Q5_0/Q4_K/Q6_K blocks weigh column j's rounding error by it, as
+            llama-quantize does with ``--imatrix``; tensors not listed (the token embedding) quantize as without.
 
     Returns:
         :class:`ExportResult`.
 
     Raises:
-        FieldError: a bad ``gguf_type`` or ``gguf_path`` (a folder, not ``.gguf``, not writable).
+        FieldError: a bad ``gguf_type`` or ``gguf_path`` (a folder, not ``.gguf``, not writable), or an
+            ``importance`` with another type than q4_0/q4_k_m, naming none of the file's tensors, or with a vector
+            of the wrong length or with negative or non-finite values.
         NotImplementedError: an architecture, tokenizer or rotary scaling that is not exported, named.
         ValueError: a weight holding NaN or Inf (naming the tensor).
         OSError: the disk filled up (naming ``gguf_path``); nothing is left at ``gguf_path``.
@@ -316,6 +351,8 @@ def export_gguf(
     out = check_gguf_output(gguf_path)
     source = Path(source_gguf) if source_gguf is not None else None
     plan = _plan(model, gguf_type)
+    if importance is not None:
+        _attach_importance(plan, importance, gguf_type)
     from_4bit = any(item.from_4bit for item in plan)
     text, notes = modelfile_for(out.name, tokenizer) if modelfile else (None, ())
     modelfile_path = out.with_suffix(".Modelfile") if modelfile else None
