@@ -252,6 +252,27 @@ def _nearest(v: float) -> int:
     return int(np.rint(np.float32(v)))
 
 
+def _ref_q4_k_bytes(x: np.ndarray, levels: list, ls: list, lm: list, d: np.float16, dmin: np.float16) -> bytes:
+    """A Q4_K block from its 6-bit sub-block scales ``ls`` and mins ``lm`` and its super-scales: the 12 packed
+    scale bytes, then every value re-rounded against the stored scales (as ggml-quants.c does), packed."""
+    f = np.float32
+    packed = bytearray(12)
+    for j in range(8):
+        if j < 4:
+            packed[j], packed[j + 4] = ls[j], lm[j]
+        else:
+            packed[j + 4] = (ls[j] & 0xF) | ((lm[j] & 0xF) << 4)
+            packed[j - 4] |= (ls[j] >> 4) << 6
+            packed[j] |= (lm[j] >> 4) << 6
+    for j in range(8):
+        dl = f(d) * f(ls[j])
+        if dl:
+            levels[j] = [max(0, min(15, _nearest((v + f(dmin) * f(lm[j])) / dl))) for v in x[32 * j: 32 * j + 32]]
+    flat = sum(levels, [])
+    qs = bytes(flat[c * 64 + i] | (flat[c * 64 + 32 + i] << 4) for c in range(4) for i in range(32))
+    return d.tobytes() + dmin.tobytes() + bytes(packed) + qs
+
+
 def _ref_q4_k_block(x: np.ndarray) -> bytes:
     """``quantize_row_q4_K_ref`` for one super-block, scalar and in float32 as in ggml-quants.c."""
     f = np.float32
@@ -285,22 +306,7 @@ def _ref_q4_k_block(x: np.ndarray) -> bytes:
     max_scale, max_min = max(scales), max(mins)
     ls = [min(63, _nearest(f(63) / max_scale * s)) if max_scale > 0 else 0 for s in scales]
     lm = [min(63, _nearest(f(63) / max_min * m)) if max_min > 0 else 0 for m in mins]
-    d, dmin = np.float16(max_scale / f(63)), np.float16(max_min / f(63))
-    packed = bytearray(12)
-    for j in range(8):
-        if j < 4:
-            packed[j], packed[j + 4] = ls[j], lm[j]
-        else:
-            packed[j + 4] = (ls[j] & 0xF) | ((lm[j] & 0xF) << 4)
-            packed[j - 4] |= (ls[j] >> 4) << 6
-            packed[j] |= (lm[j] >> 4) << 6
-    for j in range(8):
-        dl = f(d) * f(ls[j])
-        if dl:
-            levels[j] = [max(0, min(15, _nearest((v + f(dmin) * f(lm[j])) / dl))) for v in x[32 * j: 32 * j + 32]]
-    flat = sum(levels, [])
-    qs = bytes(flat[c * 64 + i] | (flat[c * 64 + 32 + i] << 4) for c in range(4) for i in range(32))
-    return d.tobytes() + dmin.tobytes() + bytes(packed) + qs
+    return _ref_q4_k_bytes(x, levels, ls, lm, np.float16(max_scale / f(63)), np.float16(max_min / f(63)))
 
 
 def test_q4_k_matches_the_scalar_reference_and_decodes_with_gguf():
@@ -411,22 +417,7 @@ def _ref_q4_k_weighted_block(x: np.ndarray, qw: np.ndarray) -> bytes:
         scales.append(f(scale)), mins.append(f(-lo)), levels.append(lv)
     d_block, ls = _ref_qp(scales, 63, sw)
     m_block, lm = _ref_qp(mins, 63, sw)
-    d, dmin = np.float16(d_block), np.float16(m_block)
-    packed = bytearray(12)
-    for j in range(8):
-        if j < 4:
-            packed[j], packed[j + 4] = ls[j], lm[j]
-        else:
-            packed[j + 4] = (ls[j] & 0xF) | ((lm[j] & 0xF) << 4)
-            packed[j - 4] |= (ls[j] >> 4) << 6
-            packed[j] |= (lm[j] >> 4) << 6
-    for j in range(8):
-        dl = f(d) * f(ls[j])
-        if dl:
-            levels[j] = [max(0, min(15, _nearest((v + f(dmin) * f(lm[j])) / dl))) for v in x[32 * j: 32 * j + 32]]
-    flat = sum(levels, [])
-    qs = bytes(flat[c * 64 + i] | (flat[c * 64 + 32 + i] << 4) for c in range(4) for i in range(32))
-    return d.tobytes() + dmin.tobytes() + bytes(packed) + qs
+    return _ref_q4_k_bytes(x, levels, ls, lm, np.float16(d_block), np.float16(m_block))
 
 
 def test_weighted_q4_k_matches_a_scalar_transcription_of_llama_cpp():

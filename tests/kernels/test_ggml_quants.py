@@ -16,6 +16,7 @@ from fourbit.kernels import cpu
 from fourbit.models.export.kquants import quantize_q4_0, quantize_q4_k, quantize_q5_0, quantize_q6_k
 
 TYPES = ("Q8_0", "Q4_0", "Q5_0", "Q4_K", "Q6_K")
+WEIGHTED = ("Q4_0", "Q5_0", "Q4_K", "Q6_K")  # the types an importance vector weighs
 
 
 @pytest.fixture
@@ -87,13 +88,19 @@ def test_bytes_equal_the_numpy_reference_on_every_path(type_name, rows, isa):
         assert np.array_equal(got, want), f"{type_name} {case}: blocks differ"
 
 
-@pytest.mark.parametrize("type_name", TYPES)
-def test_a_large_matrix_over_two_threads_equals_the_reference(type_name, two_threads, compiled):
-    """Enough rows that the work is split over threads (chunks of whole blocks), odd row count."""
+@pytest.mark.parametrize("type_name, weighted", [(t, False) for t in TYPES] + [(t, True) for t in WEIGHTED])
+def test_a_large_matrix_over_two_threads_equals_the_reference(type_name, weighted, two_threads, compiled):
+    """Enough rows that the work is split over threads (chunks of whole blocks), odd row count; with an
+    importance vector for the types that take one."""
     rng = np.random.default_rng(3)
     values = (rng.standard_normal((129, 2304)) * rng.uniform(1e-3, 10, (129, 1))).astype(np.float32)
-    got = cpu.quantize_ggml(torch.from_numpy(values), type_name).numpy()
-    assert np.array_equal(got, _reference(values, type_name))
+    if not weighted:
+        got = cpu.quantize_ggml(torch.from_numpy(values), type_name).numpy()
+        assert np.array_equal(got, _reference(values, type_name))
+        return
+    importance = _skewed_importance(2304, seed=5)
+    got = cpu.quantize_ggml(torch.from_numpy(values), type_name, torch.from_numpy(importance)).numpy()
+    assert np.array_equal(got, _weighted_reference(values, type_name, importance))
 
 
 def test_the_reference_bytes_decode_back_near_the_input(compiled):
@@ -119,8 +126,6 @@ def test_rows_that_do_not_split_into_blocks_and_unknown_types_are_refused(compil
 
 
 # --------------------------------------------------------------------------------- importance-weighted blocks
-
-WEIGHTED = ("Q4_0", "Q5_0", "Q4_K", "Q6_K")
 
 
 def _skewed_importance(cols: int, seed: int) -> np.ndarray:
@@ -152,14 +157,6 @@ def test_weighted_bytes_equal_the_numpy_reference_on_every_path(type_name, rows,
             assert got.shape == want.shape and got.dtype == np.uint8, case
             assert np.array_equal(got, want), f"{type_name} {case} ({imp_case} importance): blocks differ"
 
-
-@pytest.mark.parametrize("type_name", WEIGHTED)
-def test_a_large_weighted_matrix_over_two_threads_equals_the_reference(type_name, two_threads, compiled):
-    rng = np.random.default_rng(5)
-    values = (rng.standard_normal((129, 2304)) * rng.uniform(1e-3, 10, (129, 1))).astype(np.float32)
-    importance = _skewed_importance(2304, seed=5)
-    got = cpu.quantize_ggml(torch.from_numpy(values), type_name, torch.from_numpy(importance)).numpy()
-    assert np.array_equal(got, _weighted_reference(values, type_name, importance))
 
 
 def test_q8_0_ignores_the_importance_and_bad_lengths_are_refused(compiled):
