@@ -36,27 +36,24 @@ DEFAULT_WINDOW = 512
 def _linear_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """(module name, module) of every linear layer whose weight the GGUF writer stores: LoRA layers (the merged
     weight), 4-bit layers and float ``nn.Linear``; the parts inside a LoRA layer are not listed again."""
-    from fourbit.nn.lora import LoRALinear, is_linear_4bit
+    from fourbit.nn.lora import LoRALinear
+
+    from .writer import _is_4bit
 
     taken: list[str] = []
     for name, module in model.named_modules():
         if any(name.startswith(p + ".") for p in taken):
             continue
-        if isinstance(module, (LoRALinear, nn.Linear)) or is_linear_4bit(module) \
-                or hasattr(module, "dequantized_module"):
+        if isinstance(module, (LoRALinear, nn.Linear)) or _is_4bit(module):
             taken.append(name)
             yield name, module
 
 
 def _gguf_names(model: nn.Module) -> dict[str, str]:
     """Module name -> GGUF tensor name of each linear layer (those llama.cpp's map has no name for are left out)."""
-    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
+    from .layout import gguf_name, tensor_name_map
 
-    from .layout import arch_of, gguf_name
-
-    arch = arch_of(model.config)
-    code = next(k for k, v in MODEL_ARCH_NAMES.items() if v == arch.gguf_arch)
-    name_map = get_tensor_name_map(code, model.config.num_hidden_layers)
+    name_map = tensor_name_map(model.config)
     names = {}
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     for name, _module in _linear_layers(model):

@@ -136,6 +136,19 @@ def rope_freqs(config: Any) -> torch.Tensor | None:
     return torch.tensor(factors, dtype=torch.float32)
 
 
+def tensor_name_map(config: Any):
+    """llama.cpp's tensor name map (``gguf.get_tensor_name_map``) for the config's architecture and depth.
+
+    Raises:
+        NotImplementedError: an architecture GGUF export does not cover (:func:`arch_of`), named.
+    """
+    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
+
+    gguf_arch = arch_of(config).gguf_arch
+    code = next(k for k, v in MODEL_ARCH_NAMES.items() if v == gguf_arch)
+    return get_tensor_name_map(code, config.num_hidden_layers)
+
+
 def gguf_name(name_map, hf_name: str) -> str:
     """llama.cpp's name for the transformers tensor ``hf_name``.
 

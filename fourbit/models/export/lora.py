@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .layout import arch_of, gguf_name, permute_rows
+from .layout import arch_of, gguf_name, permute_rows, tensor_name_map
 from .writer import check_gguf_output, write_atomically
 
 __all__ = ["export_lora_gguf"]
@@ -26,8 +26,6 @@ __all__ = ["export_lora_gguf"]
 
 def _pairs(model: nn.Module) -> tuple[list[tuple[str, np.ndarray, np.ndarray]], float]:
     """(GGUF base tensor name, A [r, in], B' [out, r]) for every LoRA layer, B' holding the folded scale."""
-    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
-
     from fourbit.nn.lora import lora_modules, lora_spec
 
     config = model.config
@@ -42,8 +40,7 @@ def _pairs(model: nn.Module) -> tuple[list[tuple[str, np.ndarray, np.ndarray]], 
     if any(m.use_dora for m in layers.values()):
         raise NotImplementedError("`adapter`: it is a DoRA adapter, whose magnitude vectors a llama.cpp LoRA file "
                                   "cannot hold: export the merged model (--gguf without --lora-gguf) instead")
-    code = next(k for k, v in MODEL_ARCH_NAMES.items() if v == arch.gguf_arch)
-    name_map = get_tensor_name_map(code, config.num_hidden_layers)
+    name_map = tensor_name_map(config)
     first = next(iter(layers.values()))
     alpha = float(first.scaling * first.r)
     n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads

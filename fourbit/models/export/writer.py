@@ -36,6 +36,7 @@ from .layout import (
     permute_rows,
     quantize_tensor,
     rope_freqs,
+    tensor_name_map,
     tensor_type,
 )
 
@@ -153,12 +154,9 @@ class _Planned:
 
 def _plan(model: nn.Module, gguf_type: str) -> list[_Planned]:
     """Every tensor of the file in order, with its GGUF name and type."""
-    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
-
     config = model.config
     arch = arch_of(config)
-    code = next(k for k, v in MODEL_ARCH_NAMES.items() if v == arch.gguf_arch)
-    name_map = get_tensor_name_map(code, config.num_hidden_layers)
+    name_map = tensor_name_map(config)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     entries = [(n, s, f, q) for n, s, f, q in float_tensors(model) if not (tied and n == "lm_head.weight")]
     named = [(gguf_name(name_map, n), n, s, f, q) for n, s, f, q in entries]
